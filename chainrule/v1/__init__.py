@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs of the chainrule.v1 wire contract (see proto/chainrule/v1)."""

@@ -1,0 +1,1 @@
+"""The chainrule server: graph store, execution engine and gRPC service."""
