@@ -51,7 +51,7 @@ def encode(value: np.ndarray | float | int | bool, name: str = "tensor") -> tens
         code = wire_dtype(array.dtype)
     except TensorError as error:
         raise TensorError(f"{name}: {error}") from None
-    little_endian = np.ascontiguousarray(array, dtype=WIRE_DTYPES[code])
+    little_endian = np.asarray(array, dtype=WIRE_DTYPES[code])
     return tensor_pb2.Tensor(dtype=code, shape=little_endian.shape, data=little_endian.tobytes())
 
 

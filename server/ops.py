@@ -90,9 +90,12 @@ for _source, _attrs in SOURCE_ATTRS.items():
 
 
 # ---------------------------------------------------------------- binary elementwise
+def _joint_dtype(x: TensorType, y: TensorType) -> np.dtype | None:
+    return None if x.dtype is None or y.dtype is None else np.result_type(x.dtype, y.dtype)
+
+
 def _binary_type(x: TensorType, y: TensorType) -> TensorType:
-    dtype = None if x.dtype is None or y.dtype is None else np.result_type(x.dtype, y.dtype)
-    return TensorType(dtype, broadcast_shapes(x.shape, y.shape))
+    return TensorType(_joint_dtype(x, y), broadcast_shapes(x.shape, y.shape))
 
 
 def _float_binary_type(x: TensorType, y: TensorType) -> TensorType:
@@ -198,7 +201,7 @@ def _as_matrices(g: Array, a: Array, b: Array) -> tuple[Array, Array, Array]:
 
 
 def _matmul_type(a: TensorType, b: TensorType) -> TensorType:
-    return TensorType(_binary_type(a, b).dtype, matmul_shape(a.shape, b.shape))
+    return TensorType(_joint_dtype(a, b), matmul_shape(a.shape, b.shape))
 
 
 defop("matmul", np.matmul, _matmul_a, _matmul_b, infer=_matmul_type)
@@ -349,7 +352,7 @@ def _sce_type(logits: TensorType, labels: TensorType) -> TensorType:
     if logits.shape is not None and len(logits.shape) == 0:
         raise ShapeError("logits must have at least one axis (the classes)")
     same_shape(logits.shape, labels.shape, "logits", "labels")
-    return TensorType(float_result(_binary_type(logits, labels).dtype), ())
+    return TensorType(float_result(_joint_dtype(logits, labels)), ())
 
 
 def sigmoid_cross_entropy(logits: Array, targets: Array) -> Array:

@@ -1,0 +1,337 @@
+"""The engine the service calls: stored graphs, their compiled plans, live parameters and training.
+
+Each graph's live state (parameters, optimizer state, step) is swapped as a whole under the
+graph's lock, once per optimizer step, so readers that take a reference see one whole step and
+two training streams on one graph never interleave half-steps. No gRPC here.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import threading
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from chainrule.server import optim
+from chainrule.server.errors import InvalidArgument, NotFound
+from chainrule.server.graph import Limits, build_graph
+from chainrule.server.plan import Plan, StopFlag
+from chainrule.server.store import Checkpoint, OptimizerState, Store, StoredGraph
+from chainrule.v1 import graph_pb2
+
+Array = np.ndarray
+DEFAULT_CHECKPOINT_EVERY = 100
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+@dataclass
+class LiveGraph:
+    stored: StoredGraph
+    plan: Plan
+    parameters: dict[str, Array]
+    optimizer_state: OptimizerState
+    step: int
+    committed_step: int
+    deleted: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(self.step, self.parameters, self.optimizer_state)
+
+
+@dataclass(frozen=True)
+class GraphSummary:
+    graph_id: str
+    name: str
+    topological_order: list[str]
+    inputs: list[str]
+    parameters: list[str]
+    step: int
+    node_count: int
+    created_at: float
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: int
+    loss: float
+    gradients: dict[str, Array]
+    updates: dict[str, Array]
+
+
+class Engine:
+    def __init__(self, store: Store, limits: Limits = Limits(), checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY):
+        self.store = store
+        self.limits = limits
+        self.checkpoint_every = checkpoint_every
+        self._live: dict[str, LiveGraph] = {}
+        self._live_lock = threading.Lock()
+
+    # ------------------------------------------------------------ graphs
+    def create_graph(self, message: graph_pb2.Graph, tenant: str = "") -> GraphSummary:
+        graph = build_graph(message, self.limits)
+        plan = Plan(graph)
+        order = graph.graph["order"]
+        summary = {
+            "topological_order": order,
+            "inputs": list(plan.inputs),
+            "parameters": list(plan.parameters),
+            "node_count": len(order),
+        }
+        initial = {name: plan.sources[slot].value for name, slot in plan.parameters.items()}
+        stored = self.store.insert_graph(
+            uuid.uuid4().hex, tenant, message.name, message.SerializeToString(), summary, initial  # type: ignore[arg-type]
+        )
+        with self._live_lock:
+            self._live[stored.graph_id] = LiveGraph(stored, plan, initial, {}, 0, 0)  # type: ignore[arg-type]
+        return self._summary(stored, 0)
+
+    def get_graph(self, graph_id: str, tenant: str = "") -> GraphSummary:
+        stored = self._stored(graph_id, tenant)
+        live = self._live.get(graph_id)
+        return self._summary(stored, stored.step if live is None else live.step)
+
+    def list_graphs(self, page_size: int, page_token: str, tenant: str = "") -> tuple[list[GraphSummary], str]:
+        if page_size < 0:
+            raise InvalidArgument(f"page_size is {page_size}; it must not be negative", subject="page_size")
+        limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        rows = self.store.list_graphs(tenant, _decode_page_token(page_token), limit + 1)
+        page = rows[:limit]
+        next_token = _encode_page_token(page[-1].seq) if len(rows) > limit else ""
+        summaries = []
+        for stored in page:
+            live = self._live.get(stored.graph_id)
+            summaries.append(self._summary(stored, stored.step if live is None else live.step))
+        return summaries, next_token
+
+    def delete_graph(self, graph_id: str, tenant: str = "") -> None:
+        self._stored(graph_id, tenant)
+        with self._live_lock:
+            live = self._live.pop(graph_id, None)
+        if live is not None:
+            with live.lock:
+                live.deleted = True
+        self.store.delete_graph(graph_id)
+
+    def _stored(self, graph_id: str, tenant: str) -> StoredGraph:
+        stored = self.store.get_graph(graph_id, tenant) if graph_id else None
+        if stored is None:
+            raise NotFound(f"graph '{graph_id}' not found", reason="GRAPH_NOT_FOUND", subject=graph_id)
+        return stored
+
+    def _summary(self, stored: StoredGraph, step: int) -> GraphSummary:
+        return GraphSummary(
+            stored.graph_id,
+            stored.name,
+            stored.summary["topological_order"],
+            stored.summary["inputs"],
+            stored.summary["parameters"],
+            step,
+            stored.summary["node_count"],
+            stored.created_at,
+        )
+
+    def live(self, graph_id: str, tenant: str = "") -> LiveGraph:
+        """The graph's compiled plan and live state, compiled from the store on first use."""
+        live = self._live.get(graph_id)
+        if live is not None and live.stored.tenant == tenant:
+            return live
+        with self._live_lock:
+            live = self._live.get(graph_id)
+            if live is None:
+                stored = self._stored(graph_id, tenant)
+                definition = self.store.definition(graph_id)
+                if definition is None:
+                    raise NotFound(f"graph '{graph_id}' not found", reason="GRAPH_NOT_FOUND", subject=graph_id)
+                plan = Plan(build_graph(graph_pb2.Graph.FromString(definition), self.limits))
+                saved = self.store.load_checkpoint(graph_id)
+                live = LiveGraph(stored, plan, saved.parameters, saved.optimizer_state, saved.step, saved.step)
+                self._live[graph_id] = live
+        if live.stored.tenant != tenant:
+            raise NotFound(f"graph '{graph_id}' not found", reason="GRAPH_NOT_FOUND", subject=graph_id)
+        return live
+
+    # ------------------------------------------------------------ evaluation
+    def forward(
+        self,
+        graph_id: str,
+        feeds: Mapping[str, Array],
+        fetches: Sequence[str],
+        tenant: str = "",
+        stop: StopFlag | None = None,
+    ) -> list[Array]:
+        if not fetches:
+            raise InvalidArgument("fetches is empty; name at least one node", subject="fetches")
+        live = self.live(graph_id, tenant)
+        live.plan.check_feeds(feeds)
+        return live.plan.forward(feeds, live.parameters, fetches, stop)
+
+    def backward(
+        self,
+        graph_id: str,
+        feeds: Mapping[str, Array],
+        loss: str,
+        wrt: Sequence[str],
+        loss_grad: Array | None = None,
+        tenant: str = "",
+        stop: StopFlag | None = None,
+    ) -> tuple[Array, Iterator[tuple[str, Array]]]:
+        live = self.live(graph_id, tenant)
+        live.plan.check_feeds(feeds)
+        targets = list(wrt) or list(live.plan.parameters)
+        return live.plan.backward(feeds, live.parameters, loss, targets, loss_grad, stop)
+
+    # ------------------------------------------------------------ parameters
+    def get_parameters(self, graph_id: str, names: Sequence[str], tenant: str = "") -> tuple[dict[str, Array], int]:
+        live = self.live(graph_id, tenant)
+        with live.lock:
+            parameters, step = live.parameters, live.step
+        for name in names:
+            _check_parameter(live, name)
+        return {name: parameters[name] for name in (names or parameters)}, step
+
+    def set_parameters(self, graph_id: str, values: Mapping[str, Array], tenant: str = "") -> int:
+        live = self.live(graph_id, tenant)
+        for name, value in values.items():
+            current = live.parameters[_check_parameter(live, name)]
+            if value.dtype != current.dtype or value.shape != current.shape:
+                raise InvalidArgument(
+                    f"parameter '{name}' is {current.dtype}{list(current.shape)}; "
+                    f"got {value.dtype}{list(value.shape)}",
+                    reason="SHAPE_MISMATCH", subject=name,
+                )
+        with live.lock:
+            _check_not_deleted(live)
+            parameters = {**live.parameters, **values}
+            state = {name: kept for name, kept in live.optimizer_state.items() if name not in values}
+            self.store.save_checkpoint(graph_id, Checkpoint(live.step, parameters, state))
+            live.parameters, live.optimizer_state, live.committed_step = parameters, state, live.step
+            return live.step
+
+    # ------------------------------------------------------------ training
+    def start_training(
+        self,
+        graph_id: str,
+        loss: str,
+        optimizer: optim.Optimizer,
+        parameters: Sequence[str] = (),
+        checkpoint_every: int = 0,
+        stop_on_non_finite_loss: bool = False,
+        tenant: str = "",
+    ) -> TrainingSession:
+        live = self.live(graph_id, tenant)
+        live.plan.slot(loss, "loss")
+        try:
+            optim.validate(optimizer)
+        except ValueError as error:
+            raise InvalidArgument(f"optimizer: {error}", reason="BAD_OPTIMIZER", subject="optimizer") from None
+        names = list(parameters) or list(live.plan.parameters)
+        if len(set(names)) != len(names):
+            raise InvalidArgument("parameters names a parameter more than once", subject="parameters")
+        for name in names:
+            _check_parameter(live, name)
+        if not names:
+            raise InvalidArgument(f"graph '{graph_id}' has no parameters to train", subject="parameters")
+        if checkpoint_every < 0:
+            raise InvalidArgument(
+                f"checkpoint_every is {checkpoint_every}; it must not be negative", subject="checkpoint_every"
+            )
+        every = checkpoint_every or self.checkpoint_every
+        return TrainingSession(self, live, loss, optimizer, names, every, stop_on_non_finite_loss)
+
+
+class TrainingSession:
+    """One Train stream: a step per batch, checkpoints every `checkpoint_every` steps and at the end."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        live: LiveGraph,
+        loss: str,
+        optimizer: optim.Optimizer,
+        names: list[str],
+        checkpoint_every: int,
+        stop_on_non_finite_loss: bool,
+    ) -> None:
+        self.engine = engine
+        self.live = live
+        self.loss = loss
+        self.optimizer = optimizer
+        self.kind = type(optimizer).__name__.lower()
+        self.names = names
+        self.checkpoint_every = checkpoint_every
+        self.stop_on_non_finite_loss = stop_on_non_finite_loss
+
+    def step(self, feeds: Mapping[str, Array], stop: StopFlag | None = None) -> StepResult:
+        live = self.live
+        live.plan.check_feeds(feeds)
+        with live.lock:
+            _check_not_deleted(live)
+            parameters = live.parameters
+            loss_value, reverse = live.plan.backward(feeds, parameters, self.loss, self.names, None, stop)
+            gradients = dict(reverse)
+            loss = float(loss_value)
+            if self.stop_on_non_finite_loss and not math.isfinite(loss):
+                raise InvalidArgument(f"loss '{self.loss}' is {loss}; the step was not applied", reason="NON_FINITE_LOSS")
+            new_parameters = dict(parameters)
+            new_state = dict(live.optimizer_state)
+            updates = {}
+            for name in self.names:
+                kind, state = live.optimizer_state.get(name, (self.kind, {}))
+                update, new_state_of_name = optim.step(
+                    self.optimizer, parameters[name], gradients[name], state if kind == self.kind else {}
+                )
+                new_parameters[name] = parameters[name] + update
+                new_state[name] = (self.kind, new_state_of_name)
+                updates[name] = update
+            live.parameters, live.optimizer_state = new_parameters, new_state
+            live.step += 1
+            if live.step - live.committed_step >= self.checkpoint_every:
+                self._commit()
+            return StepResult(live.step, loss, gradients, updates)
+
+    def finish(self) -> None:
+        """Commit what the stream changed; the stream may report success only after this returns."""
+        live = self.live
+        with live.lock:
+            if not live.deleted and live.step != live.committed_step:
+                self._commit()
+
+    def _commit(self) -> None:
+        checkpoint = self.live.checkpoint()
+        self.engine.store.save_checkpoint(self.live.stored.graph_id, checkpoint)
+        self.live.committed_step = checkpoint.step
+
+
+def _check_parameter(live: LiveGraph, name: str) -> str:
+    if name not in live.plan.parameters:
+        why = "is not a parameter node" if name in live.plan.slot_of else "names no node of the graph"
+        raise InvalidArgument(f"parameter '{name}' {why}", reason="UNKNOWN_PARAMETER", subject=name)
+    return name
+
+
+def _check_not_deleted(live: LiveGraph) -> None:
+    if live.deleted:
+        graph_id = live.stored.graph_id
+        raise NotFound(f"graph '{graph_id}' was deleted", reason="GRAPH_NOT_FOUND", subject=graph_id)
+
+
+def _encode_page_token(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"after:{seq}".encode()).decode()
+
+
+def _decode_page_token(token: str) -> int:
+    if not token:
+        return 0
+    try:
+        prefix, seq = base64.urlsafe_b64decode(token.encode()).decode().split(":")
+        if prefix == "after" and seq.isdigit():
+            return int(seq)
+    except (ValueError, UnicodeError):
+        pass
+    raise InvalidArgument("page_token is not one this server issued", reason="BAD_PAGE_TOKEN", subject="page_token")

@@ -1,0 +1,216 @@
+"""The embedded SQLite store: graphs, their current parameters, optimizer state and step.
+
+Every write is one transaction, so a process killed at any moment leaves each graph either as
+it was before a write or as it is after it: never half-created, never a mix of two steps.
+Tensors are stored as raw little-endian bytes with their dtype and shape, like the wire format.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from chainrule.server.errors import Unavailable
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS graphs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    graph_id TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL DEFAULT '',
+    name TEXT NOT NULL,
+    definition BLOB NOT NULL,
+    summary TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    step INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS parameters (
+    graph_id TEXT NOT NULL REFERENCES graphs(graph_id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    dtype TEXT NOT NULL,
+    shape TEXT NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (graph_id, name)
+);
+CREATE TABLE IF NOT EXISTS optimizer_state (
+    graph_id TEXT NOT NULL REFERENCES graphs(graph_id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    optimizer TEXT NOT NULL,
+    slot TEXT NOT NULL,
+    dtype TEXT NOT NULL,
+    shape TEXT NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (graph_id, name, slot)
+);
+"""
+
+OptimizerState = dict[str, tuple[str, dict[str, np.ndarray]]]
+"""Per parameter: the optimizer kind that wrote the state, and its named arrays."""
+
+
+@dataclass(frozen=True)
+class StoredGraph:
+    seq: int
+    graph_id: str
+    tenant: str
+    name: str
+    summary: dict
+    created_at: float
+    step: int
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    parameters: dict[str, np.ndarray]
+    optimizer_state: OptimizerState
+
+
+def _tensor_row(array: np.ndarray) -> tuple[str, str, bytes]:
+    little = np.asarray(array, dtype=array.dtype.newbyteorder("<"))
+    return little.dtype.str, json.dumps(list(little.shape)), little.tobytes()
+
+
+def _tensor_from_row(dtype: str, shape: str, data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(json.loads(shape))
+
+
+class Store:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _transaction(self, action: str) -> Iterator[sqlite3.Connection]:
+        """One atomic write; a refused write (read-only file, full disk) becomes UNAVAILABLE."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as error:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise Unavailable(
+                    f"the graph store could not {action}: {error}; nothing was changed", reason="STORE_UNAVAILABLE"
+                ) from None
+
+    def _read(self, query: str, arguments: tuple) -> list[tuple]:
+        with self._lock:
+            try:
+                return self._db.execute(query, arguments).fetchall()
+            except sqlite3.Error as error:
+                raise Unavailable(f"the graph store could not be read: {error}", reason="STORE_UNAVAILABLE") from None
+
+    # ------------------------------------------------------------ graphs
+    def insert_graph(
+        self,
+        graph_id: str,
+        tenant: str,
+        name: str,
+        definition: bytes,
+        summary: dict,
+        parameters: Mapping[str, np.ndarray],
+    ) -> StoredGraph:
+        created_at = time.time()
+        with self._transaction(f"store graph '{name}'") as db:
+            cursor = db.execute(
+                "INSERT INTO graphs (graph_id, tenant, name, definition, summary, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (graph_id, tenant, name, definition, json.dumps(summary), created_at),
+            )
+            db.executemany(
+                "INSERT INTO parameters (graph_id, name, dtype, shape, data) VALUES (?, ?, ?, ?, ?)",
+                [(graph_id, key, *_tensor_row(value)) for key, value in parameters.items()],
+            )
+        assert cursor.lastrowid is not None
+        return StoredGraph(cursor.lastrowid, graph_id, tenant, name, summary, created_at, 0)
+
+    def get_graph(self, graph_id: str, tenant: str) -> StoredGraph | None:
+        rows = self._read(
+            "SELECT seq, graph_id, tenant, name, summary, created_at, step FROM graphs WHERE graph_id = ? AND tenant = ?",
+            (graph_id, tenant),
+        )
+        return self._graph_from_row(rows[0]) if rows else None
+
+    def list_graphs(self, tenant: str, after_seq: int, limit: int) -> list[StoredGraph]:
+        rows = self._read(
+            "SELECT seq, graph_id, tenant, name, summary, created_at, step FROM graphs "
+            "WHERE tenant = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (tenant, after_seq, limit),
+        )
+        return [self._graph_from_row(row) for row in rows]
+
+    @staticmethod
+    def _graph_from_row(row: tuple) -> StoredGraph:
+        seq, graph_id, tenant, name, summary, created_at, step = row
+        return StoredGraph(seq, graph_id, tenant, name, json.loads(summary), created_at, step)
+
+    def definition(self, graph_id: str) -> bytes | None:
+        rows = self._read("SELECT definition FROM graphs WHERE graph_id = ?", (graph_id,))
+        return rows[0][0] if rows else None
+
+    def delete_graph(self, graph_id: str) -> bool:
+        with self._transaction(f"delete graph '{graph_id}'") as db:
+            return db.execute("DELETE FROM graphs WHERE graph_id = ?", (graph_id,)).rowcount > 0
+
+    # ------------------------------------------------------------ parameters and training state
+    def load_checkpoint(self, graph_id: str) -> Checkpoint:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN")
+                try:
+                    (step,) = self._db.execute("SELECT step FROM graphs WHERE graph_id = ?", (graph_id,)).fetchone()
+                    parameter_rows = self._db.execute(
+                        "SELECT name, dtype, shape, data FROM parameters WHERE graph_id = ?", (graph_id,)
+                    ).fetchall()
+                    state_rows = self._db.execute(
+                        "SELECT name, optimizer, slot, dtype, shape, data FROM optimizer_state WHERE graph_id = ?",
+                        (graph_id,),
+                    ).fetchall()
+                finally:
+                    self._db.execute("COMMIT")
+            except sqlite3.Error as error:
+                raise Unavailable(f"the graph store could not be read: {error}", reason="STORE_UNAVAILABLE") from None
+        parameters = {name: _tensor_from_row(dtype, shape, data) for name, dtype, shape, data in parameter_rows}
+        state: OptimizerState = {}
+        for name, optimizer, slot, dtype, shape, data in state_rows:
+            state.setdefault(name, (optimizer, {}))[1][slot] = _tensor_from_row(dtype, shape, data)
+        return Checkpoint(step, parameters, state)
+
+    def save_checkpoint(self, graph_id: str, checkpoint: Checkpoint) -> None:
+        """Replace the graph's step, parameters and optimizer state in one transaction."""
+        with self._transaction(f"save a checkpoint of graph '{graph_id}'") as db:
+            db.execute("UPDATE graphs SET step = ? WHERE graph_id = ?", (checkpoint.step, graph_id))
+            db.executemany(
+                "INSERT OR REPLACE INTO parameters (graph_id, name, dtype, shape, data) VALUES (?, ?, ?, ?, ?)",
+                [(graph_id, name, *_tensor_row(value)) for name, value in checkpoint.parameters.items()],
+            )
+            db.execute("DELETE FROM optimizer_state WHERE graph_id = ?", (graph_id,))
+            db.executemany(
+                "INSERT INTO optimizer_state (graph_id, name, optimizer, slot, dtype, shape, data) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (graph_id, name, optimizer, slot, *_tensor_row(array))
+                    for name, (optimizer, arrays) in checkpoint.optimizer_state.items()
+                    for slot, array in arrays.items()
+                ],
+            )

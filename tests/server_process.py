@@ -1,0 +1,79 @@
+"""A real `chainrule serve` process on an ephemeral loopback port, for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from chainrule.v1 import graph_service_pb2_grpc
+
+ADDRESS_LINE = re.compile(r"chainrule serving on (\S+)")
+
+
+class ServerProcess:
+    def __init__(self, db: Path, extra_args: Sequence[str] = ()) -> None:
+        self.db = db
+        self.extra_args = list(extra_args)
+        self.process: subprocess.Popen[str] | None = None
+        self.address = ""
+        self.log: list[str] = []
+
+    def start(self, timeout: float = 30.0) -> ServerProcess:
+        command = [sys.executable, "-m", "chainrule.server.cli", "serve", "--port", "0", "--db", str(self.db)]
+        self.process = subprocess.Popen(
+            [*command, *self.extra_args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        assert self.process.stdout is not None and self.process.stderr is not None
+        threading.Thread(target=self._drain, args=(self.process.stderr,), daemon=True).start()
+        found = threading.Event()
+
+        def read_address() -> None:
+            assert self.process is not None and self.process.stdout is not None
+            for line in self.process.stdout:
+                self.log.append(line)
+                match = ADDRESS_LINE.search(line)
+                if match and not found.is_set():
+                    self.address = match.group(1)
+                    found.set()
+
+        threading.Thread(target=read_address, daemon=True).start()
+        if not found.wait(timeout):
+            self.kill()
+            raise RuntimeError("server did not start:\n" + "".join(self.log))
+        grpc.channel_ready_future(grpc.insecure_channel(self.address)).result(timeout=timeout)
+        return self
+
+    def _drain(self, stream: object) -> None:
+        for line in stream:  # type: ignore[attr-defined]
+            self.log.append(line)
+
+    def stub(self) -> graph_service_pb2_grpc.GraphServiceStub:
+        return graph_service_pb2_grpc.GraphServiceStub(grpc.insecure_channel(self.address))
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to clean up."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
