@@ -282,9 +282,8 @@ class TrainingSession:
             new_state = dict(live.optimizer_state)
             updates = {}
             for name in self.names:
-                kind, state = live.optimizer_state.get(name, (self.kind, {}))
                 update, new_state_of_name = optim.step(
-                    self.optimizer, parameters[name], gradients[name], state if kind == self.kind else {}
+                    self.optimizer, parameters[name], gradients[name], self._state_to_continue(name)
                 )
                 new_parameters[name] = parameters[name] + update
                 new_state[name] = (self.kind, new_state_of_name)
@@ -294,6 +293,13 @@ class TrainingSession:
             if live.step - live.committed_step >= self.checkpoint_every:
                 self._commit()
             return StepResult(live.step, loss, gradients, updates)
+
+    def _state_to_continue(self, name: str) -> optim.State:
+        """The parameter's saved state if this optimizer can continue it; otherwise a fresh start."""
+        kind, state = self.live.optimizer_state.get(name, (self.kind, {}))
+        if kind != self.kind or set(state) != set(optim.state_keys(self.optimizer)):
+            return {}
+        return state
 
     def finish(self) -> None:
         """Commit what the stream changed; the stream may report success only after this returns."""
