@@ -12,14 +12,14 @@ import numpy as np
 
 from chainrule.v1 import tensor_pb2
 
-WIRE_DTYPES: dict[int, np.dtype] = {
+WIRE_DTYPES: dict[tensor_pb2.DataType.ValueType, np.dtype] = {
     tensor_pb2.DATA_TYPE_FLOAT32: np.dtype("<f4"),
     tensor_pb2.DATA_TYPE_FLOAT64: np.dtype("<f8"),
     tensor_pb2.DATA_TYPE_INT32: np.dtype("<i4"),
     tensor_pb2.DATA_TYPE_INT64: np.dtype("<i8"),
     tensor_pb2.DATA_TYPE_BOOL: np.dtype("?"),
 }
-DTYPE_NAMES: dict[str, int] = {
+DTYPE_NAMES: dict[str, tensor_pb2.DataType.ValueType] = {
     "float32": tensor_pb2.DATA_TYPE_FLOAT32,
     "float64": tensor_pb2.DATA_TYPE_FLOAT64,
     "int32": tensor_pb2.DATA_TYPE_INT32,
@@ -37,7 +37,7 @@ def dtype_name(dtype: np.dtype) -> str:
     return np.dtype(dtype).name
 
 
-def wire_dtype(dtype: np.dtype | str) -> int:
+def wire_dtype(dtype: np.dtype | str) -> tensor_pb2.DataType.ValueType:
     """The DataType code of a numpy dtype, whatever its byte order."""
     code = _WIRE_CODES.get(np.dtype(dtype).newbyteorder("="))
     if code is None:

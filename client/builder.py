@@ -1,0 +1,406 @@
+"""Build `chainrule.v1.Graph` messages with numpy-like Python expressions.
+
+A `GraphBuilder` records nodes as they are created; `Node` handles combine with operators
+(`+ - * / ** @`, unary `-`, `abs()`) and with the module-level op functions, so a model reads
+like the numpy code it replaces:
+
+    g = GraphBuilder("logreg")
+    x, y = g.input("x", shape=[-1, 3]), g.input("y", shape=[-1, 1])
+    w, b = g.parameter("w", np.zeros((3, 1))), g.parameter("b", 0.0)
+    loss = sigmoid_cross_entropy(x @ w + b, y).named("loss")
+    graph = g.to_proto()
+
+Names are plain strings only in `to_proto()`, so a node can be renamed after other nodes
+used it. Numbers and arrays met where a node is expected become `constant` nodes.
+
+Dtype rule for constants and parameters: float arrays and Python numbers (ints too, and lists
+of them) take the builder's `default_dtype`, so `x ** 2` on a float32 graph stays float32
+instead of being promoted by an int64 or float64 constant; integer and bool numpy arrays keep
+their dtype. Values are encoded when their node is created, so later changes to the array
+passed in do not reach the graph.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from chainrule import tensors
+from chainrule.v1 import graph_pb2, tensor_pb2
+
+AttrLike = int | float | str | bool | Sequence[int] | Sequence[float]
+_FLOAT_DTYPES = ("float32", "float64")
+
+
+class Node:
+    """A handle on one node of a `GraphBuilder`; combine handles to create new nodes."""
+
+    # Without this, `np.ones(3) + node` would broadcast numpy's add over the Node as an object
+    # and return an object array; None makes numpy defer to Node.__radd__ and friends.
+    __array_ufunc__ = None
+
+    def __init__(
+        self,
+        builder: GraphBuilder,
+        name: str,
+        op: str,
+        inputs: tuple[Node, ...],
+        attrs: dict[str, graph_pb2.AttrValue],
+        value: tensor_pb2.Tensor | None,
+    ) -> None:
+        self.builder = builder
+        self._name = name
+        self.op = op
+        self.inputs = inputs
+        self.attrs = attrs
+        self.value = value
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def named(self, name: str) -> Node:
+        """Rename this node and return it, so naming fits at the end of an expression."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a node name must be a non-empty string, got {name!r}")
+        self.builder._rename(self, name)
+        return self
+
+    def __repr__(self) -> str:
+        return f"Node({self._name!r}, op={self.op!r})"
+
+    # Arithmetic: each operator has a reflected twin so `2.0 - x` is sub(constant, x).
+    def __add__(self, other: Node | npt.ArrayLike) -> Node:
+        return self.builder.op("add", self, other)
+
+    def __radd__(self, other: npt.ArrayLike) -> Node:
+        return self.builder.op("add", other, self)
+
+    def __sub__(self, other: Node | npt.ArrayLike) -> Node:
+        return self.builder.op("sub", self, other)
+
+    def __rsub__(self, other: npt.ArrayLike) -> Node:
+        return self.builder.op("sub", other, self)
+
+    def __mul__(self, other: Node | npt.ArrayLike) -> Node:
+        return self.builder.op("mul", self, other)
+
+    def __rmul__(self, other: npt.ArrayLike) -> Node:
+        return self.builder.op("mul", other, self)
+
+    def __truediv__(self, other: Node | npt.ArrayLike) -> Node:
+        return self.builder.op("div", self, other)
+
+    def __rtruediv__(self, other: npt.ArrayLike) -> Node:
+        return self.builder.op("div", other, self)
+
+    def __pow__(self, other: Node | npt.ArrayLike) -> Node:
+        return self.builder.op("pow", self, other)
+
+    def __rpow__(self, other: npt.ArrayLike) -> Node:
+        return self.builder.op("pow", other, self)
+
+    def __matmul__(self, other: Node | npt.ArrayLike) -> Node:
+        return self.builder.op("matmul", self, other)
+
+    def __rmatmul__(self, other: npt.ArrayLike) -> Node:
+        return self.builder.op("matmul", other, self)
+
+    def __neg__(self) -> Node:
+        return self.builder.op("neg", self)
+
+    def __abs__(self) -> Node:
+        return self.builder.op("abs", self)
+
+    @property
+    def T(self) -> Node:
+        return self.builder.op("transpose", self)
+
+    def sum(self, axes: int | Sequence[int] | None = None, keepdims: bool = False) -> Node:
+        return sum(self, axes, keepdims)
+
+    def mean(self, axes: int | Sequence[int] | None = None, keepdims: bool = False) -> Node:
+        return mean(self, axes, keepdims)
+
+    def reshape(self, shape: Sequence[int]) -> Node:
+        return reshape(self, shape)
+
+
+class GraphBuilder:
+    """Collects nodes in creation order (which is already a topological order) for one Graph."""
+
+    def __init__(self, name: str = "", default_dtype: str = "float64") -> None:
+        if np.dtype(default_dtype).name not in _FLOAT_DTYPES:
+            raise ValueError(f"default_dtype must be one of {', '.join(_FLOAT_DTYPES)}, got {default_dtype!r}")
+        self.name = name
+        self.default_dtype = np.dtype(default_dtype)
+        self._nodes: list[Node] = []
+        # How many nodes currently hold each name, so generated names avoid taken ones cheaply.
+        self._taken: Counter[str] = Counter()
+        self._counters: dict[str, itertools.count[int]] = {}
+
+    # ------------------------------------------------------------ sources
+    def input(self, name: str, dtype: npt.DTypeLike | None = None, shape: Sequence[int | None] | None = None) -> Node:
+        """A value fed with each request; `dtype` and `shape` (None or -1 for any size) are checked by the server.
+
+        Without `dtype` the input accepts any dtype: declaring default_dtype here would make the
+        server refuse a float64 feed on a float32 graph instead of computing with it.
+        """
+        attrs: dict[str, graph_pb2.AttrValue] = {}
+        if dtype is not None:
+            dtype_name = np.dtype(dtype).name
+            if dtype_name not in tensors.DTYPE_NAMES:
+                raise ValueError(f"input {name!r}: dtype {dtype_name} is not one of {', '.join(tensors.DTYPE_NAMES)}")
+            attrs["dtype"] = attr_value(dtype_name)
+        if shape is not None:
+            attrs["shape"] = graph_pb2.AttrValue(ints=graph_pb2.IntList(values=[-1 if d is None else d for d in shape]))
+        return self._add("input", (), attrs, None, name)
+
+    def parameter(self, name: str, value: npt.ArrayLike) -> Node:
+        """A trainable tensor; `value` is its initial value (see the module's dtype rule)."""
+        return self._add("parameter", (), {}, self._encode(value, name), name)
+
+    def constant(self, value: npt.ArrayLike, name: str | None = None) -> Node:
+        return self._add("constant", (), {}, self._encode(value, name or "constant"), name)
+
+    # ------------------------------------------------------------ operations
+    def op(self, op_name: str, *inputs: Node | npt.ArrayLike, name: str | None = None, **attrs: AttrLike) -> Node:
+        """A node of any op; non-Node inputs become constants and attrs are converted by Python type.
+
+        Ops and attrs are checked by the server, so ops it learns later need no client change.
+        """
+        nodes = tuple(self._as_node(value) for value in inputs)
+        return self._add(op_name, nodes, {key: attr_value(value) for key, value in attrs.items()}, None, name)
+
+    def to_proto(self) -> graph_pb2.Graph:
+        duplicates = sorted(name for name, count in self._taken.items() if count > 1)
+        if duplicates:
+            raise ValueError(f"graph {self.name!r} has more than one node named {', '.join(map(repr, duplicates))}")
+        return graph_pb2.Graph(
+            name=self.name,
+            nodes=[
+                graph_pb2.Node(
+                    name=node.name,
+                    op=node.op,
+                    inputs=[argument.name for argument in node.inputs],
+                    attrs=node.attrs,
+                    value=node.value,
+                )
+                for node in self._nodes
+            ],
+        )
+
+    # ------------------------------------------------------------ internals
+    def _add(
+        self,
+        op: str,
+        inputs: tuple[Node, ...],
+        attrs: dict[str, graph_pb2.AttrValue],
+        value: tensor_pb2.Tensor | None,
+        name: str | None,
+    ) -> Node:
+        if name is None:
+            name = self._fresh_name(op)
+        elif not isinstance(name, str) or not name:
+            raise ValueError(f"a node name must be a non-empty string, got {name!r}")
+        node = Node(self, name, op, inputs, attrs, value)
+        self._nodes.append(node)
+        self._taken[name] += 1
+        return node
+
+    def _fresh_name(self, op: str) -> str:
+        counter = self._counters.setdefault(op, itertools.count(1))
+        while True:
+            name = f"{op}_{next(counter)}"
+            if not self._taken[name]:
+                return name
+
+    def _rename(self, node: Node, name: str) -> None:
+        self._taken[node.name] -= 1
+        self._taken[name] += 1
+        node._name = name
+
+    def _as_node(self, value: Node | npt.ArrayLike) -> Node:
+        if isinstance(value, Node):
+            if value.builder is not self:
+                raise ValueError(
+                    f"node {value.name!r} belongs to GraphBuilder {value.builder.name!r}, not {self.name!r}; "
+                    "nodes of different builders cannot be combined"
+                )
+            return value
+        return self.constant(value)
+
+    def _encode(self, value: npt.ArrayLike, name: str) -> tensor_pb2.Tensor:
+        array = np.asarray(value)
+        from_python = not isinstance(value, np.ndarray | np.generic)
+        if array.dtype.kind == "f" or (from_python and array.dtype.kind in "iu"):
+            array = array.astype(self.default_dtype, copy=False)
+        return tensors.encode(array, name)
+
+
+def attr_value(value: AttrLike) -> graph_pb2.AttrValue:
+    """The AttrValue of a Python value; bool is tested before int because bool is an int subclass."""
+    if isinstance(value, bool | np.bool_):
+        return graph_pb2.AttrValue(b=bool(value))
+    if isinstance(value, int | np.integer):
+        return graph_pb2.AttrValue(i=int(value))
+    if isinstance(value, float | np.floating):
+        return graph_pb2.AttrValue(f=float(value))
+    if isinstance(value, str):
+        return graph_pb2.AttrValue(s=value)
+    if isinstance(value, list | tuple | np.ndarray):
+        items = list(value)
+        if any(isinstance(item, bool | np.bool_) or not isinstance(item, int | float | np.number) for item in items):
+            raise TypeError(f"an attr list must hold only ints or only floats, got {value!r}")
+        if all(isinstance(item, int | np.integer) for item in items):
+            return graph_pb2.AttrValue(ints=graph_pb2.IntList(values=[int(item) for item in items]))
+        return graph_pb2.AttrValue(floats=graph_pb2.FloatList(values=[float(item) for item in items]))
+    raise TypeError(f"cannot convert {type(value).__name__} {value!r} to an attr (int, float, str, bool or a list)")
+
+
+def _builder_of(*operands: Node | npt.ArrayLike) -> GraphBuilder:
+    for operand in operands:
+        if isinstance(operand, Node):
+            return operand.builder
+    raise TypeError("at least one argument must be a Node, to know which GraphBuilder the new node belongs to")
+
+
+def _apply(op: str, *operands: Node | npt.ArrayLike, name: str | None, **attrs: AttrLike | None) -> Node:
+    """Create `op` in the operands' builder, leaving out attrs that are None (the server's default)."""
+    given = {key: value for key, value in attrs.items() if value is not None}
+    return _builder_of(*operands).op(op, *operands, name=name, **given)
+
+
+def _axes(axes: int | Sequence[int] | None) -> Sequence[int] | None:
+    return [axes] if isinstance(axes, int) else axes
+
+
+# ---------------------------------------------------------------- elementwise binary
+def add(x: Node | npt.ArrayLike, y: Node | npt.ArrayLike, *, name: str | None = None) -> Node:
+    return _apply("add", x, y, name=name)
+
+
+def sub(x: Node | npt.ArrayLike, y: Node | npt.ArrayLike, *, name: str | None = None) -> Node:
+    return _apply("sub", x, y, name=name)
+
+
+def mul(x: Node | npt.ArrayLike, y: Node | npt.ArrayLike, *, name: str | None = None) -> Node:
+    return _apply("mul", x, y, name=name)
+
+
+def div(x: Node | npt.ArrayLike, y: Node | npt.ArrayLike, *, name: str | None = None) -> Node:
+    return _apply("div", x, y, name=name)
+
+
+def pow(x: Node | npt.ArrayLike, y: Node | npt.ArrayLike, *, name: str | None = None) -> Node:
+    return _apply("pow", x, y, name=name)
+
+
+def maximum(x: Node | npt.ArrayLike, y: Node | npt.ArrayLike, *, name: str | None = None) -> Node:
+    return _apply("maximum", x, y, name=name)
+
+
+def minimum(x: Node | npt.ArrayLike, y: Node | npt.ArrayLike, *, name: str | None = None) -> Node:
+    return _apply("minimum", x, y, name=name)
+
+
+def matmul(a: Node | npt.ArrayLike, b: Node | npt.ArrayLike, *, name: str | None = None) -> Node:
+    return _apply("matmul", a, b, name=name)
+
+
+# ---------------------------------------------------------------- elementwise unary
+def neg(x: Node, *, name: str | None = None) -> Node:
+    return _apply("neg", x, name=name)
+
+
+def exp(x: Node, *, name: str | None = None) -> Node:
+    return _apply("exp", x, name=name)
+
+
+def log(x: Node, *, name: str | None = None) -> Node:
+    return _apply("log", x, name=name)
+
+
+def sqrt(x: Node, *, name: str | None = None) -> Node:
+    return _apply("sqrt", x, name=name)
+
+
+def abs(x: Node, *, name: str | None = None) -> Node:
+    return _apply("abs", x, name=name)
+
+
+def square(x: Node, *, name: str | None = None) -> Node:
+    return _apply("square", x, name=name)
+
+
+def sigmoid(x: Node, *, name: str | None = None) -> Node:
+    return _apply("sigmoid", x, name=name)
+
+
+def tanh(x: Node, *, name: str | None = None) -> Node:
+    return _apply("tanh", x, name=name)
+
+
+def relu(x: Node, *, name: str | None = None) -> Node:
+    return _apply("relu", x, name=name)
+
+
+def softplus(x: Node, *, name: str | None = None) -> Node:
+    return _apply("softplus", x, name=name)
+
+
+def log_sigmoid(x: Node, *, name: str | None = None) -> Node:
+    return _apply("log_sigmoid", x, name=name)
+
+
+# ---------------------------------------------------------------- reductions (axes=None reduces every axis)
+def sum(x: Node, axes: int | Sequence[int] | None = None, keepdims: bool = False, *, name: str | None = None) -> Node:
+    return _apply("sum", x, name=name, axes=_axes(axes), keepdims=keepdims)
+
+
+def mean(x: Node, axes: int | Sequence[int] | None = None, keepdims: bool = False, *, name: str | None = None) -> Node:
+    return _apply("mean", x, name=name, axes=_axes(axes), keepdims=keepdims)
+
+
+def max(x: Node, axes: int | Sequence[int] | None = None, keepdims: bool = False, *, name: str | None = None) -> Node:
+    return _apply("max", x, name=name, axes=_axes(axes), keepdims=keepdims)
+
+
+def logsumexp(
+    x: Node, axes: int | Sequence[int] | None = None, keepdims: bool = False, *, name: str | None = None
+) -> Node:
+    return _apply("logsumexp", x, name=name, axes=_axes(axes), keepdims=keepdims)
+
+
+# ---------------------------------------------------------------- shapes
+def reshape(x: Node, shape: Sequence[int], *, name: str | None = None) -> Node:
+    """`shape` may hold one -1, as in numpy."""
+    return _apply("reshape", x, name=name, shape=list(shape))
+
+
+def transpose(x: Node, perm: Sequence[int] | None = None, *, name: str | None = None) -> Node:
+    """Without `perm`, reverses the axes, as numpy does."""
+    return _apply("transpose", x, name=name, perm=None if perm is None else list(perm))
+
+
+# ---------------------------------------------------------------- softmax family and losses
+def softmax(x: Node, axis: int = -1, *, name: str | None = None) -> Node:
+    return _apply("softmax", x, name=name, axis=axis)
+
+
+def log_softmax(x: Node, axis: int = -1, *, name: str | None = None) -> Node:
+    return _apply("log_softmax", x, name=name, axis=axis)
+
+
+def softmax_cross_entropy(logits: Node, labels: Node | npt.ArrayLike, *, name: str | None = None) -> Node:
+    """Mean over rows of -sum(labels * log_softmax(logits)); labels are probabilities (e.g. one-hot)."""
+    return _apply("softmax_cross_entropy", logits, labels, name=name)
+
+
+def sigmoid_cross_entropy(logits: Node, targets: Node | npt.ArrayLike, *, name: str | None = None) -> Node:
+    """Mean binary cross-entropy of sigmoid(logits) against targets, computed stably from the logits."""
+    return _apply("sigmoid_cross_entropy", logits, targets, name=name)

@@ -1,0 +1,261 @@
+"""`Client`: the GraphService calls with numpy arrays in and out and ChainruleError for failures."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Self, Unpack
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+from tqdm import tqdm  # type: ignore[import-untyped]
+
+from chainrule import tensors
+from chainrule.v1 import graph_pb2, graph_service_pb2_grpc
+from chainrule.v1 import graph_service_pb2 as pb
+
+from .builder import GraphBuilder
+from .errors import rpc_errors
+from .streams import GradientStream, TrainStream, decode_named, encode_feeds
+from .training import Batch, History, Optimizer, TrainOptions, plan_batches
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    """What the server knows about a stored graph (chainrule.v1.GraphInfo)."""
+
+    graph_id: str
+    name: str
+    topological_order: tuple[str, ...]
+    inputs: tuple[str, ...]
+    parameters: tuple[str, ...]
+    step: int
+    node_count: int
+    create_time: datetime | None
+
+    @classmethod
+    def from_proto(cls, message: graph_pb2.GraphInfo) -> GraphInfo:
+        return cls(
+            graph_id=message.graph_id,
+            name=message.name,
+            topological_order=tuple(message.topological_order),
+            inputs=tuple(message.inputs),
+            parameters=tuple(message.parameters),
+            step=message.step,
+            node_count=message.node_count,
+            create_time=message.create_time.ToDatetime(UTC) if message.HasField("create_time") else None,
+        )
+
+
+class Client:
+    """A connection to a chainrule server. Every failed call raises `ChainruleError`.
+
+    `timeout` (seconds) is the deadline of each call except `train`, whose stream lasts as long
+    as its batches do; stop one with `TrainStream.cancel()`. The channel uses gRPC's default
+    message limits (4 MiB received), so fetch large tensors in several calls.
+    """
+
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        *,
+        timeout: float | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address, options=list(channel_options))
+        self._stub = graph_service_pb2_grpc.GraphServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ graphs
+    def create_graph(self, graph: GraphBuilder | graph_pb2.Graph) -> GraphInfo:
+        message = graph.to_proto() if isinstance(graph, GraphBuilder) else graph
+        with rpc_errors():
+            response = self._stub.CreateGraph(pb.CreateGraphRequest(graph=message), timeout=self.timeout)
+        return GraphInfo.from_proto(response.graph)
+
+    def get_graph(self, graph_id: str) -> GraphInfo:
+        with rpc_errors():
+            response = self._stub.GetGraph(pb.GetGraphRequest(graph_id=graph_id), timeout=self.timeout)
+        return GraphInfo.from_proto(response.graph)
+
+    def list_graphs(self, page_size: int = 100) -> list[GraphInfo]:
+        """Every stored graph, oldest first; `page_size` only sets how many come per round trip."""
+        graphs: list[GraphInfo] = []
+        token = ""
+        while True:
+            with rpc_errors():
+                response = self._stub.ListGraphs(
+                    pb.ListGraphsRequest(page_size=page_size, page_token=token), timeout=self.timeout
+                )
+            graphs.extend(GraphInfo.from_proto(info) for info in response.graphs)
+            token = response.next_page_token
+            if not token:
+                return graphs
+
+    def delete_graph(self, graph_id: str) -> None:
+        with rpc_errors():
+            self._stub.DeleteGraph(pb.DeleteGraphRequest(graph_id=graph_id), timeout=self.timeout)
+
+    # ------------------------------------------------------------ evaluation
+    def forward(
+        self, graph_id: str, feeds: Mapping[str, npt.ArrayLike], fetches: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        """The fetched nodes' values, in fetch order, as read-only arrays.
+
+        Feeds go through np.asarray: numpy arrays keep their dtype, Python floats become float64.
+        """
+        request = pb.ForwardRequest(graph_id=graph_id, feeds=encode_feeds(feeds), fetches=_names(fetches))
+        with rpc_errors():
+            response = self._stub.Forward(request, timeout=self.timeout)
+        return decode_named(response.outputs)
+
+    def backward(
+        self,
+        graph_id: str,
+        feeds: Mapping[str, npt.ArrayLike],
+        loss: str,
+        wrt: Sequence[str] = (),
+        loss_grad: npt.ArrayLike | None = None,
+    ) -> GradientStream:
+        """Stream d(loss)/d(node) for each `wrt` node (every parameter when empty) as the server finishes it.
+
+        `loss_grad` seeds a non-scalar loss (a vector-Jacobian product). Iterating the returned
+        stream yields (name, gradient) pairs; its `loss` is set once the first one has arrived.
+        """
+        request = pb.BackwardRequest(
+            graph_id=graph_id,
+            feeds=encode_feeds(feeds),
+            loss=loss,
+            wrt=_names(wrt),
+            loss_grad=None if loss_grad is None else tensors.encode(np.asarray(loss_grad), "loss_grad"),
+        )
+        return GradientStream(self._stub.Backward(request, timeout=self.timeout), loss)
+
+    def gradients(
+        self,
+        graph_id: str,
+        feeds: Mapping[str, npt.ArrayLike],
+        loss: str,
+        wrt: Sequence[str] = (),
+        loss_grad: npt.ArrayLike | None = None,
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """`backward` collected: the loss value and every gradient by name."""
+        with self.backward(graph_id, feeds, loss, wrt, loss_grad) as stream:
+            gradients = dict(stream)
+        if stream.loss is None:
+            # The server sends the loss with the first gradient, so with no wrt nodes there is none.
+            raise ValueError(f"graph {graph_id} has no parameters to differentiate '{loss}' by; name them in wrt")
+        return stream.loss, gradients
+
+    # ------------------------------------------------------------ parameters
+    def get_parameters(self, graph_id: str, names: Sequence[str] = ()) -> dict[str, np.ndarray]:
+        """Current parameter values (all when `names` is empty); see get_parameters_with_step for the step."""
+        return self.get_parameters_with_step(graph_id, names)[0]
+
+    def get_parameters_with_step(self, graph_id: str, names: Sequence[str] = ()) -> tuple[dict[str, np.ndarray], int]:
+        """Parameter values and the optimizer step they belong to, read together so they match."""
+        request = pb.GetParametersRequest(graph_id=graph_id, names=_names(names))
+        with rpc_errors():
+            response = self._stub.GetParameters(request, timeout=self.timeout)
+        return decode_named(response.parameters), response.step
+
+    def set_parameters(self, graph_id: str, values: Mapping[str, npt.ArrayLike]) -> int:
+        """Replace parameter values (same dtype and shape; their optimizer state is reset); returns the step."""
+        request = pb.SetParametersRequest(graph_id=graph_id, parameters=tensors.encode_named(_arrays(values)))
+        with rpc_errors():
+            response = self._stub.SetParameters(request, timeout=self.timeout)
+        return response.step
+
+    # ------------------------------------------------------------ training
+    def train(
+        self,
+        graph_id: str,
+        batches: Iterable[Batch],
+        *,
+        loss: str,
+        optimizer: Optimizer,
+        parameters: Sequence[str] = (),
+        stream_gradients: bool = False,
+        stream_updates: bool = False,
+        checkpoint_every: int = 0,
+        stop_on_non_finite_loss: bool = False,
+    ) -> TrainStream:
+        """Train on `batches` in one stream, yielding a TrainStep per batch.
+
+        Batches are read and sent by gRPC as fast as the connection allows, not one per step
+        read, so a slow consumer of the returned stream does not slow training down.
+        `parameters` restricts training (all parameters when empty); `checkpoint_every` 0 means
+        the server's default; `stop_on_non_finite_loss` ends the stream with INVALID_ARGUMENT
+        on a NaN or infinite loss without applying that step.
+        """
+        config = pb.TrainConfig(
+            graph_id=graph_id,
+            loss=loss,
+            optimizer=optimizer.to_proto(),
+            parameters=_names(parameters),
+            stream_gradients=stream_gradients,
+            stream_updates=stream_updates,
+            checkpoint_every=checkpoint_every,
+            stop_on_non_finite_loss=stop_on_non_finite_loss,
+        )
+        return TrainStream(self._stub.Train, config, batches)
+
+    def fit(
+        self,
+        graph_id: str,
+        data: Iterable[Batch] | Batch,
+        *,
+        loss: str,
+        optimizer: Optimizer,
+        batch_size: int | None = None,
+        epochs: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+        progress: bool | None = None,
+        **train_options: Unpack[TrainOptions],
+    ) -> History:
+        """Train for `epochs` over `data` and return every step's loss.
+
+        `data` is a dict of equal-length arrays, cut along the first axis into batches of
+        `batch_size` (all of it when None), reshuffled each epoch by numpy's Generator(seed)
+        when `shuffle`; or an iterable of ready batch dicts (then batch_size must be None and
+        shuffle does not apply). `progress` None shows a progress bar only when stderr is a
+        terminal, so logs and CI output stay clean. Other keywords go to `train`.
+        """
+        batches, total = plan_batches(data, batch_size, epochs, shuffle, seed)
+        history = History()
+        show = sys.stderr.isatty() if progress is None else progress
+        with (
+            tqdm(total=total, disable=not show, unit="step", dynamic_ncols=True) as bar,
+            self.train(graph_id, batches, loss=loss, optimizer=optimizer, **train_options) as stream,
+        ):
+            for step in stream:
+                history.record(step)
+                bar.set_postfix(loss=f"{step.loss:.4g}", refresh=False)
+                bar.update()
+        return history
+
+
+def _names(names: Sequence[str]) -> list[str]:
+    """A lone string is one name, not a sequence of one-letter names."""
+    return [names] if isinstance(names, str) else list(names)
+
+
+def _arrays(values: Mapping[str, npt.ArrayLike]) -> dict[str, np.ndarray]:
+    return {name: np.asarray(value) for name, value in values.items()}

@@ -1,0 +1,137 @@
+"""Iterators over the server-streaming calls (Backward, Train) that speak numpy and ChainruleError.
+
+Arrays decoded from responses are read-only views of the received bytes (no copy); call
+`.copy()` on one to modify it in place.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from types import TracebackType
+from typing import Generic, Self, TypeVar
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from chainrule import tensors
+from chainrule.v1 import graph_service_pb2 as pb
+from chainrule.v1 import tensor_pb2
+
+from .errors import from_rpc_error
+from .training import TrainStep
+
+Response = TypeVar("Response")
+Item = TypeVar("Item")
+
+
+def encode_feeds(feeds: Mapping[str, npt.ArrayLike]) -> dict[str, tensor_pb2.Tensor]:
+    """Python floats become float64 scalars; numpy arrays keep their dtype (inputs may declare one)."""
+    return {name: tensors.encode(np.asarray(value), name) for name, value in feeds.items()}
+
+
+def decode_named(named: Iterable[tensor_pb2.NamedTensor]) -> dict[str, np.ndarray]:
+    return {item.name: tensors.decode(item.tensor, item.name) for item in named}
+
+
+class ResponseStream(Generic[Response, Item], Iterator[Item]):
+    """Iterates a streaming call; `cancel()` ends the iteration quietly instead of with an error."""
+
+    def __init__(self, call: grpc.CallIterator[Response]) -> None:
+        self._call = call
+        self._responses = iter(call)
+        self._cancelled = False
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> Item:
+        try:
+            response = next(self._responses)
+        except grpc.RpcError as error:
+            if self._cancelled and error.code() == grpc.StatusCode.CANCELLED:
+                raise StopIteration from None
+            raise from_rpc_error(error) from None
+        return self._item(response)
+
+    @abstractmethod
+    def _item(self, response: Response) -> Item:
+        """The Python value of one response."""
+
+    def cancel(self) -> None:
+        """Stop the call on the server too; safe to call at any time, including after the end."""
+        self._cancelled = True
+        self._call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves RpcContext.cancel unannotated
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        """Leaving the block early (break, an exception) must not leave the server computing."""
+        self.cancel()
+
+
+class GradientStream(ResponseStream[pb.BackwardResponse, tuple[str, np.ndarray]]):
+    """Yields (name, gradient) pairs in the order the server finishes them (reverse topological).
+
+    `loss` is None until the first message has arrived, then the loss node's value.
+    """
+
+    def __init__(self, call: grpc.CallIterator[pb.BackwardResponse], loss_name: str) -> None:
+        super().__init__(call)
+        self.loss_name = loss_name
+        self.loss: np.ndarray | None = None
+
+    def _item(self, response: pb.BackwardResponse) -> tuple[str, np.ndarray]:
+        if response.HasField("loss"):
+            self.loss = tensors.decode(response.loss, self.loss_name)
+        return response.name, tensors.decode(response.gradient, response.name)
+
+
+class TrainStream(ResponseStream[pb.TrainResponse, TrainStep]):
+    """Yields one TrainStep per batch while gRPC keeps sending batches without waiting for them.
+
+    If `batches` raises (or holds a feed that cannot be encoded), the request stream is closed
+    there: the batches already sent are still trained and yielded, then the error is raised.
+    """
+
+    def __init__(
+        self,
+        start: Callable[[Iterator[pb.TrainRequest]], grpc.CallIterator[pb.TrainResponse]],
+        config: pb.TrainConfig,
+        batches: Iterable[Mapping[str, npt.ArrayLike]],
+    ) -> None:
+        self._batch_error: Exception | None = None
+        super().__init__(start(self._requests(config, batches)))
+
+    def _requests(
+        self, config: pb.TrainConfig, batches: Iterable[Mapping[str, npt.ArrayLike]]
+    ) -> Iterator[pb.TrainRequest]:
+        """Runs on gRPC's sending thread. An exception escaping it would cancel the call with a bare
+        "Exception iterating requests!", so it is kept and raised on the caller's thread instead."""
+        yield pb.TrainRequest(config=config)
+        try:
+            for batch in batches:
+                yield pb.TrainRequest(batch=pb.Batch(feeds=encode_feeds(batch)))
+        except Exception as error:
+            self._batch_error = error
+
+    def __next__(self) -> TrainStep:
+        try:
+            return super().__next__()
+        except StopIteration:
+            error, self._batch_error = self._batch_error, None
+            if error is not None:
+                raise error from None
+            raise
+
+    def _item(self, response: pb.TrainResponse) -> TrainStep:
+        return TrainStep(
+            step=response.step,
+            loss=response.loss,
+            gradients=decode_named(response.gradients),
+            updates=decode_named(response.updates),
+        )

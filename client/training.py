@@ -1,0 +1,175 @@
+"""Optimizer settings, training results, and how `Client.fit` cuts arrays into batches."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
+from dataclasses import dataclass, field
+from typing import TypedDict
+
+import numpy as np
+import numpy.typing as npt
+
+from chainrule.v1 import graph_service_pb2 as pb
+
+Batch = Mapping[str, npt.ArrayLike]
+
+
+@dataclass(frozen=True)
+class Sgd:
+    """torch.optim.SGD's rule; the server keeps the momentum buffers between streams."""
+
+    learning_rate: float
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+
+    def to_proto(self) -> pb.Optimizer:
+        return pb.Optimizer(
+            sgd=pb.Sgd(
+                learning_rate=self.learning_rate,
+                momentum=self.momentum,
+                nesterov=self.nesterov,
+                weight_decay=self.weight_decay,
+            )
+        )
+
+
+@dataclass(frozen=True)
+class Adam:
+    """torch.optim.Adam's rule (bias-corrected moments, L2 weight decay added to the gradient)."""
+
+    learning_rate: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    epsilon: float = 1e-8
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        # The wire reads 0 as "the default" for these three, so a 0 would silently become 0.9,
+        # 0.999 or 1e-8 on the server; refuse it here instead.
+        for name in ("beta1", "beta2", "epsilon"):
+            if getattr(self, name) == 0:
+                raise ValueError(f"Adam {name}=0 cannot be sent: the wire format reads 0 as the default")
+
+    def to_proto(self) -> pb.Optimizer:
+        return pb.Optimizer(
+            adam=pb.Adam(
+                learning_rate=self.learning_rate,
+                beta1=self.beta1,
+                beta2=self.beta2,
+                epsilon=self.epsilon,
+                weight_decay=self.weight_decay,
+            )
+        )
+
+
+Optimizer = Sgd | Adam
+
+
+class TrainOptions(TypedDict, total=False):
+    """The keyword arguments `Client.fit` passes on to `Client.train` unchanged."""
+
+    parameters: Sequence[str]
+    stream_gradients: bool
+    stream_updates: bool
+    checkpoint_every: int
+    stop_on_non_finite_loss: bool
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """The server's answer to one batch.
+
+    `loss` was computed before the update; `step` is the graph's global step after it.
+    `gradients` and `updates` are empty unless the stream was asked for them (an update is
+    exactly what was added to the parameter: new = old + update).
+    """
+
+    step: int
+    loss: float
+    gradients: dict[str, np.ndarray] = field(default_factory=dict)
+    updates: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class History:
+    """What `Client.fit` saw: one step number and loss per batch, and the last TrainStep whole."""
+
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    last: TrainStep | None = None
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def record(self, step: TrainStep) -> None:
+        self.steps.append(step.step)
+        self.losses.append(step.loss)
+        self.last = step
+
+
+def plan_batches(
+    data: Iterable[Batch] | Batch,
+    batch_size: int | None,
+    epochs: int,
+    shuffle: bool,
+    seed: int,
+) -> tuple[Iterable[Batch], int | None]:
+    """The batches `fit` streams, and how many there are when that is known (for the progress bar).
+
+    A Mapping is a dict of equal-length arrays, cut along the first axis; anything else is
+    already an iterable of batches, repeated for each epoch.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    if isinstance(data, Mapping):
+        arrays = {name: np.asarray(value) for name, value in data.items()}
+        count = _common_length(arrays)
+        size = count if batch_size is None else batch_size
+        if size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        rng = np.random.default_rng(seed) if shuffle else None
+        return array_batches(arrays, size, epochs, rng), math.ceil(count / size) * epochs
+    if batch_size is not None:
+        raise ValueError("batch_size applies to a dict of arrays; these batches are already cut")
+    if epochs > 1 and iter(data) is data:
+        raise ValueError("epochs > 1 needs data that can be iterated again (a list of batches, not an iterator)")
+    total = len(data) * epochs if isinstance(data, Sized) else None
+    return itertools.chain.from_iterable(itertools.repeat(data, epochs)), total
+
+
+def array_batches(
+    arrays: Mapping[str, np.ndarray], batch_size: int, epochs: int, rng: np.random.Generator | None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Consecutive slices of every array, in a fresh permutation each epoch when `rng` is given.
+
+    The last batch of an epoch is smaller when batch_size does not divide the length; one
+    generator serves every epoch so epochs are shuffled differently yet reproducibly.
+    """
+    count = _common_length(arrays)
+    for _ in range(epochs):
+        order = None if rng is None else rng.permutation(count)
+        for start in range(0, count, batch_size):
+            if order is None:
+                yield {name: array[start : start + batch_size] for name, array in arrays.items()}
+            else:
+                rows = order[start : start + batch_size]
+                yield {name: array[rows] for name, array in arrays.items()}
+
+
+def _common_length(arrays: Mapping[str, np.ndarray]) -> int:
+    if not arrays:
+        raise ValueError("data has no arrays")
+    scalars = [name for name, array in arrays.items() if array.ndim == 0]
+    if scalars:
+        raise ValueError(f"data arrays must have a first (example) axis; {', '.join(scalars)} are scalars")
+    lengths = {name: int(array.shape[0]) for name, array in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        detail = ", ".join(f"{name}: {length}" for name, length in lengths.items())
+        raise ValueError(f"data arrays must have the same length along the first axis ({detail})")
+    count = next(iter(lengths.values()))
+    if count == 0:
+        raise ValueError("data arrays are empty")
+    return count
