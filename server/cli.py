@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from chainrule.server.app import RunningServer, ServerOptions
@@ -24,6 +25,28 @@ def serve(args: argparse.Namespace) -> int:
     logging.getLogger("chainrule.server").info("listening on %s", server.address)
     server.serve_until_signalled()
     return 0
+
+
+def health(args: argparse.Namespace) -> int:
+    """Exit 0 when the server at --address answers SERVING: for container health checks and scripts."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as error:
+            print(f"{args.address}: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    print(f"{args.address}: {status}")
+    return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def default_address() -> str:
+    return os.environ.get("CHAINRULE_ADDRESS", "127.0.0.1:50051")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM/SIGINT, how long running calls may take to finish (default: %(default)s)",
     )
     serve_parser.set_defaults(run=serve)
+
+    health_parser = commands.add_parser("health", help="ask a server's grpc.health.v1 service whether it is serving")
+    health_parser.add_argument(
+        "--address", default=default_address(), help="HOST:PORT (default: $CHAINRULE_ADDRESS or 127.0.0.1:50051)"
+    )
+    health_parser.add_argument("--service", default="", help="service name to ask about (default: the whole server)")
+    health_parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default: %(default)s)")
+    health_parser.set_defaults(run=health)
     return parser
 
 

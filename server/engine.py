@@ -15,12 +15,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from chainrule.server import optim
 from chainrule.server.errors import InvalidArgument, NotFound
 from chainrule.server.graph import Limits, build_graph
 from chainrule.server.plan import Plan, StopFlag
 from chainrule.server.store import Checkpoint, OptimizerState, Store, StoredGraph
+
 from chainrule.v1 import graph_pb2
 
 Array = np.ndarray
@@ -65,9 +65,11 @@ class StepResult:
 
 
 class Engine:
-    def __init__(self, store: Store, limits: Limits = Limits(), checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY):
+    def __init__(
+        self, store: Store, limits: Limits | None = None, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
+    ) -> None:
         self.store = store
-        self.limits = limits
+        self.limits = limits or Limits()
         self.checkpoint_every = checkpoint_every
         self._live: dict[str, LiveGraph] = {}
         self._live_lock = threading.Lock()
@@ -85,7 +87,12 @@ class Engine:
         }
         initial = {name: plan.sources[slot].value for name, slot in plan.parameters.items()}
         stored = self.store.insert_graph(
-            uuid.uuid4().hex, tenant, message.name, message.SerializeToString(), summary, initial  # type: ignore[arg-type]
+            uuid.uuid4().hex,
+            tenant,
+            message.name,
+            message.SerializeToString(),
+            summary,
+            initial,  # type: ignore[arg-type]
         )
         with self._live_lock:
             self._live[stored.graph_id] = LiveGraph(stored, plan, initial, {}, 0, 0)  # type: ignore[arg-type]
@@ -201,9 +208,9 @@ class Engine:
             current = live.parameters[_check_parameter(live, name)]
             if value.dtype != current.dtype or value.shape != current.shape:
                 raise InvalidArgument(
-                    f"parameter '{name}' is {current.dtype}{list(current.shape)}; "
-                    f"got {value.dtype}{list(value.shape)}",
-                    reason="SHAPE_MISMATCH", subject=name,
+                    f"parameter '{name}' is {current.dtype}{list(current.shape)}; got {value.dtype}{list(value.shape)}",
+                    reason="SHAPE_MISMATCH",
+                    subject=name,
                 )
         with live.lock:
             _check_not_deleted(live)
@@ -277,7 +284,9 @@ class TrainingSession:
             gradients = dict(reverse)
             loss = float(loss_value)
             if self.stop_on_non_finite_loss and not math.isfinite(loss):
-                raise InvalidArgument(f"loss '{self.loss}' is {loss}; the step was not applied", reason="NON_FINITE_LOSS")
+                raise InvalidArgument(
+                    f"loss '{self.loss}' is {loss}; the step was not applied", reason="NON_FINITE_LOSS"
+                )
             new_parameters = dict(parameters)
             new_state = dict(live.optimizer_state)
             updates = {}

@@ -13,11 +13,11 @@ from typing import Any
 
 import networkx as nx
 import numpy as np
-
-from chainrule import tensors
 from chainrule.server.errors import InvalidArgument, ResourceExhausted
 from chainrule.server.ops import OPS, Attr
 from chainrule.server.shapes import ShapeError, TensorType
+
+from chainrule import tensors
 from chainrule.v1 import graph_pb2
 
 
@@ -32,18 +32,21 @@ class Limits:
     max_tensor_elements: int = 1 << 28
 
 
-def build_graph(message: graph_pb2.Graph, limits: Limits = Limits()) -> nx.DiGraph:
+def build_graph(message: graph_pb2.Graph, limits: Limits | None = None) -> nx.DiGraph:
+    limits = limits or Limits()
     if not message.nodes:
         raise InvalidArgument("graph has no nodes", reason="EMPTY_GRAPH", subject="graph.nodes")
     if len(message.nodes) > limits.max_nodes:
         raise ResourceExhausted(
             f"graph has {len(message.nodes)} nodes, more than the limit of {limits.max_nodes}",
-            reason="TOO_MANY_NODES", subject="graph.nodes",
+            reason="TOO_MANY_NODES",
+            subject="graph.nodes",
         )
     if len(message.name) > limits.max_name_length:
         raise InvalidArgument(
             f"graph name is {len(message.name)} characters long, more than the limit of {limits.max_name_length}",
-            reason="NAME_TOO_LONG", subject="graph.name",
+            reason="NAME_TOO_LONG",
+            subject="graph.name",
         )
     graph = nx.DiGraph(name=message.name)
     for node in message.nodes:
@@ -57,7 +60,8 @@ def build_graph(message: graph_pb2.Graph, limits: Limits = Limits()) -> nx.DiGra
             if argument not in graph:
                 raise InvalidArgument(
                     f"node '{name}' names input '{argument}', which is not a node of the graph",
-                    reason="UNKNOWN_INPUT", subject=name,
+                    reason="UNKNOWN_INPUT",
+                    subject=name,
                 )
             edges.append((argument, name))
     graph.add_edges_from(edges)
@@ -76,7 +80,8 @@ def _check_node(node: graph_pb2.Node, limits: Limits) -> tuple[str, dict[str, An
         raise InvalidArgument(
             f"node name '{name[:32]}...' is {len(name)} characters long, more than the limit of "
             f"{limits.max_name_length}",
-            reason="NAME_TOO_LONG", subject=name[:32],
+            reason="NAME_TOO_LONG",
+            subject=name[:32],
         )
     op = OPS.get(node.op)
     if op is None:
@@ -84,12 +89,14 @@ def _check_node(node: graph_pb2.Node, limits: Limits) -> tuple[str, dict[str, An
     if len(node.inputs) != op.arity:
         raise InvalidArgument(
             f"node '{name}' ({op.name}) takes {op.arity} input(s), got {len(node.inputs)}",
-            reason="WRONG_ARITY", subject=name,
+            reason="WRONG_ARITY",
+            subject=name,
         )
     if len(node.attrs) > limits.max_attrs_per_node:
         raise InvalidArgument(
             f"node '{name}' has {len(node.attrs)} attrs, more than the limit of {limits.max_attrs_per_node}",
-            reason="TOO_MANY_ATTRS", subject=name,
+            reason="TOO_MANY_ATTRS",
+            subject=name,
         )
     attrs = _check_attrs(name, op.name, op.attrs, node.attrs, limits)
     value = _check_value(name, op.name, node, limits)
@@ -106,13 +113,15 @@ def _check_attrs(
             expected = ", ".join(sorted(accepted)) or "none"
             raise InvalidArgument(
                 f"node '{name}' ({op}) has unknown attr '{key}' (accepted: {expected})",
-                reason="BAD_ATTR", subject=name,
+                reason="BAD_ATTR",
+                subject=name,
             )
         kind = given[key].WhichOneof("value")
         if kind != spec.kind:
             raise InvalidArgument(
                 f"node '{name}' ({op}) attr '{key}' must be of kind '{spec.kind}', got '{kind or 'unset'}'",
-                reason="BAD_ATTR", subject=name,
+                reason="BAD_ATTR",
+                subject=name,
             )
         value = getattr(given[key], kind)
         if kind in ("ints", "floats"):
@@ -121,7 +130,8 @@ def _check_attrs(
                 raise InvalidArgument(
                     f"node '{name}' ({op}) attr '{key}' has {len(value)} entries, more than the limit of "
                     f"{limits.max_attr_list_length}",
-                    reason="BAD_ATTR", subject=name,
+                    reason="BAD_ATTR",
+                    subject=name,
                 )
         attrs[key] = value
     for key, spec in accepted.items():
@@ -142,7 +152,8 @@ def _check_input_attrs(name: str, attrs: dict[str, Any]) -> None:
     if dtype is not None and dtype not in tensors.DTYPE_NAMES:
         raise InvalidArgument(
             f"node '{name}' (input) attr 'dtype' is '{dtype}'; expected one of {', '.join(tensors.DTYPE_NAMES)}",
-            reason="BAD_ATTR", subject=name,
+            reason="BAD_ATTR",
+            subject=name,
         )
     shape = attrs.get("shape")
     if shape is not None and any(dim < -1 for dim in shape):
@@ -157,7 +168,8 @@ def _check_value(name: str, op: str, node: graph_pb2.Node, limits: Limits) -> np
         if has_value:
             raise InvalidArgument(
                 f"node '{name}' ({op}) has a value; only parameter and constant nodes take one",
-                reason="UNEXPECTED_VALUE", subject=name,
+                reason="UNEXPECTED_VALUE",
+                subject=name,
             )
         return None
     if not has_value:
@@ -169,7 +181,8 @@ def _check_value(name: str, op: str, node: graph_pb2.Node, limits: Limits) -> np
     if op == "parameter" and not np.issubdtype(value.dtype, np.floating):
         raise InvalidArgument(
             f"node '{name}' (parameter) has dtype {value.dtype}; parameters must be float32 or float64",
-            reason="BAD_TENSOR", subject=name,
+            reason="BAD_TENSOR",
+            subject=name,
         )
     return value
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from chainrule.server.shapes import (
     Shape,
     ShapeError,
@@ -63,9 +62,7 @@ class Op:
 OPS: dict[str, Op] = {}
 
 
-def defop(
-    name: str, forward: Forward, *vjps: Vjp, infer: Infer, attrs: Mapping[str, Attr] | None = None
-) -> None:
+def defop(name: str, forward: Forward, *vjps: Vjp, infer: Infer, attrs: Mapping[str, Attr] | None = None) -> None:
     OPS[name] = Op(name, len(vjps), forward, vjps, infer, attrs or {})
 
 
@@ -115,31 +112,49 @@ def _winner_share(g: Array, wins: Array, ties: Array) -> Array:
     return g * wins + g * 0.5 * ties
 
 
-defop("add", np.add,
-      lambda g, ans, x, y: unbroadcast(g, np.shape(x)),
-      lambda g, ans, x, y: unbroadcast(g, np.shape(y)),
-      infer=_binary_type)
-defop("sub", np.subtract,
-      lambda g, ans, x, y: unbroadcast(g, np.shape(x)),
-      lambda g, ans, x, y: unbroadcast(-g, np.shape(y)),
-      infer=_binary_type)
-defop("mul", np.multiply,
-      lambda g, ans, x, y: unbroadcast(g * y, np.shape(x)),
-      lambda g, ans, x, y: unbroadcast(g * x, np.shape(y)),
-      infer=_binary_type)
-defop("div", np.true_divide,
-      lambda g, ans, x, y: unbroadcast(g / y, np.shape(x)),
-      lambda g, ans, x, y: unbroadcast(-g * ans / y, np.shape(y)),
-      infer=_float_binary_type)
+defop(
+    "add",
+    np.add,
+    lambda g, ans, x, y: unbroadcast(g, np.shape(x)),
+    lambda g, ans, x, y: unbroadcast(g, np.shape(y)),
+    infer=_binary_type,
+)
+defop(
+    "sub",
+    np.subtract,
+    lambda g, ans, x, y: unbroadcast(g, np.shape(x)),
+    lambda g, ans, x, y: unbroadcast(-g, np.shape(y)),
+    infer=_binary_type,
+)
+defop(
+    "mul",
+    np.multiply,
+    lambda g, ans, x, y: unbroadcast(g * y, np.shape(x)),
+    lambda g, ans, x, y: unbroadcast(g * x, np.shape(y)),
+    infer=_binary_type,
+)
+defop(
+    "div",
+    np.true_divide,
+    lambda g, ans, x, y: unbroadcast(g / y, np.shape(x)),
+    lambda g, ans, x, y: unbroadcast(-g * ans / y, np.shape(y)),
+    infer=_float_binary_type,
+)
 defop("pow", np.power, _pow_x, _pow_y, infer=_binary_type)
-defop("maximum", np.maximum,
-      lambda g, ans, x, y: unbroadcast(_winner_share(g, x > y, x == y), np.shape(x)),
-      lambda g, ans, x, y: unbroadcast(_winner_share(g, y > x, x == y), np.shape(y)),
-      infer=_binary_type)
-defop("minimum", np.minimum,
-      lambda g, ans, x, y: unbroadcast(_winner_share(g, x < y, x == y), np.shape(x)),
-      lambda g, ans, x, y: unbroadcast(_winner_share(g, y < x, x == y), np.shape(y)),
-      infer=_binary_type)
+defop(
+    "maximum",
+    np.maximum,
+    lambda g, ans, x, y: unbroadcast(_winner_share(g, x > y, x == y), np.shape(x)),
+    lambda g, ans, x, y: unbroadcast(_winner_share(g, y > x, x == y), np.shape(y)),
+    infer=_binary_type,
+)
+defop(
+    "minimum",
+    np.minimum,
+    lambda g, ans, x, y: unbroadcast(_winner_share(g, x < y, x == y), np.shape(x)),
+    lambda g, ans, x, y: unbroadcast(_winner_share(g, y < x, x == y), np.shape(y)),
+    infer=_binary_type,
+)
 
 
 # ---------------------------------------------------------------- unary elementwise
@@ -260,9 +275,7 @@ def _max_vjp(g: Array, ans: Array, x: Array, axes: Sequence[int] | None = None, 
     return _restore(g, np.shape(x), axes, keepdims) * winners / ties
 
 
-def _logsumexp_vjp(
-    g: Array, ans: Array, x: Array, axes: Sequence[int] | None = None, keepdims: bool = False
-) -> Array:
+def _logsumexp_vjp(g: Array, ans: Array, x: Array, axes: Sequence[int] | None = None, keepdims: bool = False) -> Array:
     return _restore(g, np.shape(x), axes, keepdims) * np.exp(x - _restore(ans, np.shape(x), axes, keepdims))
 
 
@@ -293,12 +306,20 @@ def _transpose_vjp(g: Array, ans: Array, x: Array, perm: Sequence[int] | None = 
     return np.transpose(g, None if perm is None else tuple(np.argsort(perm)))
 
 
-defop("reshape", reshape, lambda g, ans, x, shape: np.reshape(g, np.shape(x)),
-      infer=lambda x, shape: TensorType(x.dtype, reshape_shape(x.shape, shape)),
-      attrs={"shape": Attr("ints", required=True)})
-defop("transpose", transpose, _transpose_vjp,
-      infer=lambda x, perm=None: TensorType(x.dtype, transpose_shape(x.shape, perm)),
-      attrs={"perm": Attr("ints")})
+defop(
+    "reshape",
+    reshape,
+    lambda g, ans, x, shape: np.reshape(g, np.shape(x)),
+    infer=lambda x, shape: TensorType(x.dtype, reshape_shape(x.shape, shape)),
+    attrs={"shape": Attr("ints", required=True)},
+)
+defop(
+    "transpose",
+    transpose,
+    _transpose_vjp,
+    infer=lambda x, perm=None: TensorType(x.dtype, transpose_shape(x.shape, perm)),
+    attrs={"perm": Attr("ints")},
+)
 
 
 # ---------------------------------------------------------------- softmax family and losses

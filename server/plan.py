@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import networkx as nx
 import numpy as np
-
 from chainrule.server.errors import Cancelled, InvalidArgument
 from chainrule.server.ops import OPS
 from chainrule.server.shapes import TensorType, describe
@@ -44,6 +43,10 @@ class Source:
     value: Array | None
 
 
+def _bind(function: Callable[..., Array], attrs: Mapping[str, object]) -> Callable[..., Array]:
+    return functools.partial(function, **attrs) if attrs else function
+
+
 class Plan:
     def __init__(self, graph: nx.DiGraph) -> None:
         self.names: list[str] = list(graph.graph["order"])
@@ -60,9 +63,12 @@ class Plan:
                 self.steps.append(None)
                 continue
             attrs = node["attrs"]
-            bind = (lambda f: functools.partial(f, **attrs)) if attrs else (lambda f: f)
             self.steps.append(
-                Step(bind(op.forward), tuple(self.slot_of[a] for a in node["inputs"]), tuple(map(bind, op.vjps)))
+                Step(
+                    _bind(op.forward, attrs),
+                    tuple(self.slot_of[a] for a in node["inputs"]),
+                    tuple(_bind(vjp, attrs) for vjp in op.vjps),
+                )
             )
         self.inputs = {self.names[s]: s for s, src in self.sources.items() if src.op == "input"}
         self.parameters = {self.names[s]: s for s, src in self.sources.items() if src.op == "parameter"}
@@ -125,7 +131,8 @@ class Plan:
                 name = self.names[slot]
                 raise InvalidArgument(
                     f"wrt '{name}' has dtype {np.asarray(values[slot]).dtype}; gradients exist for float nodes only",
-                    reason="NOT_DIFFERENTIABLE", subject=name,
+                    reason="NOT_DIFFERENTIABLE",
+                    subject=name,
                 )
         seed = self._seed(loss, np.asarray(values[loss_slot]), loss_grad)
         return values[loss_slot], self._reverse(order, values, loss_slot, seed, wrt_slots, stop)
@@ -134,19 +141,22 @@ class Plan:
         if not np.issubdtype(value.dtype, np.floating):
             raise InvalidArgument(
                 f"loss '{loss}' has dtype {value.dtype}; only a float node can be differentiated",
-                reason="NOT_DIFFERENTIABLE", subject=loss,
+                reason="NOT_DIFFERENTIABLE",
+                subject=loss,
             )
         if loss_grad is None:
             if value.shape != ():
                 raise InvalidArgument(
                     f"loss '{loss}' has shape {list(value.shape)}; a loss must be a scalar unless loss_grad is given",
-                    reason="SHAPE_MISMATCH", subject=loss,
+                    reason="SHAPE_MISMATCH",
+                    subject=loss,
                 )
             return np.ones((), dtype=value.dtype)
         if loss_grad.shape != value.shape:
             raise InvalidArgument(
                 f"loss_grad has shape {list(loss_grad.shape)}; loss '{loss}' has shape {list(value.shape)}",
-                reason="SHAPE_MISMATCH", subject="loss_grad",
+                reason="SHAPE_MISMATCH",
+                subject="loss_grad",
             )
         return loss_grad.astype(value.dtype, copy=False)
 
@@ -193,15 +203,18 @@ class Plan:
             if declared.dtype is not None and value.dtype != declared.dtype:
                 raise InvalidArgument(
                     f"feed '{name}' has dtype {value.dtype}; input '{name}' declares {declared.dtype}",
-                    reason="DTYPE_MISMATCH", subject=name,
+                    reason="DTYPE_MISMATCH",
+                    subject=name,
                 )
             shape = declared.shape
             if shape is not None and (
-                len(shape) != value.ndim or any(d is not None and d != n for d, n in zip(shape, value.shape, strict=True))
+                len(shape) != value.ndim
+                or any(d is not None and d != n for d, n in zip(shape, value.shape, strict=True))
             ):
                 raise InvalidArgument(
                     f"feed '{name}' has shape {list(value.shape)}; input '{name}' declares {describe(shape)}",
-                    reason="SHAPE_MISMATCH", subject=name,
+                    reason="SHAPE_MISMATCH",
+                    subject=name,
                 )
 
     def _node_error(self, slot: int, error: Exception) -> InvalidArgument:

@@ -12,14 +12,15 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-from google.protobuf.timestamp_pb2 import Timestamp
-
-from chainrule import tensors
 from chainrule.server import optim
 from chainrule.server.engine import Engine, GraphSummary
 from chainrule.server.errors import ChainruleError, InvalidArgument
 from chainrule.server.plan import StopFlag
-from chainrule.v1 import graph_pb2, graph_service_pb2 as pb, graph_service_pb2_grpc, tensor_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from chainrule import tensors
+from chainrule.v1 import graph_pb2, graph_service_pb2_grpc, tensor_pb2
+from chainrule.v1 import graph_service_pb2 as pb
 
 log = logging.getLogger("chainrule.server")
 Handler = TypeVar("Handler", bound=Callable[..., Any])
@@ -174,9 +175,9 @@ class GraphService(graph_service_pb2_grpc.GraphServiceServicer):
         first = next(requests, None)
         if first is None or first.WhichOneof("item") != "config":
             raise InvalidArgument(
-                "the first TrainRequest must carry a config; got "
-                + ("nothing" if first is None else "a batch"),
-                reason="CONFIG_FIRST", subject="config",
+                "the first TrainRequest must carry a config; got " + ("nothing" if first is None else "a batch"),
+                reason="CONFIG_FIRST",
+                subject="config",
             )
         config = first.config
         session = self.engine.start_training(
@@ -193,7 +194,8 @@ class GraphService(graph_service_pb2_grpc.GraphServiceServicer):
                 if request.WhichOneof("item") != "batch":
                     raise InvalidArgument(
                         f"batch {index}: a TrainConfig may only be the first message of the stream",
-                        reason="CONFIG_FIRST", subject=f"batch {index}",
+                        reason="CONFIG_FIRST",
+                        subject=f"batch {index}",
                     )
                 try:
                     result = session.step(decode_feeds(request.batch.feeds), stop)

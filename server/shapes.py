@@ -84,9 +84,7 @@ def matmul_shape(a: Shape, b: Shape) -> Shape:
     a2 = (1, *a) if len(a) == 1 else a
     b2 = (*b, 1) if len(b) == 1 else b
     if not _dims_match(a2[-1], b2[-2]):
-        raise ShapeError(
-            f"matmul inner dimensions differ: {describe(a)} @ {describe(b)} ({a2[-1]} != {b2[-2]})"
-        )
+        raise ShapeError(f"matmul inner dimensions differ: {describe(a)} @ {describe(b)} ({a2[-1]} != {b2[-2]})")
     batch = broadcast_shapes(a2[:-2], b2[:-2])
     assert batch is not None
     out = (*batch, a2[-2], b2[-1])

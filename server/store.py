@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-
 from chainrule.server.errors import Unavailable
 
 SCHEMA = """
@@ -49,6 +48,8 @@ CREATE TABLE IF NOT EXISTS optimizer_state (
     PRIMARY KEY (graph_id, name, slot)
 );
 """
+
+GRAPH_COLUMNS = "seq, graph_id, tenant, name, summary, created_at, step"
 
 OptimizerState = dict[str, tuple[str, dict[str, np.ndarray]]]
 """Per parameter: the optimizer kind that wrote the state, and its named arrays."""
@@ -134,7 +135,8 @@ class Store:
         created_at = time.time()
         with self._transaction(f"store graph '{name}'") as db:
             cursor = db.execute(
-                "INSERT INTO graphs (graph_id, tenant, name, definition, summary, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO graphs (graph_id, tenant, name, definition, summary, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 (graph_id, tenant, name, definition, json.dumps(summary), created_at),
             )
             db.executemany(
@@ -146,15 +148,14 @@ class Store:
 
     def get_graph(self, graph_id: str, tenant: str) -> StoredGraph | None:
         rows = self._read(
-            "SELECT seq, graph_id, tenant, name, summary, created_at, step FROM graphs WHERE graph_id = ? AND tenant = ?",
+            f"SELECT {GRAPH_COLUMNS} FROM graphs WHERE graph_id = ? AND tenant = ?",
             (graph_id, tenant),
         )
         return self._graph_from_row(rows[0]) if rows else None
 
     def list_graphs(self, tenant: str, after_seq: int, limit: int) -> list[StoredGraph]:
         rows = self._read(
-            "SELECT seq, graph_id, tenant, name, summary, created_at, step FROM graphs "
-            "WHERE tenant = ? AND seq > ? ORDER BY seq LIMIT ?",
+            f"SELECT {GRAPH_COLUMNS} FROM graphs WHERE tenant = ? AND seq > ? ORDER BY seq LIMIT ?",
             (tenant, after_seq, limit),
         )
         return [self._graph_from_row(row) for row in rows]

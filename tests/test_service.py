@@ -12,7 +12,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chainrule import tensors
-from chainrule.v1 import graph_pb2, graph_service_pb2 as pb, tensor_pb2
+from chainrule.v1 import graph_pb2, tensor_pb2
+from chainrule.v1 import graph_service_pb2 as pb
 from tests.server_process import ServerProcess
 
 
@@ -225,7 +226,11 @@ BAD_GRAPHS = [
     ("missing_attr", [node("x", "input"), node("r", "reshape", "x")], ["'r'", "needs attr 'shape'"]),
     (
         "broadcast",
-        [node("a", "constant", value=np.ones((2, 3))), node("b", "constant", value=np.ones(4)), node("c", "add", "a", "b")],
+        [
+            node("a", "constant", value=np.ones((2, 3))),
+            node("b", "constant", value=np.ones(4)),
+            node("c", "add", "a", "b"),
+        ],
         ["'c'", "cannot be broadcast", "[2, 3]", "[4]"],
     ),
     (
@@ -274,9 +279,7 @@ def test_request_errors_name_the_tensor_or_node(stub, lecture_id: str) -> None: 
     expect_error(invalid, backward(good, "ghost", ["x"]), "loss 'ghost'")
     expect_error(invalid, backward(good, "f", ["x", "ghost"]), "wrt 'ghost'")
     expect_error(invalid, backward(feeds(x=np.ones(2), y=1.0, z=1.0), "f", ["x"]), "loss 'f'", "scalar")
-    expect_error(
-        invalid, backward(feeds(x=np.ones(2), y=np.ones(3), z=1.0), "f", ["x"]), "node 'q' (add)", "broadcast"
-    )
+    expect_error(invalid, backward(feeds(x=np.ones(2), y=np.ones(3), z=1.0), "f", ["x"]), "node 'q' (add)", "broadcast")
 
 
 def test_declared_input_dtype_and_shape_are_enforced(stub) -> None:  # type: ignore[no-untyped-def]
@@ -339,3 +342,17 @@ def test_sigterm_shuts_down_gracefully(fresh_server: ServerProcess) -> None:
     fresh_server.signal(signal.SIGTERM)
     assert fresh_server.process is not None
     assert fresh_server.process.wait(timeout=30) == 0
+
+
+def test_health_command_reports_serving(server: ServerProcess) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "chainrule.server.cli", "health", "--address", server.address],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "SERVING" in result.stdout

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from chainrule import tensors
-from chainrule.v1 import graph_pb2, graph_service_pb2 as pb, tensor_pb2
+from chainrule.v1 import graph_pb2, tensor_pb2
+from chainrule.v1 import graph_service_pb2 as pb
 from tests.server_process import ServerProcess
 from tests.test_service import expect_error, feeds, mlp_graph, node
 
@@ -166,7 +167,7 @@ def test_loss_decreases_on_the_seed_network(stub) -> None:  # type: ignore[no-un
     losses = [r.loss for r in stub.Train(iter(requests))]
     assert len(losses) == 300
     assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
-    assert all(later <= earlier + 1e-3 for earlier, later in zip(losses[::50], losses[50::50]))
+    assert all(later <= earlier + 1e-3 for earlier, later in zip(losses[:-50:50], losses[50::50], strict=True))
 
 
 def test_a_bad_batch_ends_the_stream_and_keeps_the_last_good_step(stub) -> None:  # type: ignore[no-untyped-def]
@@ -214,7 +215,9 @@ def test_stream_protocol_errors(stub) -> None:  # type: ignore[no-untyped-def]
     expect_error(invalid, lambda: stub.Train(iter([config(graph_id, sgd(-1.0))])), "learning_rate")
     expect_error(
         invalid,
-        lambda: stub.Train(iter([pb.TrainRequest(config=pb.TrainConfig(graph_id=graph_id, loss="ghost", optimizer=sgd(1)))])),
+        lambda: stub.Train(
+            iter([pb.TrainRequest(config=pb.TrainConfig(graph_id=graph_id, loss="ghost", optimizer=sgd(1)))])
+        ),
         "loss 'ghost'",
     )
     unknown_parameter = config(graph_id, sgd(0.1), parameters=["x"])
