@@ -57,6 +57,8 @@ def encode(value: np.ndarray | float | int | bool, name: str = "tensor") -> tens
 
 def decode(tensor: tensor_pb2.Tensor, name: str = "tensor", max_elements: int | None = None) -> np.ndarray:
     """A read-only array viewing the tensor's bytes; raises TensorError naming `name`."""
+    if tensor.chunk_offset or tensor.more_chunks:
+        raise TensorError(f"tensor '{name}' is a chunk (chunk_offset {tensor.chunk_offset}); send whole tensors")
     dtype = WIRE_DTYPES.get(tensor.dtype)
     if dtype is None:
         label = tensor_pb2.DataType.Name(tensor.dtype) if tensor.dtype in tensor_pb2.DataType.values() else tensor.dtype
@@ -84,3 +86,50 @@ def decode(tensor: tensor_pb2.Tensor, name: str = "tensor", max_elements: int | 
 def encode_named(values: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]]) -> list[tensor_pb2.NamedTensor]:
     items = values.items() if isinstance(values, Mapping) else values
     return [tensor_pb2.NamedTensor(name=name, tensor=encode(value, name)) for name, value in items]
+
+
+CHUNK_BYTES = 1 << 20
+"""Tensors with more data than this travel in several chunks in server-to-client streams."""
+
+
+def split(tensor: tensor_pb2.Tensor, chunk_bytes: int = CHUNK_BYTES) -> list[tensor_pb2.Tensor]:
+    """The tensor itself when small enough, else its chunks in order (see Tensor in tensor.proto)."""
+    data = tensor.data
+    if len(data) <= chunk_bytes:
+        return [tensor]
+    view = memoryview(data)
+    return [
+        tensor_pb2.Tensor(
+            dtype=tensor.dtype,
+            shape=tensor.shape,
+            data=bytes(view[offset : offset + chunk_bytes]),
+            chunk_offset=offset,
+            more_chunks=offset + chunk_bytes < len(data),
+        )
+        for offset in range(0, len(data), chunk_bytes)
+    ]
+
+
+class Assembler:
+    """Joins chunked tensors back together, keyed by name, as their chunks arrive in order."""
+
+    def __init__(self) -> None:
+        self._partial: dict[str, tuple[tensor_pb2.Tensor, bytearray]] = {}
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._partial)
+
+    def add(self, name: str, piece: tensor_pb2.Tensor) -> np.ndarray | None:
+        """The decoded tensor once its last chunk has arrived, else None."""
+        if not piece.chunk_offset and not piece.more_chunks and name not in self._partial:
+            return decode(piece, name)
+        first, data = self._partial.setdefault(name, (piece, bytearray()))
+        if piece.chunk_offset != len(data):
+            raise TensorError(f"tensor '{name}': chunk at offset {piece.chunk_offset} arrived after {len(data)} bytes")
+        data += piece.data
+        if piece.more_chunks:
+            return None
+        del self._partial[name]
+        whole = tensor_pb2.Tensor(dtype=first.dtype, shape=first.shape, data=bytes(data))
+        return decode(whole, name)

@@ -47,17 +47,20 @@ class ResponseStream(Generic[Response, Item], Iterator[Item]):
         return self
 
     def __next__(self) -> Item:
-        try:
-            response = next(self._responses)
-        except grpc.RpcError as error:
-            if self._cancelled and error.code() == grpc.StatusCode.CANCELLED:
-                raise StopIteration from None
-            raise from_rpc_error(error) from None
-        return self._item(response)
+        while True:
+            try:
+                response = next(self._responses)
+            except grpc.RpcError as error:
+                if self._cancelled and error.code() == grpc.StatusCode.CANCELLED:
+                    raise StopIteration from None
+                raise from_rpc_error(error) from None
+            item = self._item(response)
+            if item is not None:
+                return item
 
     @abstractmethod
-    def _item(self, response: Response) -> Item:
-        """The Python value of one response."""
+    def _item(self, response: Response) -> Item | None:
+        """The Python value the response completes, or None while chunks of it are still to come."""
 
     def cancel(self) -> None:
         """Stop the call on the server too; safe to call at any time, including after the end."""
@@ -84,11 +87,13 @@ class GradientStream(ResponseStream[pb.BackwardResponse, tuple[str, np.ndarray]]
         super().__init__(call)
         self.loss_name = loss_name
         self.loss: np.ndarray | None = None
+        self._chunks = tensors.Assembler()
 
-    def _item(self, response: pb.BackwardResponse) -> tuple[str, np.ndarray]:
+    def _item(self, response: pb.BackwardResponse) -> tuple[str, np.ndarray] | None:
         if response.HasField("loss"):
             self.loss = tensors.decode(response.loss, self.loss_name)
-        return response.name, tensors.decode(response.gradient, response.name)
+        gradient = self._chunks.add(response.name, response.gradient)
+        return None if gradient is None else (response.name, gradient)
 
 
 class TrainStream(ResponseStream[pb.TrainResponse, TrainStep]):
@@ -105,6 +110,10 @@ class TrainStream(ResponseStream[pb.TrainResponse, TrainStep]):
         batches: Iterable[Mapping[str, npt.ArrayLike]],
     ) -> None:
         self._batch_error: Exception | None = None
+        self._gradients: dict[str, np.ndarray] = {}
+        self._updates: dict[str, np.ndarray] = {}
+        self._gradient_chunks = tensors.Assembler()
+        self._update_chunks = tensors.Assembler()
         super().__init__(start(self._requests(config, batches)))
 
     def _requests(
@@ -128,10 +137,18 @@ class TrainStream(ResponseStream[pb.TrainResponse, TrainStep]):
                 raise error from None
             raise
 
-    def _item(self, response: pb.TrainResponse) -> TrainStep:
-        return TrainStep(
-            step=response.step,
-            loss=response.loss,
-            gradients=decode_named(response.gradients),
-            updates=decode_named(response.updates),
-        )
+    def _item(self, response: pb.TrainResponse) -> TrainStep | None:
+        """Collects a step that arrives split over several messages (more_in_step) and chunked tensors."""
+        for named, chunks, into in (
+            (response.gradients, self._gradient_chunks, self._gradients),
+            (response.updates, self._update_chunks, self._updates),
+        ):
+            for item in named:
+                value = chunks.add(item.name, item.tensor)
+                if value is not None:
+                    into[item.name] = value
+        if response.more_in_step:
+            return None
+        step = TrainStep(step=response.step, loss=response.loss, gradients=self._gradients, updates=self._updates)
+        self._gradients, self._updates = {}, {}
+        return step

@@ -103,6 +103,14 @@ class Engine:
         live = self._live.get(graph_id)
         return self._summary(stored, stored.step if live is None else live.step)
 
+    def definition(self, graph_id: str, tenant: str = "") -> bytes:
+        """The graph as submitted: a serialized chainrule.v1.Graph."""
+        self._stored(graph_id, tenant)
+        definition = self.store.definition(graph_id)
+        if definition is None:
+            raise NotFound(f"graph '{graph_id}' not found", reason="GRAPH_NOT_FOUND", subject=graph_id)
+        return definition
+
     def list_graphs(self, page_size: int, page_token: str, tenant: str = "") -> tuple[list[GraphSummary], str]:
         if page_size < 0:
             raise InvalidArgument(f"page_size is {page_size}; it must not be negative", subject="page_size")
@@ -152,9 +160,7 @@ class Engine:
             live = self._live.get(graph_id)
             if live is None:
                 stored = self._stored(graph_id, tenant)
-                definition = self.store.definition(graph_id)
-                if definition is None:
-                    raise NotFound(f"graph '{graph_id}' not found", reason="GRAPH_NOT_FOUND", subject=graph_id)
+                definition = self.definition(graph_id, tenant)
                 plan = Plan(build_graph(graph_pb2.Graph.FromString(definition), self.limits))
                 saved = self.store.load_checkpoint(graph_id)
                 live = LiveGraph(stored, plan, saved.parameters, saved.optimizer_state, saved.step, saved.step)

@@ -17,6 +17,8 @@ from chainrule.server.engine import Engine, GraphSummary
 from chainrule.server.errors import ChainruleError, InvalidArgument
 from chainrule.server.plan import StopFlag
 from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from chainrule import tensors
 from chainrule.v1 import graph_pb2, graph_service_pb2_grpc, tensor_pb2
@@ -26,8 +28,19 @@ log = logging.getLogger("chainrule.server")
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
+ERROR_DOMAIN = "chainrule"
+
+
 def _abort(context: grpc.ServicerContext, error: ChainruleError) -> None:
-    context.abort(getattr(grpc.StatusCode, error.status), error.message)
+    """Abort with the message plus google.rpc details: ErrorInfo (reason) and BadRequest (culprit)."""
+    code = getattr(grpc.StatusCode, error.status)
+    status = status_pb2.Status(code=code.value[0], message=error.message)
+    metadata = {"subject": error.subject} if error.subject else {}
+    status.details.add().Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata))
+    if error.status == "INVALID_ARGUMENT" and error.subject:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=error.subject, description=error.message)
+        status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    context.abort_with_status(rpc_status.to_status(status))
 
 
 def unary(method: Handler) -> Handler:
@@ -119,6 +132,25 @@ def optimizer_from_proto(message: pb.Optimizer) -> optim.Optimizer:
     raise InvalidArgument("config.optimizer is unset; choose sgd or adam", reason="BAD_OPTIMIZER", subject="optimizer")
 
 
+def train_responses(
+    step: int, loss: float, gradients: Mapping[str, np.ndarray], updates: Mapping[str, np.ndarray]
+) -> Iterator[pb.TrainResponse]:
+    """One step's response, split into several with the same step when its tensors exceed a chunk."""
+    response = pb.TrainResponse(step=step, loss=loss)
+    room = tensors.CHUNK_BYTES
+    for field, values in (("gradients", gradients), ("updates", updates)):
+        for name, value in values.items():
+            for chunk in tensors.split(tensors.encode(value, name)):
+                if len(chunk.data) > room and room < tensors.CHUNK_BYTES:
+                    response.more_in_step = True
+                    yield response
+                    response = pb.TrainResponse(step=step, loss=loss)
+                    room = tensors.CHUNK_BYTES
+                getattr(response, field).add(name=name, tensor=chunk)
+                room -= len(chunk.data)
+    yield response
+
+
 class GraphService(graph_service_pb2_grpc.GraphServiceServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -131,7 +163,10 @@ class GraphService(graph_service_pb2_grpc.GraphServiceServicer):
 
     @unary
     def GetGraph(self, request: pb.GetGraphRequest, context: grpc.ServicerContext) -> pb.GetGraphResponse:
-        return pb.GetGraphResponse(graph=graph_info(self.engine.get_graph(request.graph_id)))
+        response = pb.GetGraphResponse(graph=graph_info(self.engine.get_graph(request.graph_id)))
+        if request.include_definition:
+            response.definition.ParseFromString(self.engine.definition(request.graph_id))
+        return response
 
     @unary
     def ListGraphs(self, request: pb.ListGraphsRequest, context: grpc.ServicerContext) -> pb.ListGraphsResponse:
@@ -164,11 +199,12 @@ class GraphService(graph_service_pb2_grpc.GraphServiceServicer):
         )
         first = True
         for name, gradient in gradients:
-            response = pb.BackwardResponse(name=name, gradient=tensors.encode(gradient, name))
-            if first:
-                response.loss.CopyFrom(tensors.encode(loss, request.loss))
-                first = False
-            yield response
+            for chunk in tensors.split(tensors.encode(gradient, name)):
+                response = pb.BackwardResponse(name=name, gradient=chunk)
+                if first:
+                    response.loss.CopyFrom(tensors.encode(loss, request.loss))
+                    first = False
+                yield response
 
     @streaming
     def Train(self, requests: Iterator[pb.TrainRequest], context: grpc.ServicerContext) -> Iterator[pb.TrainResponse]:
@@ -203,12 +239,12 @@ class GraphService(graph_service_pb2_grpc.GraphServiceServicer):
                     raise InvalidArgument(
                         f"batch {index}: {error.message}", reason=error.reason, subject=error.subject
                     ) from None
-                response = pb.TrainResponse(step=result.step, loss=result.loss)
-                if config.stream_gradients:
-                    response.gradients.extend(tensors.encode_named(result.gradients))
-                if config.stream_updates:
-                    response.updates.extend(tensors.encode_named(result.updates))
-                yield response
+                yield from train_responses(
+                    result.step,
+                    result.loss,
+                    result.gradients if config.stream_gradients else {},
+                    result.updates if config.stream_updates else {},
+                )
         finally:
             session.finish()
 

@@ -65,15 +65,19 @@ class GetGraphRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     GRAPH_ID_FIELD_NUMBER: _builtins.int
+    INCLUDE_DEFINITION_FIELD_NUMBER: _builtins.int
     graph_id: _builtins.str
+    include_definition: _builtins.bool
+    """Also return the graph as it was submitted (for drawing or copying it)."""
     def __init__(
         self,
         *,
         graph_id: _builtins.str = ...,
+        include_definition: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["graph_id", b"graph_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["graph_id", b"graph_id", "include_definition", b"include_definition"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -84,16 +88,22 @@ class GetGraphResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     GRAPH_FIELD_NUMBER: _builtins.int
+    DEFINITION_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def graph(self) -> _graph_pb2.GraphInfo: ...
+    @_builtins.property
+    def definition(self) -> _graph_pb2.Graph:
+        """Set when include_definition was true."""
+
     def __init__(
         self,
         *,
         graph: _graph_pb2.GraphInfo | None = ...,
+        definition: _graph_pb2.Graph | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["graph", b"graph"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "graph", b"graph"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["graph", b"graph"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "graph", b"graph"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -321,6 +331,10 @@ Global___BackwardRequest: _TypeAlias = BackwardRequest  # noqa: Y015
 
 @_typing.final
 class BackwardResponse(_message.Message):
+    """A gradient larger than 1 MiB arrives as several consecutive messages with the same name,
+    one chunk each (see Tensor).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
@@ -563,16 +577,24 @@ Global___Batch: _TypeAlias = Batch  # noqa: Y015
 
 @_typing.final
 class TrainResponse(_message.Message):
+    """One per batch, in order. When a step's tensors exceed 1 MiB, its response is split into
+    several consecutive messages with the same step and loss, every one but the last with
+    more_in_step set; a chunked tensor (see Tensor) continues, by name, in the next message.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     STEP_FIELD_NUMBER: _builtins.int
     LOSS_FIELD_NUMBER: _builtins.int
     GRADIENTS_FIELD_NUMBER: _builtins.int
     UPDATES_FIELD_NUMBER: _builtins.int
+    MORE_IN_STEP_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     """The graph's global step after this batch's update."""
     loss: _builtins.float
     """The loss of this batch, computed before the update."""
+    more_in_step: _builtins.bool
+    """The next message continues this step's gradients and updates."""
     @_builtins.property
     def gradients(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]: ...
     @_builtins.property
@@ -586,10 +608,11 @@ class TrainResponse(_message.Message):
         loss: _builtins.float = ...,
         gradients: _abc.Iterable[_tensor_pb2.NamedTensor] | None = ...,
         updates: _abc.Iterable[_tensor_pb2.NamedTensor] | None = ...,
+        more_in_step: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gradients", b"gradients", "loss", b"loss", "step", b"step", "updates", b"updates"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gradients", b"gradients", "loss", b"loss", "more_in_step", b"more_in_step", "step", b"step", "updates", b"updates"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63hainrule/v1/tensor.proto\x12\x0c\x63hainrule.v1\"L\n\x06Tensor\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.chainrule.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"A\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.chainrule.v1.Tensor*\x91\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x02\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x04\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63hainrule/v1/tensor.proto\x12\x0c\x63hainrule.v1\"w\n\x06Tensor\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.chainrule.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63hunk_offset\x18\x04 \x01(\x03\x12\x13\n\x0bmore_chunks\x18\x05 \x01(\x08\"A\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.chainrule.v1.Tensor*\x91\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x02\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x04\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chainrule.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=189
-  _globals['_DATATYPE']._serialized_end=334
+  _globals['_DATATYPE']._serialized_start=232
+  _globals['_DATATYPE']._serialized_end=377
   _globals['_TENSOR']._serialized_start=43
-  _globals['_TENSOR']._serialized_end=119
-  _globals['_NAMEDTENSOR']._serialized_start=121
-  _globals['_NAMEDTENSOR']._serialized_end=186
+  _globals['_TENSOR']._serialized_end=162
+  _globals['_NAMEDTENSOR']._serialized_start=164
+  _globals['_NAMEDTENSOR']._serialized_end=229
 # @@protoc_insertion_point(module_scope)

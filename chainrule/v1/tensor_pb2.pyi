@@ -47,6 +47,12 @@ Global___DataType: _TypeAlias = DataType  # noqa: Y015
 class Tensor(_message.Message):
     """A dense tensor: `data` holds product(shape) elements of `dtype`, little-endian,
     row-major (C order), with no padding. `shape = []` is a scalar (one element).
+
+    Chunks: in server-to-client streams, a tensor whose data exceeds 1 MiB is sent as several chunks
+    in consecutive messages, so every client works with gRPC's default 4 MiB receive limit. Each
+    chunk repeats dtype and shape; `data` holds the whole tensor's bytes from `chunk_offset` on;
+    `more_chunks` is true on every chunk but the last. A whole tensor has chunk_offset 0 and
+    more_chunks false, and tensors sent to the server must be whole.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -54,8 +60,12 @@ class Tensor(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     SHAPE_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    CHUNK_OFFSET_FIELD_NUMBER: _builtins.int
+    MORE_CHUNKS_FIELD_NUMBER: _builtins.int
     dtype: Global___DataType.ValueType
     data: _builtins.bytes
+    chunk_offset: _builtins.int
+    more_chunks: _builtins.bool
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
@@ -64,10 +74,12 @@ class Tensor(_message.Message):
         dtype: Global___DataType.ValueType = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
         data: _builtins.bytes = ...,
+        chunk_offset: _builtins.int = ...,
+        more_chunks: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dtype", b"dtype", "shape", b"shape"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_offset", b"chunk_offset", "data", b"data", "dtype", b"dtype", "more_chunks", b"more_chunks", "shape", b"shape"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
