@@ -68,7 +68,9 @@ def softmax_classifier(hidden: int, classes: int, rng: np.random.Generator) -> c
 def report(history: cr.History, every: int) -> None:
     for index in range(0, len(history), every):
         window = history.losses[index : index + every]
-        print(f"  steps {history.steps[index]:>5}-{history.steps[index] + len(window) - 1:<5} loss {np.mean(window):.4f}")
+        print(
+            f"  steps {history.steps[index]:>5}-{history.steps[index] + len(window) - 1:<5} loss {np.mean(window):.4f}"
+        )
 
 
 def train_seed(client: cr.Client, rng: np.random.Generator) -> float:
@@ -76,7 +78,12 @@ def train_seed(client: cr.Client, rng: np.random.Generator) -> float:
     info = client.create_graph(seed_network(8, rng))
     print("seed network (2-8-1, sigmoid hidden and output, binary cross-entropy) on two moons:")
     history = client.fit(
-        info.graph_id, {"x": x[:1000], "y_star": y[:1000]}, loss="loss", optimizer=cr.Adam(0.05), batch_size=50, epochs=40
+        info.graph_id,
+        {"x": x[:1000], "y_star": y[:1000]},
+        loss="loss",
+        optimizer=cr.Adam(0.05),
+        batch_size=50,
+        epochs=40,
     )
     report(history, 100)
     predicted = client.forward(info.graph_id, {"x": x[1000:]}, ["y"])["y"] > 0.5

@@ -9,12 +9,12 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
 from chainrule.server.engine import DEFAULT_CHECKPOINT_EVERY, Engine
 from chainrule.server.graph import Limits
 from chainrule.server.service import GraphService
 from chainrule.server.store import Store
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
 from chainrule.v1 import graph_service_pb2, graph_service_pb2_grpc
 
 log = logging.getLogger("chainrule.server")

@@ -15,12 +15,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from chainrule.server import optim
 from chainrule.server.errors import InvalidArgument, NotFound
 from chainrule.server.graph import Limits, build_graph
 from chainrule.server.plan import Plan, StopFlag
 from chainrule.server.store import Checkpoint, OptimizerState, Store, StoredGraph
-
 from chainrule.v1 import graph_pb2
 
 Array = np.ndarray

@@ -13,11 +13,11 @@ from typing import Any
 
 import networkx as nx
 import numpy as np
+
+from chainrule import tensors
 from chainrule.server.errors import InvalidArgument, ResourceExhausted
 from chainrule.server.ops import OPS, Attr
 from chainrule.server.shapes import ShapeError, TensorType
-
-from chainrule import tensors
 from chainrule.v1 import graph_pb2
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 import numpy as np
+
 from chainrule.server.errors import Cancelled, InvalidArgument
 from chainrule.server.ops import OPS
 from chainrule.server.shapes import TensorType, describe

@@ -12,15 +12,15 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-from chainrule.server import optim
-from chainrule.server.engine import Engine, GraphSummary
-from chainrule.server.errors import ChainruleError, InvalidArgument
-from chainrule.server.plan import StopFlag
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from chainrule import tensors
+from chainrule.server import optim
+from chainrule.server.engine import Engine, GraphSummary
+from chainrule.server.errors import ChainruleError, InvalidArgument
+from chainrule.server.plan import StopFlag
 from chainrule.v1 import graph_pb2, graph_service_pb2_grpc, tensor_pb2
 from chainrule.v1 import graph_service_pb2 as pb
 

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+
 from chainrule.server.errors import Unavailable
 
 SCHEMA = """

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 import networkx as nx
 import numpy as np
 import numpy.typing as npt
-from chainrule.server.graph import build_graph
-from chainrule.server.plan import Plan
 
 from chainrule import tensors
+from chainrule.server.graph import build_graph
+from chainrule.server.plan import Plan
 from chainrule.v1 import graph_pb2
 
 Array = np.ndarray

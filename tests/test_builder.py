@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import chainrule.client as cr
 import numpy as np
 import pytest
-from chainrule.server.graph import build_graph
 
+import chainrule.client as cr
 from chainrule import tensors
+from chainrule.server.graph import build_graph
 from chainrule.v1 import graph_pb2
 
 

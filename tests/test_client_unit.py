@@ -9,16 +9,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import chainrule.client as cr
 import grpc
 import numpy as np
 import pytest
-from chainrule.client.errors import from_rpc_error
-from chainrule.client.training import array_batches, plan_batches
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 
+import chainrule.client as cr
 from chainrule import tensors
+from chainrule.client.errors import from_rpc_error
+from chainrule.client.training import array_batches, plan_batches
 from chainrule.v1 import graph_pb2
 from chainrule.v1 import graph_service_pb2 as pb
 

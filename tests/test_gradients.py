@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+
 from chainrule.server.errors import Cancelled, InvalidArgument
 from chainrule.server.graph import build_graph
 from chainrule.server.ops import OPS
 from chainrule.server.plan import Plan, StopFlag
-
 from chainrule.v1 import graph_pb2
 from tests.gradcheck import (
     Array,

@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import pytest
+
 from chainrule.server.optim import Adam, Optimizer, Sgd, State, state_keys, step, validate
 
 STEPS = 5
