@@ -2,7 +2,9 @@
 
 A VJP takes the incoming gradient `g`, the op's output `ans` and the op's arguments, and
 returns the gradient with respect to one argument, already summed back to that argument's
-shape. The plan calls only the VJPs of arguments that need a gradient.
+shape. The plan calls only the VJPs of arguments that need a gradient. Each op also declares
+which values its VJPs read (`reads`); the others may reach a VJP as zero-strided stand-ins
+that keep only shape and dtype.
 
 Conventions at kinks follow PyTorch: `relu` and `abs` have gradient 0 at 0, and ties in
 `maximum`, `minimum` and `max` share the gradient equally.
@@ -53,6 +55,7 @@ class Op:
     forward: Forward | None
     vjps: tuple[Vjp, ...]
     infer: Infer | None
+    reads: tuple[frozenset[int], ...] = ()
     attrs: Mapping[str, Attr] = field(default_factory=dict)
 
     @property
@@ -63,8 +66,25 @@ class Op:
 OPS: dict[str, Op] = {}
 
 
-def defop(name: str, forward: Forward, *vjps: Vjp, infer: Infer, attrs: Mapping[str, Attr] | None = None) -> None:
-    OPS[name] = Op(name, len(vjps), forward, vjps, infer, attrs or {})
+ANS = -1
+"""In `Op.reads`, the position that stands for the op's own output."""
+
+
+def defop(
+    name: str,
+    forward: Forward,
+    *vjps: Vjp,
+    infer: Infer,
+    reads: Sequence[str],
+    attrs: Mapping[str, Attr] | None = None,
+) -> None:
+    """Register an op. `reads[i]` names the values the i-th VJP uses beyond their shapes
+    ("ans", "x", "y"), so the plan can release every other value as soon as the forward pass
+    is done with it."""
+    positions = {"ans": ANS, "x": 0, "y": 1}
+    read_sets = tuple(frozenset(positions[word] for word in spec.split()) for spec in reads)
+    assert len(read_sets) == len(vjps), name
+    OPS[name] = Op(name, len(vjps), forward, vjps, infer, read_sets, attrs or {})
 
 
 def unbroadcast(g: Array, shape: Shape) -> Array:
@@ -84,7 +104,7 @@ def unbroadcast(g: Array, shape: Shape) -> Array:
 # ---------------------------------------------------------------- sources
 SOURCE_ATTRS = {"input": {"dtype": Attr("s"), "shape": Attr("ints")}, "parameter": {}, "constant": {}}
 for _source, _attrs in SOURCE_ATTRS.items():
-    OPS[_source] = Op(_source, 0, None, (), None, _attrs)
+    OPS[_source] = Op(_source, 0, None, (), None, (), _attrs)
 
 
 # ---------------------------------------------------------------- binary elementwise
@@ -119,6 +139,7 @@ defop(
     lambda g, ans, x, y: unbroadcast(g, np.shape(x)),
     lambda g, ans, x, y: unbroadcast(g, np.shape(y)),
     infer=_binary_type,
+    reads=("", ""),
 )
 defop(
     "sub",
@@ -126,6 +147,7 @@ defop(
     lambda g, ans, x, y: unbroadcast(g, np.shape(x)),
     lambda g, ans, x, y: unbroadcast(-g, np.shape(y)),
     infer=_binary_type,
+    reads=("", ""),
 )
 defop(
     "mul",
@@ -133,6 +155,7 @@ defop(
     lambda g, ans, x, y: unbroadcast(g * y, np.shape(x)),
     lambda g, ans, x, y: unbroadcast(g * x, np.shape(y)),
     infer=_binary_type,
+    reads=("y", "x"),
 )
 defop(
     "div",
@@ -140,14 +163,16 @@ defop(
     lambda g, ans, x, y: unbroadcast(g / y, np.shape(x)),
     lambda g, ans, x, y: unbroadcast(-g * ans / y, np.shape(y)),
     infer=_float_binary_type,
+    reads=("y", "y ans"),
 )
-defop("pow", np.power, _pow_x, _pow_y, infer=_binary_type)
+defop("pow", np.power, _pow_x, _pow_y, infer=_binary_type, reads=("x y", "x y ans"))
 defop(
     "maximum",
     np.maximum,
     lambda g, ans, x, y: unbroadcast(_winner_share(g, x > y, x == y), np.shape(x)),
     lambda g, ans, x, y: unbroadcast(_winner_share(g, y > x, x == y), np.shape(y)),
     infer=_binary_type,
+    reads=("x y", "x y"),
 )
 defop(
     "minimum",
@@ -155,6 +180,7 @@ defop(
     lambda g, ans, x, y: unbroadcast(_winner_share(g, x < y, x == y), np.shape(x)),
     lambda g, ans, x, y: unbroadcast(_winner_share(g, y < x, x == y), np.shape(y)),
     infer=_binary_type,
+    reads=("x y", "x y"),
 )
 
 
@@ -180,17 +206,17 @@ def log_sigmoid(x: Array) -> Array:
     return -np.logaddexp(0.0, -x)
 
 
-defop("neg", np.negative, lambda g, ans, x: -g, infer=_same_type)
-defop("exp", np.exp, lambda g, ans, x: g * ans, infer=_float_type)
-defop("log", np.log, lambda g, ans, x: g / x, infer=_float_type)
-defop("sqrt", np.sqrt, lambda g, ans, x: g / (2 * ans), infer=_float_type)
-defop("abs", np.abs, lambda g, ans, x: g * np.sign(x), infer=_same_type)
-defop("square", np.square, lambda g, ans, x: g * 2 * x, infer=_same_type)
-defop("sigmoid", sigmoid, lambda g, ans, x: g * ans * (1 - ans), infer=_float_type)
-defop("tanh", np.tanh, lambda g, ans, x: g * (1 - ans * ans), infer=_float_type)
-defop("relu", lambda x: np.maximum(x, 0), lambda g, ans, x: g * (x > 0), infer=_same_type)
-defop("softplus", softplus, lambda g, ans, x: g * sigmoid(x), infer=_float_type)
-defop("log_sigmoid", log_sigmoid, lambda g, ans, x: g * sigmoid(-x), infer=_float_type)
+defop("neg", np.negative, lambda g, ans, x: -g, infer=_same_type, reads=("",))
+defop("exp", np.exp, lambda g, ans, x: g * ans, infer=_float_type, reads=("ans",))
+defop("log", np.log, lambda g, ans, x: g / x, infer=_float_type, reads=("x",))
+defop("sqrt", np.sqrt, lambda g, ans, x: g / (2 * ans), infer=_float_type, reads=("ans",))
+defop("abs", np.abs, lambda g, ans, x: g * np.sign(x), infer=_same_type, reads=("x",))
+defop("square", np.square, lambda g, ans, x: g * 2 * x, infer=_same_type, reads=("x",))
+defop("sigmoid", sigmoid, lambda g, ans, x: g * ans * (1 - ans), infer=_float_type, reads=("ans",))
+defop("tanh", np.tanh, lambda g, ans, x: g * (1 - ans * ans), infer=_float_type, reads=("ans",))
+defop("relu", lambda x: np.maximum(x, 0), lambda g, ans, x: g * (x > 0), infer=_same_type, reads=("x",))
+defop("softplus", softplus, lambda g, ans, x: g * sigmoid(x), infer=_float_type, reads=("x",))
+defop("log_sigmoid", log_sigmoid, lambda g, ans, x: g * sigmoid(-x), infer=_float_type, reads=("x",))
 
 
 # ---------------------------------------------------------------- matmul
@@ -220,7 +246,7 @@ def _matmul_type(a: TensorType, b: TensorType) -> TensorType:
     return TensorType(_joint_dtype(a, b), matmul_shape(a.shape, b.shape))
 
 
-defop("matmul", np.matmul, _matmul_a, _matmul_b, infer=_matmul_type)
+defop("matmul", np.matmul, _matmul_a, _matmul_b, infer=_matmul_type, reads=("y", "x"))
 
 
 # ---------------------------------------------------------------- reductions
@@ -288,10 +314,10 @@ def _float_reduce_type(x: TensorType, axes: Sequence[int] | None = None, keepdim
     return TensorType(float_result(x.dtype), reduce_shape(x.shape, axes, keepdims))
 
 
-defop("sum", reduce_sum, _sum_vjp, infer=_reduce_type, attrs=REDUCE_ATTRS)
-defop("mean", reduce_mean, _mean_vjp, infer=_float_reduce_type, attrs=REDUCE_ATTRS)
-defop("max", reduce_max, _max_vjp, infer=_reduce_type, attrs=REDUCE_ATTRS)
-defop("logsumexp", logsumexp, _logsumexp_vjp, infer=_float_reduce_type, attrs=REDUCE_ATTRS)
+defop("sum", reduce_sum, _sum_vjp, infer=_reduce_type, attrs=REDUCE_ATTRS, reads=("",))
+defop("mean", reduce_mean, _mean_vjp, infer=_float_reduce_type, attrs=REDUCE_ATTRS, reads=("",))
+defop("max", reduce_max, _max_vjp, infer=_reduce_type, attrs=REDUCE_ATTRS, reads=("x ans",))
+defop("logsumexp", logsumexp, _logsumexp_vjp, infer=_float_reduce_type, attrs=REDUCE_ATTRS, reads=("x ans",))
 
 
 # ---------------------------------------------------------------- shape ops
@@ -313,6 +339,7 @@ defop(
     lambda g, ans, x, shape: np.reshape(g, np.shape(x)),
     infer=lambda x, shape: TensorType(x.dtype, reshape_shape(x.shape, shape)),
     attrs={"shape": Attr("ints", required=True)},
+    reads=("",),
 )
 defop(
     "transpose",
@@ -320,6 +347,7 @@ defop(
     _transpose_vjp,
     infer=lambda x, perm=None: TensorType(x.dtype, transpose_shape(x.shape, perm)),
     attrs={"perm": Attr("ints")},
+    reads=("",),
 )
 
 
@@ -348,8 +376,8 @@ def _axis_type(x: TensorType, axis: int = -1) -> TensorType:
 
 
 AXIS_ATTRS = {"axis": Attr("i", default=-1)}
-defop("softmax", softmax, _softmax_vjp, infer=_axis_type, attrs=AXIS_ATTRS)
-defop("log_softmax", log_softmax, _log_softmax_vjp, infer=_axis_type, attrs=AXIS_ATTRS)
+defop("softmax", softmax, _softmax_vjp, infer=_axis_type, attrs=AXIS_ATTRS, reads=("ans",))
+defop("log_softmax", log_softmax, _log_softmax_vjp, infer=_axis_type, attrs=AXIS_ATTRS, reads=("ans",))
 
 
 def _rows(logits: Array) -> int:
@@ -400,5 +428,12 @@ def _scalar_loss_type(x: TensorType, y: TensorType) -> TensorType:
     return TensorType(_float_binary_type(x, y).dtype, ())
 
 
-defop("softmax_cross_entropy", softmax_cross_entropy, _sce_logits, _sce_labels, infer=_sce_type)
-defop("sigmoid_cross_entropy", sigmoid_cross_entropy, _bce_logits, _bce_targets, infer=_scalar_loss_type)
+defop("softmax_cross_entropy", softmax_cross_entropy, _sce_logits, _sce_labels, infer=_sce_type, reads=("x y", "x"))
+defop(
+    "sigmoid_cross_entropy",
+    sigmoid_cross_entropy,
+    _bce_logits,
+    _bce_targets,
+    infer=_scalar_loss_type,
+    reads=("x y", "x"),
+)
