@@ -4,11 +4,18 @@ Slots follow the graph's topological order, so the forward pass walks them upwar
 reverse pass downwards: when the reverse walk reaches a slot, every consumer of that slot has
 already sent its contribution, so the slot's gradient (the sum over all paths) is final.
 Contributions are summed out of place, so no gradient a VJP returned is ever modified.
+
+What a request runs depends only on its targets (fetches, or loss and wrt), so that part is
+worked out once per kind of request and cached as a `Schedule`: the slots to evaluate, the
+values to release once the forward pass is done with them, and the reverse steps with only
+the VJPs whose argument needs a gradient.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -16,10 +23,13 @@ import networkx as nx
 import numpy as np
 
 from chainrule.server.errors import Cancelled, InvalidArgument
-from chainrule.server.ops import OPS
+from chainrule.server.ops import ANS, OPS
 from chainrule.server.shapes import TensorType, describe
 
 Array = np.ndarray
+SCHEDULE_CACHE_SIZE = 64
+RELEASE_MIN_BYTES = 1 << 12
+"""Released values smaller than this are kept: a stand-in would cost more than it frees."""
 
 
 class StopFlag:
@@ -35,6 +45,7 @@ class Step:
     forward: Callable[..., Array]
     args: tuple[int, ...]
     vjps: tuple[Callable[..., Array], ...]
+    reads: tuple[frozenset[int], ...]
 
 
 @dataclass(frozen=True)
@@ -44,12 +55,31 @@ class Source:
     value: Array | None
 
 
+ForwardStep = tuple[int, Callable[..., Array], tuple[int, ...], tuple[int, ...]]
+"""(slot, forward function, argument slots, slots to release after it)."""
+ReverseStep = tuple[int, tuple[int, ...], tuple[tuple[Callable[..., Array], int], ...], bool]
+"""(slot, argument slots, (VJP, argument) pairs to call, whether the slot's gradient is streamed)."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    sources: tuple[int, ...]
+    forward: tuple[ForwardStep, ...]
+    reverse: tuple[ReverseStep, ...]
+
+
 def _bind(function: Callable[..., Array], attrs: Mapping[str, object]) -> Callable[..., Array]:
     return functools.partial(function, **attrs) if attrs else function
 
 
+def _stand_in(value: Array) -> Array:
+    """Shape and dtype of a released value, for VJPs that need no more of it, in one element."""
+    return np.broadcast_to(np.zeros((), dtype=value.dtype), value.shape)
+
+
 class Plan:
-    def __init__(self, graph: nx.DiGraph) -> None:
+    def __init__(self, graph: nx.DiGraph, release_min_bytes: int = RELEASE_MIN_BYTES) -> None:
+        self.release_min_bytes = release_min_bytes
         self.names: list[str] = list(graph.graph["order"])
         self.slot_of: dict[str, int] = {name: slot for slot, name in enumerate(self.names)}
         self.ops: list[str] = []
@@ -69,10 +99,13 @@ class Plan:
                     _bind(op.forward, attrs),
                     tuple(self.slot_of[a] for a in node["inputs"]),
                     tuple(_bind(vjp, attrs) for vjp in op.vjps),
+                    op.reads,
                 )
             )
         self.inputs = {self.names[s]: s for s, src in self.sources.items() if src.op == "input"}
         self.parameters = {self.names[s]: s for s, src in self.sources.items() if src.op == "parameter"}
+        self._schedules: OrderedDict[tuple, Schedule] = OrderedDict()
+        self._schedules_lock = threading.Lock()
 
     # ------------------------------------------------------------ lookups
     def slot(self, name: str, role: str) -> int:
@@ -94,6 +127,71 @@ class Plan:
                         stack.append(argument)
         return sorted(seen)
 
+    # ------------------------------------------------------------ schedules
+    def _schedule(self, key: tuple, build: Callable[[], Schedule]) -> Schedule:
+        with self._schedules_lock:
+            schedule = self._schedules.get(key)
+            if schedule is not None:
+                self._schedules.move_to_end(key)
+                return schedule
+        schedule = build()
+        with self._schedules_lock:
+            self._schedules[key] = schedule
+            if len(self._schedules) > SCHEDULE_CACHE_SIZE:
+                self._schedules.popitem(last=False)
+        return schedule
+
+    def _forward_schedule(self, order: list[int], keep: set[int], reverse: tuple[ReverseStep, ...]) -> Schedule:
+        """Release each computed value that is not kept right after its last consumer has run."""
+        last_consumer: dict[int, int] = {}
+        for slot in order:
+            step = self.steps[slot]
+            if step is not None:
+                for argument in step.args:
+                    last_consumer[argument] = slot
+        releases: dict[int, list[int]] = {}
+        for value, consumer in last_consumer.items():
+            if value not in keep and self.steps[value] is not None:
+                releases.setdefault(consumer, []).append(value)
+        forward = []
+        for slot in order:
+            step = self.steps[slot]
+            if step is not None:
+                forward.append((slot, step.forward, step.args, tuple(releases.get(slot, ()))))
+        sources = tuple(slot for slot in order if self.steps[slot] is None)
+        return Schedule(sources, tuple(forward), reverse)
+
+    def _backward_schedule(self, loss: int, wrt: tuple[int, ...]) -> Schedule:
+        order = self.needed([loss, *wrt])
+        requires_grad = [False] * len(self.names)
+        for slot in wrt:
+            requires_grad[slot] = True
+        for slot in order:
+            step = self.steps[slot]
+            if step is not None and not requires_grad[slot] and any(requires_grad[a] for a in step.args):
+                requires_grad[slot] = True
+        feeds_loss = set(self.needed([loss]))
+        wanted = set(wrt)
+        lowest_wanted = min(wanted)
+        keep = {loss, *wrt}
+        reverse: list[ReverseStep] = []
+        for slot in reversed(order):
+            if slot < lowest_wanted:
+                break
+            if not requires_grad[slot]:
+                continue
+            step = self.steps[slot]
+            pairs: list[tuple[Callable[..., Array], int]] = []
+            if step is not None and slot in feeds_loss:
+                for position, (vjp, argument) in enumerate(zip(step.vjps, step.args, strict=True)):
+                    if requires_grad[argument]:
+                        pairs.append((vjp, argument))
+                        for read in step.reads[position]:
+                            keep.add(slot if read == ANS else step.args[read])
+            arguments = step.args if step is not None else ()
+            reverse.append((slot, arguments, tuple(pairs), slot in wanted))
+        return self._forward_schedule(order, keep, tuple(reverse))
+
     # ------------------------------------------------------------ passes
     def forward(
         self,
@@ -102,9 +200,12 @@ class Plan:
         fetches: Sequence[str],
         stop: StopFlag | None = None,
     ) -> list[Array]:
-        slots = [self.slot(name, "fetch") for name in fetches]
-        values = self._evaluate(self.needed(slots), feeds, parameters, stop)
-        return [values[slot] for slot in slots]
+        slots = tuple(self.slot(name, "fetch") for name in fetches)
+        schedule = self._schedule(
+            ("forward", slots), lambda: self._forward_schedule(self.needed(slots), set(slots), ())
+        )
+        values = self._evaluate(schedule, feeds, parameters, stop)
+        return [values[slot] for slot in slots]  # type: ignore[misc]
 
     def backward(
         self,
@@ -121,22 +222,28 @@ class Plan:
         each as soon as it is final, releasing values and gradients it no longer needs.
         """
         loss_slot = self.slot(loss, "loss")
-        wrt_slots = [self.slot(name, "wrt") for name in wrt]
+        wrt_slots = tuple(self.slot(name, "wrt") for name in wrt)
+        if not wrt_slots:
+            raise InvalidArgument("wrt is empty and the graph has no parameters", reason="EMPTY_WRT", subject="wrt")
         if len(set(wrt_slots)) != len(wrt_slots):
             repeated = next(name for name in wrt if list(wrt).count(name) > 1)
             raise InvalidArgument(f"wrt names '{repeated}' more than once", reason="DUPLICATE_WRT", subject=repeated)
-        order = self.needed([loss_slot, *wrt_slots])
-        values = self._evaluate(order, feeds, parameters, stop)
+        schedule = self._schedule(
+            ("backward", loss_slot, wrt_slots), lambda: self._backward_schedule(loss_slot, wrt_slots)
+        )
+        values = self._evaluate(schedule, feeds, parameters, stop)
         for slot in wrt_slots:
-            if not np.issubdtype(np.asarray(values[slot]).dtype, np.floating):
+            dtype = np.asarray(values[slot]).dtype
+            if not np.issubdtype(dtype, np.floating):
                 name = self.names[slot]
                 raise InvalidArgument(
-                    f"wrt '{name}' has dtype {np.asarray(values[slot]).dtype}; gradients exist for float nodes only",
+                    f"wrt '{name}' has dtype {dtype}; gradients exist for float nodes only",
                     reason="NOT_DIFFERENTIABLE",
                     subject=name,
                 )
-        seed = self._seed(loss, np.asarray(values[loss_slot]), loss_grad)
-        return values[loss_slot], self._reverse(order, values, loss_slot, seed, wrt_slots, stop)
+        loss_value = np.asarray(values[loss_slot])
+        seed = self._seed(loss, loss_value, loss_grad)
+        return loss_value, self._reverse(schedule, values, loss_slot, seed, stop)
 
     def _seed(self, loss: str, value: Array, loss_grad: Array | None) -> Array:
         if not np.issubdtype(value.dtype, np.floating):
@@ -162,22 +269,30 @@ class Plan:
         return loss_grad.astype(value.dtype, copy=False)
 
     def _evaluate(
-        self, order: list[int], feeds: Mapping[str, Array], parameters: Mapping[str, Array], stop: StopFlag | None
+        self, schedule: Schedule, feeds: Mapping[str, Array], parameters: Mapping[str, Array], stop: StopFlag | None
     ) -> list[Array | None]:
         values: list[Array | None] = [None] * len(self.names)
-        steps = self.steps
-        with np.errstate(all="ignore"):
-            for slot in order:
-                if stop is not None and stop.stopped:
-                    raise Cancelled("the request was cancelled", reason="CANCELLED")
-                step = steps[slot]
-                if step is None:
-                    values[slot] = self._source_value(slot, feeds, parameters)
-                    continue
-                try:
-                    values[slot] = step.forward(*[values[argument] for argument in step.args])
-                except (ValueError, TypeError, IndexError, np.exceptions.AxisError) as error:
-                    raise self._node_error(slot, error) from None
+        for slot in schedule.sources:
+            values[slot] = self._source_value(slot, feeds, parameters)
+        release_min_bytes = self.release_min_bytes
+        slot = -1
+        try:
+            with np.errstate(all="ignore"):
+                for slot, function, arguments, releases in schedule.forward:
+                    if stop is not None and stop.stopped:
+                        raise Cancelled("the request was cancelled", reason="CANCELLED")
+                    if len(arguments) == 1:
+                        values[slot] = function(values[arguments[0]])
+                    elif len(arguments) == 2:
+                        values[slot] = function(values[arguments[0]], values[arguments[1]])
+                    else:
+                        values[slot] = function(*[values[argument] for argument in arguments])
+                    for released in releases:
+                        value = values[released]
+                        if value.nbytes >= release_min_bytes:  # type: ignore[union-attr]
+                            values[released] = _stand_in(value)  # type: ignore[arg-type]
+        except (ValueError, TypeError, IndexError, np.exceptions.AxisError) as error:
+            raise self._node_error(slot, error) from None
         return values
 
     def _source_value(self, slot: int, feeds: Mapping[str, Array], parameters: Mapping[str, Array]) -> Array:
@@ -223,52 +338,31 @@ class Plan:
         return InvalidArgument(f"node '{name}' ({self.ops[slot]}): {error}", reason="SHAPE_MISMATCH", subject=name)
 
     def _reverse(
-        self,
-        order: list[int],
-        values: list[Array | None],
-        loss_slot: int,
-        seed: Array,
-        wrt_slots: list[int],
-        stop: StopFlag | None,
+        self, schedule: Schedule, values: list[Array | None], loss_slot: int, seed: Array, stop: StopFlag | None
     ) -> Iterator[tuple[str, Array]]:
-        requires_grad = self._requires_grad(order, wrt_slots)
         grads: list[Array | None] = [None] * len(self.names)
         grads[loss_slot] = seed
-        wanted = set(wrt_slots)
-        steps = self.steps
+        names = self.names
         with np.errstate(all="ignore"):
-            for slot in reversed(order):
-                if not wanted:
-                    return
+            for slot, arguments, pairs, streamed in schedule.reverse:
                 if stop is not None and stop.stopped:
                     raise Cancelled("the request was cancelled", reason="CANCELLED")
                 grad = grads[slot]
                 ans = values[slot]
-                if slot in wanted:
-                    wanted.discard(slot)
-                    yield self.names[slot], np.zeros_like(ans) if grad is None else grad
-                step = steps[slot]
-                if grad is not None and step is not None:
-                    arguments = [values[argument] for argument in step.args]
-                    for vjp, argument in zip(step.vjps, step.args, strict=True):
-                        if not requires_grad[argument]:
-                            continue
-                        contribution = vjp(grad, ans, *arguments)
-                        target = values[argument]
-                        if contribution.dtype != target.dtype:  # type: ignore[union-attr]
-                            contribution = contribution.astype(target.dtype)  # type: ignore[union-attr]
+                if streamed:
+                    yield names[slot], np.zeros(np.shape(ans), np.asarray(ans).dtype) if grad is None else grad
+                if grad is not None and pairs:
+                    for vjp, argument in pairs:
+                        if len(arguments) == 1:
+                            contribution = vjp(grad, ans, values[arguments[0]])
+                        elif len(arguments) == 2:
+                            contribution = vjp(grad, ans, values[arguments[0]], values[arguments[1]])
+                        else:
+                            contribution = vjp(grad, ans, *[values[argument] for argument in arguments])
+                        dtype = values[argument].dtype  # type: ignore[union-attr]
+                        if contribution.dtype != dtype:
+                            contribution = contribution.astype(dtype)
                         previous = grads[argument]
                         grads[argument] = contribution if previous is None else previous + contribution
                 grads[slot] = None
                 values[slot] = None
-
-    def _requires_grad(self, order: list[int], wrt_slots: list[int]) -> list[bool]:
-        """A slot needs a gradient when it is a wrt node or depends on one through float values."""
-        requires = [False] * len(self.names)
-        for slot in wrt_slots:
-            requires[slot] = True
-        for slot in order:
-            step = self.steps[slot]
-            if step is not None and not requires[slot] and any(requires[a] for a in step.args):
-                requires[slot] = True
-        return requires

@@ -107,7 +107,9 @@ def run_backward(
 ) -> Backward:
     parameters = dict(parameters or {})
     graph = build_graph(make_graph(nodes))
-    plan = Plan(graph)
+    # Release every value the reverse pass does not read, however small, so that a wrong
+    # `reads` declaration in the op registry shows up as a wrong gradient here.
+    plan = Plan(graph, release_min_bytes=0)
     if check_types:
         _check_static_types(graph, plan, feeds, parameters)
 

@@ -758,3 +758,21 @@ def test_lecture_two_layer_sigmoid_network() -> None:
     np.testing.assert_allclose(result.loss, target * np.log(y) + (1 - target) * np.log(1 - y), rtol=1e-12)
     for name, grad in expected.items():
         np.testing.assert_allclose(result.grads[name], grad, rtol=1e-10, atol=1e-14, err_msg=name)
+
+
+@pytest.mark.parametrize("case", OP_CASES, ids=lambda case: case.id)
+def test_op_gradient_with_released_intermediates(case: OpCase) -> None:
+    """Each operand and the output computed, not fed, so the plan releases whatever the op's
+    declared `reads` leave out; a VJP that reads a released value then gives a wrong gradient."""
+    feeds = case.feeds()
+    operands = [f"a{i}" for i in range(len(feeds))]
+    nodes = [
+        *declared_inputs(feeds),
+        constant("zero", np.zeros(())),
+        *(node(operand, "add", name, "zero") for operand, name in zip(operands, feeds, strict=True)),
+        node("out", case.op, *operands, **case.attrs),
+        constant("weights", case.cotangent()),
+        node("weighted", "mul", "out", "weights"),
+        node("loss", "sum", "weighted"),
+    ]
+    check_grads(nodes, feeds, loss="loss", wrt=list(feeds))
