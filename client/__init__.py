@@ -10,6 +10,8 @@ loss = cr.sigmoid_cross_entropy(x @ w + b, y).named("loss")
 with cr.Client("127.0.0.1:50051") as client:
     graph = client.create_graph(g)
     history = client.fit(graph.graph_id, {"x": xs, "y": ys}, loss="loss", optimizer=cr.Adam(0.1), batch_size=32)
+    history.plot("loss.png")  # needs matplotlib
+    svg = client.render(graph.graph_id, {"x": xs, "y": ys}, loss="loss")  # needs Graphviz's dot
 """
 
 from chainrule.tensors import decode, encode
@@ -49,6 +51,7 @@ from .builder import (
 )
 from .client import Client, GraphInfo
 from .errors import ChainruleError, Violation
+from .render import RenderError, render_png, render_svg, to_dot
 from .streams import GradientStream, TrainStream
 from .training import Adam, History, Optimizer, Sgd, TrainStep
 
@@ -62,6 +65,7 @@ __all__ = [
     "History",
     "Node",
     "Optimizer",
+    "RenderError",
     "Sgd",
     "TrainStep",
     "TrainStream",
@@ -85,6 +89,8 @@ __all__ = [
     "neg",
     "pow",
     "relu",
+    "render_png",
+    "render_svg",
     "reshape",
     "sigmoid",
     "sigmoid_cross_entropy",
@@ -96,5 +102,6 @@ __all__ = [
     "sub",
     "sum",
     "tanh",
+    "to_dot",
     "transpose",
 ]

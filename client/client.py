@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Self, Unpack
+from typing import Any, Literal, Self, Unpack
 
 import grpc
 import numpy as np
@@ -20,6 +20,7 @@ from chainrule.v1 import graph_service_pb2 as pb
 
 from .builder import GraphBuilder
 from .errors import rpc_errors
+from .render import computable_nodes, gradient_nodes, render_svg, to_dot
 from .streams import GradientStream, TrainStream, decode_named, encode_feeds
 from .training import Batch, History, Optimizer, TrainOptions, plan_batches
 
@@ -36,9 +37,11 @@ class GraphInfo:
     step: int
     node_count: int
     create_time: datetime | None
+    definition: graph_pb2.Graph | None = None
+    """The graph as submitted; only `get_graph(..., include_definition=True)` fetches it."""
 
     @classmethod
-    def from_proto(cls, message: graph_pb2.GraphInfo) -> GraphInfo:
+    def from_proto(cls, message: graph_pb2.GraphInfo, definition: graph_pb2.Graph | None = None) -> GraphInfo:
         return cls(
             graph_id=message.graph_id,
             name=message.name,
@@ -48,6 +51,7 @@ class GraphInfo:
             step=message.step,
             node_count=message.node_count,
             create_time=message.create_time.ToDatetime(UTC) if message.HasField("create_time") else None,
+            definition=definition,
         )
 
 
@@ -89,10 +93,12 @@ class Client:
             response = self._stub.CreateGraph(pb.CreateGraphRequest(graph=message), timeout=self.timeout)
         return GraphInfo.from_proto(response.graph)
 
-    def get_graph(self, graph_id: str) -> GraphInfo:
+    def get_graph(self, graph_id: str, *, include_definition: bool = False) -> GraphInfo:
+        """`include_definition` also fetches the submitted Graph (GraphInfo.definition), e.g. to draw it."""
+        request = pb.GetGraphRequest(graph_id=graph_id, include_definition=include_definition)
         with rpc_errors():
-            response = self._stub.GetGraph(pb.GetGraphRequest(graph_id=graph_id), timeout=self.timeout)
-        return GraphInfo.from_proto(response.graph)
+            response = self._stub.GetGraph(request, timeout=self.timeout)
+        return GraphInfo.from_proto(response.graph, response.definition if include_definition else None)
 
     def list_graphs(self, page_size: int = 100) -> list[GraphInfo]:
         """Every stored graph, oldest first; `page_size` only sets how many come per round trip."""
@@ -162,6 +168,39 @@ class Client:
             # The server sends the loss with the first gradient, so with no wrt nodes there is none.
             raise ValueError(f"graph {graph_id} has no parameters to differentiate '{loss}' by; name them in wrt")
         return stream.loss, gradients
+
+    # ------------------------------------------------------------ pictures
+    def render(
+        self,
+        graph_id: str,
+        feeds: Mapping[str, npt.ArrayLike] | None = None,
+        loss: str | None = None,
+        format: Literal["svg", "dot"] = "svg",
+    ) -> str:
+        """The graph drawn left to right as SVG text (for a notebook: IPython.display.SVG) or as DOT.
+
+        With `feeds` (or a `loss`), each node also shows its forward value: every node that the
+        feeds and the graph determine is fetched, so a partly fed graph draws what it can. With
+        `loss`, every float node the loss depends on also shows d(loss)/d(node). SVG needs
+        Graphviz's `dot` program installed; DOT needs nothing. All values come back in one
+        Forward response, within the channel's receive limit (4 MiB by default).
+        """
+        if format not in ("svg", "dot"):
+            raise ValueError(f"format must be 'svg' or 'dot', got {format!r}")
+        info = self.get_graph(graph_id, include_definition=True)
+        definition = info.definition
+        assert definition is not None  # include_definition=True always sets it
+        values: dict[str, np.ndarray] | None = None
+        gradients: dict[str, np.ndarray] | None = None
+        if feeds is not None or loss is not None:
+            fed = feeds or {}
+            fetches = computable_nodes(definition, info.topological_order, fed)
+            values = self.forward(graph_id, fed, fetches) if fetches else {}
+            if loss is not None:
+                wrt = gradient_nodes(definition, info.topological_order, loss, values)
+                _, gradients = self.gradients(graph_id, fed, loss, wrt)
+        dot = to_dot(definition, values, gradients, loss=loss)
+        return dot if format == "dot" else render_svg(dot)
 
     # ------------------------------------------------------------ parameters
     def get_parameters(self, graph_id: str, names: Sequence[str] = ()) -> dict[str, np.ndarray]:

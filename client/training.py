@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypedDict
 
 import numpy as np
@@ -108,6 +111,54 @@ class History:
         self.steps.append(step.step)
         self.losses.append(step.loss)
         self.last = step
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write steps and losses as JSON (`last`, with its tensors, is not kept), e.g. for `chainrule plot-history`.
+
+        A diverged run's NaN or infinite losses are written as JSON's NaN/Infinity extension,
+        which `load` (Python's json) reads back.
+        """
+        Path(path).write_text(json.dumps({"steps": self.steps, "losses": self.losses}) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> History:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(document, dict) or not {"steps", "losses"} <= document.keys():
+            raise ValueError(f"{path}: not a saved History (a JSON object with 'steps' and 'losses')")
+        steps, losses = document["steps"], document["losses"]
+        if not isinstance(steps, list) or not isinstance(losses, list) or len(steps) != len(losses):
+            raise ValueError(f"{path}: 'steps' and 'losses' must be lists of the same length")
+        return cls(steps=[int(step) for step in steps], losses=[float(loss) for loss in losses])
+
+    def plot(self, path: str | os.PathLike[str], *, title: str = "training loss") -> None:
+        """Save a PNG of loss against step.
+
+        matplotlib is imported here, not with the module, so training needs no plotting
+        library; the figure is drawn on its own Agg canvas, leaving pyplot's global backend
+        (a notebook's, say) alone. The loss axis is logarithmic when the losses are positive
+        and span more than two decades, where a linear axis would flatten all but the start.
+        """
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+            from matplotlib.ticker import MaxNLocator
+        except ImportError:
+            raise ImportError("History.plot needs matplotlib: pip install matplotlib", name="matplotlib") from None
+        if not self.steps:
+            raise ValueError("the history has no steps to plot")
+        figure = Figure(figsize=(6.4, 4.0), layout="constrained")
+        FigureCanvasAgg(figure)
+        axes = figure.add_subplot()
+        axes.plot(self.steps, self.losses, color="#c0392b", linewidth=1.2)
+        finite = [loss for loss in self.losses if math.isfinite(loss)]
+        if finite and min(finite) > 0 and max(finite) > 100 * min(finite):
+            axes.set_yscale("log")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_xlabel("step")
+        axes.set_ylabel("loss")
+        axes.set_title(title)
+        axes.grid(True, alpha=0.3)
+        figure.savefig(path, format="png", dpi=120)
 
 
 def plan_batches(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
+from chainrule.client.commands import add_client_commands, default_address
 from chainrule.server.app import RunningServer, ServerOptions
 
 
@@ -45,10 +45,6 @@ def health(args: argparse.Namespace) -> int:
     return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
-def default_address() -> str:
-    return os.environ.get("CHAINRULE_ADDRESS", "127.0.0.1:50051")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chainrule", description="Run and differentiate dataflow graphs over gRPC.")
     parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
@@ -83,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     health_parser.add_argument("--service", default="", help="service name to ask about (default: the whole server)")
     health_parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default: %(default)s)")
     health_parser.set_defaults(run=health)
+    add_client_commands(commands)
     return parser
 
 

@@ -1,0 +1,178 @@
+"""The `chainrule` subcommands that talk to a running server, and `plot-history`, which reads a saved History.
+
+They are registered on the server's command line by `add_client_commands`, so one `chainrule`
+program does both jobs. A failure prints one line, `chainrule: CODE: message` for an RPC and
+`chainrule: message` otherwise, and exits 1: people at a terminal and scripts alike want the
+reason, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from chainrule import tensors
+
+from .client import Client
+from .errors import ChainruleError
+from .render import RenderError, format_attrs, format_tensor, render_png, render_svg
+from .training import History
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+RENDER_SUFFIXES = (".svg", ".png", ".dot")
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def default_address() -> str:
+    return os.environ.get("CHAINRULE_ADDRESS", DEFAULT_ADDRESS)
+
+
+def connect(args: argparse.Namespace) -> Client:
+    """The client of a command's connection options: the one place a channel is made, so new options go here."""
+    return Client(args.address, timeout=args.timeout)
+
+
+def add_client_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add graphs, show, render and plot-history to the `chainrule` parser's subcommands."""
+    connection = argparse.ArgumentParser(add_help=False)
+    connection.add_argument(
+        "--address", default=default_address(), help="server HOST:PORT (default: $CHAINRULE_ADDRESS or %(default)s)"
+    )
+    connection.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds each call may take (default: %(default)s)"
+    )
+
+    graphs = subparsers.add_parser("graphs", parents=[connection], help="list the server's graphs, oldest first")
+    graphs.set_defaults(run=_reported(list_graphs))
+
+    show = subparsers.add_parser(
+        "show", parents=[connection], help="print a graph's nodes, parameters and optimizer step"
+    )
+    show.add_argument("graph_id")
+    show.set_defaults(run=_reported(show_graph))
+
+    render = subparsers.add_parser(
+        "render",
+        parents=[connection],
+        help="draw a graph left to right, with values and gradients when fed",
+        description="Draw a graph as SVG, PNG (both need Graphviz's dot) or DOT, picked by the output's suffix.",
+    )
+    render.add_argument("graph_id")
+    render.add_argument("--feeds", type=Path, help="an .npz archive (numpy.savez) of one array per input to feed")
+    render.add_argument("--loss", help="also draw every node's gradient of this scalar node")
+    render.add_argument("-o", "--output", type=Path, required=True, help="the file to write: .svg, .png or .dot")
+    render.set_defaults(run=_reported(render_graph))
+
+    plot = subparsers.add_parser("plot-history", help="plot a History saved with History.save as a PNG")
+    plot.add_argument("history", type=Path, help="the History's JSON file")
+    plot.add_argument("-o", "--output", type=Path, required=True, help="the PNG file to write")
+    plot.add_argument("--title", default="training loss", help="the plot's title (default: %(default)s)")
+    plot.set_defaults(run=_reported(plot_history))
+
+
+def list_graphs(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        graphs = client.list_graphs()
+    rows = [["GRAPH_ID", "NAME", "NODES", "STEP", "CREATED"]]
+    rows += [
+        [info.graph_id, info.name or "-", str(info.node_count), str(info.step), _timestamp(info.create_time)]
+        for info in graphs
+    ]
+    print(_table(rows))
+    return 0
+
+
+def show_graph(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        info = client.get_graph(args.graph_id, include_definition=True)
+        parameters, step = client.get_parameters_with_step(args.graph_id)
+    assert info.definition is not None  # include_definition=True always sets it
+    nodes = {node.name: node for node in info.definition.nodes}
+    print(f"graph {info.graph_id}  {info.name or '-'}")
+    print(f"step {step}, {info.node_count} nodes, created {_timestamp(info.create_time)}")
+    print("\nnodes (topological order):")
+    rows = []
+    for name in info.topological_order:
+        node = nodes[name]
+        call = f"{node.op}({', '.join(node.inputs)})" if node.inputs else node.op
+        if node.op == "constant":
+            value = tensors.decode(node.value, name)
+            detail = f"{tensors.dtype_name(value.dtype)} {list(value.shape)} = {format_tensor(value)}"
+        else:
+            detail = format_attrs(node)
+        rows.append([name, call, detail])
+    print(_table(rows, indent=2))
+    print("\nparameters:")
+    rows = [
+        [name, tensors.dtype_name(value.dtype), str(list(value.shape)), format_tensor(value)]
+        for name, value in parameters.items()
+    ]
+    print(_table(rows, indent=2) if rows else "  (none)")
+    return 0
+
+
+def render_graph(args: argparse.Namespace) -> int:
+    output: Path = args.output
+    suffix = output.suffix.lower()
+    if suffix not in RENDER_SUFFIXES:
+        raise ValueError(f"{output}: the output's suffix picks the format; use one of {', '.join(RENDER_SUFFIXES)}")
+    feeds = None if args.feeds is None else _load_feeds(args.feeds)
+    with connect(args) as client:
+        dot = client.render(args.graph_id, feeds, args.loss, format="dot")
+    if suffix == ".dot":
+        output.write_text(dot, encoding="utf-8")
+    elif suffix == ".svg":
+        output.write_text(render_svg(dot), encoding="utf-8")
+    else:
+        output.write_bytes(render_png(dot))
+    print(f"wrote {output}")
+    return 0
+
+
+def plot_history(args: argparse.Namespace) -> int:
+    History.load(args.history).plot(args.output, title=args.title)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _reported(command: Command) -> Command:
+    """Turn the failures a user can cause or fix (RPC errors, files, missing tools) into one line on stderr."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except (ChainruleError, OSError, ValueError, RenderError, ImportError) as error:
+            print(f"chainrule: {error}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def _load_feeds(path: Path) -> dict[str, np.ndarray]:
+    loaded = np.load(path, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: --feeds takes an .npz archive (numpy.savez) with one array per input")
+    with loaded:
+        return {name: loaded[name] for name in loaded.files}
+
+
+def _timestamp(moment: datetime | None) -> str:
+    return "-" if moment is None else moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _table(rows: Sequence[Sequence[str]], indent: int = 0) -> str:
+    widths = [max(len(row[column]) for row in rows if column < len(row)) for column in range(max(map(len, rows)))]
+    lines = [
+        " " * indent + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip()
+        for row in rows
+    ]
+    return "\n".join(lines)

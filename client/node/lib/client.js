@@ -1,0 +1,317 @@
+'use strict';
+// A promise-based client for chainrule.v1.GraphService, loading the repository's protos at run time.
+
+const path = require('node:path');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+const tensors = require('./tensors');
+const { wrapError } = require('./errors');
+
+/** The repository's proto/ directory: the include root of chainrule/v1/*.proto. */
+const PROTO_DIR = path.resolve(__dirname, '..', '..', '..', 'proto');
+const LOADER_OPTIONS = {
+  keepCase: true,
+  longs: String,
+  enums: String,
+  defaults: true,
+  oneofs: true,
+  // google/protobuf/timestamp.proto is not in proto/: proto-loader supplies the well-known types.
+  includeDirs: [PROTO_DIR],
+};
+
+let cachedPackage = null;
+
+/** The loaded chainrule.v1 package (message types and the GraphService constructor). */
+function loadPackage() {
+  if (cachedPackage === null) {
+    const definition = protoLoader.loadSync('chainrule/v1/graph_service.proto', LOADER_OPTIONS);
+    cachedPackage = grpc.loadPackageDefinition(definition).chainrule.v1;
+  }
+  return cachedPackage;
+}
+
+function callOptions(deadlineMs) {
+  return deadlineMs ? { deadline: new Date(Date.now() + deadlineMs) } : {};
+}
+
+function graphInfo(info) {
+  if (!info) return info;
+  return { ...info, step: Number(info.step), node_count: Number(info.node_count) };
+}
+
+/**
+ * Follows a response stream to its end: `onData(message)` for each message, then once
+ * `onDone(error)` with null on success or the grpc-js error. grpc-js emits 'error' (or an OK
+ * 'status') when the trailers arrive but may still hold messages for 'data' until 'end', so the
+ * outcome is only reported once both 'end' and the status have come: a failing stream's
+ * messages before the failure are all delivered first.
+ */
+function followStream(call, onData, onDone) {
+  let ended = false;
+  let status = null;
+  let error = null;
+  let reported = false;
+  const report = () => {
+    if (reported || !ended || (status === null && error === null)) return;
+    reported = true;
+    if (error === null && status.code !== grpc.status.OK) {
+      error = Object.assign(new Error(`${status.code} ${status.details}`), status);
+    }
+    onDone(error);
+  };
+  call.on('data', onData);
+  call.on('error', (e) => {
+    error = e;
+    report();
+  });
+  call.on('status', (s) => {
+    status = s;
+    report();
+  });
+  call.on('end', () => {
+    ended = true;
+    report();
+  });
+}
+
+/** Resolves when `emitter` emits `event`, or when `stop` resolves first. */
+function onceOr(emitter, event, stop) {
+  return new Promise((resolve) => {
+    const done = () => {
+      emitter.removeListener(event, done);
+      resolve();
+    };
+    emitter.once(event, done);
+    stop.then(done, done);
+  });
+}
+
+class Client {
+  /**
+   * address: "host:port". options: {credentials (default insecure), deadlineMs (per call,
+   * default none), channelOptions (grpc-js channel options)}.
+   */
+  constructor(address, { credentials, deadlineMs, channelOptions } = {}) {
+    if (!address) throw new Error('Client needs an address such as "127.0.0.1:50051"');
+    const { GraphService } = loadPackage();
+    this.address = address;
+    this.deadlineMs = deadlineMs;
+    this.stub = new GraphService(address, credentials || grpc.credentials.createInsecure(), channelOptions || {});
+  }
+
+  close() {
+    this.stub.close();
+  }
+
+  /** Resolves once the channel is connected; rejects after timeoutMs. */
+  waitForReady(timeoutMs = 10000) {
+    return new Promise((resolve, reject) => {
+      this.stub.waitForReady(new Date(Date.now() + timeoutMs), (error) => {
+        if (error) reject(new Error(`cannot reach chainrule at ${this.address}: ${error.message}`));
+        else resolve();
+      });
+    });
+  }
+
+  /** Any unary method by its proto name, with a raw request object; resolves to the raw response. */
+  unary(method, request) {
+    return new Promise((resolve, reject) => {
+      this.stub[method](request, callOptions(this.deadlineMs), (error, response) => {
+        if (error) reject(wrapError(error));
+        else resolve(response);
+      });
+    });
+  }
+
+  /** Stores a graph ({name, nodes}, e.g. GraphBuilder.build()); resolves to its GraphInfo. */
+  async createGraph(graph) {
+    const response = await this.unary('CreateGraph', { graph });
+    return graphInfo(response.graph);
+  }
+
+  /** Resolves to {graph: GraphInfo, definition: Graph | null}. */
+  async getGraph(graphId, { includeDefinition = false } = {}) {
+    const response = await this.unary('GetGraph', { graph_id: graphId, include_definition: includeDefinition });
+    return { graph: graphInfo(response.graph), definition: response.definition };
+  }
+
+  /** One page: resolves to {graphs, nextPageToken}. */
+  async listGraphs({ pageSize = 0, pageToken = '' } = {}) {
+    const response = await this.unary('ListGraphs', { page_size: pageSize, page_token: pageToken });
+    return { graphs: response.graphs.map(graphInfo), nextPageToken: response.next_page_token };
+  }
+
+  async deleteGraph(graphId) {
+    await this.unary('DeleteGraph', { graph_id: graphId });
+  }
+
+  /** Evaluates `fetches`; feeds is {name: value} (see tensors.encode). Resolves to {name: tensor}. */
+  async forward(graphId, feeds, fetches) {
+    const response = await this.unary('Forward', {
+      graph_id: graphId,
+      feeds: tensors.encodeMap(feeds),
+      fetches,
+    });
+    return tensors.decodeNamed(response.outputs);
+  }
+
+  /** Resolves to {parameters: {name: tensor}, step}. */
+  async getParameters(graphId, names = []) {
+    const response = await this.unary('GetParameters', { graph_id: graphId, names });
+    return { parameters: tensors.decodeNamed(response.parameters), step: Number(response.step) };
+  }
+
+  /** Replaces parameter values ({name: value}); resolves to the graph's step. */
+  async setParameters(graphId, values) {
+    const response = await this.unary('SetParameters', {
+      graph_id: graphId,
+      parameters: tensors.encodeNamed(values),
+    });
+    return Number(response.step);
+  }
+
+  /**
+   * One forward and one reverse pass. Resolves, when the stream ends, to
+   *   {loss: tensor, gradients: {name: tensor}, order: [names in arrival order], messages}
+   * where `messages` counts the BackwardResponse messages (more than the gradients when some
+   * arrived chunked). `onGradient(name, tensor)` is called as each gradient completes.
+   * wrt = [] means every parameter; lossGrad (optional) is the seed gradient of the loss.
+   */
+  backward(graphId, { feeds = {}, loss, wrt = [], lossGrad, onGradient } = {}) {
+    const request = { graph_id: graphId, feeds: tensors.encodeMap(feeds), loss, wrt };
+    if (lossGrad !== undefined) request.loss_grad = tensors.encode(lossGrad);
+    return new Promise((resolve, reject) => {
+      const call = this.stub.Backward(request, callOptions(this.deadlineMs));
+      const assembler = new tensors.Assembler();
+      const result = { loss: null, gradients: {}, order: [], messages: 0 };
+      let failed = false;
+      const fail = (error) => {
+        if (failed) return;
+        failed = true;
+        call.cancel();
+        reject(wrapError(error));
+      };
+      const onData = (response) => {
+        if (failed) return;
+        try {
+          result.messages += 1;
+          if (response.loss) result.loss = tensors.decode(response.loss, loss);
+          const gradient = assembler.add(response.name, response.gradient);
+          if (gradient !== null) {
+            result.gradients[response.name] = gradient;
+            result.order.push(response.name);
+            if (onGradient) onGradient(response.name, gradient);
+          }
+        } catch (error) {
+          fail(error);
+        }
+      };
+      followStream(call, onData, (error) => {
+        if (failed) return;
+        if (error !== null) {
+          fail(error);
+          return;
+        }
+        try {
+          assembler.finish('Backward stream');
+        } catch (finishError) {
+          fail(finishError);
+          return;
+        }
+        resolve(result);
+      });
+    });
+  }
+
+  /**
+   * A Train stream: sends `config` (a TrainConfig: {graph_id, loss, optimizer: {sgd: {...}} or
+   * {adam: {...}}, parameters, stream_gradients, stream_updates, checkpoint_every,
+   * stop_on_non_finite_loss}), then every batch of `batches` (an iterable or async iterable
+   * of {name: value} feeds), then ends its side. Resolves to the list of steps,
+   *   {step, loss, gradients: {name: tensor}, updates: {name: tensor}, messages}
+   * one per batch, each joined from its messages (more_in_step) and chunks. `onStep(step)` is
+   * called as each completes. A server error rejects with a ChainruleError whose `steps`
+   * holds the steps completed before it; so does a batch that cannot be encoded (or a batch
+   * iterator that throws), after the server has trained the batches sent before it.
+   */
+  train(config, batches, { onStep } = {}) {
+    const call = this.stub.Train(callOptions(this.deadlineMs));
+    const steps = [];
+    const gradientChunks = new tensors.Assembler();
+    const updateChunks = new tensors.Assembler();
+    let current = { gradients: {}, updates: {}, messages: 0 };
+    let settle;
+    const finished = new Promise((resolve) => {
+      settle = resolve;
+    });
+    let outcome = null; // {error} or {steps}
+    const finish = (value) => {
+      if (outcome === null) {
+        outcome = value;
+        settle();
+      }
+    };
+    const fail = (error) => {
+      if (outcome !== null) return;
+      const wrapped = wrapError(error);
+      if (wrapped && typeof wrapped === 'object') wrapped.steps = steps;
+      call.cancel();
+      finish({ error: wrapped });
+    };
+
+    const onData = (response) => {
+      if (outcome !== null) return;
+      try {
+        current.messages += 1;
+        for (const [list, assembler, into] of [
+          [response.gradients, gradientChunks, current.gradients],
+          [response.updates, updateChunks, current.updates],
+        ]) {
+          for (const named of list) {
+            const value = assembler.add(named.name, named.tensor);
+            if (value !== null) into[named.name] = value;
+          }
+        }
+        if (response.more_in_step) return;
+        gradientChunks.finish(`step ${response.step}`);
+        updateChunks.finish(`step ${response.step}`);
+        const step = { step: Number(response.step), loss: response.loss, ...current };
+        current = { gradients: {}, updates: {}, messages: 0 };
+        steps.push(step);
+        if (onStep) onStep(step);
+      } catch (error) {
+        fail(error);
+      }
+    };
+    let batchError = null;
+    followStream(call, onData, (error) => {
+      if (error !== null) fail(error);
+      else if (current.messages !== 0) fail(new Error('Train stream ended in the middle of a step (more_in_step)'));
+      else if (batchError !== null) fail(batchError);
+      else finish({ steps });
+    });
+
+    const send = async () => {
+      try {
+        if (!call.write({ config })) await onceOr(call, 'drain', finished);
+        for await (const batch of batches) {
+          if (outcome !== null) return;
+          if (!call.write({ batch: { feeds: tensors.encodeMap(batch) } })) await onceOr(call, 'drain', finished);
+        }
+      } catch (error) {
+        // A batch that cannot be encoded, or a failing batch iterator: end the stream here, let
+        // the server train the batches already sent, then reject with this error.
+        batchError = error;
+      }
+      if (outcome === null) call.end();
+    };
+    send();
+    return finished.then(() => {
+      if (outcome.error) throw outcome.error;
+      return outcome.steps;
+    });
+  }
+}
+
+module.exports = { Client, loadPackage, PROTO_DIR, LOADER_OPTIONS };
