@@ -88,10 +88,15 @@ class GradientStream(ResponseStream[pb.BackwardResponse, tuple[str, np.ndarray]]
         self.loss_name = loss_name
         self.loss: np.ndarray | None = None
         self._chunks = tensors.Assembler()
+        self._loss_chunks = tensors.Assembler()
 
     def _item(self, response: pb.BackwardResponse) -> tuple[str, np.ndarray] | None:
         if response.HasField("loss"):
-            self.loss = tensors.decode(response.loss, self.loss_name)
+            loss = self._loss_chunks.add(self.loss_name, response.loss)
+            if loss is not None:
+                self.loss = loss
+        if not response.HasField("gradient"):
+            return None  # a leading message with only a chunk of a large loss
         gradient = self._chunks.add(response.name, response.gradient)
         return None if gradient is None else (response.name, gradient)
 

@@ -197,12 +197,15 @@ class GraphService(graph_service_pb2_grpc.GraphServiceServicer):
         loss, gradients = self.engine.backward(
             request.graph_id, feeds, request.loss, list(request.wrt), loss_grad, stop=stop_flag(context)
         )
+        *leading_loss_chunks, last_loss_chunk = tensors.split(tensors.encode(loss, request.loss))
+        for chunk in leading_loss_chunks:
+            yield pb.BackwardResponse(loss=chunk)
         first = True
         for name, gradient in gradients:
             for chunk in tensors.split(tensors.encode(gradient, name)):
                 response = pb.BackwardResponse(name=name, gradient=chunk)
                 if first:
-                    response.loss.CopyFrom(tensors.encode(loss, request.loss))
+                    response.loss.CopyFrom(last_loss_chunk)
                     first = False
                 yield response
 

@@ -110,3 +110,16 @@ def test_cancelling_a_train_stream_stops_it_quietly(client: cr.Client) -> None:
     assert list(stream) == [] or all(step.step > 3 for step in stream)
     assert [step.step for step in received] == [1, 2, 3]
     assert client.get_parameters_with_step(info.graph_id)[1] >= 3
+
+
+def test_a_loss_over_4_mib_arrives_chunked_with_its_gradients(client: cr.Client) -> None:
+    size = 5 * (1 << 20) // 8
+    graph = cr.GraphBuilder("big loss")
+    p = graph.parameter("p", np.linspace(-1, 1, size))
+    cr.square(p, name="loss")
+    info = client.create_graph(graph)
+    seed = np.full(size, 0.5)
+    loss, gradients = client.gradients(info.graph_id, {}, loss="loss", wrt=["p"], loss_grad=seed)
+    np.testing.assert_array_equal(loss, np.linspace(-1, 1, size) ** 2)
+    np.testing.assert_array_equal(gradients["p"], np.linspace(-1, 1, size))
+    client.delete_graph(info.graph_id)

@@ -332,7 +332,8 @@ Global___BackwardRequest: _TypeAlias = BackwardRequest  # noqa: Y015
 @_typing.final
 class BackwardResponse(_message.Message):
     """A gradient larger than 1 MiB arrives as several consecutive messages with the same name,
-    one chunk each (see Tensor).
+    one chunk each (see Tensor). A loss larger than 1 MiB is chunked too: its leading chunks come
+    in messages that carry only `loss`, its last chunk with the first gradient.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -348,7 +349,7 @@ class BackwardResponse(_message.Message):
 
     @_builtins.property
     def loss(self) -> _tensor_pb2.Tensor:
-        """The loss node's value; set on the first message only."""
+        """The loss node's value; set on the first message only (unless chunked, see above)."""
 
     def __init__(
         self,

@@ -184,6 +184,7 @@ class Client {
     return new Promise((resolve, reject) => {
       const call = this.stub.Backward(request, callOptions(this.deadlineMs));
       const assembler = new tensors.Assembler();
+      const lossChunks = new tensors.Assembler();
       const result = { loss: null, gradients: {}, order: [], messages: 0 };
       let failed = false;
       const fail = (error) => {
@@ -196,7 +197,11 @@ class Client {
         if (failed) return;
         try {
           result.messages += 1;
-          if (response.loss) result.loss = tensors.decode(response.loss, loss);
+          if (response.loss) {
+            const value = lossChunks.add(loss, response.loss);
+            if (value !== null) result.loss = value;
+          }
+          if (!response.gradient) return; // a leading message with only a chunk of a large loss
           const gradient = assembler.add(response.name, response.gradient);
           if (gradient !== null) {
             result.gradients[response.name] = gradient;
@@ -215,6 +220,7 @@ class Client {
         }
         try {
           assembler.finish('Backward stream');
+          lossChunks.finish('Backward stream');
         } catch (finishError) {
           fail(finishError);
           return;

@@ -51,6 +51,20 @@ describe('chunked tensors', () => {
     await client.deleteGraph(info.graph_id);
   });
 
+  it('reassembles a non-scalar loss over 1 MiB sent ahead of the gradients', async () => {
+    const { graph, w } = bigGraph();
+    const info = await client.createGraph(graph);
+    const seed = new Float64Array(SIZE).fill(0.5);
+    const result = await client.backward(info.graph_id, { loss: 'sq', wrt: ['w'], lossGrad: seed });
+    assert.equal(result.messages, 2 * CHUNKS - 1, 'two loss-only messages, then three gradient chunks');
+    assert.deepEqual(result.loss.shape, [SIZE]);
+    for (let i = 0; i < SIZE; i += 1) {
+      if (result.loss.data[i] !== w[i] * w[i]) assert.fail(`sq[${i}] = ${result.loss.data[i]}`);
+      if (result.gradients.w.data[i] !== w[i]) assert.fail(`dsq/dw[${i}] = ${result.gradients.w.data[i]}`);
+    }
+    await client.deleteGraph(info.graph_id);
+  });
+
   it('reassembles chunked gradients and updates split over several Train messages (more_in_step)', async () => {
     const { graph, w } = bigGraph();
     const info = await client.createGraph(graph);
