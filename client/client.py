@@ -6,10 +6,10 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self, Unpack
 
-import grpc
 import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm  # type: ignore[import-untyped]
@@ -19,6 +19,7 @@ from chainrule.v1 import graph_pb2, graph_service_pb2_grpc
 from chainrule.v1 import graph_service_pb2 as pb
 
 from .builder import GraphBuilder
+from .channel import open_channel
 from .errors import rpc_errors
 from .render import computable_nodes, gradient_nodes, render_svg, to_dot
 from .streams import GradientStream, TrainStream, decode_named, encode_feeds
@@ -68,11 +69,20 @@ class Client:
         address: str = "127.0.0.1:50051",
         *,
         timeout: float | None = None,
+        token: str | None = None,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
+        """`token` is sent as `authorization: Bearer <token>` (servers started with --auth-tokens);
+        any tls_* file makes the channel TLS: `tls_ca` verifies the server, `tls_cert` and `tls_key`
+        identify this client to servers that require client certificates."""
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=list(channel_options))
+        self._channel = open_channel(
+            address, token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, options=channel_options
+        )
         self._stub = graph_service_pb2_grpc.GraphServiceStub(self._channel)
 
     def close(self) -> None:

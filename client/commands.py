@@ -16,10 +16,13 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
+import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chainrule import tensors
 
+from .channel import open_channel
 from .client import Client
 from .errors import ChainruleError
 from .render import RenderError, format_attrs, format_tensor, render_png, render_svg
@@ -37,18 +40,61 @@ def default_address() -> str:
 
 def connect(args: argparse.Namespace) -> Client:
     """The client of a command's connection options: the one place a channel is made, so new options go here."""
-    return Client(args.address, timeout=args.timeout)
+    return Client(
+        args.address,
+        timeout=args.timeout,
+        token=args.token,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
 
 
-def add_client_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add graphs, show, render and plot-history to the `chainrule` parser's subcommands."""
+def connection_options() -> argparse.ArgumentParser:
+    """The options of every command that talks to a server, the client side of `chainrule serve`'s."""
     connection = argparse.ArgumentParser(add_help=False)
     connection.add_argument(
-        "--address", default=default_address(), help="server HOST:PORT (default: $CHAINRULE_ADDRESS or %(default)s)"
+        "--address", default=default_address(), help="server HOST:PORT (default: $CHAINRULE_ADDRESS or 127.0.0.1:50051)"
     )
     connection.add_argument(
         "--timeout", type=float, default=60.0, help="seconds each call may take (default: %(default)s)"
     )
+    connection.add_argument(
+        "--token",
+        default=os.environ.get("CHAINRULE_TOKEN"),
+        help="bearer token for servers started with --auth-tokens (default: $CHAINRULE_TOKEN)",
+    )
+    connection.add_argument("--tls-ca", metavar="PEM", help="use TLS, verifying the server with this CA certificate")
+    connection.add_argument("--tls-cert", metavar="PEM", help="use TLS with this client certificate (mutual TLS)")
+    connection.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    return connection
+
+
+def check_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the server answers SERVING: for container health checks and scripts."""
+    with open_channel(
+        args.address, token=args.token, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key
+    ) as channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as error:
+            print(f"chainrule: {args.address}: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    print(f"{args.address}: {status}")
+    return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def add_client_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add health, graphs, show, render and plot-history to the `chainrule` parser's subcommands."""
+    connection = connection_options()
+    health = subparsers.add_parser(
+        "health", parents=[connection], help="ask a server's grpc.health.v1 service whether it is serving"
+    )
+    health.add_argument("--service", default="", help="service name to ask about (default: the whole server)")
+    health.set_defaults(run=check_health)
 
     graphs = subparsers.add_parser("graphs", parents=[connection], help="list the server's graphs, oldest first")
     graphs.set_defaults(run=_reported(list_graphs))

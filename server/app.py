@@ -1,4 +1,4 @@
-"""Assembles a running server: store, engine, gRPC service, health service, signal handling."""
+"""Assembles a running server: store, engine, gRPC services, security, metrics, signal handling."""
 
 from __future__ import annotations
 
@@ -7,18 +7,24 @@ import signal
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
+from chainrule.server.auth import AuthInterceptor, TokenFile
 from chainrule.server.engine import DEFAULT_CHECKPOINT_EVERY, Engine
 from chainrule.server.graph import Limits
+from chainrule.server.metrics import Metrics
 from chainrule.server.service import GraphService
 from chainrule.server.store import Store
 from chainrule.v1 import graph_service_pb2, graph_service_pb2_grpc
 
 log = logging.getLogger("chainrule.server")
 SERVICE_NAME = graph_service_pb2.DESCRIPTOR.services_by_name["GraphService"].full_name
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
 
 
 @dataclass(frozen=True)
@@ -27,10 +33,21 @@ class ServerOptions:
     port: int = 50051
     db: str = "chainrule.db"
     workers: int = 32
-    max_request_bytes: int = 512 * 1024 * 1024
+    max_concurrent_rpcs: int = 256
+    max_request_message_bytes: int = 512 * 1024 * 1024
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
     grace_seconds: float = 10.0
     limits: Limits = field(default_factory=Limits)
+    auth_tokens: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    reflection: bool = True
+    metrics_port: int | None = None
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
 
 
 class RunningServer:
@@ -38,21 +55,51 @@ class RunningServer:
         self.options = options
         self.store = Store(options.db)
         self.engine = Engine(self.store, options.limits, options.checkpoint_every)
+        self.tokens = TokenFile(options.auth_tokens) if options.auth_tokens else None
+        self.metrics = Metrics()
+        self.metrics.graphs.set(self.store.count_graphs())
+        self.service = GraphService(self.engine, self.tokens, self.metrics)
         self.health = health.HealthServicer()
+        self.executor = futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="rpc")
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="rpc"),
+            self.executor,
+            interceptors=[AuthInterceptor(self.tokens)] if self.tokens else [],
             options=[
-                ("grpc.max_receive_message_length", options.max_request_bytes),
+                ("grpc.max_receive_message_length", options.max_request_message_bytes),
                 ("grpc.max_send_message_length", -1),
                 ("grpc.so_reuseport", 0),
             ],
+            maximum_concurrent_rpcs=options.max_concurrent_rpcs,
         )
-        graph_service_pb2_grpc.add_GraphServiceServicer_to_server(GraphService(self.engine), self.server)
+        graph_service_pb2_grpc.add_GraphServiceServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(f"{options.host}:{options.port}")
-        if self.port == 0:
-            raise OSError(f"cannot listen on {options.host}:{options.port}")
+        if options.reflection:
+            names = (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
+            reflection.enable_server_reflection(names, self.server)
+        self.port = self._bind()
+        self._stopping = threading.Event()
         self._stopped = threading.Event()
+
+    def _bind(self) -> int:
+        options = self.options
+        target = f"{options.host}:{options.port}"
+        if options.tls_cert or options.tls_key:
+            if not (options.tls_cert and options.tls_key):
+                raise ValueError("--tls-cert and --tls-key go together")
+            client_ca = Path(options.tls_client_ca).read_bytes() if options.tls_client_ca else None
+            credentials = grpc.ssl_server_credentials(
+                [(Path(options.tls_key).read_bytes(), Path(options.tls_cert).read_bytes())],
+                root_certificates=client_ca,
+                require_client_auth=client_ca is not None,
+            )
+            port = self.server.add_secure_port(target, credentials)
+        else:
+            if options.tls_client_ca:
+                raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+            port = self.server.add_insecure_port(target)
+        if port == 0:
+            raise OSError(f"cannot listen on {target}")
+        return port
 
     @property
     def address(self) -> str:
@@ -60,26 +107,47 @@ class RunningServer:
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     def start(self) -> None:
+        if self.tokens is None and not is_loopback(self.options.host):
+            log.warning(
+                "serving %s without --auth-tokens: anyone who can reach it can read, change and delete every graph",
+                self.address,
+            )
+        if self.options.metrics_port is not None:
+            self.metrics.serve(self.options.metrics_port, "127.0.0.1" if is_loopback(self.options.host) else "")
         self.server.start()
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self) -> None:
-        """Refuse new work, let running calls finish within the grace period, then close the store."""
-        if self._stopped.is_set():
+        """Turn health NOT_SERVING and refuse new calls; running Train streams stop after their current
+        step and commit; other calls get the grace period to finish; then the store is closed."""
+        if self._stopping.is_set():
             return
-        self._stopped.set()
+        self._stopping.set()
         self.health.enter_graceful_shutdown()
+        self.service.draining = True
         self.server.stop(self.options.grace_seconds).wait()
+        self.executor.shutdown(wait=True)
         self.store.close()
+        log.info("stopped")
+        self._stopped.set()
+
+    def reload_tokens(self) -> None:
+        if self.tokens is None:
+            log.info("SIGHUP ignored: the server runs without --auth-tokens")
+            return
+        try:
+            self.tokens.reload()
+        except (OSError, ValueError) as error:
+            log.error("kept the previous tokens: %s", error)
 
     def serve_until_signalled(self) -> None:
-        def on_signal(signum: int, _frame: object) -> None:
+        def on_stop_signal(signum: int, _frame: object) -> None:
             log.info("received %s; shutting down", signal.Signals(signum).name)
             threading.Thread(target=self.stop, name="shutdown").start()
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_stop_signal)
+        signal.signal(signal.SIGINT, on_stop_signal)
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: self.reload_tokens())
         self.start()
         self._stopped.wait()
-        self.server.wait_for_termination()

@@ -77,7 +77,7 @@ class Engine:
     # ------------------------------------------------------------ graphs
     def create_graph(self, message: graph_pb2.Graph, tenant: str = "") -> GraphSummary:
         graph = build_graph(message, self.limits)
-        plan = Plan(graph)
+        plan = Plan(graph, max_request_bytes=self.limits.max_request_bytes)
         order = graph.graph["order"]
         summary = {
             "topological_order": order,
@@ -161,7 +161,10 @@ class Engine:
             if live is None:
                 stored = self._stored(graph_id, tenant)
                 definition = self.definition(graph_id, tenant)
-                plan = Plan(build_graph(graph_pb2.Graph.FromString(definition), self.limits))
+                plan = Plan(
+                    build_graph(graph_pb2.Graph.FromString(definition), self.limits),
+                    max_request_bytes=self.limits.max_request_bytes,
+                )
                 saved = self.store.load_checkpoint(graph_id)
                 live = LiveGraph(stored, plan, saved.parameters, saved.optimizer_state, saved.step, saved.step)
                 self._live[graph_id] = live

@@ -36,3 +36,7 @@ class Unavailable(ChainruleError):
 
 class Cancelled(ChainruleError):
     status = "CANCELLED"
+
+
+class Unauthenticated(ChainruleError):
+    status = "UNAUTHENTICATED"

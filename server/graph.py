@@ -30,6 +30,7 @@ class Limits:
     max_attrs_per_node: int = 16
     max_attr_list_length: int = 64
     max_tensor_elements: int = 1 << 28
+    max_request_bytes: int = 4 << 30
 
 
 def build_graph(message: graph_pb2.Graph, limits: Limits | None = None) -> nx.DiGraph:
@@ -68,7 +69,7 @@ def build_graph(message: graph_pb2.Graph, limits: Limits | None = None) -> nx.Di
     _check_acyclic(graph)
     order = list(nx.topological_sort(graph))
     graph.graph["order"] = order
-    _infer_types(graph, order)
+    _infer_types(graph, order, limits)
     return graph
 
 
@@ -206,7 +207,8 @@ def source_type(op: str, attrs: Mapping[str, Any], value: np.ndarray | None) -> 
     )
 
 
-def _infer_types(graph: nx.DiGraph, order: list[str]) -> None:
+def _infer_types(graph: nx.DiGraph, order: list[str], limits: Limits) -> None:
+    """Give every node its static type; refuse a node whose known shape exceeds the element limit."""
     nodes = graph.nodes
     for name in order:
         node = nodes[name]
@@ -215,7 +217,19 @@ def _infer_types(graph: nx.DiGraph, order: list[str]) -> None:
             node["type"] = source_type(node["op"], node["attrs"], node["value"])
             continue
         arguments = [nodes[argument]["type"] for argument in node["inputs"]]
-        node["type"] = infer_node(name, node["op"], arguments, node["attrs"])
+        known = infer_node(name, node["op"], arguments, node["attrs"])
+        node["type"] = known
+        if known.is_known:
+            elements = 1
+            for dim in known.shape:  # type: ignore[union-attr]
+                elements *= dim  # type: ignore[operator]
+            if elements > limits.max_tensor_elements:
+                raise ResourceExhausted(
+                    f"node '{name}' ({node['op']}) would hold {elements:,} elements, more than the limit of "
+                    f"{limits.max_tensor_elements:,}",
+                    reason="TENSOR_TOO_LARGE",
+                    subject=name,
+                )
 
 
 def infer_node(name: str, op: str, arguments: list[TensorType], attrs: Mapping[str, Any]) -> TensorType:

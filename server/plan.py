@@ -14,15 +14,17 @@ the VJPs whose argument needs a gradient.
 from __future__ import annotations
 
 import functools
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import networkx as nx
 import numpy as np
 
-from chainrule.server.errors import Cancelled, InvalidArgument
+from chainrule.server.errors import Cancelled, InvalidArgument, ResourceExhausted
+from chainrule.server.graph import infer_node
 from chainrule.server.ops import ANS, OPS
 from chainrule.server.shapes import TensorType, describe
 
@@ -66,6 +68,8 @@ class Schedule:
     sources: tuple[int, ...]
     forward: tuple[ForwardStep, ...]
     reverse: tuple[ReverseStep, ...]
+    checked_feed_shapes: OrderedDict[tuple, None] = field(default_factory=OrderedDict)
+    """Feed shapes whose allocation estimate already passed, so a repeated request skips it."""
 
 
 def _bind(function: Callable[..., Array], attrs: Mapping[str, object]) -> Callable[..., Array]:
@@ -78,11 +82,19 @@ def _stand_in(value: Array) -> Array:
 
 
 class Plan:
-    def __init__(self, graph: nx.DiGraph, release_min_bytes: int = RELEASE_MIN_BYTES) -> None:
+    def __init__(
+        self,
+        graph: nx.DiGraph,
+        release_min_bytes: int = RELEASE_MIN_BYTES,
+        max_request_bytes: int | None = None,
+    ) -> None:
         self.release_min_bytes = release_min_bytes
+        self.max_request_bytes = max_request_bytes
         self.names: list[str] = list(graph.graph["order"])
         self.slot_of: dict[str, int] = {name: slot for slot, name in enumerate(self.names)}
         self.ops: list[str] = []
+        self.types: list[TensorType] = [graph.nodes[name]["type"] for name in self.names]
+        self.attrs: list[Mapping[str, object]] = [graph.nodes[name]["attrs"] for name in self.names]
         self.steps: list[Step | None] = []
         self.sources: dict[int, Source] = {}
         for slot, name in enumerate(self.names):
@@ -204,6 +216,7 @@ class Plan:
         schedule = self._schedule(
             ("forward", slots), lambda: self._forward_schedule(self.needed(slots), set(slots), ())
         )
+        self.check_allocation(schedule, feeds)
         values = self._evaluate(schedule, feeds, parameters, stop)
         return [values[slot] for slot in slots]  # type: ignore[misc]
 
@@ -231,6 +244,7 @@ class Plan:
         schedule = self._schedule(
             ("backward", loss_slot, wrt_slots), lambda: self._backward_schedule(loss_slot, wrt_slots)
         )
+        self.check_allocation(schedule, feeds)
         values = self._evaluate(schedule, feeds, parameters, stop)
         for slot in wrt_slots:
             dtype = np.asarray(values[slot]).dtype
@@ -294,6 +308,44 @@ class Plan:
         except (ValueError, TypeError, IndexError, np.exceptions.AxisError) as error:
             raise self._node_error(slot, error) from None
         return values
+
+    def check_allocation(self, schedule: Schedule, feeds: Mapping[str, Array]) -> None:
+        """Refuse, before anything is allocated, a request whose values would exceed max_request_bytes.
+
+        Shapes come from the shape rules applied to the fed shapes, so a bad shape is reported
+        here too, naming its node. The estimate adds up every value the request computes,
+        an upper bound on what is alive at once.
+        """
+        if self.max_request_bytes is None:
+            return
+        key = tuple((slot, feeds[self.names[slot]].shape) for slot in schedule.sources if self.names[slot] in feeds)
+        if key in schedule.checked_feed_shapes:
+            return
+        types = {slot: self._fed_type(slot, feeds) for slot in schedule.sources}
+        total = 0
+        for slot, _, arguments, _ in schedule.forward:
+            name = self.names[slot]
+            known = infer_node(name, self.ops[slot], [types[a] for a in arguments], self.attrs[slot])
+            types[slot] = known
+            if not known.is_known:
+                continue
+            itemsize = 8 if known.dtype is None else known.dtype.itemsize
+            total += math.prod(known.shape) * itemsize  # type: ignore[arg-type]
+            if total > self.max_request_bytes:
+                raise ResourceExhausted(
+                    f"node '{name}' ({self.ops[slot]}) of shape {describe(known.shape)} brings this request to "
+                    f"about {total:,} bytes of values, more than the limit of {self.max_request_bytes:,}",
+                    reason="REQUEST_TOO_LARGE",
+                    subject=name,
+                )
+        with self._schedules_lock:
+            schedule.checked_feed_shapes[key] = None
+            if len(schedule.checked_feed_shapes) > SCHEDULE_CACHE_SIZE:
+                schedule.checked_feed_shapes.popitem(last=False)
+
+    def _fed_type(self, slot: int, feeds: Mapping[str, Array]) -> TensorType:
+        fed = feeds.get(self.names[slot]) if self.sources[slot].op == "input" else None
+        return self.types[slot] if fed is None else TensorType(fed.dtype, fed.shape)
 
     def _source_value(self, slot: int, feeds: Mapping[str, Array], parameters: Mapping[str, Array]) -> Array:
         source = self.sources[slot]

@@ -1,13 +1,18 @@
 """The gRPC servicer: decodes requests, calls the engine, encodes answers, maps errors to status codes.
 
-Every RPC's behaviour is here, one method each; the math is in the engine.
+Every RPC's behaviour is here, one method each; the math is in the engine. Each method gets a
+`Call`: the caller's tenant, a stop flag raised on cancellation, and a request id that tags
+the call's log lines and is echoed to the client as `x-request-id` metadata.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
@@ -18,17 +23,30 @@ from grpc_status import rpc_status
 
 from chainrule import tensors
 from chainrule.server import optim
+from chainrule.server.auth import TokenFile
 from chainrule.server.engine import Engine, GraphSummary
-from chainrule.server.errors import ChainruleError, InvalidArgument
+from chainrule.server.errors import ChainruleError, InvalidArgument, Unauthenticated, Unavailable
+from chainrule.server.metrics import Metrics
 from chainrule.server.plan import StopFlag
 from chainrule.v1 import graph_pb2, graph_service_pb2_grpc, tensor_pb2
 from chainrule.v1 import graph_service_pb2 as pb
 
 log = logging.getLogger("chainrule.server")
 Handler = TypeVar("Handler", bound=Callable[..., Any])
-
-
 ERROR_DOMAIN = "chainrule"
+REQUEST_ID_KEY = "x-request-id"
+
+
+@dataclass
+class Call:
+    method: str
+    tenant: str
+    authenticated: bool
+    request_id: str
+    stop: StopFlag
+    started: float = field(default_factory=time.perf_counter)
+    bytes_in: int = 0
+    bytes_out: int = 0
 
 
 def _abort(context: grpc.ServicerContext, error: ChainruleError) -> None:
@@ -48,13 +66,22 @@ def unary(method: Handler) -> Handler:
 
     @functools.wraps(method)
     def handler(self: GraphService, request: Any, context: grpc.ServicerContext) -> Any:
+        call = self.begin(method.__name__, context, request)
+        code = "OK"
         try:
-            return method(self, request, context)
+            self.authorize(call)
+            response = method(self, request, context, call)
+            call.bytes_out += response.ByteSize()
+            return response
         except ChainruleError as error:
+            code = error.status
             _abort(context, error)
         except Exception:
-            log.exception("%s failed", method.__name__)
+            code = "INTERNAL"
+            log.exception("%s failed", method.__name__, extra={"request_id": call.request_id})
             context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed unexpectedly; see the server log")
+        finally:
+            self.end(call, code)
 
     return handler  # type: ignore[return-value]
 
@@ -64,29 +91,36 @@ def streaming(method: Handler) -> Handler:
 
     @functools.wraps(method)
     def handler(self: GraphService, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        call = self.begin(method.__name__, context, request)
+        code = "OK"
         try:
-            yield from method(self, request, context)
+            self.authorize(call)
+            for response in method(self, request, context, call):
+                call.bytes_out += response.ByteSize()
+                yield response
         except ChainruleError as error:
+            code = error.status
             _abort(context, error)
         except Exception:
             if not context.is_active():
-                log.info("%s ended: the client cancelled or disconnected", method.__name__)
+                code = "CANCELLED"
                 return
-            log.exception("%s failed", method.__name__)
+            code = "INTERNAL"
+            log.exception("%s failed", method.__name__, extra={"request_id": call.request_id})
             context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed unexpectedly; see the server log")
+        finally:
+            if code == "OK" and not context.is_active():
+                code = "CANCELLED"
+            self.end(call, code)
 
     return handler  # type: ignore[return-value]
 
 
-def decode_tensor(tensor: tensor_pb2.Tensor, name: str) -> np.ndarray:
+def decode_tensor(tensor: tensor_pb2.Tensor, name: str, max_elements: int | None = None) -> np.ndarray:
     try:
-        return tensors.decode(tensor, name)
+        return tensors.decode(tensor, name, max_elements)
     except tensors.TensorError as error:
         raise InvalidArgument(str(error), reason="BAD_TENSOR", subject=name) from None
-
-
-def decode_feeds(feeds: Mapping[str, tensor_pb2.Tensor]) -> dict[str, np.ndarray]:
-    return {name: decode_tensor(tensor, name) for name, tensor in feeds.items()}
 
 
 def graph_info(summary: GraphSummary) -> graph_pb2.GraphInfo:
@@ -102,17 +136,6 @@ def graph_info(summary: GraphSummary) -> graph_pb2.GraphInfo:
         node_count=summary.node_count,
         create_time=created,
     )
-
-
-def stop_flag(context: grpc.ServicerContext) -> StopFlag:
-    """A flag the engine polls between steps, raised when the client cancels or the deadline passes."""
-    flag = StopFlag()
-
-    def stop() -> None:
-        flag.stopped = True
-
-    context.add_callback(stop)
-    return flag
 
 
 def optimizer_from_proto(message: pb.Optimizer) -> optim.Optimizer:
@@ -138,7 +161,7 @@ def train_responses(
     """One step's response, split into several with the same step when its tensors exceed a chunk."""
     response = pb.TrainResponse(step=step, loss=loss)
     room = tensors.CHUNK_BYTES
-    for field, values in (("gradients", gradients), ("updates", updates)):
+    for field_name, values in (("gradients", gradients), ("updates", updates)):
         for name, value in values.items():
             for chunk in tensors.split(tensors.encode(value, name)):
                 if len(chunk.data) > room and room < tensors.CHUNK_BYTES:
@@ -146,56 +169,108 @@ def train_responses(
                     yield response
                     response = pb.TrainResponse(step=step, loss=loss)
                     room = tensors.CHUNK_BYTES
-                getattr(response, field).add(name=name, tensor=chunk)
+                getattr(response, field_name).add(name=name, tensor=chunk)
                 room -= len(chunk.data)
     yield response
 
 
 class GraphService(graph_service_pb2_grpc.GraphServiceServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, tokens: TokenFile | None = None, metrics: Metrics | None = None) -> None:
         self.engine = engine
+        self.tokens = tokens
+        self.metrics = metrics or Metrics()
+        self.draining = False
+        """Set on graceful shutdown: Train streams stop after their current step."""
 
+    # ------------------------------------------------------------ per-call bookkeeping
+    def begin(self, method: str, context: grpc.ServicerContext, request: Any) -> Call:
+        metadata = context.invocation_metadata()
+        request_id = next((str(v) for k, v in metadata if k == REQUEST_ID_KEY), "") or uuid.uuid4().hex[:16]
+        context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+        stop = StopFlag()
+
+        def on_done() -> None:
+            stop.stopped = True
+
+        context.add_callback(on_done)
+        tenant = "" if self.tokens is None else self.tokens.tenant(metadata)
+        call = Call(method, tenant or "", tenant is not None, request_id, stop)
+        if hasattr(request, "ByteSize"):
+            call.bytes_in = request.ByteSize()
+        return call
+
+    def authorize(self, call: Call) -> None:
+        """The interceptor already refused unknown tokens; this covers a token file reloaded since."""
+        if not call.authenticated:
+            raise Unauthenticated("a known bearer token is required", reason="UNAUTHENTICATED")
+
+    def end(self, call: Call, code: str) -> None:
+        elapsed = time.perf_counter() - call.started
+        self.metrics.rpcs.labels(call.method, code).inc()
+        self.metrics.latency.labels(call.method).observe(elapsed)
+        self.metrics.bytes_in.labels(call.method).inc(call.bytes_in)
+        self.metrics.bytes_out.labels(call.method).inc(call.bytes_out)
+        log.info(
+            "%s %s in %.1f ms (%d bytes in, %d out)",
+            call.method,
+            code,
+            elapsed * 1e3,
+            call.bytes_in,
+            call.bytes_out,
+            extra={"request_id": call.request_id, "tenant": call.tenant},
+        )
+
+    def decode_feeds(self, feeds: Mapping[str, tensor_pb2.Tensor]) -> dict[str, np.ndarray]:
+        limit = self.engine.limits.max_tensor_elements
+        return {name: decode_tensor(tensor, name, limit) for name, tensor in feeds.items()}
+
+    # ------------------------------------------------------------ graphs
     @unary
-    def CreateGraph(self, request: pb.CreateGraphRequest, context: grpc.ServicerContext) -> pb.CreateGraphResponse:
-        summary = self.engine.create_graph(request.graph)
-        log.info("created graph %s '%s' with %d nodes", summary.graph_id, summary.name, summary.node_count)
+    def CreateGraph(
+        self, request: pb.CreateGraphRequest, context: grpc.ServicerContext, call: Call
+    ) -> pb.CreateGraphResponse:
+        summary = self.engine.create_graph(request.graph, call.tenant)
+        self.metrics.graphs.inc()
         return pb.CreateGraphResponse(graph=graph_info(summary))
 
     @unary
-    def GetGraph(self, request: pb.GetGraphRequest, context: grpc.ServicerContext) -> pb.GetGraphResponse:
-        response = pb.GetGraphResponse(graph=graph_info(self.engine.get_graph(request.graph_id)))
+    def GetGraph(self, request: pb.GetGraphRequest, context: grpc.ServicerContext, call: Call) -> pb.GetGraphResponse:
+        response = pb.GetGraphResponse(graph=graph_info(self.engine.get_graph(request.graph_id, call.tenant)))
         if request.include_definition:
-            response.definition.ParseFromString(self.engine.definition(request.graph_id))
+            response.definition.ParseFromString(self.engine.definition(request.graph_id, call.tenant))
         return response
 
     @unary
-    def ListGraphs(self, request: pb.ListGraphsRequest, context: grpc.ServicerContext) -> pb.ListGraphsResponse:
-        summaries, next_token = self.engine.list_graphs(request.page_size, request.page_token)
+    def ListGraphs(
+        self, request: pb.ListGraphsRequest, context: grpc.ServicerContext, call: Call
+    ) -> pb.ListGraphsResponse:
+        summaries, next_token = self.engine.list_graphs(request.page_size, request.page_token, call.tenant)
         return pb.ListGraphsResponse(graphs=[graph_info(s) for s in summaries], next_page_token=next_token)
 
     @unary
-    def DeleteGraph(self, request: pb.DeleteGraphRequest, context: grpc.ServicerContext) -> pb.DeleteGraphResponse:
-        self.engine.delete_graph(request.graph_id)
-        log.info("deleted graph %s", request.graph_id)
+    def DeleteGraph(
+        self, request: pb.DeleteGraphRequest, context: grpc.ServicerContext, call: Call
+    ) -> pb.DeleteGraphResponse:
+        self.engine.delete_graph(request.graph_id, call.tenant)
+        self.metrics.graphs.dec()
         return pb.DeleteGraphResponse()
 
+    # ------------------------------------------------------------ evaluation
     @unary
-    def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
-        feeds = decode_feeds(request.feeds)
-        values = self.engine.forward(request.graph_id, feeds, list(request.fetches), stop=stop_flag(context))
-        return pb.ForwardResponse(
-            outputs=[
-                tensor_pb2.NamedTensor(name=name, tensor=tensors.encode(value, name))
-                for name, value in zip(request.fetches, values, strict=True)
-            ]
-        )
+    def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext, call: Call) -> pb.ForwardResponse:
+        feeds = self.decode_feeds(request.feeds)
+        fetches = list(request.fetches)
+        values = self.engine.forward(request.graph_id, feeds, fetches, call.tenant, call.stop)
+        return pb.ForwardResponse(outputs=tensors.encode_named(zip(fetches, values, strict=True)))
 
     @streaming
-    def Backward(self, request: pb.BackwardRequest, context: grpc.ServicerContext) -> Iterator[pb.BackwardResponse]:
-        feeds = decode_feeds(request.feeds)
+    def Backward(
+        self, request: pb.BackwardRequest, context: grpc.ServicerContext, call: Call
+    ) -> Iterator[pb.BackwardResponse]:
+        feeds = self.decode_feeds(request.feeds)
         loss_grad = decode_tensor(request.loss_grad, "loss_grad") if request.HasField("loss_grad") else None
         loss, gradients = self.engine.backward(
-            request.graph_id, feeds, request.loss, list(request.wrt), loss_grad, stop=stop_flag(context)
+            request.graph_id, feeds, request.loss, list(request.wrt), loss_grad, call.tenant, call.stop
         )
         *leading_loss_chunks, last_loss_chunk = tensors.split(tensors.encode(loss, request.loss))
         for chunk in leading_loss_chunks:
@@ -209,8 +284,11 @@ class GraphService(graph_service_pb2_grpc.GraphServiceServicer):
                     first = False
                 yield response
 
+    # ------------------------------------------------------------ training
     @streaming
-    def Train(self, requests: Iterator[pb.TrainRequest], context: grpc.ServicerContext) -> Iterator[pb.TrainResponse]:
+    def Train(
+        self, requests: Iterator[pb.TrainRequest], context: grpc.ServicerContext, call: Call
+    ) -> Iterator[pb.TrainResponse]:
         first = next(requests, None)
         if first is None or first.WhichOneof("item") != "config":
             raise InvalidArgument(
@@ -226,8 +304,8 @@ class GraphService(graph_service_pb2_grpc.GraphServiceServicer):
             list(config.parameters),
             config.checkpoint_every,
             config.stop_on_non_finite_loss,
+            call.tenant,
         )
-        stop = stop_flag(context)
         try:
             for index, request in enumerate(requests):
                 if request.WhichOneof("item") != "batch":
@@ -236,31 +314,39 @@ class GraphService(graph_service_pb2_grpc.GraphServiceServicer):
                         reason="CONFIG_FIRST",
                         subject=f"batch {index}",
                     )
+                call.bytes_in += request.ByteSize()
                 try:
-                    result = session.step(decode_feeds(request.batch.feeds), stop)
+                    result = session.step(self.decode_feeds(request.batch.feeds), call.stop)
                 except InvalidArgument as error:
                     raise InvalidArgument(
                         f"batch {index}: {error.message}", reason=error.reason, subject=error.subject
                     ) from None
+                self.metrics.training_steps.inc()
                 yield from train_responses(
                     result.step,
                     result.loss,
                     result.gradients if config.stream_gradients else {},
                     result.updates if config.stream_updates else {},
                 )
+                if self.draining:
+                    session.finish()
+                    raise Unavailable(
+                        f"the server is shutting down; this stream's steps up to {result.step} are committed",
+                        reason="SHUTTING_DOWN",
+                    )
         finally:
             session.finish()
 
     @unary
     def GetParameters(
-        self, request: pb.GetParametersRequest, context: grpc.ServicerContext
+        self, request: pb.GetParametersRequest, context: grpc.ServicerContext, call: Call
     ) -> pb.GetParametersResponse:
-        parameters, step = self.engine.get_parameters(request.graph_id, list(request.names))
+        parameters, step = self.engine.get_parameters(request.graph_id, list(request.names), call.tenant)
         return pb.GetParametersResponse(parameters=tensors.encode_named(parameters), step=step)
 
     @unary
     def SetParameters(
-        self, request: pb.SetParametersRequest, context: grpc.ServicerContext
+        self, request: pb.SetParametersRequest, context: grpc.ServicerContext, call: Call
     ) -> pb.SetParametersResponse:
         values: dict[str, np.ndarray] = {}
         for named in request.parameters:
@@ -268,5 +354,5 @@ class GraphService(graph_service_pb2_grpc.GraphServiceServicer):
                 raise InvalidArgument(
                     f"parameter '{named.name}' is given twice", reason="DUPLICATE_PARAMETER", subject=named.name
                 )
-            values[named.name] = decode_tensor(named.tensor, named.name)
-        return pb.SetParametersResponse(step=self.engine.set_parameters(request.graph_id, values))
+            values[named.name] = decode_tensor(named.tensor, named.name, self.engine.limits.max_tensor_elements)
+        return pb.SetParametersResponse(step=self.engine.set_parameters(request.graph_id, values, call.tenant))

@@ -147,6 +147,9 @@ class Store:
         assert cursor.lastrowid is not None
         return StoredGraph(cursor.lastrowid, graph_id, tenant, name, summary, created_at, 0)
 
+    def count_graphs(self) -> int:
+        return int(self._read("SELECT COUNT(*) FROM graphs", ())[0][0])
+
     def get_graph(self, graph_id: str, tenant: str) -> StoredGraph | None:
         rows = self._read(
             f"SELECT {GRAPH_COLUMNS} FROM graphs WHERE graph_id = ? AND tenant = ?",
