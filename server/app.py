@@ -124,8 +124,8 @@ class RunningServer:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        self.health.enter_graceful_shutdown()
         self.service.draining = True
+        self.health.enter_graceful_shutdown()
         self.server.stop(self.options.grace_seconds).wait()
         self.executor.shutdown(wait=True)
         self.store.close()

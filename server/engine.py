@@ -126,12 +126,16 @@ class Engine:
 
     def delete_graph(self, graph_id: str, tenant: str = "") -> None:
         self._stored(graph_id, tenant)
-        with self._live_lock:
-            live = self._live.pop(graph_id, None)
-        if live is not None:
+        live = self._live.get(graph_id)
+        if live is None:
+            self.store.delete_graph(graph_id)
+        else:
+            # Under the graph's lock no step commits in between; a delete the store refuses changes nothing.
             with live.lock:
+                self.store.delete_graph(graph_id)
                 live.deleted = True
-        self.store.delete_graph(graph_id)
+        with self._live_lock:
+            self._live.pop(graph_id, None)
 
     def _stored(self, graph_id: str, tenant: str) -> StoredGraph:
         stored = self.store.get_graph(graph_id, tenant) if graph_id else None
@@ -306,11 +310,13 @@ class TrainingSession:
                 new_parameters[name] = parameters[name] + update
                 new_state[name] = (self.kind, new_state_of_name)
                 updates[name] = update
-            live.parameters, live.optimizer_state = new_parameters, new_state
-            live.step += 1
-            if live.step - live.committed_step >= self.checkpoint_every:
-                self._commit()
-            return StepResult(live.step, loss, gradients, updates)
+            step = live.step + 1
+            if step - live.committed_step >= self.checkpoint_every:
+                # Commit before publishing: a step whose checkpoint the store refuses is not applied.
+                self.engine.store.save_checkpoint(live.stored.graph_id, Checkpoint(step, new_parameters, new_state))
+                live.committed_step = step
+            live.parameters, live.optimizer_state, live.step = new_parameters, new_state, step
+            return StepResult(step, loss, gradients, updates)
 
     def _state_to_continue(self, name: str) -> optim.State:
         """The parameter's saved state if this optimizer can continue it; otherwise a fresh start."""

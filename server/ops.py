@@ -6,12 +6,16 @@ shape. The plan calls only the VJPs of arguments that need a gradient. Each op a
 which values its VJPs read (`reads`); the others may reach a VJP as zero-strided stand-ins
 that keep only shape and dtype.
 
+Binary arithmetic uses Python's operators, which numpy maps onto the same ufuncs but reaches
+faster for scalars.
+
 Conventions at kinks follow PyTorch: `relu` and `abs` have gradient 0 at 0, and ties in
 `maximum`, `minimum` and `max` share the gradient equally.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,7 +93,6 @@ def defop(
 
 def unbroadcast(g: Array, shape: Shape) -> Array:
     """Sum `g` over the axes that broadcasting added or stretched, so it has `shape` again."""
-    g = np.asarray(g)
     if g.shape == shape:
         return g
     extra = g.ndim - len(shape)
@@ -122,11 +125,11 @@ def _float_binary_type(x: TensorType, y: TensorType) -> TensorType:
 
 
 def _pow_x(g: Array, ans: Array, x: Array, y: Array) -> Array:
-    return unbroadcast(np.where(y == 0, 0.0, g * y * np.power(x, y - 1)), np.shape(x))
+    return unbroadcast(np.where(y == 0, 0.0, g * y * np.power(x, y - 1)), x.shape)
 
 
 def _pow_y(g: Array, ans: Array, x: Array, y: Array) -> Array:
-    return unbroadcast(g * np.where((x == 0) & (y >= 0), 0.0, ans * np.log(x)), np.shape(y))
+    return unbroadcast(g * np.where((x == 0) & (y >= 0), 0.0, ans * np.log(x)), y.shape)
 
 
 def _winner_share(g: Array, wins: Array, ties: Array) -> Array:
@@ -135,50 +138,59 @@ def _winner_share(g: Array, wins: Array, ties: Array) -> Array:
 
 defop(
     "add",
-    np.add,
-    lambda g, ans, x, y: unbroadcast(g, np.shape(x)),
-    lambda g, ans, x, y: unbroadcast(g, np.shape(y)),
+    operator.add,
+    lambda g, ans, x, y: unbroadcast(g, x.shape),
+    lambda g, ans, x, y: unbroadcast(g, y.shape),
     infer=_binary_type,
     reads=("", ""),
 )
 defop(
     "sub",
-    np.subtract,
-    lambda g, ans, x, y: unbroadcast(g, np.shape(x)),
-    lambda g, ans, x, y: unbroadcast(-g, np.shape(y)),
+    operator.sub,
+    lambda g, ans, x, y: unbroadcast(g, x.shape),
+    lambda g, ans, x, y: unbroadcast(-g, y.shape),
     infer=_binary_type,
     reads=("", ""),
 )
 defop(
     "mul",
-    np.multiply,
-    lambda g, ans, x, y: unbroadcast(g * y, np.shape(x)),
-    lambda g, ans, x, y: unbroadcast(g * x, np.shape(y)),
+    operator.mul,
+    lambda g, ans, x, y: unbroadcast(g * y, x.shape),
+    lambda g, ans, x, y: unbroadcast(g * x, y.shape),
     infer=_binary_type,
     reads=("y", "x"),
 )
 defop(
     "div",
-    np.true_divide,
-    lambda g, ans, x, y: unbroadcast(g / y, np.shape(x)),
-    lambda g, ans, x, y: unbroadcast(-g * ans / y, np.shape(y)),
+    operator.truediv,
+    lambda g, ans, x, y: unbroadcast(g / y, x.shape),
+    lambda g, ans, x, y: unbroadcast(-g * ans / y, y.shape),
     infer=_float_binary_type,
     reads=("y", "y ans"),
 )
-defop("pow", np.power, _pow_x, _pow_y, infer=_binary_type, reads=("x y", "x y ans"))
+
+
+def power(x: Array, y: Array) -> Array:
+    """x ** y; numpy computes bool ** bool in int8, which the wire lacks: its 0s and 1s stay bool, as the shape
+    rule says."""
+    out = x**y
+    return out.astype(np.bool_) if out.dtype == np.int8 else out
+
+
+defop("pow", power, _pow_x, _pow_y, infer=_binary_type, reads=("x y", "x y ans"))
 defop(
     "maximum",
     np.maximum,
-    lambda g, ans, x, y: unbroadcast(_winner_share(g, x > y, x == y), np.shape(x)),
-    lambda g, ans, x, y: unbroadcast(_winner_share(g, y > x, x == y), np.shape(y)),
+    lambda g, ans, x, y: unbroadcast(_winner_share(g, x > y, x == y), x.shape),
+    lambda g, ans, x, y: unbroadcast(_winner_share(g, y > x, x == y), y.shape),
     infer=_binary_type,
     reads=("x y", "x y"),
 )
 defop(
     "minimum",
     np.minimum,
-    lambda g, ans, x, y: unbroadcast(_winner_share(g, x < y, x == y), np.shape(x)),
-    lambda g, ans, x, y: unbroadcast(_winner_share(g, y < x, x == y), np.shape(y)),
+    lambda g, ans, x, y: unbroadcast(_winner_share(g, x < y, x == y), x.shape),
+    lambda g, ans, x, y: unbroadcast(_winner_share(g, y < x, x == y), y.shape),
     infer=_binary_type,
     reads=("x y", "x y"),
 )
@@ -194,8 +206,8 @@ def _float_type(x: TensorType) -> TensorType:
 
 
 def sigmoid(x: Array) -> Array:
-    """exp(-log(1 + exp(-x))): exact in both tails, never overflows."""
-    return np.exp(-np.logaddexp(0.0, -x))
+    """1 / (1 + exp(-x)): exp overflowing to inf for x << 0 gives exactly 0, never NaN."""
+    return 1.0 / (1.0 + np.exp(-x))
 
 
 def softplus(x: Array) -> Array:
@@ -206,14 +218,24 @@ def log_sigmoid(x: Array) -> Array:
     return -np.logaddexp(0.0, -x)
 
 
-defop("neg", np.negative, lambda g, ans, x: -g, infer=_same_type, reads=("",))
-defop("exp", np.exp, lambda g, ans, x: g * ans, infer=_float_type, reads=("ans",))
-defop("log", np.log, lambda g, ans, x: g / x, infer=_float_type, reads=("x",))
-defop("sqrt", np.sqrt, lambda g, ans, x: g / (2 * ans), infer=_float_type, reads=("ans",))
+def _float_argument(function: Callable[[Array], Array]) -> Callable[[Array], Array]:
+    """`function` of a bool or int argument taken in float64, as the shape rule says; numpy would
+    compute exp, log, sqrt and tanh of bool in float16, a dtype the wire cannot carry."""
+
+    def forward(x: Array) -> Array:
+        return function(x if x.dtype.kind == "f" else x.astype(np.float64))
+
+    return forward
+
+
+defop("neg", operator.neg, lambda g, ans, x: -g, infer=_same_type, reads=("",))
+defop("exp", _float_argument(np.exp), lambda g, ans, x: g * ans, infer=_float_type, reads=("ans",))
+defop("log", _float_argument(np.log), lambda g, ans, x: g / x, infer=_float_type, reads=("x",))
+defop("sqrt", _float_argument(np.sqrt), lambda g, ans, x: g / (2 * ans), infer=_float_type, reads=("ans",))
 defop("abs", np.abs, lambda g, ans, x: g * np.sign(x), infer=_same_type, reads=("x",))
-defop("square", np.square, lambda g, ans, x: g * 2 * x, infer=_same_type, reads=("x",))
+defop("square", lambda x: x * x, lambda g, ans, x: g * 2 * x, infer=_same_type, reads=("x",))
 defop("sigmoid", sigmoid, lambda g, ans, x: g * ans * (1 - ans), infer=_float_type, reads=("ans",))
-defop("tanh", np.tanh, lambda g, ans, x: g * (1 - ans * ans), infer=_float_type, reads=("ans",))
+defop("tanh", _float_argument(np.tanh), lambda g, ans, x: g * (1 - ans * ans), infer=_float_type, reads=("ans",))
 defop("relu", lambda x: np.maximum(x, 0), lambda g, ans, x: g * (x > 0), infer=_same_type, reads=("x",))
 defop("softplus", softplus, lambda g, ans, x: g * sigmoid(x), infer=_float_type, reads=("x",))
 defop("log_sigmoid", log_sigmoid, lambda g, ans, x: g * sigmoid(-x), infer=_float_type, reads=("x",))
@@ -222,12 +244,12 @@ defop("log_sigmoid", log_sigmoid, lambda g, ans, x: g * sigmoid(-x), infer=_floa
 # ---------------------------------------------------------------- matmul
 def _matmul_a(g: Array, ans: Array, a: Array, b: Array) -> Array:
     g2, a2, b2 = _as_matrices(g, a, b)
-    return unbroadcast(g2 @ np.swapaxes(b2, -1, -2), a2.shape).reshape(np.shape(a))
+    return unbroadcast(g2 @ np.swapaxes(b2, -1, -2), a2.shape).reshape(a.shape)
 
 
 def _matmul_b(g: Array, ans: Array, a: Array, b: Array) -> Array:
     g2, a2, b2 = _as_matrices(g, a, b)
-    return unbroadcast(np.swapaxes(a2, -1, -2) @ g2, b2.shape).reshape(np.shape(b))
+    return unbroadcast(np.swapaxes(a2, -1, -2) @ g2, b2.shape).reshape(b.shape)
 
 
 def _as_matrices(g: Array, a: Array, b: Array) -> tuple[Array, Array, Array]:
@@ -289,21 +311,21 @@ def logsumexp(x: Array, axes: Sequence[int] | None = None, keepdims: bool = Fals
 
 
 def _sum_vjp(g: Array, ans: Array, x: Array, axes: Sequence[int] | None = None, keepdims: bool = False) -> Array:
-    return _restore(g, np.shape(x), axes, keepdims)
+    return _restore(g, x.shape, axes, keepdims)
 
 
 def _mean_vjp(g: Array, ans: Array, x: Array, axes: Sequence[int] | None = None, keepdims: bool = False) -> Array:
-    return _restore(g / _reduced_count(np.shape(x), axes), np.shape(x), axes, keepdims)
+    return _restore(g / _reduced_count(x.shape, axes), x.shape, axes, keepdims)
 
 
 def _max_vjp(g: Array, ans: Array, x: Array, axes: Sequence[int] | None = None, keepdims: bool = False) -> Array:
-    winners = x == _restore(ans, np.shape(x), axes, keepdims)
+    winners = x == _restore(ans, x.shape, axes, keepdims)
     ties = np.sum(winners, axis=_axis_tuple(axes), keepdims=True)
-    return _restore(g, np.shape(x), axes, keepdims) * winners / ties
+    return _restore(g, x.shape, axes, keepdims) * winners / ties
 
 
 def _logsumexp_vjp(g: Array, ans: Array, x: Array, axes: Sequence[int] | None = None, keepdims: bool = False) -> Array:
-    return _restore(g, np.shape(x), axes, keepdims) * np.exp(x - _restore(ans, np.shape(x), axes, keepdims))
+    return _restore(g, x.shape, axes, keepdims) * np.exp(x - _restore(ans, x.shape, axes, keepdims))
 
 
 def _reduce_type(x: TensorType, axes: Sequence[int] | None = None, keepdims: bool = False) -> TensorType:
@@ -336,7 +358,7 @@ def _transpose_vjp(g: Array, ans: Array, x: Array, perm: Sequence[int] | None = 
 defop(
     "reshape",
     reshape,
-    lambda g, ans, x, shape: np.reshape(g, np.shape(x)),
+    lambda g, ans, x, shape: np.reshape(g, x.shape),
     infer=lambda x, shape: TensorType(x.dtype, reshape_shape(x.shape, shape)),
     attrs={"shape": Attr("ints", required=True)},
     reads=("",),

@@ -292,9 +292,11 @@ class Plan:
         slot = -1
         try:
             with np.errstate(all="ignore"):
-                for slot, function, arguments, releases in schedule.forward:
+                for done, (slot, function, arguments, releases) in enumerate(schedule.forward):
                     if stop is not None and stop.stopped:
-                        raise Cancelled("the request was cancelled", reason="CANCELLED")
+                        raise Cancelled(
+                            f"cancelled after {done} of {len(schedule.forward)} forward steps", reason="CANCELLED"
+                        )
                     if len(arguments) == 1:
                         values[slot] = function(values[arguments[0]])
                     elif len(arguments) == 2:
@@ -396,9 +398,11 @@ class Plan:
         grads[loss_slot] = seed
         names = self.names
         with np.errstate(all="ignore"):
-            for slot, arguments, pairs, streamed in schedule.reverse:
+            for done, (slot, arguments, pairs, streamed) in enumerate(schedule.reverse):
                 if stop is not None and stop.stopped:
-                    raise Cancelled("the request was cancelled", reason="CANCELLED")
+                    raise Cancelled(
+                        f"cancelled after {done} of {len(schedule.reverse)} reverse steps", reason="CANCELLED"
+                    )
                 grad = grads[slot]
                 ans = values[slot]
                 if streamed:

@@ -47,6 +47,7 @@ class Call:
     started: float = field(default_factory=time.perf_counter)
     bytes_in: int = 0
     bytes_out: int = 0
+    detail: str = ""
 
 
 def _abort(context: grpc.ServicerContext, error: ChainruleError) -> None:
@@ -74,7 +75,7 @@ def unary(method: Handler) -> Handler:
             call.bytes_out += response.ByteSize()
             return response
         except ChainruleError as error:
-            code = error.status
+            code, call.detail = error.status, error.message
             _abort(context, error)
         except Exception:
             code = "INTERNAL"
@@ -99,7 +100,7 @@ def streaming(method: Handler) -> Handler:
                 call.bytes_out += response.ByteSize()
                 yield response
         except ChainruleError as error:
-            code = error.status
+            code, call.detail = error.status, error.message
             _abort(context, error)
         except Exception:
             if not context.is_active():
@@ -211,12 +212,13 @@ class GraphService(graph_service_pb2_grpc.GraphServiceServicer):
         self.metrics.bytes_in.labels(call.method).inc(call.bytes_in)
         self.metrics.bytes_out.labels(call.method).inc(call.bytes_out)
         log.info(
-            "%s %s in %.1f ms (%d bytes in, %d out)",
+            "%s %s in %.1f ms (%d bytes in, %d out)%s",
             call.method,
             code,
             elapsed * 1e3,
             call.bytes_in,
             call.bytes_out,
+            f": {call.detail}" if call.detail else "",
             extra={"request_id": call.request_id, "tenant": call.tenant},
         )
 

@@ -19,15 +19,29 @@ ADDRESS_LINE = re.compile(r"chainrule serving on (\S+)")
 
 
 class ServerProcess:
-    def __init__(self, db: Path, extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        db: Path,
+        extra_args: Sequence[str] = (),
+        *,
+        tls_ca: Path | None = None,
+        tls_client: tuple[Path, Path] | None = None,
+        connect_host: str | None = None,
+        global_args: Sequence[str] = (),
+    ) -> None:
+        self.global_args = list(global_args)
         self.db = db
         self.extra_args = list(extra_args)
+        self.tls_ca = tls_ca
+        self.tls_client = tls_client
+        self.connect_host = connect_host
         self.process: subprocess.Popen[str] | None = None
         self.address = ""
         self.log: list[str] = []
 
     def start(self, timeout: float = 30.0) -> ServerProcess:
-        command = [sys.executable, "-m", "chainrule.server.cli", "serve", "--port", "0", "--db", str(self.db)]
+        command = [sys.executable, "-m", "chainrule.server.cli", *self.global_args, "serve", "--port", "0"]
+        command += ["--db", str(self.db)]
         self.process = subprocess.Popen(
             [*command, *self.extra_args],
             stdout=subprocess.PIPE,
@@ -46,21 +60,34 @@ class ServerProcess:
                 match = ADDRESS_LINE.search(line)
                 if match and not found.is_set():
                     self.address = match.group(1)
+                    if self.connect_host:
+                        self.address = f"{self.connect_host}:{self.address.rsplit(':', 1)[1]}"
                     found.set()
 
         threading.Thread(target=read_address, daemon=True).start()
         if not found.wait(timeout):
             self.kill()
             raise RuntimeError("server did not start:\n" + "".join(self.log))
-        grpc.channel_ready_future(grpc.insecure_channel(self.address)).result(timeout=timeout)
+        grpc.channel_ready_future(self.channel()).result(timeout=timeout)
         return self
+
+    def channel(self) -> grpc.Channel:
+        if self.tls_ca is None:
+            return grpc.insecure_channel(self.address)
+        key, certificate = (
+            (None, None)
+            if self.tls_client is None
+            else (self.tls_client[1].read_bytes(), self.tls_client[0].read_bytes())
+        )
+        credentials = grpc.ssl_channel_credentials(self.tls_ca.read_bytes(), key, certificate)
+        return grpc.secure_channel(self.address, credentials)
 
     def _drain(self, stream: object) -> None:
         for line in stream:  # type: ignore[attr-defined]
             self.log.append(line)
 
     def stub(self) -> graph_service_pb2_grpc.GraphServiceStub:
-        return graph_service_pb2_grpc.GraphServiceStub(grpc.insecure_channel(self.address))
+        return graph_service_pb2_grpc.GraphServiceStub(self.channel())
 
     def signal(self, signum: int) -> None:
         assert self.process is not None
