@@ -48,3 +48,10 @@ def test_wheel_holds_only_the_chainrule_namespace(tmp_path: Path) -> None:
         "chainrule/client/py.typed",
     ):
         assert module in names
+
+
+def test_client_library_passes_mypy_strict() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "client/"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
