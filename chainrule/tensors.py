@@ -33,6 +33,10 @@ class TensorError(ValueError):
     """A tensor that cannot be encoded or decoded; the message names the tensor."""
 
 
+class TensorTooLarge(TensorError):
+    """A well-formed tensor with more elements than the receiver accepts."""
+
+
 def dtype_name(dtype: np.dtype) -> str:
     return np.dtype(dtype).name
 
@@ -70,14 +74,17 @@ def decode(tensor: tensor_pb2.Tensor, name: str = "tensor", max_elements: int | 
     for dim in shape:
         count *= dim
     if max_elements is not None and count > max_elements:
-        raise TensorError(f"tensor '{name}' has {count} elements, more than the limit of {max_elements}")
+        raise TensorTooLarge(f"tensor '{name}' has {count:,} elements, more than the limit of {max_elements:,}")
     expected = count * dtype.itemsize
     if len(tensor.data) != expected:
         raise TensorError(
             f"tensor '{name}' has {len(tensor.data)} bytes of data; shape {list(shape)} of "
             f"{dtype_name(dtype)} needs {expected}"
         )
-    array = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    try:
+        array = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    except ValueError as error:  # more axes than numpy allows, or empty but with more elements per axis than it indexes
+        raise TensorError(f"tensor '{name}' has shape {list(shape)}, which numpy cannot represent: {error}") from None
     if dtype == np.bool_ and count and array.view(np.uint8).max() > 1:
         raise TensorError(f"tensor '{name}' is bool but has bytes other than 0 and 1")
     return array

@@ -177,6 +177,8 @@ def _check_value(name: str, op: str, node: graph_pb2.Node, limits: Limits) -> np
         raise InvalidArgument(f"node '{name}' ({op}) needs a value", reason="MISSING_VALUE", subject=name)
     try:
         value = tensors.decode(node.value, name, max_elements=limits.max_tensor_elements)
+    except tensors.TensorTooLarge as error:
+        raise ResourceExhausted(str(error), reason="TENSOR_TOO_LARGE", subject=name) from None
     except tensors.TensorError as error:
         raise InvalidArgument(str(error), reason="BAD_TENSOR", subject=name) from None
     if op == "parameter" and not np.issubdtype(value.dtype, np.floating):

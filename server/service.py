@@ -25,7 +25,7 @@ from chainrule import tensors
 from chainrule.server import optim
 from chainrule.server.auth import TokenFile
 from chainrule.server.engine import Engine, GraphSummary
-from chainrule.server.errors import ChainruleError, InvalidArgument, Unauthenticated, Unavailable
+from chainrule.server.errors import ChainruleError, InvalidArgument, ResourceExhausted, Unauthenticated, Unavailable
 from chainrule.server.metrics import Metrics
 from chainrule.server.plan import StopFlag
 from chainrule.v1 import graph_pb2, graph_service_pb2_grpc, tensor_pb2
@@ -120,6 +120,8 @@ def streaming(method: Handler) -> Handler:
 def decode_tensor(tensor: tensor_pb2.Tensor, name: str, max_elements: int | None = None) -> np.ndarray:
     try:
         return tensors.decode(tensor, name, max_elements)
+    except tensors.TensorTooLarge as error:
+        raise ResourceExhausted(str(error), reason="TENSOR_TOO_LARGE", subject=name) from None
     except tensors.TensorError as error:
         raise InvalidArgument(str(error), reason="BAD_TENSOR", subject=name) from None
 

@@ -249,3 +249,19 @@ def test_compose_file_and_dockerfile_are_consistent() -> None:
         assert (ROOT / copied).exists(), copied
     dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert any(dependency.startswith("grpcio-health-checking") for dependency in dependencies)
+
+
+def test_a_feed_over_the_element_limit_is_refused_before_it_is_used(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "db", ["--max-tensor-elements", "1000"]).start()
+    try:
+        graph = cr.GraphBuilder()
+        cr.sum(graph.input("x"), name="total")
+        with cr.Client(server.address) as client:
+            graph_id = client.create_graph(graph).graph_id
+            assert float(client.forward(graph_id, {"x": np.ones(1000)}, ["total"])["total"]) == 1000.0
+            with pytest.raises(cr.ChainruleError) as raised:
+                client.forward(graph_id, {"x": np.ones(1001)}, ["total"])
+            assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "tensor 'x' has 1,001 elements" in raised.value.message
+    finally:
+        server.kill()
