@@ -6,7 +6,8 @@ zero-copy `np.frombuffer` view of the received bytes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -49,20 +50,24 @@ def wire_dtype(dtype: np.dtype | str) -> tensor_pb2.DataType.ValueType:
     return code
 
 
-def encode(value: np.ndarray | float | int | bool, name: str = "tensor") -> tensor_pb2.Tensor:
+def _wire_array(value: np.ndarray | float | int | bool, name: str) -> tuple[tensor_pb2.DataType.ValueType, np.ndarray]:
     array = np.asarray(value)
     try:
         code = wire_dtype(array.dtype)
     except TensorError as error:
         raise TensorError(f"{name}: {error}") from None
-    little_endian = np.asarray(array, dtype=WIRE_DTYPES[code])
+    return code, np.asarray(array, dtype=WIRE_DTYPES[code])
+
+
+def encode(value: np.ndarray | float | int | bool, name: str = "tensor") -> tensor_pb2.Tensor:
+    code, little_endian = _wire_array(value, name)
     return tensor_pb2.Tensor(dtype=code, shape=little_endian.shape, data=little_endian.tobytes())
 
 
-def decode(tensor: tensor_pb2.Tensor, name: str = "tensor", max_elements: int | None = None) -> np.ndarray:
-    """A read-only array viewing the tensor's bytes; raises TensorError naming `name`."""
-    if tensor.chunk_offset or tensor.more_chunks:
-        raise TensorError(f"tensor '{name}' is a chunk (chunk_offset {tensor.chunk_offset}); send whole tensors")
+def _header(
+    tensor: tensor_pb2.Tensor, name: str, max_elements: int | None = None
+) -> tuple[np.dtype, tuple[int, ...], int]:
+    """The tensor's dtype, shape and element count, checked."""
     dtype = WIRE_DTYPES.get(tensor.dtype)
     if dtype is None:
         label = tensor_pb2.DataType.Name(tensor.dtype) if tensor.dtype in tensor_pb2.DataType.values() else tensor.dtype
@@ -75,6 +80,14 @@ def decode(tensor: tensor_pb2.Tensor, name: str = "tensor", max_elements: int | 
         count *= dim
     if max_elements is not None and count > max_elements:
         raise TensorTooLarge(f"tensor '{name}' has {count:,} elements, more than the limit of {max_elements:,}")
+    return dtype, shape, count
+
+
+def decode(tensor: tensor_pb2.Tensor, name: str = "tensor", max_elements: int | None = None) -> np.ndarray:
+    """A read-only array viewing the tensor's bytes; raises TensorError naming `name`."""
+    if tensor.chunk_offset or tensor.more_chunks:
+        raise TensorError(f"tensor '{name}' is a chunk (chunk_offset {tensor.chunk_offset}); send whole tensors")
+    dtype, shape, count = _header(tensor, name, max_elements)
     expected = count * dtype.itemsize
     if len(tensor.data) != expected:
         raise TensorError(
@@ -99,29 +112,53 @@ CHUNK_BYTES = 1 << 20
 """Tensors with more data than this travel in several chunks in server-to-client streams."""
 
 
-def split(tensor: tensor_pb2.Tensor, chunk_bytes: int = CHUNK_BYTES) -> list[tensor_pb2.Tensor]:
-    """The tensor itself when small enough, else its chunks in order (see Tensor in tensor.proto)."""
-    data = tensor.data
-    if len(data) <= chunk_bytes:
-        return [tensor]
-    view = memoryview(data)
-    return [
-        tensor_pb2.Tensor(
-            dtype=tensor.dtype,
-            shape=tensor.shape,
-            data=bytes(view[offset : offset + chunk_bytes]),
-            chunk_offset=offset,
-            more_chunks=offset + chunk_bytes < len(data),
+@dataclass(frozen=True)
+class Chunk:
+    """One piece of a tensor for a server-to-client stream, written straight into a response message."""
+
+    dtype: tensor_pb2.DataType.ValueType
+    shape: tuple[int, ...]
+    data: bytes
+    offset: int
+    more: bool
+
+    def write_to(self, tensor: tensor_pb2.Tensor) -> None:
+        tensor.dtype = self.dtype
+        tensor.shape.extend(self.shape)
+        tensor.data = self.data
+        if self.offset or self.more:
+            tensor.chunk_offset = self.offset
+            tensor.more_chunks = self.more
+
+
+def chunks(
+    value: np.ndarray | float | int | bool, name: str = "tensor", chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[Chunk]:
+    """The tensor as one Chunk when small enough, else its chunks in order (see Tensor in tensor.proto).
+
+    Each chunk's bytes are copied once, straight out of the array, so a large gradient is never
+    held twice in full.
+    """
+    code, array = _wire_array(value, name)
+    raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
+    total = len(raw)
+    if total <= chunk_bytes:
+        yield Chunk(code, array.shape, raw.tobytes(), 0, False)
+        return
+    for offset in range(0, total, chunk_bytes):
+        yield Chunk(
+            code, array.shape, raw[offset : offset + chunk_bytes].tobytes(), offset, offset + chunk_bytes < total
         )
-        for offset in range(0, len(data), chunk_bytes)
-    ]
 
 
 class Assembler:
-    """Joins chunked tensors back together, keyed by name, as their chunks arrive in order."""
+    """Joins chunked tensors back together, keyed by name, as their chunks arrive in order.
+
+    The first chunk sizes the whole array, and every chunk is copied into it once.
+    """
 
     def __init__(self) -> None:
-        self._partial: dict[str, tuple[tensor_pb2.Tensor, bytearray]] = {}
+        self._partial: dict[str, tuple[np.ndarray, memoryview, int]] = {}
 
     @property
     def pending(self) -> bool:
@@ -131,12 +168,25 @@ class Assembler:
         """The decoded tensor once its last chunk has arrived, else None."""
         if not piece.chunk_offset and not piece.more_chunks and name not in self._partial:
             return decode(piece, name)
-        first, data = self._partial.setdefault(name, (piece, bytearray()))
-        if piece.chunk_offset != len(data):
-            raise TensorError(f"tensor '{name}': chunk at offset {piece.chunk_offset} arrived after {len(data)} bytes")
-        data += piece.data
+        if name not in self._partial:
+            dtype, shape, _ = _header(piece, name)
+            array = np.empty(shape, dtype)
+            self._partial[name] = (array, array.reshape(-1).view(np.uint8).data, 0)
+        array, view, received = self._partial[name]
+        data = piece.data
+        if piece.chunk_offset != received or received + len(data) > len(view):
+            raise TensorError(
+                f"tensor '{name}': chunk of {len(data)} bytes at offset {piece.chunk_offset} does not follow the "
+                f"{received} bytes received of {len(view)}"
+            )
+        view[received : received + len(data)] = data
+        received += len(data)
         if piece.more_chunks:
+            self._partial[name] = (array, view, received)
             return None
         del self._partial[name]
-        whole = tensor_pb2.Tensor(dtype=first.dtype, shape=first.shape, data=bytes(data))
-        return decode(whole, name)
+        if received != len(view):
+            raise TensorError(f"tensor '{name}' ended after {received} of its {len(view)} bytes")
+        if array.dtype == np.bool_ and array.size and array.view(np.uint8).max() > 1:
+            raise TensorError(f"tensor '{name}' is bool but has bytes other than 0 and 1")
+        return array

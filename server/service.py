@@ -166,13 +166,13 @@ def train_responses(
     room = tensors.CHUNK_BYTES
     for field_name, values in (("gradients", gradients), ("updates", updates)):
         for name, value in values.items():
-            for chunk in tensors.split(tensors.encode(value, name)):
+            for chunk in tensors.chunks(value, name):
                 if len(chunk.data) > room and room < tensors.CHUNK_BYTES:
                     response.more_in_step = True
                     yield response
                     response = pb.TrainResponse(step=step, loss=loss)
                     room = tensors.CHUNK_BYTES
-                getattr(response, field_name).add(name=name, tensor=chunk)
+                chunk.write_to(getattr(response, field_name).add(name=name).tensor)
                 room -= len(chunk.data)
     yield response
 
@@ -276,15 +276,18 @@ class GraphService(graph_service_pb2_grpc.GraphServiceServicer):
         loss, gradients = self.engine.backward(
             request.graph_id, feeds, request.loss, list(request.wrt), loss_grad, call.tenant, call.stop
         )
-        *leading_loss_chunks, last_loss_chunk = tensors.split(tensors.encode(loss, request.loss))
+        *leading_loss_chunks, last_loss_chunk = tensors.chunks(loss, request.loss)
         for chunk in leading_loss_chunks:
-            yield pb.BackwardResponse(loss=chunk)
+            response = pb.BackwardResponse()
+            chunk.write_to(response.loss)
+            yield response
         first = True
         for name, gradient in gradients:
-            for chunk in tensors.split(tensors.encode(gradient, name)):
-                response = pb.BackwardResponse(name=name, gradient=chunk)
+            for chunk in tensors.chunks(gradient, name):
+                response = pb.BackwardResponse(name=name)
+                chunk.write_to(response.gradient)
                 if first:
-                    response.loss.CopyFrom(last_loss_chunk)
+                    last_loss_chunk.write_to(response.loss)
                     first = False
                 yield response
 

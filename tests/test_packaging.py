@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -21,6 +22,9 @@ def test_committed_stubs_match_a_fresh_generation(tmp_path: Path) -> None:
 
 
 def test_wheel_holds_only_the_chainrule_namespace(tmp_path: Path) -> None:
+    """Built from a copy of the tree, so no stale build/ folder of the checkout can leak into the wheel."""
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "node_modules", "build", "*.egg-info"))
     subprocess.run(
         [
             sys.executable,
@@ -32,7 +36,7 @@ def test_wheel_holds_only_the_chainrule_namespace(tmp_path: Path) -> None:
             "--no-build-isolation",
             "-w",
             str(tmp_path),
-            str(ROOT),
+            str(source),
         ],
         check=True,
     )
