@@ -32,8 +32,8 @@ class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 50051
     db: str = "chainrule.db"
-    workers: int = 32
-    max_concurrent_rpcs: int = 256
+    workers: int = 64
+    max_concurrent_rpcs: int = 60
     max_request_message_bytes: int = 512 * 1024 * 1024
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
     grace_seconds: float = 10.0
@@ -53,6 +53,7 @@ def is_loopback(host: str) -> bool:
 class RunningServer:
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
+        self._check_capacity()
         self.store = Store(options.db)
         self.engine = Engine(self.store, options.limits, options.checkpoint_every)
         self.tokens = TokenFile(options.auth_tokens) if options.auth_tokens else None
@@ -79,6 +80,12 @@ class RunningServer:
         self.port = self._bind()
         self._stopping = threading.Event()
         self._stopped = threading.Event()
+
+    def _check_capacity(self) -> None:
+        if self.options.max_concurrent_rpcs >= self.options.workers:
+            raise ValueError(
+                "--max-concurrent-rpcs must stay below --workers, so a thread is always free for health checks"
+            )
 
     def _bind(self) -> int:
         options = self.options

@@ -59,7 +59,7 @@ def add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
     network.add_argument("--host", default="127.0.0.1", help="address to bind")
     network.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one and prints it")
     network.add_argument("--db", default="chainrule.db", help="SQLite database file")
-    network.add_argument("--workers", type=int, default=32, help="RPC worker threads")
+    network.add_argument("--workers", type=int, default=64, help="RPC worker threads")
     network.add_argument("--grace-seconds", type=float, default=10.0, help="on SIGTERM, time running calls get")
     network.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     network.add_argument("--no-reflection", dest="reflection", action="store_false", help="turn off server reflection")
@@ -88,7 +88,12 @@ def add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
         help="estimated MiB of values one request may compute; larger requests get RESOURCE_EXHAUSTED",
     )
     limits.add_argument("--max-message-mb", type=int, default=512, help="largest request message accepted, MiB")
-    limits.add_argument("--max-concurrent-rpcs", type=int, default=256, help="calls and streams served at once")
+    limits.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=60,
+        help="calls and streams served at once; below --workers, so health checks always find a thread",
+    )
     training = serve_parser.add_argument_group("training")
     training.add_argument(
         "--checkpoint-every", type=int, default=100, help="steps between checkpoints when a stream asks for the default"
