@@ -360,7 +360,7 @@ def _decode_page_token(token: str) -> int:
         return 0
     try:
         prefix, seq = base64.urlsafe_b64decode(token.encode()).decode().split(":")
-        if prefix == "after" and seq.isdigit():
+        if prefix == "after" and seq.isdigit() and int(seq) < 2**63:  # SQLite integers are 64-bit
             return int(seq)
     except (ValueError, UnicodeError):
         pass

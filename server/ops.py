@@ -218,12 +218,17 @@ def log_sigmoid(x: Array) -> Array:
     return -np.logaddexp(0.0, -x)
 
 
+def _as_float(x: Array) -> Array:
+    """A float argument itself, a bool or int one in float64 (which numpy cannot always negate or keep)."""
+    return x if x.dtype.kind == "f" else x.astype(np.float64)
+
+
 def _float_argument(function: Callable[[Array], Array]) -> Callable[[Array], Array]:
     """`function` of a bool or int argument taken in float64, as the shape rule says; numpy would
     compute exp, log, sqrt and tanh of bool in float16, a dtype the wire cannot carry."""
 
     def forward(x: Array) -> Array:
-        return function(x if x.dtype.kind == "f" else x.astype(np.float64))
+        return function(_as_float(x))
 
     return forward
 
@@ -442,7 +447,7 @@ def _bce_logits(g: Array, ans: Array, logits: Array, targets: Array) -> Array:
 
 
 def _bce_targets(g: Array, ans: Array, logits: Array, targets: Array) -> Array:
-    grad = np.broadcast_to(-logits, np.broadcast_shapes(np.shape(logits), np.shape(targets)))
+    grad = np.broadcast_to(-_as_float(logits), np.broadcast_shapes(np.shape(logits), np.shape(targets)))
     return unbroadcast(grad * (g / _bce_count(logits, targets)), np.shape(targets))
 
 
