@@ -17,9 +17,9 @@ from chainrule.server.auth import AuthInterceptor, TokenFile
 from chainrule.server.engine import DEFAULT_CHECKPOINT_EVERY, Engine
 from chainrule.server.graph import Limits
 from chainrule.server.metrics import Metrics
-from chainrule.server.service import GraphService
+from chainrule.server.service import GraphService, add_to_server
 from chainrule.server.store import Store
-from chainrule.v1 import graph_service_pb2, graph_service_pb2_grpc
+from chainrule.v1 import graph_service_pb2
 
 log = logging.getLogger("chainrule.server")
 SERVICE_NAME = graph_service_pb2.DESCRIPTOR.services_by_name["GraphService"].full_name
@@ -72,7 +72,7 @@ class RunningServer:
             ],
             maximum_concurrent_rpcs=options.max_concurrent_rpcs,
         )
-        graph_service_pb2_grpc.add_GraphServiceServicer_to_server(self.service, self.server)
+        add_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if options.reflection:
             names = (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)

@@ -170,6 +170,8 @@ class Engine:
                     max_request_bytes=self.limits.max_request_bytes,
                 )
                 saved = self.store.load_checkpoint(graph_id)
+                if saved is None:
+                    raise NotFound(f"graph '{graph_id}' not found", reason="GRAPH_NOT_FOUND", subject=graph_id)
                 live = LiveGraph(stored, plan, saved.parameters, saved.optimizer_state, saved.step, saved.step)
                 self._live[graph_id] = live
         if live.stored.tenant != tenant:

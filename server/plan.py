@@ -30,6 +30,8 @@ from chainrule.server.shapes import TensorType, describe
 
 Array = np.ndarray
 SCHEDULE_CACHE_SIZE = 64
+NUMPY_ERRORS = (ValueError, TypeError, IndexError, ArithmeticError, np.exceptions.AxisError)
+"""What numpy raises for arguments an op cannot take; reported as INVALID_ARGUMENT naming the node."""
 RELEASE_MIN_BYTES = 1 << 12
 """Released values smaller than this are kept: a stand-in would cost more than it frees."""
 
@@ -307,8 +309,10 @@ class Plan:
                         value = values[released]
                         if value.nbytes >= release_min_bytes:  # type: ignore[union-attr]
                             values[released] = _stand_in(value)  # type: ignore[arg-type]
-        except (ValueError, TypeError, IndexError, np.exceptions.AxisError) as error:
+        except NUMPY_ERRORS as error:
             raise self._node_error(slot, error) from None
+        except MemoryError:
+            raise self._memory_error(slot) from None
         return values
 
     def check_allocation(self, schedule: Schedule, feeds: Mapping[str, Array]) -> None:
@@ -387,9 +391,17 @@ class Plan:
                     subject=name,
                 )
 
-    def _node_error(self, slot: int, error: Exception) -> InvalidArgument:
+    def _node_error(self, slot: int, error: Exception, doing: str = "") -> InvalidArgument:
         name = self.names[slot]
-        return InvalidArgument(f"node '{name}' ({self.ops[slot]}): {error}", reason="SHAPE_MISMATCH", subject=name)
+        return InvalidArgument(
+            f"{doing}node '{name}' ({self.ops[slot]}): {error}", reason="SHAPE_MISMATCH", subject=name
+        )
+
+    def _memory_error(self, slot: int) -> ResourceExhausted:
+        name = self.names[slot]
+        return ResourceExhausted(
+            f"node '{name}' ({self.ops[slot]}) ran out of memory on the server", reason="OUT_OF_MEMORY", subject=name
+        )
 
     def _reverse(
         self, schedule: Schedule, values: list[Array | None], loss_slot: int, seed: Array, stop: StopFlag | None
@@ -397,28 +409,34 @@ class Plan:
         grads: list[Array | None] = [None] * len(self.names)
         grads[loss_slot] = seed
         names = self.names
-        with np.errstate(all="ignore"):
-            for done, (slot, arguments, pairs, streamed) in enumerate(schedule.reverse):
-                if stop is not None and stop.stopped:
-                    raise Cancelled(
-                        f"cancelled after {done} of {len(schedule.reverse)} reverse steps", reason="CANCELLED"
-                    )
-                grad = grads[slot]
-                ans = values[slot]
-                if streamed:
-                    yield names[slot], np.zeros(np.shape(ans), np.asarray(ans).dtype) if grad is None else grad
-                if grad is not None and pairs:
-                    for vjp, argument in pairs:
-                        if len(arguments) == 1:
-                            contribution = vjp(grad, ans, values[arguments[0]])
-                        elif len(arguments) == 2:
-                            contribution = vjp(grad, ans, values[arguments[0]], values[arguments[1]])
-                        else:
-                            contribution = vjp(grad, ans, *[values[argument] for argument in arguments])
-                        dtype = values[argument].dtype  # type: ignore[union-attr]
-                        if contribution.dtype != dtype:
-                            contribution = contribution.astype(dtype)
-                        previous = grads[argument]
-                        grads[argument] = contribution if previous is None else previous + contribution
-                grads[slot] = None
-                values[slot] = None
+        slot = -1
+        try:
+            with np.errstate(all="ignore"):
+                for done, (slot, arguments, pairs, streamed) in enumerate(schedule.reverse):
+                    if stop is not None and stop.stopped:
+                        raise Cancelled(
+                            f"cancelled after {done} of {len(schedule.reverse)} reverse steps", reason="CANCELLED"
+                        )
+                    grad = grads[slot]
+                    ans = values[slot]
+                    if streamed:
+                        yield names[slot], np.zeros(np.shape(ans), np.asarray(ans).dtype) if grad is None else grad
+                    if grad is not None and pairs:
+                        for vjp, argument in pairs:
+                            if len(arguments) == 1:
+                                contribution = vjp(grad, ans, values[arguments[0]])
+                            elif len(arguments) == 2:
+                                contribution = vjp(grad, ans, values[arguments[0]], values[arguments[1]])
+                            else:
+                                contribution = vjp(grad, ans, *[values[argument] for argument in arguments])
+                            dtype = values[argument].dtype  # type: ignore[union-attr]
+                            if contribution.dtype != dtype:
+                                contribution = contribution.astype(dtype)
+                            previous = grads[argument]
+                            grads[argument] = contribution if previous is None else previous + contribution
+                    grads[slot] = None
+                    values[slot] = None
+        except NUMPY_ERRORS as error:
+            raise self._node_error(slot, error, "the gradient through ") from None
+        except MemoryError:
+            raise self._memory_error(slot) from None

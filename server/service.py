@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -71,7 +72,7 @@ def unary(method: Handler) -> Handler:
         code = "OK"
         try:
             self.authorize(call)
-            response = method(self, request, context, call)
+            response = method(self, parsed(request), context, call)
             call.bytes_out += response.ByteSize()
             return response
         except ChainruleError as error:
@@ -96,7 +97,8 @@ def streaming(method: Handler) -> Handler:
         code = "OK"
         try:
             self.authorize(call)
-            for response in method(self, request, context, call):
+            requests = (parsed(item) for item in request) if isinstance(request, Iterator) else parsed(request)
+            for response in method(self, requests, context, call):
                 call.bytes_out += response.ByteSize()
                 yield response
         except ChainruleError as error:
@@ -115,6 +117,50 @@ def streaming(method: Handler) -> Handler:
             self.end(call, code)
 
     return handler  # type: ignore[return-value]
+
+
+class MalformedRequest:
+    """Stands in for a request whose bytes did not parse, so the client gets INVALID_ARGUMENT
+    instead of gRPC's own INTERNAL "Exception deserializing request"."""
+
+    def __init__(self, message_type: str, error: Exception) -> None:
+        self.message = f"the {message_type} could not be parsed: {error}"
+
+
+def _lenient_parser(message_class: type[Message]) -> Callable[[bytes], Message | MalformedRequest]:
+    def parse(data: bytes) -> Message | MalformedRequest:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as error:
+            return MalformedRequest(message_class.__name__, error)
+
+    return parse
+
+
+def parsed(request: Any) -> Any:
+    if isinstance(request, MalformedRequest):
+        raise InvalidArgument(request.message, reason="MALFORMED_REQUEST")
+    return request
+
+
+def add_to_server(service: GraphService, server: grpc.Server) -> None:
+    """Register like the generated add_GraphServiceServicer_to_server, with lenient request parsing."""
+    descriptor = pb.DESCRIPTOR.services_by_name["GraphService"]
+    factories = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {
+        method.name: factories[method.client_streaming, method.server_streaming](
+            getattr(service, method.name),
+            request_deserializer=_lenient_parser(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+        for method in descriptor.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
 
 
 def decode_tensor(tensor: tensor_pb2.Tensor, name: str, max_elements: int | None = None) -> np.ndarray:

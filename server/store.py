@@ -179,12 +179,17 @@ class Store:
             return db.execute("DELETE FROM graphs WHERE graph_id = ?", (graph_id,)).rowcount > 0
 
     # ------------------------------------------------------------ parameters and training state
-    def load_checkpoint(self, graph_id: str) -> Checkpoint:
+    def load_checkpoint(self, graph_id: str) -> Checkpoint | None:
+        """The graph's committed step, parameters and optimizer state, read in one transaction;
+        None when the graph is gone (deleted since it was looked up)."""
         with self._lock:
             try:
                 self._db.execute("BEGIN")
                 try:
-                    (step,) = self._db.execute("SELECT step FROM graphs WHERE graph_id = ?", (graph_id,)).fetchone()
+                    row = self._db.execute("SELECT step FROM graphs WHERE graph_id = ?", (graph_id,)).fetchone()
+                    if row is None:
+                        return None
+                    (step,) = row
                     parameter_rows = self._db.execute(
                         "SELECT name, dtype, shape, data FROM parameters WHERE graph_id = ?", (graph_id,)
                     ).fetchall()

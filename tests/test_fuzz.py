@@ -756,9 +756,20 @@ def test_mutated_request_bytes_for_every_rpc(wire: Wire, data) -> None:  # type:
     for raw in raw_messages:
         try:
             messages.append(message_type.FromString(raw))
-        except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends: unparseable bytes are not sent
+        except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends: sent raw below
             continue
     event(f"{method}: {len(messages)} of {len(raw_messages)} parsed")
+    if len(messages) < len(raw_messages):
+        path = f"/chainrule.v1.GraphService/{method}"
+        channel = wire.server.channel()
+        if method == "Train":
+            code, _ = wire.call(method, lambda: channel.stream_stream(path)(iter(raw_messages), timeout=TIMEOUT))
+        elif method == "Backward":
+            code, _ = wire.call(method, lambda: channel.unary_stream(path)(raw_messages[0], timeout=TIMEOUT))
+        else:
+            code, _ = wire.call(method, lambda: channel.unary_unary(path)(raw_messages[0], timeout=TIMEOUT))
+        channel.close()
+        event(f"{method} raw bytes: {code.name}")
     if messages:
         first = messages[0]
         if method != "DeleteGraph" and data.draw(st.booleans(), label="aim at an existing graph"):

@@ -356,3 +356,16 @@ def test_health_command_reports_serving(server: ServerProcess) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "SERVING" in result.stdout
+
+
+def test_request_bytes_that_do_not_parse_get_invalid_argument(server: ServerProcess) -> None:
+    channel = grpc.insecure_channel(server.address)
+    garbage = b"\xff\xff\xff\xff\x0f"
+    for method in ("CreateGraph", "Forward", "ListGraphs"):
+        call = channel.unary_unary(f"/chainrule.v1.GraphService/{method}")
+        details = expect_error(grpc.StatusCode.INVALID_ARGUMENT, lambda call=call: call(garbage), "could not be parsed")
+        assert "Request" in details
+    backward = channel.unary_stream("/chainrule.v1.GraphService/Backward")
+    expect_error(grpc.StatusCode.INVALID_ARGUMENT, lambda: backward(garbage), "BackwardRequest could not be parsed")
+    train = channel.stream_stream("/chainrule.v1.GraphService/Train")
+    expect_error(grpc.StatusCode.INVALID_ARGUMENT, lambda: train(iter([garbage])), "TrainRequest could not be parsed")
