@@ -110,7 +110,7 @@ class EngineTrainer:
         gradients = dict(reverse)
         for name in PARAMETER_NAMES:
             update, _ = optim.step(self.optimizer, self.parameters[name], gradients[name], {})
-            self.parameters[name] = self.parameters[name] + update
+            self.parameters[name] = optim.apply(self.parameters[name], update, keep_update=False)
         return float(loss)
 
 

@@ -245,7 +245,10 @@ class Engine:
         checkpoint_every: int = 0,
         stop_on_non_finite_loss: bool = False,
         tenant: str = "",
+        keep_updates: bool = True,
     ) -> TrainingSession:
+        """`keep_updates` False (the updates are not streamed) lets each step build the new
+        parameter values in the update's own buffer."""
         live = self.live(graph_id, tenant)
         live.plan.slot(loss, "loss")
         try:
@@ -264,7 +267,7 @@ class Engine:
                 f"checkpoint_every is {checkpoint_every}; it must not be negative", subject="checkpoint_every"
             )
         every = checkpoint_every or self.checkpoint_every
-        return TrainingSession(self, live, loss, optimizer, names, every, stop_on_non_finite_loss)
+        return TrainingSession(self, live, loss, optimizer, names, every, stop_on_non_finite_loss, keep_updates)
 
 
 class TrainingSession:
@@ -279,6 +282,7 @@ class TrainingSession:
         names: list[str],
         checkpoint_every: int,
         stop_on_non_finite_loss: bool,
+        keep_updates: bool,
     ) -> None:
         self.engine = engine
         self.live = live
@@ -288,6 +292,7 @@ class TrainingSession:
         self.names = names
         self.checkpoint_every = checkpoint_every
         self.stop_on_non_finite_loss = stop_on_non_finite_loss
+        self.keep_updates = keep_updates
 
     def step(self, feeds: Mapping[str, Array], stop: StopFlag | None = None) -> StepResult:
         live = self.live
@@ -309,9 +314,10 @@ class TrainingSession:
                 update, new_state_of_name = optim.step(
                     self.optimizer, parameters[name], gradients[name], self._state_to_continue(name)
                 )
-                new_parameters[name] = parameters[name] + update
+                new_parameters[name] = optim.apply(parameters[name], update, keep_update=self.keep_updates)
                 new_state[name] = (self.kind, new_state_of_name)
-                updates[name] = update
+                if self.keep_updates:
+                    updates[name] = update
             step = live.step + 1
             if step - live.committed_step >= self.checkpoint_every:
                 # Commit before publishing: a step whose checkpoint the store refuses is not applied.

@@ -140,3 +140,9 @@ def _adam_step(adam: Adam, param: np.ndarray, grad: np.ndarray, state: State) ->
         "step": np.array(count, dtype=np.int64),
     }
     return update, new_state
+
+
+def apply(param: np.ndarray, update: np.ndarray, keep_update: bool = True) -> np.ndarray:
+    """The new value `param + update`, bit for bit. Without `keep_update` the sum is written into
+    the update's buffer, which `step` always allocates fresh: one large allocation less per step."""
+    return param + update if keep_update else np.add(param, update, out=update)

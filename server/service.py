@@ -358,6 +358,7 @@ class GraphService(graph_service_pb2_grpc.GraphServiceServicer):
             config.checkpoint_every,
             config.stop_on_non_finite_loss,
             call.tenant,
+            keep_updates=config.stream_updates,
         )
         try:
             for index, request in enumerate(requests):

@@ -248,3 +248,16 @@ def test_step_rejects_state_of_another_optimizer() -> None:
 def test_step_rejects_integer_parameters() -> None:
     with pytest.raises(ValueError, match="floating"):
         step(Sgd(learning_rate=0.1), np.zeros(3, dtype=np.int64), np.zeros(3, dtype=np.int64), {})
+
+
+def test_apply_adds_the_update_bit_for_bit_whether_or_not_the_update_is_kept() -> None:
+    rng = np.random.default_rng(5)
+    param = rng.normal(size=(4, 3)).astype(np.float32)
+    update, _ = optim.step(optim.Sgd(0.1, momentum=0.9), param, rng.normal(size=(4, 3)), {})
+    expected = param + update
+    before = param.copy()
+    kept = optim.apply(param, update, keep_update=True)
+    assert kept.tobytes() == expected.tobytes() and kept is not update
+    reused = optim.apply(param, update, keep_update=False)
+    assert reused.tobytes() == expected.tobytes() and reused is update
+    assert param.tobytes() == before.tobytes()
