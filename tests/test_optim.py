@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from chainrule.server.optim import Adam, Optimizer, Sgd, State, state_keys, step, validate
+from chainrule.server.optim import Adam, Optimizer, Sgd, State, apply, state_keys, step, validate
 
 STEPS = 5
 SHAPE = (3, 4)
@@ -253,11 +253,11 @@ def test_step_rejects_integer_parameters() -> None:
 def test_apply_adds_the_update_bit_for_bit_whether_or_not_the_update_is_kept() -> None:
     rng = np.random.default_rng(5)
     param = rng.normal(size=(4, 3)).astype(np.float32)
-    update, _ = optim.step(optim.Sgd(0.1, momentum=0.9), param, rng.normal(size=(4, 3)), {})
+    update, _ = step(Sgd(0.1, momentum=0.9), param, rng.normal(size=(4, 3)), {})
     expected = param + update
     before = param.copy()
-    kept = optim.apply(param, update, keep_update=True)
+    kept = apply(param, update, keep_update=True)
     assert kept.tobytes() == expected.tobytes() and kept is not update
-    reused = optim.apply(param, update, keep_update=False)
+    reused = apply(param, update, keep_update=False)
     assert reused.tobytes() == expected.tobytes() and reused is update
     assert param.tobytes() == before.tobytes()
