@@ -380,12 +380,14 @@ defop(
 
 # ---------------------------------------------------------------- softmax family and losses
 def softmax(x: Array, axis: int = -1) -> Array:
-    shifted = np.exp(x - np.max(x, axis=axis, keepdims=True))
-    return shifted / np.sum(shifted, axis=axis, keepdims=True)
+    exps = np.exp(x - x.max(axis=axis, keepdims=True))
+    return exps / exps.sum(axis=axis, keepdims=True)
 
 
 def log_softmax(x: Array, axis: int = -1) -> Array:
-    return x - logsumexp(x, (axis,), keepdims=True)
+    """x - logsumexp(x) with the max shifted out first, so ±1000 neither overflows nor underflows."""
+    shifted = x - x.max(axis=axis, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
 
 
 def _softmax_vjp(g: Array, ans: Array, x: Array, axis: int = -1) -> Array:

@@ -79,7 +79,7 @@ def step(optimizer: Optimizer, param: np.ndarray, grad: np.ndarray, state: State
     The optimizer is trusted to have passed `validate`. The update and the state's arrays are
     in the parameter's dtype, as torch keeps them, so float32 parameters stay float32.
     """
-    if not np.issubdtype(param.dtype, np.floating):
+    if param.dtype.kind != "f":
         raise ValueError(f"only floating-point parameters can be optimized, got dtype {param.dtype}")
     if grad.shape != param.shape:
         raise ValueError(f"gradient shape {grad.shape} does not match parameter shape {param.shape}")

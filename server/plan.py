@@ -250,7 +250,7 @@ class Plan:
         values = self._evaluate(schedule, feeds, parameters, stop)
         for slot in wrt_slots:
             dtype = np.asarray(values[slot]).dtype
-            if not np.issubdtype(dtype, np.floating):
+            if dtype.kind != "f":
                 name = self.names[slot]
                 raise InvalidArgument(
                     f"wrt '{name}' has dtype {dtype}; gradients exist for float nodes only",
@@ -262,7 +262,7 @@ class Plan:
         return loss_value, self._reverse(schedule, values, loss_slot, seed, stop)
 
     def _seed(self, loss: str, value: Array, loss_grad: Array | None) -> Array:
-        if not np.issubdtype(value.dtype, np.floating):
+        if value.dtype.kind != "f":
             raise InvalidArgument(
                 f"loss '{loss}' has dtype {value.dtype}; only a float node can be differentiated",
                 reason="NOT_DIFFERENTIABLE",
