@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from chainrule import tensors
+from chainrule.client.builder import attr_value
 from chainrule.server.graph import build_graph
 from chainrule.server.plan import Plan
 from chainrule.v1 import graph_pb2
@@ -33,21 +34,6 @@ ATOL = 1e-7
 
 
 # ---------------------------------------------------------------- building graph messages
-def attr_value(value: AttrLike) -> graph_pb2.AttrValue:
-    if isinstance(value, bool):
-        return graph_pb2.AttrValue(b=value)
-    if isinstance(value, int):
-        return graph_pb2.AttrValue(i=value)
-    if isinstance(value, float):
-        return graph_pb2.AttrValue(f=value)
-    if isinstance(value, str):
-        return graph_pb2.AttrValue(s=value)
-    items = list(value)
-    if all(isinstance(item, int) and not isinstance(item, bool) for item in items):
-        return graph_pb2.AttrValue(ints=graph_pb2.IntList(values=[int(item) for item in items]))
-    return graph_pb2.AttrValue(floats=graph_pb2.FloatList(values=[float(item) for item in items]))
-
-
 def input_node(name: str, dtype: str | None = None, shape: Sequence[int] | None = None) -> graph_pb2.Node:
     attrs: dict[str, AttrLike] = {}
     if dtype is not None:

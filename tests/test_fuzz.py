@@ -49,6 +49,7 @@ from hypothesis import HealthCheck, Phase, event, given, seed, settings
 from hypothesis import strategies as st
 
 from chainrule import tensors
+from chainrule.client.builder import attr_value
 from chainrule.server.ops import OPS
 from chainrule.server.shapes import ShapeError, TensorType
 from chainrule.v1 import graph_pb2, graph_service_pb2_grpc, tensor_pb2
@@ -183,18 +184,6 @@ def _node(name: str, op: str, *inputs: str, value: np.ndarray | None = None, **a
     for key, attr in attrs.items():
         message.attrs[key].CopyFrom(attr_value(attr))
     return message
-
-
-def attr_value(value: Any) -> graph_pb2.AttrValue:
-    if isinstance(value, bool):
-        return graph_pb2.AttrValue(b=value)
-    if isinstance(value, int):
-        return graph_pb2.AttrValue(i=value)
-    if isinstance(value, float):
-        return graph_pb2.AttrValue(f=value)
-    if isinstance(value, str):
-        return graph_pb2.AttrValue(s=value)
-    return graph_pb2.AttrValue(ints=graph_pb2.IntList(values=list(value)))
 
 
 # ---------------------------------------------------------------- random valid graphs
