@@ -114,21 +114,52 @@ CHUNK_BYTES = 1 << 20
 
 @dataclass(frozen=True)
 class Chunk:
-    """One piece of a tensor for a server-to-client stream, written straight into a response message."""
+    """One piece of a tensor for a server-to-client stream; `data` views the array it came from."""
 
     dtype: tensor_pb2.DataType.ValueType
     shape: tuple[int, ...]
-    data: bytes
+    data: memoryview
     offset: int
     more: bool
 
-    def write_to(self, tensor: tensor_pb2.Tensor) -> None:
-        tensor.dtype = self.dtype
-        tensor.shape.extend(self.shape)
-        tensor.data = self.data
+    def _header(self) -> tensor_pb2.Tensor:
+        tensor = tensor_pb2.Tensor(dtype=self.dtype, shape=self.shape)
         if self.offset or self.more:
             tensor.chunk_offset = self.offset
             tensor.more_chunks = self.more
+        return tensor
+
+    def write_to(self, tensor: tensor_pb2.Tensor) -> None:
+        tensor.MergeFrom(self._header())
+        tensor.data = self.data.tobytes()
+
+    def serialized_into(self, field_number: int, head: bytes) -> bytes:
+        """`head`, a serialized message, with this chunk appended as its Tensor field `field_number`.
+
+        Protobuf parsers merge fields however they are ordered, so the message never has to be
+        built: the chunk's bytes are copied once, from the array straight into the result.
+        """
+        rest = self._header().SerializeToString()
+        data_header = _length_delimited(TENSOR_DATA_FIELD, len(self.data))
+        tensor_length = len(rest) + len(data_header) + len(self.data)
+        return b"".join((head, _length_delimited(field_number, tensor_length), rest, data_header, self.data))
+
+
+TENSOR_DATA_FIELD = tensor_pb2.Tensor.DESCRIPTOR.fields_by_name["data"].number
+
+
+def _varint(value: int) -> bytes:
+    encoded = bytearray()
+    while value > 0x7F:
+        encoded.append(value & 0x7F | 0x80)
+        value >>= 7
+    encoded.append(value)
+    return bytes(encoded)
+
+
+def _length_delimited(field_number: int, length: int) -> bytes:
+    """The tag (wire type 2) and length prefix of a bytes or message field."""
+    return _varint(field_number << 3 | 2) + _varint(length)
 
 
 def chunks(
@@ -136,19 +167,16 @@ def chunks(
 ) -> Iterator[Chunk]:
     """The tensor as one Chunk when small enough, else its chunks in order (see Tensor in tensor.proto).
 
-    Each chunk's bytes are copied once, straight out of the array, so a large gradient is never
-    held twice in full.
+    Chunks view the array, so a large gradient is never held twice in full.
     """
     code, array = _wire_array(value, name)
     raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
     total = len(raw)
     if total <= chunk_bytes:
-        yield Chunk(code, array.shape, raw.tobytes(), 0, False)
+        yield Chunk(code, array.shape, raw, 0, False)
         return
     for offset in range(0, total, chunk_bytes):
-        yield Chunk(
-            code, array.shape, raw[offset : offset + chunk_bytes].tobytes(), offset, offset + chunk_bytes < total
-        )
+        yield Chunk(code, array.shape, raw[offset : offset + chunk_bytes], offset, offset + chunk_bytes < total)
 
 
 class Assembler:

@@ -36,6 +36,7 @@ log = logging.getLogger("chainrule.server")
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 ERROR_DOMAIN = "chainrule"
 REQUEST_ID_KEY = "x-request-id"
+GRADIENT_FIELD = pb.BackwardResponse.DESCRIPTOR.fields_by_name["gradient"].number
 
 
 @dataclass
@@ -99,7 +100,7 @@ def streaming(method: Handler) -> Handler:
             self.authorize(call)
             requests = (parsed(item) for item in request) if isinstance(request, Iterator) else parsed(request)
             for response in method(self, requests, context, call):
-                call.bytes_out += response.ByteSize()
+                call.bytes_out += len(response) if isinstance(response, bytes) else response.ByteSize()
                 yield response
         except ChainruleError as error:
             code, call.detail = error.status, error.message
@@ -143,6 +144,11 @@ def parsed(request: Any) -> Any:
     return request
 
 
+def _serialize(response: Message | bytes) -> bytes:
+    """Responses are messages, or bytes a method serialized itself."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
 def add_to_server(service: GraphService, server: grpc.Server) -> None:
     """Register like the generated add_GraphServiceServicer_to_server, with lenient request parsing."""
     descriptor = pb.DESCRIPTOR.services_by_name["GraphService"]
@@ -156,7 +162,7 @@ def add_to_server(service: GraphService, server: grpc.Server) -> None:
         method.name: factories[method.client_streaming, method.server_streaming](
             getattr(service, method.name),
             request_deserializer=_lenient_parser(getattr(pb, method.input_type.name)),
-            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+            response_serializer=_serialize,
         )
         for method in descriptor.methods
     }
@@ -314,9 +320,9 @@ class GraphService(graph_service_pb2_grpc.GraphServiceServicer):
         return pb.ForwardResponse(outputs=tensors.encode_named(zip(fetches, values, strict=True)))
 
     @streaming
-    def Backward(
-        self, request: pb.BackwardRequest, context: grpc.ServicerContext, call: Call
-    ) -> Iterator[pb.BackwardResponse]:
+    def Backward(self, request: pb.BackwardRequest, context: grpc.ServicerContext, call: Call) -> Iterator[bytes]:
+        """Gradient messages go out already serialized (see Chunk.serialized_into): for a large
+        gradient that saves two full copies of it."""
         feeds = self.decode_feeds(request.feeds)
         loss_grad = decode_tensor(request.loss_grad, "loss_grad") if request.HasField("loss_grad") else None
         loss, gradients = self.engine.backward(
@@ -330,12 +336,11 @@ class GraphService(graph_service_pb2_grpc.GraphServiceServicer):
         first = True
         for name, gradient in gradients:
             for chunk in tensors.chunks(gradient, name):
-                response = pb.BackwardResponse(name=name)
-                chunk.write_to(response.gradient)
+                head = pb.BackwardResponse(name=name)
                 if first:
-                    last_loss_chunk.write_to(response.loss)
+                    last_loss_chunk.write_to(head.loss)
                     first = False
-                yield response
+                yield chunk.serialized_into(GRADIENT_FIELD, head.SerializeToString())
 
     # ------------------------------------------------------------ training
     @streaming

@@ -81,3 +81,17 @@ def test_chunks_out_of_order_or_missing_are_refused() -> None:
     assembler.add("g", pieces[0])
     with pytest.raises(tensors.TensorError, match="ended after"):
         assembler.add("g", truncated)
+
+
+@pytest.mark.parametrize("size", [0, 1, 50, 1000])
+def test_a_chunk_serialized_into_a_message_parses_like_one_built_field_by_field(size: int) -> None:
+    from chainrule.v1 import graph_service_pb2 as pb
+
+    value = np.arange(size * 3, dtype=np.float32).reshape(size, 3)
+    for chunk in tensors.chunks(value, "g", chunk_bytes=1024):
+        head = pb.BackwardResponse(name="g", loss=tensors.encode(np.float64(1.5)))
+        expected = pb.BackwardResponse()
+        expected.CopyFrom(head)
+        chunk.write_to(expected.gradient)
+        parsed = pb.BackwardResponse.FromString(chunk.serialized_into(2, head.SerializeToString()))
+        assert parsed == expected
