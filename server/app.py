@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from chainrule.server.auth import AuthInterceptor, TokenFile
-from chainrule.server.engine import DEFAULT_CHECKPOINT_EVERY, Engine
+from chainrule.server.engine import DEFAULT_CHECKPOINT_EVERY, DEFAULT_MAX_LIVE_GRAPHS, Engine
 from chainrule.server.graph import Limits
 from chainrule.server.metrics import Metrics
 from chainrule.server.service import GraphService, add_to_server
@@ -44,6 +44,7 @@ class ServerOptions:
     tls_client_ca: str | None = None
     reflection: bool = True
     metrics_port: int | None = None
+    max_live_graphs: int = DEFAULT_MAX_LIVE_GRAPHS
 
 
 def is_loopback(host: str) -> bool:
@@ -55,7 +56,7 @@ class RunningServer:
         self.options = options
         self._check_capacity()
         self.store = Store(options.db)
-        self.engine = Engine(self.store, options.limits, options.checkpoint_every)
+        self.engine = Engine(self.store, options.limits, options.checkpoint_every, options.max_live_graphs)
         self.tokens = TokenFile(options.auth_tokens) if options.auth_tokens else None
         self.metrics = Metrics()
         self.metrics.graphs.set(self.store.count_graphs())

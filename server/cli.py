@@ -9,6 +9,7 @@ import sys
 from chainrule.client.commands import add_client_commands
 from chainrule.server import logs
 from chainrule.server.app import RunningServer, ServerOptions
+from chainrule.server.engine import DEFAULT_MAX_LIVE_GRAPHS
 from chainrule.server.graph import Limits
 
 MIB = 1024 * 1024
@@ -39,6 +40,7 @@ def serve(args: argparse.Namespace) -> int:
         tls_client_ca=args.tls_client_ca,
         reflection=args.reflection,
         metrics_port=args.metrics_port,
+        max_live_graphs=args.max_live_graphs,
     )
     try:
         server = RunningServer(options)
@@ -86,6 +88,12 @@ def add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
         type=int,
         default=defaults.max_request_bytes // MIB,
         help="estimated MiB of values one request may compute; larger requests get RESOURCE_EXHAUSTED",
+    )
+    limits.add_argument(
+        "--max-live-graphs",
+        type=int,
+        default=DEFAULT_MAX_LIVE_GRAPHS,
+        help="graphs kept compiled in memory; idle ones beyond this are recompiled from the store when used",
     )
     limits.add_argument("--max-message-mb", type=int, default=512, help="largest request message accepted, MiB")
     limits.add_argument(

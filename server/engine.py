@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import math
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from chainrule.v1 import graph_pb2
 
 Array = np.ndarray
 DEFAULT_CHECKPOINT_EVERY = 100
+DEFAULT_MAX_LIVE_GRAPHS = 256
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 
@@ -39,6 +41,9 @@ class LiveGraph:
     committed_step: int
     deleted: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+    sessions: int = 0
+    """Open training streams; a graph with any stays compiled in memory."""
+    last_used: float = field(default_factory=time.monotonic)
 
     def checkpoint(self) -> Checkpoint:
         return Checkpoint(self.step, self.parameters, self.optimizer_state)
@@ -66,11 +71,16 @@ class StepResult:
 
 class Engine:
     def __init__(
-        self, store: Store, limits: Limits | None = None, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
+        self,
+        store: Store,
+        limits: Limits | None = None,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+        max_live_graphs: int = DEFAULT_MAX_LIVE_GRAPHS,
     ) -> None:
         self.store = store
         self.limits = limits or Limits()
         self.checkpoint_every = checkpoint_every
+        self.max_live_graphs = max_live_graphs
         self._live: dict[str, LiveGraph] = {}
         self._live_lock = threading.Lock()
 
@@ -96,6 +106,7 @@ class Engine:
         )
         with self._live_lock:
             self._live[stored.graph_id] = LiveGraph(stored, plan, initial, {}, 0, 0)  # type: ignore[arg-type]
+            self._evict_idle()
         return self._summary(stored, 0)
 
     def get_graph(self, graph_id: str, tenant: str = "") -> GraphSummary:
@@ -155,10 +166,25 @@ class Engine:
             stored.created_at,
         )
 
+    @property
+    def live_graph_count(self) -> int:
+        return len(self._live)
+
+    def _evict_idle(self) -> None:
+        """Beyond max_live_graphs, forget the least recently used graphs no stream is training;
+        everything about them is committed, so the next use compiles them again from the store."""
+        excess = len(self._live) - self.max_live_graphs
+        if excess <= 0:
+            return
+        idle = [live for live in self._live.values() if live.sessions == 0 and live.step == live.committed_step]
+        for live in sorted(idle, key=lambda live: live.last_used)[:excess]:
+            del self._live[live.stored.graph_id]
+
     def live(self, graph_id: str, tenant: str = "") -> LiveGraph:
         """The graph's compiled plan and live state, compiled from the store on first use."""
         live = self._live.get(graph_id)
         if live is not None and live.stored.tenant == tenant:
+            live.last_used = time.monotonic()
             return live
         with self._live_lock:
             live = self._live.get(graph_id)
@@ -174,6 +200,7 @@ class Engine:
                     raise NotFound(f"graph '{graph_id}' not found", reason="GRAPH_NOT_FOUND", subject=graph_id)
                 live = LiveGraph(stored, plan, saved.parameters, saved.optimizer_state, saved.step, saved.step)
                 self._live[graph_id] = live
+                self._evict_idle()
         if live.stored.tenant != tenant:
             raise NotFound(f"graph '{graph_id}' not found", reason="GRAPH_NOT_FOUND", subject=graph_id)
         return live
@@ -249,7 +276,39 @@ class Engine:
     ) -> TrainingSession:
         """`keep_updates` False (the updates are not streamed) lets each step build the new
         parameter values in the update's own buffer."""
-        live = self.live(graph_id, tenant)
+        live = self._pin(graph_id, tenant)
+        try:
+            return self._open_session(
+                live, graph_id, loss, optimizer, parameters, checkpoint_every, stop_on_non_finite_loss, keep_updates
+            )
+        except BaseException:
+            self.unpin(live)
+            raise
+
+    def _pin(self, graph_id: str, tenant: str) -> LiveGraph:
+        """The live graph, counted as trained so it stays in memory until `unpin`."""
+        while True:
+            live = self.live(graph_id, tenant)
+            with self._live_lock:
+                if self._live.get(graph_id) is live:  # not evicted since the lookup
+                    live.sessions += 1
+                    return live
+
+    def unpin(self, live: LiveGraph) -> None:
+        with self._live_lock:
+            live.sessions -= 1
+
+    def _open_session(
+        self,
+        live: LiveGraph,
+        graph_id: str,
+        loss: str,
+        optimizer: optim.Optimizer,
+        parameters: Sequence[str],
+        checkpoint_every: int,
+        stop_on_non_finite_loss: bool,
+        keep_updates: bool,
+    ) -> TrainingSession:
         live.plan.slot(loss, "loss")
         try:
             optim.validate(optimizer)
@@ -293,6 +352,7 @@ class TrainingSession:
         self.checkpoint_every = checkpoint_every
         self.stop_on_non_finite_loss = stop_on_non_finite_loss
         self.keep_updates = keep_updates
+        self.finished = False
 
     def step(self, feeds: Mapping[str, Array], stop: StopFlag | None = None) -> StepResult:
         live = self.live
@@ -336,9 +396,14 @@ class TrainingSession:
     def finish(self) -> None:
         """Commit what the stream changed; the stream may report success only after this returns."""
         live = self.live
-        with live.lock:
-            if not live.deleted and live.step != live.committed_step:
-                self._commit()
+        try:
+            with live.lock:
+                if not live.deleted and live.step != live.committed_step:
+                    self._commit()
+        finally:
+            if not self.finished:
+                self.finished = True
+                self.engine.unpin(live)
 
     def _commit(self) -> None:
         checkpoint = self.live.checkpoint()
