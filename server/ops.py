@@ -225,7 +225,8 @@ def _as_float(x: Array) -> Array:
 
 def _float_argument(function: Callable[[Array], Array]) -> Callable[[Array], Array]:
     """`function` of a bool or int argument taken in float64, as the shape rule says; numpy would
-    compute exp, log, sqrt and tanh of bool in float16, a dtype the wire cannot carry."""
+    compute exp, log, sqrt and tanh of bool in float16, a dtype the wire cannot carry, and
+    cannot negate bool at all (sigmoid, log_sigmoid)."""
 
     def forward(x: Array) -> Array:
         return function(_as_float(x))
@@ -239,11 +240,11 @@ defop("log", _float_argument(np.log), lambda g, ans, x: g / x, infer=_float_type
 defop("sqrt", _float_argument(np.sqrt), lambda g, ans, x: g / (2 * ans), infer=_float_type, reads=("ans",))
 defop("abs", np.abs, lambda g, ans, x: g * np.sign(x), infer=_same_type, reads=("x",))
 defop("square", lambda x: x * x, lambda g, ans, x: g * 2 * x, infer=_same_type, reads=("x",))
-defop("sigmoid", sigmoid, lambda g, ans, x: g * ans * (1 - ans), infer=_float_type, reads=("ans",))
+defop("sigmoid", _float_argument(sigmoid), lambda g, ans, x: g * ans * (1 - ans), infer=_float_type, reads=("ans",))
 defop("tanh", _float_argument(np.tanh), lambda g, ans, x: g * (1 - ans * ans), infer=_float_type, reads=("ans",))
 defop("relu", lambda x: np.maximum(x, 0), lambda g, ans, x: g * (x > 0), infer=_same_type, reads=("x",))
 defop("softplus", softplus, lambda g, ans, x: g * sigmoid(x), infer=_float_type, reads=("x",))
-defop("log_sigmoid", log_sigmoid, lambda g, ans, x: g * sigmoid(-x), infer=_float_type, reads=("x",))
+defop("log_sigmoid", _float_argument(log_sigmoid), lambda g, ans, x: g * sigmoid(-x), infer=_float_type, reads=("x",))
 
 
 # ---------------------------------------------------------------- matmul

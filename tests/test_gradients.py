@@ -776,3 +776,14 @@ def test_op_gradient_with_released_intermediates(case: OpCase) -> None:
         node("loss", "sum", "weighted"),
     ]
     check_grads(nodes, feeds, loss="loss", wrt=list(feeds))
+
+
+@pytest.mark.parametrize("op", ["exp", "log", "sqrt", "tanh", "sigmoid", "softplus", "log_sigmoid"])
+def test_float_valued_ops_take_bool_and_int_inputs_as_float64(op: str) -> None:
+    """The shape rules promise float64 for these ops of bool and int arguments; the values agree."""
+    for fed in (np.array([True, False]), np.array([1, 2], dtype=np.int32)):
+        nodes = [input_node("x"), node("out", op, "x")]
+        [value] = Plan(build_graph(make_graph(nodes))).forward({"x": fed}, {}, ["out"])
+        [expected] = Plan(build_graph(make_graph(nodes))).forward({"x": fed.astype(np.float64)}, {}, ["out"])
+        assert value.dtype == np.float64
+        np.testing.assert_array_equal(value, expected)
