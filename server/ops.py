@@ -250,12 +250,12 @@ defop("log_sigmoid", _float_argument(log_sigmoid), lambda g, ans, x: g * sigmoid
 # ---------------------------------------------------------------- matmul
 def _matmul_a(g: Array, ans: Array, a: Array, b: Array) -> Array:
     g2, a2, b2 = _as_matrices(g, a, b)
-    return unbroadcast(g2 @ np.swapaxes(b2, -1, -2), a2.shape).reshape(a.shape)
+    return unbroadcast(g2 @ b2.swapaxes(-1, -2), a2.shape).reshape(a.shape)
 
 
 def _matmul_b(g: Array, ans: Array, a: Array, b: Array) -> Array:
     g2, a2, b2 = _as_matrices(g, a, b)
-    return unbroadcast(np.swapaxes(a2, -1, -2) @ g2, b2.shape).reshape(b.shape)
+    return unbroadcast(a2.swapaxes(-1, -2) @ g2, b2.shape).reshape(b.shape)
 
 
 def _as_matrices(g: Array, a: Array, b: Array) -> tuple[Array, Array, Array]:
@@ -411,7 +411,7 @@ defop("log_softmax", log_softmax, _log_softmax_vjp, infer=_axis_type, attrs=AXIS
 
 
 def _rows(logits: Array) -> int:
-    return max(1, int(np.size(logits) // max(1, np.shape(logits)[-1])))
+    return max(1, logits.size // max(1, logits.shape[-1]))
 
 
 def softmax_cross_entropy(logits: Array, labels: Array) -> Array:

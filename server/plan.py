@@ -78,9 +78,14 @@ def _bind(function: Callable[..., Array], attrs: Mapping[str, object]) -> Callab
     return functools.partial(function, **attrs) if attrs else function
 
 
+_ZERO_ELEMENT = bytes(16)
+"""One zero element of any wire dtype, for stand-ins to view."""
+
+
 def _stand_in(value: Array) -> Array:
-    """Shape and dtype of a released value, for VJPs that need no more of it, in one element."""
-    return np.broadcast_to(np.zeros((), dtype=value.dtype), value.shape)
+    """Shape and dtype of a released value, for VJPs that need no more of it: a read-only,
+    zero-strided view of one zero element."""
+    return np.ndarray(value.shape, value.dtype, _ZERO_ELEMENT, 0, (0,) * value.ndim)
 
 
 class Plan:
