@@ -54,6 +54,10 @@ class ResponseStream(Generic[Response, Item], Iterator[Item]):
                 if self._cancelled and error.code() == grpc.StatusCode.CANCELLED:
                     raise StopIteration from None
                 raise from_rpc_error(error) from None
+            except StopIteration:
+                if self._incomplete():
+                    raise tensors.TensorError("the stream ended in the middle of a chunked tensor") from None
+                raise
             item = self._item(response)
             if item is not None:
                 return item
@@ -61,6 +65,10 @@ class ResponseStream(Generic[Response, Item], Iterator[Item]):
     @abstractmethod
     def _item(self, response: Response) -> Item | None:
         """The Python value the response completes, or None while chunks of it are still to come."""
+
+    @abstractmethod
+    def _incomplete(self) -> bool:
+        """Whether a value is still waiting for chunks, so the stream must not end here."""
 
     def cancel(self) -> None:
         """Stop the call on the server too; safe to call at any time, including after the end."""
@@ -100,6 +108,9 @@ class GradientStream(ResponseStream[pb.BackwardResponse, tuple[str, np.ndarray]]
         gradient = self._chunks.add(response.name, response.gradient)
         return None if gradient is None else (response.name, gradient)
 
+    def _incomplete(self) -> bool:
+        return self._chunks.pending or self._loss_chunks.pending
+
 
 class TrainStream(ResponseStream[pb.TrainResponse, TrainStep]):
     """Yields one TrainStep per batch while gRPC keeps sending batches without waiting for them.
@@ -119,6 +130,7 @@ class TrainStream(ResponseStream[pb.TrainResponse, TrainStep]):
         self._updates: dict[str, np.ndarray] = {}
         self._gradient_chunks = tensors.Assembler()
         self._update_chunks = tensors.Assembler()
+        self._step_open = False
         super().__init__(start(self._requests(config, batches)))
 
     def _requests(
@@ -153,7 +165,12 @@ class TrainStream(ResponseStream[pb.TrainResponse, TrainStep]):
                 if value is not None:
                     into[item.name] = value
         if response.more_in_step:
+            self._step_open = True
             return None
         step = TrainStep(step=response.step, loss=response.loss, gradients=self._gradients, updates=self._updates)
         self._gradients, self._updates = {}, {}
+        self._step_open = False
         return step
+
+    def _incomplete(self) -> bool:
+        return self._step_open or self._gradient_chunks.pending or self._update_chunks.pending

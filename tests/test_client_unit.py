@@ -448,3 +448,16 @@ def test_rich_details_that_contradict_the_status_are_ignored() -> None:
         FakeRpcError(grpc.StatusCode.NOT_FOUND, "gone", [rich_status(grpc.StatusCode.INTERNAL, "gone", info)])
     )
     assert (error.code, error.reason) == (grpc.StatusCode.NOT_FOUND, None)
+
+
+def test_a_stream_that_ends_inside_a_chunked_gradient_is_an_error() -> None:
+    from chainrule import tensors
+    from chainrule.client.streams import GradientStream
+    from chainrule.v1 import graph_service_pb2 as pb
+
+    first = next(tensors.chunks(np.arange(300.0), "w", chunk_bytes=1024))
+    response = pb.BackwardResponse(name="w", loss=tensors.encode(np.float64(1.0)))
+    first.write_to(response.gradient)
+    stream = GradientStream(FakeCall([response]), "loss")  # type: ignore[arg-type]
+    with pytest.raises(tensors.TensorError, match="middle of a chunked tensor"):
+        list(stream)
