@@ -88,7 +88,8 @@ def step(optimizer: Optimizer, param: np.ndarray, grad: np.ndarray, state: State
             f"optimizer state has keys {sorted(state)}, {type(optimizer).__name__} "
             f"expects {sorted(state_keys(optimizer))}"
         )
-    grad = np.asarray(grad, dtype=param.dtype)
+    if grad.dtype != param.dtype:
+        grad = grad.astype(param.dtype)
     match optimizer:
         case Sgd():
             return _sgd_step(optimizer, param, grad, state)
@@ -111,7 +112,7 @@ def _sgd_step(sgd: Sgd, param: np.ndarray, grad: np.ndarray, state: State) -> tu
             buffer = np.array(d_p, copy=True)
         new_state["momentum_buffer"] = buffer
         d_p = d_p + sgd.momentum * buffer if sgd.nesterov else buffer
-    update = np.asarray(-sgd.learning_rate, dtype=param.dtype) * d_p
+    update = -sgd.learning_rate * d_p
     return update, new_state
 
 
