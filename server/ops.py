@@ -6,6 +6,11 @@ shape. The plan calls only the VJPs of arguments that need a gradient. Each op a
 which values its VJPs read (`reads`); the others may reach a VJP as zero-strided stand-ins
 that keep only shape and dtype.
 
+An op that `saves` returns (value, residual) from its forward function, and its VJPs receive
+the residual where other ops' VJPs receive `ans` (and "ans" in its `reads` means the residual):
+work the forward pass already did for the gradient, such as the log-softmax inside a
+cross-entropy, is kept instead of being done again.
+
 Binary arithmetic uses Python's operators, which numpy maps onto the same ufuncs but reaches
 faster for scalars.
 
@@ -61,6 +66,7 @@ class Op:
     infer: Infer | None
     reads: tuple[frozenset[int], ...] = ()
     attrs: Mapping[str, Attr] = field(default_factory=dict)
+    saves: bool = False
 
     @property
     def is_source(self) -> bool:
@@ -81,6 +87,7 @@ def defop(
     infer: Infer,
     reads: Sequence[str],
     attrs: Mapping[str, Attr] | None = None,
+    saves: bool = False,
 ) -> None:
     """Register an op. `reads[i]` names the values the i-th VJP uses beyond their shapes
     ("ans", "x", "y"), so the plan can release every other value as soon as the forward pass
@@ -88,7 +95,7 @@ def defop(
     positions = {"ans": ANS, "x": 0, "y": 1}
     read_sets = tuple(frozenset(positions[word] for word in spec.split()) for spec in reads)
     assert len(read_sets) == len(vjps), name
-    OPS[name] = Op(name, len(vjps), forward, vjps, infer, read_sets, attrs or {})
+    OPS[name] = Op(name, len(vjps), forward, vjps, infer, read_sets, attrs or {}, saves)
 
 
 def unbroadcast(g: Array, shape: Shape) -> Array:
@@ -249,11 +256,15 @@ defop("log_sigmoid", _float_argument(log_sigmoid), lambda g, ans, x: g * sigmoid
 
 # ---------------------------------------------------------------- matmul
 def _matmul_a(g: Array, ans: Array, a: Array, b: Array) -> Array:
+    if a.ndim == b.ndim == 2:
+        return g @ b.T
     g2, a2, b2 = _as_matrices(g, a, b)
     return unbroadcast(g2 @ b2.swapaxes(-1, -2), a2.shape).reshape(a.shape)
 
 
 def _matmul_b(g: Array, ans: Array, a: Array, b: Array) -> Array:
+    if a.ndim == b.ndim == 2:
+        return a.T @ g
     g2, a2, b2 = _as_matrices(g, a, b)
     return unbroadcast(a2.swapaxes(-1, -2) @ g2, b2.shape).reshape(b.shape)
 
@@ -392,11 +403,11 @@ def log_softmax(x: Array, axis: int = -1) -> Array:
 
 
 def _softmax_vjp(g: Array, ans: Array, x: Array, axis: int = -1) -> Array:
-    return ans * (g - np.sum(g * ans, axis=axis, keepdims=True))
+    return ans * (g - (g * ans).sum(axis=axis, keepdims=True))
 
 
 def _log_softmax_vjp(g: Array, ans: Array, x: Array, axis: int = -1) -> Array:
-    return g - np.exp(ans) * np.sum(g, axis=axis, keepdims=True)
+    return g - np.exp(ans) * g.sum(axis=axis, keepdims=True)
 
 
 def _axis_type(x: TensorType, axis: int = -1) -> TensorType:
@@ -414,18 +425,20 @@ def _rows(logits: Array) -> int:
     return max(1, logits.size // max(1, logits.shape[-1]))
 
 
-def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
-    """Mean over rows (every axis but the last) of -sum(labels * log_softmax(logits))."""
-    return -np.sum(labels * log_softmax(logits)) / _rows(logits)
+def softmax_cross_entropy(logits: Array, labels: Array) -> tuple[Array, Array]:
+    """Mean over rows (every axis but the last) of -sum(labels * log_softmax(logits)),
+    saving the log-softmax for the VJPs."""
+    log_probabilities = log_softmax(logits)
+    return -(labels * log_probabilities).sum() / _rows(logits), log_probabilities
 
 
-def _sce_logits(g: Array, ans: Array, logits: Array, labels: Array) -> Array:
-    mass = np.sum(labels, axis=-1, keepdims=True)
-    return (softmax(logits) * mass - labels) * (g / _rows(logits))
+def _sce_logits(g: Array, log_probabilities: Array, logits: Array, labels: Array) -> Array:
+    mass = labels.sum(axis=-1, keepdims=True)
+    return (np.exp(log_probabilities) * mass - labels) * (g / _rows(logits))
 
 
-def _sce_labels(g: Array, ans: Array, logits: Array, labels: Array) -> Array:
-    return -log_softmax(logits) * (g / _rows(logits))
+def _sce_labels(g: Array, log_probabilities: Array, logits: Array, labels: Array) -> Array:
+    return -log_probabilities * (g / _rows(logits))
 
 
 def _sce_type(logits: TensorType, labels: TensorType) -> TensorType:
@@ -458,7 +471,15 @@ def _scalar_loss_type(x: TensorType, y: TensorType) -> TensorType:
     return TensorType(_float_binary_type(x, y).dtype, ())
 
 
-defop("softmax_cross_entropy", softmax_cross_entropy, _sce_logits, _sce_labels, infer=_sce_type, reads=("x y", "x"))
+defop(
+    "softmax_cross_entropy",
+    softmax_cross_entropy,
+    _sce_logits,
+    _sce_labels,
+    infer=_sce_type,
+    reads=("ans y", "ans"),
+    saves=True,
+)
 defop(
     "sigmoid_cross_entropy",
     sigmoid_cross_entropy,

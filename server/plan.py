@@ -50,6 +50,7 @@ class Step:
     args: tuple[int, ...]
     vjps: tuple[Callable[..., Array], ...]
     reads: tuple[frozenset[int], ...]
+    saves: bool
 
 
 @dataclass(frozen=True)
@@ -59,15 +60,21 @@ class Source:
     value: Array | None
 
 
-ForwardStep = tuple[int, Callable[..., Array], tuple[int, ...], tuple[int, ...]]
-"""(slot, forward function, argument slots, slots to release after it)."""
-ReverseStep = tuple[int, tuple[int, ...], tuple[tuple[Callable[..., Array], int], ...], bool]
-"""(slot, argument slots, (VJP, argument) pairs to call, whether the slot's gradient is streamed)."""
+ForwardStep = tuple[int, Callable[..., Array], tuple[int, ...], tuple[int, ...], bool]
+"""(slot, forward function, argument slots, slots to release after it, whether it returns a residual to keep)."""
+ReverseStep = tuple[int, tuple[int, ...], tuple[tuple[Callable[..., Array], int], ...], bool, bool]
+"""(slot, argument slots, (VJP, argument) pairs to call, whether the slot's gradient is streamed,
+whether the VJPs take the op's residual in place of its value)."""
+Residuals = dict[int, Array]
 
 
 @dataclass(frozen=True)
 class Schedule:
-    sources: tuple[int, ...]
+    targets: tuple[int, ...]
+    """The fetches of a forward pass; the loss and then each wrt of a backward pass."""
+    constants: tuple[tuple[int, Array | None], ...]
+    parameters: tuple[tuple[int, str], ...]
+    inputs: tuple[tuple[int, str], ...]
     forward: tuple[ForwardStep, ...]
     reverse: tuple[ReverseStep, ...]
     checked_feed_shapes: OrderedDict[tuple, None] = field(default_factory=OrderedDict)
@@ -78,6 +85,15 @@ def _bind(function: Callable[..., Array], attrs: Mapping[str, object]) -> Callab
     return functools.partial(function, **attrs) if attrs else function
 
 
+def _value_only(function: Callable[..., tuple[Array, Array]]) -> Callable[..., Array]:
+    """A saving op's forward function for a pass that will not call its VJPs: the residual is dropped at once."""
+
+    def value(*arguments: Array) -> Array:
+        return function(*arguments)[0]
+
+    return value
+
+
 _ZERO_ELEMENT = bytes(16)
 """One zero element of any wire dtype, for stand-ins to view."""
 
@@ -86,6 +102,14 @@ def _stand_in(value: Array) -> Array:
     """Shape and dtype of a released value, for VJPs that need no more of it: a read-only,
     zero-strided view of one zero element."""
     return np.ndarray(value.shape, value.dtype, _ZERO_ELEMENT, 0, (0,) * value.ndim)
+
+
+@functools.cache
+def _one(dtype: np.dtype) -> Array:
+    """The gradient seed of a scalar loss, shared by every request and therefore read-only."""
+    one = np.ones((), dtype)
+    one.flags.writeable = False
+    return one
 
 
 class Plan:
@@ -119,6 +143,7 @@ class Plan:
                     tuple(self.slot_of[a] for a in node["inputs"]),
                     tuple(_bind(vjp, attrs) for vjp in op.vjps),
                     op.reads,
+                    op.saves,
                 )
             )
         self.inputs = {self.names[s]: s for s, src in self.sources.items() if src.op == "input"}
@@ -160,7 +185,9 @@ class Plan:
                 self._schedules.popitem(last=False)
         return schedule
 
-    def _forward_schedule(self, order: list[int], keep: set[int], reverse: tuple[ReverseStep, ...]) -> Schedule:
+    def _forward_schedule(
+        self, targets: tuple[int, ...], order: list[int], keep: set[int], reverse: tuple[ReverseStep, ...]
+    ) -> Schedule:
         """Release each computed value that is not kept right after its last consumer has run."""
         last_consumer: dict[int, int] = {}
         for slot in order:
@@ -172,15 +199,32 @@ class Plan:
         for value, consumer in last_consumer.items():
             if value not in keep and self.steps[value] is not None:
                 releases.setdefault(consumer, []).append(value)
+        residuals_used = {slot for slot, _, pairs, _, saves in reverse if saves}
         forward = []
         for slot in order:
             step = self.steps[slot]
             if step is not None:
-                forward.append((slot, step.forward, step.args, tuple(releases.get(slot, ()))))
-        sources = tuple(slot for slot in order if self.steps[slot] is None)
-        return Schedule(sources, tuple(forward), reverse)
+                saves = slot in residuals_used
+                function = _value_only(step.forward) if step.saves and not saves else step.forward
+                forward.append((slot, function, step.args, tuple(releases.get(slot, ())), saves))
+        sources = [(slot, self.sources[slot]) for slot in order if self.steps[slot] is None]
+        return Schedule(
+            targets,
+            constants=tuple((slot, source.value) for slot, source in sources if source.op == "constant"),
+            parameters=tuple((slot, self.names[slot]) for slot, source in sources if source.op == "parameter"),
+            inputs=tuple((slot, self.names[slot]) for slot, source in sources if source.op == "input"),
+            forward=tuple(forward),
+            reverse=reverse,
+        )
 
-    def _backward_schedule(self, loss: int, wrt: tuple[int, ...]) -> Schedule:
+    def _backward_schedule(self, loss_name: str, wrt_names: Sequence[str]) -> Schedule:
+        loss = self.slot(loss_name, "loss")
+        wrt = tuple(self.slot(name, "wrt") for name in wrt_names)
+        if not wrt:
+            raise InvalidArgument("wrt is empty and the graph has no parameters", reason="EMPTY_WRT", subject="wrt")
+        if len(set(wrt)) != len(wrt):
+            repeated = next(name for name in wrt_names if list(wrt_names).count(name) > 1)
+            raise InvalidArgument(f"wrt names '{repeated}' more than once", reason="DUPLICATE_WRT", subject=repeated)
         order = self.needed([loss, *wrt])
         requires_grad = [False] * len(self.names)
         for slot in wrt:
@@ -208,8 +252,9 @@ class Plan:
                         for read in step.reads[position]:
                             keep.add(slot if read == ANS else step.args[read])
             arguments = step.args if step is not None else ()
-            reverse.append((slot, arguments, tuple(pairs), slot in wanted))
-        return self._forward_schedule(order, keep, tuple(reverse))
+            saves = step is not None and step.saves and bool(pairs)
+            reverse.append((slot, arguments, tuple(pairs), slot in wanted, saves))
+        return self._forward_schedule((loss, *wrt), order, keep, tuple(reverse))
 
     # ------------------------------------------------------------ passes
     def forward(
@@ -219,13 +264,14 @@ class Plan:
         fetches: Sequence[str],
         stop: StopFlag | None = None,
     ) -> list[Array]:
-        slots = tuple(self.slot(name, "fetch") for name in fetches)
-        schedule = self._schedule(
-            ("forward", slots), lambda: self._forward_schedule(self.needed(slots), set(slots), ())
-        )
+        schedule = self._schedule(("forward", *fetches), lambda: self._fetch_schedule(fetches))
         self.check_allocation(schedule, feeds)
-        values = self._evaluate(schedule, feeds, parameters, stop)
-        return [values[slot] for slot in slots]  # type: ignore[misc]
+        values, _ = self._evaluate(schedule, feeds, parameters, stop)
+        return [values[slot] for slot in schedule.targets]  # type: ignore[misc]
+
+    def _fetch_schedule(self, fetches: Sequence[str]) -> Schedule:
+        slots = tuple(self.slot(name, "fetch") for name in fetches)
+        return self._forward_schedule(slots, self.needed(slots), set(slots), ())
 
     def backward(
         self,
@@ -241,18 +287,10 @@ class Plan:
         The iterator yields (name, gradient) for every `wrt` node in reverse topological order,
         each as soon as it is final, releasing values and gradients it no longer needs.
         """
-        loss_slot = self.slot(loss, "loss")
-        wrt_slots = tuple(self.slot(name, "wrt") for name in wrt)
-        if not wrt_slots:
-            raise InvalidArgument("wrt is empty and the graph has no parameters", reason="EMPTY_WRT", subject="wrt")
-        if len(set(wrt_slots)) != len(wrt_slots):
-            repeated = next(name for name in wrt if list(wrt).count(name) > 1)
-            raise InvalidArgument(f"wrt names '{repeated}' more than once", reason="DUPLICATE_WRT", subject=repeated)
-        schedule = self._schedule(
-            ("backward", loss_slot, wrt_slots), lambda: self._backward_schedule(loss_slot, wrt_slots)
-        )
+        schedule = self._schedule(("backward", loss, *wrt), lambda: self._backward_schedule(loss, wrt))
         self.check_allocation(schedule, feeds)
-        values = self._evaluate(schedule, feeds, parameters, stop)
+        values, residuals = self._evaluate(schedule, feeds, parameters, stop)
+        loss_slot, *wrt_slots = schedule.targets
         for slot in wrt_slots:
             dtype = np.asarray(values[slot]).dtype
             if dtype.kind != "f":
@@ -264,7 +302,7 @@ class Plan:
                 )
         loss_value = np.asarray(values[loss_slot])
         seed = self._seed(loss, loss_value, loss_grad)
-        return loss_value, self._reverse(schedule, values, loss_slot, seed, stop)
+        return loss_value, self._reverse(schedule, values, residuals, loss_slot, seed, stop)
 
     def _seed(self, loss: str, value: Array, loss_grad: Array | None) -> Array:
         if value.dtype.kind != "f":
@@ -280,7 +318,7 @@ class Plan:
                     reason="SHAPE_MISMATCH",
                     subject=loss,
                 )
-            return np.ones((), dtype=value.dtype)
+            return _one(value.dtype)
         if loss_grad.shape != value.shape:
             raise InvalidArgument(
                 f"loss_grad has shape {list(loss_grad.shape)}; loss '{loss}' has shape {list(value.shape)}",
@@ -291,34 +329,45 @@ class Plan:
 
     def _evaluate(
         self, schedule: Schedule, feeds: Mapping[str, Array], parameters: Mapping[str, Array], stop: StopFlag | None
-    ) -> list[Array | None]:
+    ) -> tuple[list[Array | None], Residuals]:
         values: list[Array | None] = [None] * len(self.names)
-        for slot in schedule.sources:
-            values[slot] = self._source_value(slot, feeds, parameters)
+        residuals: Residuals = {}
+        for slot, value in schedule.constants:
+            values[slot] = value
+        for slot, name in schedule.parameters:
+            values[slot] = parameters[name]
+        for slot, name in schedule.inputs:
+            fed = feeds.get(name)
+            if fed is None:
+                raise InvalidArgument(f"input '{name}' is needed but was not fed", reason="MISSING_FEED", subject=name)
+            values[slot] = fed
         release_min_bytes = self.release_min_bytes
         slot = -1
         try:
             with np.errstate(all="ignore"):
-                for done, (slot, function, arguments, releases) in enumerate(schedule.forward):
+                for done, (slot, function, arguments, releases, saves) in enumerate(schedule.forward):
                     if stop is not None and stop.stopped:
                         raise Cancelled(
                             f"cancelled after {done} of {len(schedule.forward)} forward steps", reason="CANCELLED"
                         )
                     if len(arguments) == 1:
-                        values[slot] = function(values[arguments[0]])
+                        value = function(values[arguments[0]])
                     elif len(arguments) == 2:
-                        values[slot] = function(values[arguments[0]], values[arguments[1]])
+                        value = function(values[arguments[0]], values[arguments[1]])
                     else:
-                        values[slot] = function(*[values[argument] for argument in arguments])
+                        value = function(*[values[argument] for argument in arguments])
+                    if saves:
+                        value, residuals[slot] = value
+                    values[slot] = value
                     for released in releases:
-                        value = values[released]
-                        if value.nbytes >= release_min_bytes:  # type: ignore[union-attr]
-                            values[released] = _stand_in(value)  # type: ignore[arg-type]
+                        unread = values[released]
+                        if unread.nbytes >= release_min_bytes:  # type: ignore[union-attr]
+                            values[released] = _stand_in(unread)  # type: ignore[arg-type]
         except NUMPY_ERRORS as error:
             raise self._node_error(slot, error) from None
         except MemoryError:
             raise self._memory_error(slot) from None
-        return values
+        return values, residuals
 
     def check_allocation(self, schedule: Schedule, feeds: Mapping[str, Array]) -> None:
         """Refuse, before anything is allocated, a request whose values would exceed max_request_bytes.
@@ -329,12 +378,15 @@ class Plan:
         """
         if self.max_request_bytes is None:
             return
-        key = tuple((slot, feeds[self.names[slot]].shape) for slot in schedule.sources if self.names[slot] in feeds)
+        key = tuple(None if feeds.get(name) is None else feeds[name].shape for _, name in schedule.inputs)
         if key in schedule.checked_feed_shapes:
             return
-        types = {slot: self._fed_type(slot, feeds) for slot in schedule.sources}
+        types = {slot: self.types[slot] for slot, _ in (*schedule.constants, *schedule.parameters)}
+        for slot, name in schedule.inputs:
+            fed = feeds.get(name)
+            types[slot] = self.types[slot] if fed is None else TensorType(fed.dtype, fed.shape)
         total = 0
-        for slot, _, arguments, _ in schedule.forward:
+        for slot, _, arguments, _, _ in schedule.forward:
             name = self.names[slot]
             known = infer_node(name, self.ops[slot], [types[a] for a in arguments], self.attrs[slot])
             types[slot] = known
@@ -353,23 +405,6 @@ class Plan:
             schedule.checked_feed_shapes[key] = None
             if len(schedule.checked_feed_shapes) > SCHEDULE_CACHE_SIZE:
                 schedule.checked_feed_shapes.popitem(last=False)
-
-    def _fed_type(self, slot: int, feeds: Mapping[str, Array]) -> TensorType:
-        fed = feeds.get(self.names[slot]) if self.sources[slot].op == "input" else None
-        return self.types[slot] if fed is None else TensorType(fed.dtype, fed.shape)
-
-    def _source_value(self, slot: int, feeds: Mapping[str, Array], parameters: Mapping[str, Array]) -> Array:
-        source = self.sources[slot]
-        name = self.names[slot]
-        if source.op == "constant":
-            assert source.value is not None
-            return source.value
-        if source.op == "parameter":
-            return parameters[name]
-        fed = feeds.get(name)
-        if fed is None:
-            raise InvalidArgument(f"input '{name}' is needed but was not fed", reason="MISSING_FEED", subject=name)
-        return fed
 
     def check_feeds(self, feeds: Mapping[str, Array]) -> None:
         """Refuse feeds that name no input, or whose dtype or shape the input does not declare."""
@@ -409,7 +444,13 @@ class Plan:
         )
 
     def _reverse(
-        self, schedule: Schedule, values: list[Array | None], loss_slot: int, seed: Array, stop: StopFlag | None
+        self,
+        schedule: Schedule,
+        values: list[Array | None],
+        residuals: Residuals,
+        loss_slot: int,
+        seed: Array,
+        stop: StopFlag | None,
     ) -> Iterator[tuple[str, Array]]:
         grads: list[Array | None] = [None] * len(self.names)
         grads[loss_slot] = seed
@@ -417,16 +458,17 @@ class Plan:
         slot = -1
         try:
             with np.errstate(all="ignore"):
-                for done, (slot, arguments, pairs, streamed) in enumerate(schedule.reverse):
+                for done, (slot, arguments, pairs, streamed, saves) in enumerate(schedule.reverse):
                     if stop is not None and stop.stopped:
                         raise Cancelled(
                             f"cancelled after {done} of {len(schedule.reverse)} reverse steps", reason="CANCELLED"
                         )
                     grad = grads[slot]
-                    ans = values[slot]
                     if streamed:
-                        yield names[slot], np.zeros(np.shape(ans), np.asarray(ans).dtype) if grad is None else grad
+                        value = values[slot]
+                        yield names[slot], np.zeros(np.shape(value), np.asarray(value).dtype) if grad is None else grad
                     if grad is not None and pairs:
+                        ans = residuals.pop(slot) if saves else values[slot]
                         for vjp, argument in pairs:
                             if len(arguments) == 1:
                                 contribution = vjp(grad, ans, values[arguments[0]])

@@ -489,6 +489,31 @@ def test_unused_wrt_gets_exact_zeros_of_its_shape() -> None:
         assert not grad.any()
 
 
+def test_saving_op_off_the_gradient_path_gives_its_plain_value() -> None:
+    """softmax_cross_entropy keeps its log-softmax only for passes that call its VJPs; fetched,
+    or named in wrt while the loss does not use it, it yields its scalar value and a zero gradient."""
+    logits, labels = real(_rng(30), (M, N)), np.eye(N)[np.arange(M) % N]
+    feeds = {"x": logits, "labels": labels}
+    nodes = [
+        input_node("x", "float64", (M, N)),
+        input_node("labels", "float64", (M, N)),
+        node("ce", "softmax_cross_entropy", "x", "labels"),
+        node("loss", "sum", "x"),
+    ]
+    plan = Plan(build_graph(make_graph(nodes)))
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    expected = -np.sum(labels * (shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True)))) / M
+
+    [ce] = plan.forward(feeds, {}, ["ce"])
+    assert np.shape(ce) == ()
+    np.testing.assert_allclose(ce, expected, rtol=1e-12)
+
+    _, reverse = plan.backward(feeds, {}, "loss", ["ce", "x"])
+    grads = dict(reverse)
+    assert np.shape(grads["ce"]) == () and grads["ce"] == 0.0
+    np.testing.assert_array_equal(grads["x"], np.ones((M, N)))
+
+
 def test_non_scalar_loss_needs_loss_grad() -> None:
     nodes = [input_node("x", "float64", (N,)), node("y", "exp", "x")]
     plan = Plan(build_graph(make_graph(nodes)))
