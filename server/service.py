@@ -11,7 +11,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -25,9 +25,10 @@ from grpc_status import rpc_status
 from chainrule import tensors
 from chainrule.server import optim
 from chainrule.server.auth import TokenFile
-from chainrule.server.engine import Engine, GraphSummary
+from chainrule.server.engine import Engine, GraphSummary, TrainingSession
 from chainrule.server.errors import ChainruleError, InvalidArgument, ResourceExhausted, Unauthenticated, Unavailable
 from chainrule.server.metrics import Metrics
+from chainrule.server.pipeline import run_ahead
 from chainrule.server.plan import StopFlag
 from chainrule.v1 import graph_pb2, graph_service_pb2_grpc, tensor_pb2
 from chainrule.v1 import graph_service_pb2 as pb
@@ -37,6 +38,8 @@ Handler = TypeVar("Handler", bound=Callable[..., Any])
 ERROR_DOMAIN = "chainrule"
 REQUEST_ID_KEY = "x-request-id"
 GRADIENT_FIELD = pb.BackwardResponse.DESCRIPTOR.fields_by_name["gradient"].number
+TRAIN_RESPONSES_AHEAD = 2
+"""Responses a Train stream's steps may run ahead of those gRPC has sent."""
 
 
 @dataclass
@@ -366,35 +369,42 @@ class GraphService(graph_service_pb2_grpc.GraphServiceServicer):
             keep_updates=config.stream_updates,
         )
         try:
-            for index, request in enumerate(requests):
-                if request.WhichOneof("item") != "batch":
-                    raise InvalidArgument(
-                        f"batch {index}: a TrainConfig may only be the first message of the stream",
-                        reason="CONFIG_FIRST",
-                        subject=f"batch {index}",
-                    )
-                call.bytes_in += request.ByteSize()
-                try:
-                    result = session.step(self.decode_feeds(request.batch.feeds), call.stop)
-                except InvalidArgument as error:
-                    raise InvalidArgument(
-                        f"batch {index}: {error.message}", reason=error.reason, subject=error.subject
-                    ) from None
-                self.metrics.training_steps.inc()
-                yield from train_responses(
-                    result.step,
-                    result.loss,
-                    result.gradients if config.stream_gradients else {},
-                    result.updates if config.stream_updates else {},
-                )
-                if self.draining:
-                    session.finish()
-                    raise Unavailable(
-                        f"the server is shutting down; this stream's steps up to {result.step} are committed",
-                        reason="SHUTTING_DOWN",
-                    )
+            steps = self._train_steps(session, config, requests, call)
+            yield from run_ahead(steps, TRAIN_RESPONSES_AHEAD, call.stop, f"train-{call.request_id}")
         finally:
             session.finish()
+
+    def _train_steps(
+        self, session: TrainingSession, config: pb.TrainConfig, requests: Iterator[pb.TrainRequest], call: Call
+    ) -> Generator[pb.TrainResponse, None, None]:
+        """One step per batch, on a thread of its own (see pipeline); the caller finishes the session."""
+        for index, request in enumerate(requests):
+            if request.WhichOneof("item") != "batch":
+                raise InvalidArgument(
+                    f"batch {index}: a TrainConfig may only be the first message of the stream",
+                    reason="CONFIG_FIRST",
+                    subject=f"batch {index}",
+                )
+            call.bytes_in += request.ByteSize()
+            try:
+                result = session.step(self.decode_feeds(request.batch.feeds), call.stop)
+            except InvalidArgument as error:
+                raise InvalidArgument(
+                    f"batch {index}: {error.message}", reason=error.reason, subject=error.subject
+                ) from None
+            self.metrics.training_steps.inc()
+            yield from train_responses(
+                result.step,
+                result.loss,
+                result.gradients if config.stream_gradients else {},
+                result.updates if config.stream_updates else {},
+            )
+            if self.draining:
+                session.finish()
+                raise Unavailable(
+                    f"the server is shutting down; this stream's steps up to {result.step} are committed",
+                    reason="SHUTTING_DOWN",
+                )
 
     @unary
     def GetParameters(
