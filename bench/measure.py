@@ -83,13 +83,15 @@ def interleaved(runs: Mapping[str, Callable[[], float] | None], repeats: int) ->
     """Call each run in turn, `repeats` rounds; each run returns its own measured seconds.
 
     Rounds alternate the contenders so a burst of load from a neighbour hits them alike instead
-    of all of one contender's samples. A None run (a missing optional baseline) is skipped.
+    of all of one contender's samples, and every other round runs them in reverse order so none
+    always follows the same one (and finds its data warm in the cache). A None run (a missing
+    optional baseline) is skipped.
     """
-    samples: dict[str, list[float]] = {name: [] for name, run in runs.items() if run is not None}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            if run is not None:
-                samples[name].append(run())
+    order = [(name, run) for name, run in runs.items() if run is not None]
+    samples: dict[str, list[float]] = {name: [] for name, _ in order}
+    for round_number in range(repeats):
+        for name, run in order if round_number % 2 == 0 else reversed(order):
+            samples[name].append(run())
     return samples
 
 

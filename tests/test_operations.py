@@ -203,6 +203,7 @@ def test_sigterm_drains_a_train_stream_after_its_current_step_and_commits(tmp_pa
         assert next(stream).step in (1, 2)
     statuses: queue.Queue[int] = queue.Queue()
     watch = health_pb2_grpc.HealthStub(server.channel()).Watch(health_pb2.HealthCheckRequest(service=""))
+
     def follow_health() -> None:
         try:
             for response in watch:
