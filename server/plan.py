@@ -112,6 +112,10 @@ def _one(dtype: np.dtype) -> Array:
     return one
 
 
+def _type_of(fed: Array | None) -> TensorType | None:
+    return None if fed is None else TensorType(fed.dtype, fed.shape)
+
+
 class Plan:
     def __init__(
         self,
@@ -373,23 +377,29 @@ class Plan:
         """Refuse, before anything is allocated, a request whose values would exceed max_request_bytes.
 
         Shapes come from the shape rules applied to the fed shapes, so a bad shape is reported
-        here too, naming its node. The estimate adds up every value the request computes,
-        an upper bound on what is alive at once.
+        here too, naming its node. When every input is fed exactly the dtype and shape it
+        declares, the types inferred when the graph was built already are those, and are reused.
+        The estimate adds up every value the request computes, an upper bound on what is alive
+        at once.
         """
         if self.max_request_bytes is None:
             return
-        key = tuple(None if feeds.get(name) is None else feeds[name].shape for _, name in schedule.inputs)
+        fed_types = {slot: _type_of(feeds.get(name)) for slot, name in schedule.inputs}
+        key = tuple(fed_types.values())
         if key in schedule.checked_feed_shapes:
             return
-        types = {slot: self.types[slot] for slot, _ in (*schedule.constants, *schedule.parameters)}
-        for slot, name in schedule.inputs:
-            fed = feeds.get(name)
-            types[slot] = self.types[slot] if fed is None else TensorType(fed.dtype, fed.shape)
+        static = all(fed == self.types[slot] for slot, fed in fed_types.items())
+        types = {slot: self.types[slot] if fed is None else fed for slot, fed in fed_types.items()}
+        for slot, _ in (*schedule.constants, *schedule.parameters):
+            types[slot] = self.types[slot]
         total = 0
         for slot, _, arguments, _, _ in schedule.forward:
             name = self.names[slot]
-            known = infer_node(name, self.ops[slot], [types[a] for a in arguments], self.attrs[slot])
-            types[slot] = known
+            if static:
+                known = self.types[slot]
+            else:
+                known = infer_node(name, self.ops[slot], [types[a] for a in arguments], self.attrs[slot])
+                types[slot] = known
             if not known.is_known:
                 continue
             itemsize = 8 if known.dtype is None else known.dtype.itemsize
