@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from chainrule.server import optim
 from chainrule.server.engine import Engine
+from chainrule.server.errors import NotFound
 from chainrule.server.store import Store
 from tests.test_service import mlp_graph
 
@@ -47,3 +49,16 @@ def test_a_finished_session_is_unpinned_once_even_when_finished_twice(tmp_path: 
     session.finish()
     session.finish()
     assert engine.live(graph_id).sessions == 0
+
+
+def test_deleting_a_graph_drops_its_compiled_plan(tmp_path: Path) -> None:
+    engine = Engine(Store(str(tmp_path / "db")))
+    kept, deleted = (engine.create_graph(mlp_graph()).graph_id for _ in range(2))
+    for graph_id in (kept, deleted):
+        engine.forward(graph_id, {"x": X}, ["out"])
+    assert engine.live_graph_count == 2
+    engine.delete_graph(deleted)
+    assert engine.live_graph_count == 1
+    with pytest.raises(NotFound):
+        engine.forward(deleted, {"x": X}, ["out"])
+    assert engine.live_graph_count == 1
