@@ -60,7 +60,7 @@ class RunningServer:
         self.tokens = TokenFile(options.auth_tokens) if options.auth_tokens else None
         self.metrics = Metrics()
         self.metrics.graphs.set(self.store.count_graphs())
-        self.service = GraphService(self.engine, self.tokens, self.metrics)
+        self.service = GraphService(self.engine, self.tokens, self.metrics, options.max_concurrent_rpcs)
         self.health = health.HealthServicer()
         self.executor = futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="rpc")
         self.server = grpc.server(
@@ -71,7 +71,9 @@ class RunningServer:
                 ("grpc.max_send_message_length", -1),
                 ("grpc.so_reuseport", 0),
             ],
-            maximum_concurrent_rpcs=options.max_concurrent_rpcs,
+            # GraphService refuses calls beyond --max-concurrent-rpcs itself, leaving the threads
+            # above that for health checks and reflection; gRPC only refuses what no thread could take.
+            maximum_concurrent_rpcs=options.workers,
         )
         add_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

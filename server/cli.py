@@ -100,7 +100,8 @@ def add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
         "--max-concurrent-rpcs",
         type=int,
         default=60,
-        help="calls and streams served at once; below --workers, so health checks always find a thread",
+        help="chainrule calls and streams served at once, health checks not counted; below --workers, "
+        "so health checks always find a thread",
     )
     training = serve_parser.add_argument_group("training")
     training.add_argument(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterator, Mapping
@@ -53,6 +54,7 @@ class Call:
     bytes_in: int = 0
     bytes_out: int = 0
     detail: str = ""
+    admitted: bool = False
 
 
 def _abort(context: grpc.ServicerContext, error: ChainruleError) -> None:
@@ -76,6 +78,7 @@ def unary(method: Handler) -> Handler:
         code = "OK"
         try:
             self.authorize(call)
+            self.admit(call)
             response = method(self, parsed(request), context, call)
             call.bytes_out += response.ByteSize()
             return response
@@ -101,6 +104,7 @@ def streaming(method: Handler) -> Handler:
         code = "OK"
         try:
             self.authorize(call)
+            self.admit(call)
             requests = (parsed(item) for item in request) if isinstance(request, Iterator) else parsed(request)
             for response in method(self, requests, context, call):
                 call.bytes_out += len(response) if isinstance(response, bytes) else response.ByteSize()
@@ -233,10 +237,20 @@ def train_responses(
 
 
 class GraphService(graph_service_pb2_grpc.GraphServiceServicer):
-    def __init__(self, engine: Engine, tokens: TokenFile | None = None, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        tokens: TokenFile | None = None,
+        metrics: Metrics | None = None,
+        max_calls: int | None = None,
+    ) -> None:
         self.engine = engine
         self.tokens = tokens
         self.metrics = metrics or Metrics()
+        self.max_calls = max_calls
+        """Calls and streams of this service served at once; health checks are not counted."""
+        self._active_calls = 0
+        self._active_calls_lock = threading.Lock()
         self.draining = False
         """Set on graceful shutdown: Train streams stop after their current step."""
 
@@ -262,7 +276,23 @@ class GraphService(graph_service_pb2_grpc.GraphServiceServicer):
         if not call.authenticated:
             raise Unauthenticated("a known bearer token is required", reason="UNAUTHENTICATED")
 
+    def admit(self, call: Call) -> None:
+        """Count the call against max_calls, or refuse it at once rather than queue it."""
+        with self._active_calls_lock:
+            if self.max_calls is not None and self._active_calls >= self.max_calls:
+                raise ResourceExhausted(
+                    f"the server is already serving {self.max_calls} calls and streams, its limit "
+                    "(--max-concurrent-rpcs); retry later",
+                    reason="TOO_MANY_CALLS",
+                )
+            self._active_calls += 1
+            call.admitted = True
+
     def end(self, call: Call, code: str) -> None:
+        if call.admitted:
+            with self._active_calls_lock:
+                self._active_calls -= 1
+            call.admitted = False
         elapsed = time.perf_counter() - call.started
         self.metrics.rpcs.labels(call.method, code).inc()
         self.metrics.latency.labels(call.method).observe(elapsed)

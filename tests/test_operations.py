@@ -89,6 +89,38 @@ def test_node_count_and_name_length_limits_are_flags(tmp_path: Path) -> None:
         server.kill()
 
 
+def test_a_saturated_server_refuses_calls_at_once_and_still_answers_health_checks(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "db", ["--workers", "4", "--max-concurrent-rpcs", "2"]).start()
+    try:
+        stub = server.stub()
+        outboxes: list[queue.Queue[pb.TrainRequest | None]] = []
+        streams = []
+        for _ in range(2):  # two open Train streams fill the limit
+            graph_id = stub.CreateGraph(pb.CreateGraphRequest(graph=mlp_graph())).graph.graph_id
+            outbox: queue.Queue[pb.TrainRequest | None] = queue.Queue()
+            outbox.put(config(graph_id, sgd(0.1)))
+            outbox.put(batches(1)[0])
+            stream = stub.Train(iter(outbox.get, None))
+            assert next(stream).step == 1
+            outboxes.append(outbox)
+            streams.append(stream)
+
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.ListGraphs(pb.ListGraphsRequest(), timeout=10)
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        assert "--max-concurrent-rpcs" in raised.value.details()  # type: ignore[attr-defined]
+        health = health_pb2_grpc.HealthStub(server.channel()).Check(health_pb2.HealthCheckRequest(service=""))
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+        outboxes[0].put(None)
+        assert list(streams[0]) == []
+        assert len(stub.ListGraphs(pb.ListGraphsRequest(), timeout=10).graphs) == 2
+        outboxes[1].put(None)
+        assert list(streams[1]) == []
+    finally:
+        server.kill()
+
+
 def test_serve_help_documents_every_limit() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "chainrule.server.cli", "serve", "--help"], capture_output=True, text=True, check=True
