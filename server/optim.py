@@ -144,6 +144,9 @@ def _adam_step(adam: Adam, param: np.ndarray, grad: np.ndarray, state: State) ->
 
 
 def apply(param: np.ndarray, update: np.ndarray, keep_update: bool = True) -> np.ndarray:
-    """The new value `param + update`, bit for bit. Without `keep_update` the sum is written into
-    the update's buffer, which `step` always allocates fresh: one large allocation less per step."""
-    return param + update if keep_update else np.add(param, update, out=update)
+    """The new value `param + update`, bit for bit, as an array. Without `keep_update` the sum
+    is written into the update's buffer, which `step` always allocates fresh: one large
+    allocation less per step. (The update of a 0-d parameter is a numpy scalar, with no buffer.)"""
+    if keep_update or not isinstance(update, np.ndarray):
+        return np.asarray(param + update)
+    return np.add(param, update, out=update)

@@ -261,3 +261,16 @@ def test_apply_adds_the_update_bit_for_bit_whether_or_not_the_update_is_kept() -
     reused = apply(param, update, keep_update=False)
     assert reused.tobytes() == expected.tobytes() and reused is update
     assert param.tobytes() == before.tobytes()
+
+
+@pytest.mark.parametrize("optimizer", ALL_CASES.values(), ids=ALL_CASES.keys())
+@pytest.mark.parametrize("keep_update", [True, False])
+def test_a_0d_parameter_takes_steps_and_stays_an_array(optimizer: Optimizer, keep_update: bool) -> None:
+    """A scalar parameter's gradient and update come out of numpy as scalars, not 0-d arrays."""
+    param, state = np.array(0.5, dtype=np.float32), {}
+    for grad in (np.float32(0.25), np.float64(-1.0), np.array(2.0)):
+        update, state = step(optimizer, param, grad, state)  # type: ignore[arg-type]
+        expected = param + update
+        param = apply(param, update, keep_update=keep_update)
+        assert isinstance(param, np.ndarray) and param.shape == () and param.dtype == np.float32
+        assert param.tobytes() == np.asarray(expected).tobytes()

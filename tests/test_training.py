@@ -70,6 +70,27 @@ def test_sgd_update_is_minus_learning_rate_times_backward_gradient(stub) -> None
         np.testing.assert_array_equal(updates[name], -0.1 * gradient)
 
 
+@pytest.mark.parametrize("stream_updates", [False, True])
+def test_a_scalar_parameter_trains(stub, stream_updates: bool) -> None:  # type: ignore[no-untyped-def]
+    """loss = sum((x * w)^2) over x = [1, 1, 1] has gradient 6w; w = 0.5 steps to 0.5 - 0.1 * 3."""
+    graph = graph_pb2.Graph(
+        nodes=[
+            node("x", "input", dtype="float64", shape=[3]),
+            node("w", "parameter", value=np.array(0.5)),
+            node("xw", "mul", "x", "w"),
+            node("squares", "mul", "xw", "xw"),
+            node("loss", "sum", "squares"),
+        ]
+    )
+    graph_id = stub.CreateGraph(pb.CreateGraphRequest(graph=graph)).graph.graph_id
+    requests = [config(graph_id, sgd(0.1), stream_updates=stream_updates), *batches(2, np.ones(3))]
+    responses = list(stub.Train(iter(requests)))
+    assert [response.step for response in responses] == [1, 2]
+    values, step = parameters(stub, graph_id)
+    assert step == 2 and values["w"].shape == ()
+    np.testing.assert_allclose(values["w"], (0.5 - 0.1 * 3.0) * (1 - 0.6), rtol=1e-12)
+
+
 def test_parameters_after_a_stream_are_initial_plus_streamed_updates_bit_for_bit(stub) -> None:  # type: ignore[no-untyped-def]
     graph_id = new_graph(stub)
     initial, step = parameters(stub, graph_id)
