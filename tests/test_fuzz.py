@@ -447,17 +447,25 @@ def run_valid(wire: Wire, built: Built, data: st.DataObject, *, train: bool) -> 
         ]
         if losses:
             loss = data.draw(st.sampled_from(losses), label="train loss")
+            optimizer = data.draw(st.sampled_from(TRAIN_OPTIMIZERS), label="optimizer")
             config = pb.TrainConfig(
                 graph_id=graph_id,
                 loss=loss,
-                optimizer=pb.Optimizer(sgd=pb.Sgd(learning_rate=0.01)),
-                stream_updates=True,
+                optimizer=optimizer,
+                stream_updates=data.draw(st.booleans(), label="stream updates"),
             )
             requests = [pb.TrainRequest(config=config)] + [pb.TrainRequest(batch=pb.Batch(feeds=feeds))] * 2
             responses = wire.ok("Train", lambda: stub.Train(iter(requests)))
             assert [r.step for r in responses] == [1, 2]
     if data.draw(st.integers(0, 4), label="delete") == 0:  # seldom: every store write is an fsync
         wire.ok("DeleteGraph", lambda: stub.DeleteGraph(pb.DeleteGraphRequest(graph_id=graph_id)))
+
+
+TRAIN_OPTIMIZERS = [
+    pb.Optimizer(sgd=pb.Sgd(learning_rate=0.01)),
+    pb.Optimizer(sgd=pb.Sgd(learning_rate=0.01, momentum=0.9, nesterov=True, weight_decay=0.1)),
+    pb.Optimizer(adam=pb.Adam(learning_rate=0.01)),
+]
 
 
 # ---------------------------------------------------------------- (a) valid graphs
