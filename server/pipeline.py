@@ -28,7 +28,8 @@ class _End:
 
 
 def run_ahead(items: Generator[T, None, None], depth: int, stop: StopFlag, name: str) -> Iterator[T]:
-    """Yield what `items` yields, computed on a thread that runs up to `depth` items ahead.
+    """Yield what `items` yields, computed on a thread that keeps up to `depth` items waiting
+    (and one more in hand, blocked until there is room).
 
     An exception from `items` is raised here, in the consumer's thread. When the consumer stops
     early, `stop` is raised (so a running pass ends between two steps) and `items` is closed on

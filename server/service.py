@@ -40,7 +40,7 @@ ERROR_DOMAIN = "chainrule"
 REQUEST_ID_KEY = "x-request-id"
 GRADIENT_FIELD = pb.BackwardResponse.DESCRIPTOR.fields_by_name["gradient"].number
 TRAIN_RESPONSES_AHEAD = 2
-"""Responses a Train stream's steps may run ahead of those gRPC has sent."""
+"""Responses of a Train stream that may wait, computed, for gRPC to send them."""
 
 
 @dataclass
