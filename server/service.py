@@ -249,8 +249,7 @@ class GraphService(graph_service_pb2_grpc.GraphServiceServicer):
         self.metrics = metrics or Metrics()
         self.max_calls = max_calls
         """Calls and streams of this service served at once; health checks are not counted."""
-        self._active_calls = 0
-        self._active_calls_lock = threading.Lock()
+        self._call_slots = None if max_calls is None else threading.Semaphore(max_calls)
         self.draining = False
         """Set on graceful shutdown: Train streams stop after their current step."""
 
@@ -278,20 +277,20 @@ class GraphService(graph_service_pb2_grpc.GraphServiceServicer):
 
     def admit(self, call: Call) -> None:
         """Count the call against max_calls, or refuse it at once rather than queue it."""
-        with self._active_calls_lock:
-            if self.max_calls is not None and self._active_calls >= self.max_calls:
-                raise ResourceExhausted(
-                    f"the server is already serving {self.max_calls} calls and streams, its limit "
-                    "(--max-concurrent-rpcs); retry later",
-                    reason="TOO_MANY_CALLS",
-                )
-            self._active_calls += 1
-            call.admitted = True
+        if self._call_slots is None:
+            return
+        if not self._call_slots.acquire(blocking=False):
+            raise ResourceExhausted(
+                f"the server is already serving {self.max_calls} calls and streams, its limit "
+                "(--max-concurrent-rpcs); retry later",
+                reason="TOO_MANY_CALLS",
+            )
+        call.admitted = True
 
     def end(self, call: Call, code: str) -> None:
         if call.admitted:
-            with self._active_calls_lock:
-                self._active_calls -= 1
+            assert self._call_slots is not None
+            self._call_slots.release()
             call.admitted = False
         elapsed = time.perf_counter() - call.started
         self.metrics.rpcs.labels(call.method, code).inc()
