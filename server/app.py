@@ -17,8 +17,9 @@ from chainrule.server.auth import AuthInterceptor, TokenFile
 from chainrule.server.engine import DEFAULT_CHECKPOINT_EVERY, DEFAULT_MAX_LIVE_GRAPHS, Engine
 from chainrule.server.graph import Limits
 from chainrule.server.metrics import Metrics
-from chainrule.server.service import GraphService, add_to_server
-from chainrule.server.store import Store
+from chainrule.server.service.calls import CallGate, add_to_server
+from chainrule.server.service.graphs import GraphService
+from chainrule.server.store import open_store
 from chainrule.v1 import graph_service_pb2
 
 log = logging.getLogger("chainrule.server")
@@ -55,12 +56,13 @@ class RunningServer:
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
         self._check_capacity()
-        self.store = Store(options.db)
+        self.store = open_store(options.db)
         self.engine = Engine(self.store, options.limits, options.checkpoint_every, options.max_live_graphs)
         self.tokens = TokenFile(options.auth_tokens) if options.auth_tokens else None
         self.metrics = Metrics()
         self.metrics.graphs.set(self.store.count_graphs())
-        self.service = GraphService(self.engine, self.tokens, self.metrics, options.max_concurrent_rpcs)
+        self.calls = CallGate(self.tokens, self.metrics, options.max_concurrent_rpcs)
+        self.service = GraphService(self.engine, self.calls)
         self.health = health.HealthServicer()
         self.executor = futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="rpc")
         self.server = grpc.server(
@@ -75,7 +77,7 @@ class RunningServer:
             # above that for health checks and reflection; gRPC only refuses what no thread could take.
             maximum_concurrent_rpcs=options.workers,
         )
-        add_to_server(self.service, self.server)
+        add_to_server(self.service, graph_service_pb2.DESCRIPTOR.services_by_name["GraphService"], self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if options.reflection:
             names = (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)

@@ -16,9 +16,11 @@ import numpy as np
 
 from chainrule import tensors
 from chainrule.server.errors import InvalidArgument, ResourceExhausted
-from chainrule.server.ops import OPS, Attr
+from chainrule.server.ops import OPS, STORED_SOURCES, Attr
 from chainrule.server.shapes import ShapeError, TensorType
 from chainrule.v1 import graph_pb2
+
+VALUED_SOURCES = (*STORED_SOURCES, "constant")
 
 
 @dataclass(frozen=True)
@@ -87,9 +89,9 @@ def _check_node(node: graph_pb2.Node, limits: Limits) -> tuple[str, dict[str, An
     op = OPS.get(node.op)
     if op is None:
         raise InvalidArgument(f"node '{name}' has unknown op '{node.op}'", reason="UNKNOWN_OP", subject=name)
-    if len(node.inputs) != op.arity:
+    if not op.takes(len(node.inputs)):
         raise InvalidArgument(
-            f"node '{name}' ({op.name}) takes {op.arity} input(s), got {len(node.inputs)}",
+            f"node '{name}' ({op.name}) takes {op.arity_text()} input(s), got {len(node.inputs)}",
             reason="WRONG_ARITY",
             subject=name,
         )
@@ -165,10 +167,10 @@ def _check_input_attrs(name: str, attrs: dict[str, Any]) -> None:
 
 def _check_value(name: str, op: str, node: graph_pb2.Node, limits: Limits) -> np.ndarray | None:
     has_value = node.HasField("value")
-    if op not in ("parameter", "constant"):
+    if op not in VALUED_SOURCES:
         if has_value:
             raise InvalidArgument(
-                f"node '{name}' ({op}) has a value; only parameter and constant nodes take one",
+                f"node '{name}' ({op}) has a value; only parameter, state and constant nodes take one",
                 reason="UNEXPECTED_VALUE",
                 subject=name,
             )
@@ -181,9 +183,9 @@ def _check_value(name: str, op: str, node: graph_pb2.Node, limits: Limits) -> np
         raise ResourceExhausted(str(error), reason="TENSOR_TOO_LARGE", subject=name) from None
     except tensors.TensorError as error:
         raise InvalidArgument(str(error), reason="BAD_TENSOR", subject=name) from None
-    if op == "parameter" and not np.issubdtype(value.dtype, np.floating):
+    if op in STORED_SOURCES and not np.issubdtype(value.dtype, np.floating):
         raise InvalidArgument(
-            f"node '{name}' (parameter) has dtype {value.dtype}; parameters must be float32 or float64",
+            f"node '{name}' ({op}) has dtype {value.dtype}; {op} nodes must be float32 or float64",
             reason="BAD_TENSOR",
             subject=name,
         )

@@ -25,7 +25,7 @@ import numpy as np
 
 from chainrule.server.errors import Cancelled, InvalidArgument, ResourceExhausted
 from chainrule.server.graph import infer_node
-from chainrule.server.ops import ANS, OPS
+from chainrule.server.ops import ANS, INFERENCE, OPS, STORED_SOURCES, Mode, NodeContext
 from chainrule.server.shapes import TensorType, describe
 
 Array = np.ndarray
@@ -44,13 +44,17 @@ class StopFlag:
 
 @dataclass(frozen=True)
 class Step:
-    """One non-source node: its forward function and one VJP per argument, attrs already bound."""
+    """One non-source node: its forward function and one VJP per argument (None: the argument
+    takes no gradient), attrs already bound."""
 
     forward: Callable[..., Array]
     args: tuple[int, ...]
-    vjps: tuple[Callable[..., Array], ...]
+    vjps: tuple[Callable[..., Array] | None, ...]
     reads: tuple[frozenset[int], ...]
     saves: bool
+    modal: bool
+    differentiable: bool
+    """False when the node's value is statically an int or bool tensor: no gradient passes through it."""
 
 
 @dataclass(frozen=True)
@@ -60,8 +64,9 @@ class Source:
     value: Array | None
 
 
-ForwardStep = tuple[int, Callable[..., Array], tuple[int, ...], tuple[int, ...], bool]
-"""(slot, forward function, argument slots, slots to release after it, whether it returns a residual to keep)."""
+ForwardStep = tuple[int, Callable[..., Array], tuple[int, ...], tuple[int, ...], bool, bool]
+"""(slot, forward function, argument slots, slots to release after it, whether it returns a residual to keep,
+whether it is modal: takes a NodeContext)."""
 ReverseStep = tuple[int, tuple[int, ...], tuple[tuple[Callable[..., Array], int], ...], bool, bool]
 """(slot, argument slots, (VJP, argument) pairs to call, whether the slot's gradient is streamed,
 whether the VJPs take the op's residual in place of its value)."""
@@ -141,17 +146,24 @@ class Plan:
                 self.steps.append(None)
                 continue
             attrs = node["attrs"]
+            count = len(node["inputs"])
+            dtype = node["type"].dtype
             self.steps.append(
                 Step(
                     _bind(op.forward, attrs),
                     tuple(self.slot_of[a] for a in node["inputs"]),
-                    tuple(_bind(vjp, attrs) for vjp in op.vjps),
-                    op.reads,
+                    tuple(None if vjp is None else _bind(vjp, attrs) for vjp in op.vjps_for(count)),
+                    op.reads_for(count),
                     op.saves,
+                    op.modal,
+                    dtype is None or dtype.kind == "f",
                 )
             )
         self.inputs = {self.names[s]: s for s, src in self.sources.items() if src.op == "input"}
         self.parameters = {self.names[s]: s for s, src in self.sources.items() if src.op == "parameter"}
+        """Trainable parameters; `state` nodes (running statistics) are kept with them but never trained."""
+        self.state = {self.names[s]: s for s, src in self.sources.items() if src.op == "state"}
+        self.stored = {self.names[s]: s for s, src in self.sources.items() if src.op in STORED_SOURCES}
         self._schedules: OrderedDict[tuple, Schedule] = OrderedDict()
         self._schedules_lock = threading.Lock()
 
@@ -210,12 +222,12 @@ class Plan:
             if step is not None:
                 saves = slot in residuals_used
                 function = _value_only(step.forward) if step.saves and not saves else step.forward
-                forward.append((slot, function, step.args, tuple(releases.get(slot, ())), saves))
+                forward.append((slot, function, step.args, tuple(releases.get(slot, ())), saves, step.modal))
         sources = [(slot, self.sources[slot]) for slot in order if self.steps[slot] is None]
         return Schedule(
             targets,
             constants=tuple((slot, source.value) for slot, source in sources if source.op == "constant"),
-            parameters=tuple((slot, self.names[slot]) for slot, source in sources if source.op == "parameter"),
+            parameters=tuple((slot, self.names[slot]) for slot, source in sources if source.op in STORED_SOURCES),
             inputs=tuple((slot, self.names[slot]) for slot, source in sources if source.op == "input"),
             forward=tuple(forward),
             reverse=reverse,
@@ -235,8 +247,10 @@ class Plan:
             requires_grad[slot] = True
         for slot in order:
             step = self.steps[slot]
-            if step is not None and not requires_grad[slot] and any(requires_grad[a] for a in step.args):
-                requires_grad[slot] = True
+            if step is not None and not requires_grad[slot] and step.differentiable:
+                requires_grad[slot] = any(
+                    requires_grad[a] and vjp is not None for vjp, a in zip(step.vjps, step.args, strict=True)
+                )
         feeds_loss = set(self.needed([loss]))
         wanted = set(wrt)
         lowest_wanted = min(wanted)
@@ -251,7 +265,7 @@ class Plan:
             pairs: list[tuple[Callable[..., Array], int]] = []
             if step is not None and slot in feeds_loss:
                 for position, (vjp, argument) in enumerate(zip(step.vjps, step.args, strict=True)):
-                    if requires_grad[argument]:
+                    if requires_grad[argument] and vjp is not None:
                         pairs.append((vjp, argument))
                         for read in step.reads[position]:
                             keep.add(slot if read == ANS else step.args[read])
@@ -267,10 +281,14 @@ class Plan:
         parameters: Mapping[str, Array],
         fetches: Sequence[str],
         stop: StopFlag | None = None,
+        mode: Mode = INFERENCE,
+        state_updates: dict[str, Array] | None = None,
     ) -> list[Array]:
+        """`state_updates`, when given, receives the new values of `state` nodes that modal ops
+        computed (running statistics in training mode)."""
         schedule = self._schedule(("forward", *fetches), lambda: self._fetch_schedule(fetches))
         self.check_allocation(schedule, feeds)
-        values, _ = self._evaluate(schedule, feeds, parameters, stop)
+        values, _ = self._evaluate(schedule, feeds, parameters, stop, mode, state_updates)
         return [values[slot] for slot in schedule.targets]  # type: ignore[misc]
 
     def _fetch_schedule(self, fetches: Sequence[str]) -> Schedule:
@@ -285,15 +303,18 @@ class Plan:
         wrt: Sequence[str],
         loss_grad: Array | None = None,
         stop: StopFlag | None = None,
+        mode: Mode = INFERENCE,
+        state_updates: dict[str, Array] | None = None,
     ) -> tuple[Array, Iterator[tuple[str, Array]]]:
         """Run the forward pass now; return the loss value and a lazy reverse pass.
 
         The iterator yields (name, gradient) for every `wrt` node in reverse topological order,
         each as soon as it is final, releasing values and gradients it no longer needs.
+        `state_updates` is filled by the forward pass, so it is complete when this returns.
         """
         schedule = self._schedule(("backward", loss, *wrt), lambda: self._backward_schedule(loss, wrt))
         self.check_allocation(schedule, feeds)
-        values, residuals = self._evaluate(schedule, feeds, parameters, stop)
+        values, residuals = self._evaluate(schedule, feeds, parameters, stop, mode, state_updates)
         loss_slot, *wrt_slots = schedule.targets
         for slot in wrt_slots:
             dtype = np.asarray(values[slot]).dtype
@@ -332,7 +353,13 @@ class Plan:
         return loss_grad.astype(value.dtype, copy=False)
 
     def _evaluate(
-        self, schedule: Schedule, feeds: Mapping[str, Array], parameters: Mapping[str, Array], stop: StopFlag | None
+        self,
+        schedule: Schedule,
+        feeds: Mapping[str, Array],
+        parameters: Mapping[str, Array],
+        stop: StopFlag | None,
+        mode: Mode = INFERENCE,
+        state_updates: dict[str, Array] | None = None,
     ) -> tuple[list[Array | None], Residuals]:
         values: list[Array | None] = [None] * len(self.names)
         residuals: Residuals = {}
@@ -349,12 +376,15 @@ class Plan:
         slot = -1
         try:
             with np.errstate(all="ignore"):
-                for done, (slot, function, arguments, releases, saves) in enumerate(schedule.forward):
+                for done, (slot, function, arguments, releases, saves, modal) in enumerate(schedule.forward):
                     if stop is not None and stop.stopped:
                         raise Cancelled(
                             f"cancelled after {done} of {len(schedule.forward)} forward steps", reason="CANCELLED"
                         )
-                    if len(arguments) == 1:
+                    if modal:
+                        context = self._context(slot, arguments, mode, state_updates)
+                        value = function(*[values[argument] for argument in arguments], ctx=context)
+                    elif len(arguments) == 1:
                         value = function(values[arguments[0]])
                     elif len(arguments) == 2:
                         value = function(values[arguments[0]], values[arguments[1]])
@@ -372,6 +402,13 @@ class Plan:
         except MemoryError:
             raise self._memory_error(slot) from None
         return values, residuals
+
+    def _context(
+        self, slot: int, arguments: tuple[int, ...], mode: Mode, state_updates: dict[str, Array] | None
+    ) -> NodeContext:
+        """A modal node's context; its state updates are kept only for arguments that are `state` nodes."""
+        state_names = [self.names[a] if self.ops[a] == "state" else None for a in arguments]
+        return NodeContext(mode, self.names[slot], state_names, {} if state_updates is None else state_updates)
 
     def check_allocation(self, schedule: Schedule, feeds: Mapping[str, Array]) -> None:
         """Refuse, before anything is allocated, a request whose values would exceed max_request_bytes.
@@ -393,7 +430,7 @@ class Plan:
         for slot, _ in (*schedule.constants, *schedule.parameters):
             types[slot] = self.types[slot]
         total = 0
-        for slot, _, arguments, _, _ in schedule.forward:
+        for slot, _, arguments, _, _, _ in schedule.forward:
             name = self.names[slot]
             if static:
                 known = self.types[slot]

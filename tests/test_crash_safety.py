@@ -41,7 +41,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from chainrule import tensors
 from chainrule.server import optim
 from chainrule.server.engine import Engine, StepResult
-from chainrule.server.store import Store
+from chainrule.server.store import SqliteStore
 from chainrule.v1 import graph_service_pb2 as pb
 from tests.server_process import ServerProcess
 from tests.test_service import expect_error, feeds, lecture_graph, mlp_graph
@@ -98,7 +98,7 @@ class Simulation:
     """
 
     def __init__(self) -> None:
-        self.engine = Engine(Store(":memory:"))
+        self.engine = Engine(SqliteStore(":memory:"))
         self.graph_id = self.engine.create_graph(mlp_graph()).graph_id
         live = self.engine.live(self.graph_id)
         self.states = {0: (live.parameters, live.optimizer_state)}

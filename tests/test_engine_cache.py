@@ -10,14 +10,14 @@ import pytest
 from chainrule.server import optim
 from chainrule.server.engine import Engine
 from chainrule.server.errors import NotFound
-from chainrule.server.store import Store
+from chainrule.server.store import SqliteStore
 from tests.test_service import mlp_graph
 
 X = np.linspace(-1, 1, 12).reshape(4, 3)
 
 
 def test_idle_graphs_beyond_the_limit_are_recompiled_with_their_committed_state(tmp_path: Path) -> None:
-    engine = Engine(Store(str(tmp_path / "db")), max_live_graphs=2)
+    engine = Engine(SqliteStore(str(tmp_path / "db")), max_live_graphs=2)
     first = engine.create_graph(mlp_graph()).graph_id
     session = engine.start_training(first, "loss", optim.Sgd(0.1), checkpoint_every=1000)
     for _ in range(3):
@@ -42,7 +42,7 @@ def test_idle_graphs_beyond_the_limit_are_recompiled_with_their_committed_state(
 
 
 def test_a_finished_session_is_unpinned_once_even_when_finished_twice(tmp_path: Path) -> None:
-    engine = Engine(Store(str(tmp_path / "db")), max_live_graphs=1)
+    engine = Engine(SqliteStore(str(tmp_path / "db")), max_live_graphs=1)
     graph_id = engine.create_graph(mlp_graph()).graph_id
     session = engine.start_training(graph_id, "loss", optim.Sgd(0.1))
     assert engine.live(graph_id).sessions == 1
@@ -52,7 +52,7 @@ def test_a_finished_session_is_unpinned_once_even_when_finished_twice(tmp_path: 
 
 
 def test_deleting_a_graph_drops_its_compiled_plan(tmp_path: Path) -> None:
-    engine = Engine(Store(str(tmp_path / "db")))
+    engine = Engine(SqliteStore(str(tmp_path / "db")))
     kept, deleted = (engine.create_graph(mlp_graph()).graph_id for _ in range(2))
     for graph_id in (kept, deleted):
         engine.forward(graph_id, {"x": X}, ["out"])

@@ -327,7 +327,7 @@ def valid_graphs(
             first = pick(draw, names)
             a = values[first]
             arguments = [first]
-            if OPS[op].arity == 2:
+            if OPS[op].max_arity == 2:
                 if op == "matmul":
                     fits = [n for n in names if _matmul_ok(a.shape, values[n].shape)]
                 elif op == "softmax_cross_entropy":

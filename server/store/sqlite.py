@@ -1,9 +1,4 @@
-"""The embedded SQLite store: graphs, their current parameters, optimizer state and step.
-
-Every write is one transaction, so a process killed at any moment leaves each graph either as
-it was before a write or as it is after it: never half-created, never a mix of two steps.
-Tensors are stored as raw little-endian bytes with their dtype and shape, like the wire format.
-"""
+"""The embedded SQLite store, the default: one file beside the server, nothing else to run."""
 
 from __future__ import annotations
 
@@ -13,11 +8,18 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 
 from chainrule.server.errors import Unavailable
+from chainrule.server.store.base import (
+    Checkpoint,
+    OptimizerState,
+    Store,
+    StoredGraph,
+    tensor_from_row,
+    tensor_row,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS graphs (
@@ -52,38 +54,10 @@ CREATE TABLE IF NOT EXISTS optimizer_state (
 
 GRAPH_COLUMNS = "seq, graph_id, tenant, name, summary, created_at, step"
 
-OptimizerState = dict[str, tuple[str, dict[str, np.ndarray]]]
-"""Per parameter: the optimizer kind that wrote the state, and its named arrays."""
 
+class SqliteStore(Store):
+    """One SQLite file in WAL mode, fsynced at every commit; one connection, serialized by a lock."""
 
-@dataclass(frozen=True)
-class StoredGraph:
-    seq: int
-    graph_id: str
-    tenant: str
-    name: str
-    summary: dict
-    created_at: float
-    step: int
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    step: int
-    parameters: dict[str, np.ndarray]
-    optimizer_state: OptimizerState
-
-
-def _tensor_row(array: np.ndarray) -> tuple[str, str, bytes]:
-    little = np.asarray(array, dtype=array.dtype.newbyteorder("<"))
-    return little.dtype.str, json.dumps(list(little.shape)), little.tobytes()
-
-
-def _tensor_from_row(dtype: str, shape: str, data: bytes) -> np.ndarray:
-    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(json.loads(shape))
-
-
-class Store:
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.Lock()
@@ -143,7 +117,7 @@ class Store:
             )
             db.executemany(
                 "INSERT INTO parameters (graph_id, name, dtype, shape, data) VALUES (?, ?, ?, ?, ?)",
-                [(graph_id, key, *_tensor_row(value)) for key, value in parameters.items()],
+                [(graph_id, key, *tensor_row(value)) for key, value in parameters.items()],
             )
         assert cursor.lastrowid is not None
         return StoredGraph(cursor.lastrowid, graph_id, tenant, name, summary, created_at, 0)
@@ -201,10 +175,10 @@ class Store:
                     self._db.execute("COMMIT")
             except sqlite3.Error as error:
                 raise Unavailable(f"the graph store could not be read: {error}", reason="STORE_UNAVAILABLE") from None
-        parameters = {name: _tensor_from_row(dtype, shape, data) for name, dtype, shape, data in parameter_rows}
+        parameters = {name: tensor_from_row(dtype, shape, data) for name, dtype, shape, data in parameter_rows}
         state: OptimizerState = {}
         for name, optimizer, slot, dtype, shape, data in state_rows:
-            state.setdefault(name, (optimizer, {}))[1][slot] = _tensor_from_row(dtype, shape, data)
+            state.setdefault(name, (optimizer, {}))[1][slot] = tensor_from_row(dtype, shape, data)
         return Checkpoint(step, parameters, state)
 
     def save_checkpoint(self, graph_id: str, checkpoint: Checkpoint) -> None:
@@ -213,14 +187,14 @@ class Store:
             db.execute("UPDATE graphs SET step = ? WHERE graph_id = ?", (checkpoint.step, graph_id))
             db.executemany(
                 "INSERT OR REPLACE INTO parameters (graph_id, name, dtype, shape, data) VALUES (?, ?, ?, ?, ?)",
-                [(graph_id, name, *_tensor_row(value)) for name, value in checkpoint.parameters.items()],
+                [(graph_id, name, *tensor_row(value)) for name, value in checkpoint.parameters.items()],
             )
             db.execute("DELETE FROM optimizer_state WHERE graph_id = ?", (graph_id,))
             db.executemany(
                 "INSERT INTO optimizer_state (graph_id, name, optimizer, slot, dtype, shape, data) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (graph_id, name, optimizer, slot, *_tensor_row(array))
+                    (graph_id, name, optimizer, slot, *tensor_row(array))
                     for name, (optimizer, arrays) in checkpoint.optimizer_state.items()
                     for slot, array in arrays.items()
                 ],

@@ -1,0 +1,35 @@
+"""The op registry: every op's forward computation, its vector-Jacobian products and its shape
+rule side by side, one module per family. Importing this package registers them all in `OPS`;
+`registry` explains what an op declares."""
+
+from chainrule.server.ops import elementwise, linalg, losses, norm, reductions, structure
+from chainrule.server.ops.registry import (
+    ANS,
+    INFERENCE,
+    OPS,
+    SOURCE_OPS,
+    STORED_SOURCES,
+    Attr,
+    Mode,
+    NodeContext,
+    Op,
+    defop,
+    unbroadcast,
+)
+
+FAMILIES = (elementwise, linalg, reductions, structure, norm, losses)
+
+__all__ = [
+    "ANS",
+    "FAMILIES",
+    "INFERENCE",
+    "OPS",
+    "SOURCE_OPS",
+    "STORED_SOURCES",
+    "Attr",
+    "Mode",
+    "NodeContext",
+    "Op",
+    "defop",
+    "unbroadcast",
+]

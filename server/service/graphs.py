@@ -1,0 +1,234 @@
+"""The GraphService servicer: decodes requests, calls the engine, encodes answers.
+
+Every RPC's behaviour is here, one method each; the math is in the engine, the per-call
+plumbing (auth, admission, logging, error statuses) in `calls`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterator, Mapping
+
+import grpc
+import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from chainrule import tensors
+from chainrule.server import optim
+from chainrule.server.engine import Engine, GraphSummary, TrainingSession
+from chainrule.server.errors import InvalidArgument, Unavailable
+from chainrule.server.pipeline import run_ahead
+from chainrule.server.service.calls import Call, CallGate, Servicer, decode_tensor, streaming, unary
+from chainrule.v1 import graph_pb2, graph_service_pb2_grpc, tensor_pb2
+from chainrule.v1 import graph_service_pb2 as pb
+
+GRADIENT_FIELD = pb.BackwardResponse.DESCRIPTOR.fields_by_name["gradient"].number
+TRAIN_RESPONSES_AHEAD = 2
+"""Responses of a Train stream that may wait, computed, for gRPC to send them."""
+
+
+def graph_info(summary: GraphSummary) -> graph_pb2.GraphInfo:
+    created = Timestamp()
+    created.FromNanoseconds(int(summary.created_at * 1e9))
+    return graph_pb2.GraphInfo(
+        graph_id=summary.graph_id,
+        name=summary.name,
+        topological_order=summary.topological_order,
+        inputs=summary.inputs,
+        parameters=summary.parameters,
+        step=summary.step,
+        node_count=summary.node_count,
+        create_time=created,
+    )
+
+
+def optimizer_from_proto(message: pb.Optimizer) -> optim.Optimizer:
+    kind = message.WhichOneof("kind")
+    if kind == "sgd":
+        sgd = message.sgd
+        return optim.Sgd(sgd.learning_rate, sgd.momentum, sgd.nesterov, sgd.weight_decay)
+    if kind == "adam":
+        adam = message.adam
+        return optim.Adam(
+            adam.learning_rate,
+            adam.beta1 or 0.9,
+            adam.beta2 or 0.999,
+            adam.epsilon or 1e-8,
+            adam.weight_decay,
+        )
+    raise InvalidArgument("config.optimizer is unset; choose sgd or adam", reason="BAD_OPTIMIZER", subject="optimizer")
+
+
+def train_responses(
+    step: int, loss: float, gradients: Mapping[str, np.ndarray], updates: Mapping[str, np.ndarray]
+) -> Iterator[pb.TrainResponse]:
+    """One step's response, split into several with the same step when its tensors exceed a chunk."""
+    response = pb.TrainResponse(step=step, loss=loss)
+    room = tensors.CHUNK_BYTES
+    for field_name, values in (("gradients", gradients), ("updates", updates)):
+        for name, value in values.items():
+            for chunk in tensors.chunks(value, name):
+                if len(chunk.data) > room and room < tensors.CHUNK_BYTES:
+                    response.more_in_step = True
+                    yield response
+                    response = pb.TrainResponse(step=step, loss=loss)
+                    room = tensors.CHUNK_BYTES
+                chunk.write_to(getattr(response, field_name).add(name=name).tensor)
+                room -= len(chunk.data)
+    yield response
+
+
+class GraphService(Servicer, graph_service_pb2_grpc.GraphServiceServicer):
+    """Graphs: create, read, evaluate, differentiate, train."""
+
+    def __init__(self, engine: Engine, calls: CallGate) -> None:
+        super().__init__(calls)
+        self.engine = engine
+        self.draining = False
+        """Set on graceful shutdown: Train streams stop after their current step."""
+
+    def decode_feeds(self, feeds: Mapping[str, tensor_pb2.Tensor]) -> dict[str, np.ndarray]:
+        limit = self.engine.limits.max_tensor_elements
+        return {name: decode_tensor(tensor, name, limit) for name, tensor in feeds.items()}
+
+    # ------------------------------------------------------------ graphs
+    @unary
+    def CreateGraph(
+        self, request: pb.CreateGraphRequest, context: grpc.ServicerContext, call: Call
+    ) -> pb.CreateGraphResponse:
+        summary = self.engine.create_graph(request.graph, call.tenant)
+        self.calls.metrics.graphs.inc()
+        return pb.CreateGraphResponse(graph=graph_info(summary))
+
+    @unary
+    def GetGraph(self, request: pb.GetGraphRequest, context: grpc.ServicerContext, call: Call) -> pb.GetGraphResponse:
+        response = pb.GetGraphResponse(graph=graph_info(self.engine.get_graph(request.graph_id, call.tenant)))
+        if request.include_definition:
+            response.definition.ParseFromString(self.engine.definition(request.graph_id, call.tenant))
+        return response
+
+    @unary
+    def ListGraphs(
+        self, request: pb.ListGraphsRequest, context: grpc.ServicerContext, call: Call
+    ) -> pb.ListGraphsResponse:
+        summaries, next_token = self.engine.list_graphs(request.page_size, request.page_token, call.tenant)
+        return pb.ListGraphsResponse(graphs=[graph_info(s) for s in summaries], next_page_token=next_token)
+
+    @unary
+    def DeleteGraph(
+        self, request: pb.DeleteGraphRequest, context: grpc.ServicerContext, call: Call
+    ) -> pb.DeleteGraphResponse:
+        self.engine.delete_graph(request.graph_id, call.tenant)
+        self.calls.metrics.graphs.dec()
+        return pb.DeleteGraphResponse()
+
+    # ------------------------------------------------------------ evaluation
+    @unary
+    def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext, call: Call) -> pb.ForwardResponse:
+        feeds = self.decode_feeds(request.feeds)
+        fetches = list(request.fetches)
+        values = self.engine.forward(request.graph_id, feeds, fetches, call.tenant, call.stop)
+        return pb.ForwardResponse(outputs=tensors.encode_named(zip(fetches, values, strict=True)))
+
+    @streaming
+    def Backward(self, request: pb.BackwardRequest, context: grpc.ServicerContext, call: Call) -> Iterator[bytes]:
+        """Gradient messages go out already serialized (see Chunk.serialized_into): for a large
+        gradient that saves two full copies of it."""
+        feeds = self.decode_feeds(request.feeds)
+        loss_grad = decode_tensor(request.loss_grad, "loss_grad") if request.HasField("loss_grad") else None
+        loss, gradients = self.engine.backward(
+            request.graph_id, feeds, request.loss, list(request.wrt), loss_grad, call.tenant, call.stop
+        )
+        *leading_loss_chunks, last_loss_chunk = tensors.chunks(loss, request.loss)
+        for chunk in leading_loss_chunks:
+            response = pb.BackwardResponse()
+            chunk.write_to(response.loss)
+            yield response
+        first = True
+        for name, gradient in gradients:
+            for chunk in tensors.chunks(gradient, name):
+                head = pb.BackwardResponse(name=name)
+                if first:
+                    last_loss_chunk.write_to(head.loss)
+                    first = False
+                yield chunk.serialized_into(GRADIENT_FIELD, head.SerializeToString())
+
+    # ------------------------------------------------------------ training
+    @streaming
+    def Train(
+        self, requests: Iterator[pb.TrainRequest], context: grpc.ServicerContext, call: Call
+    ) -> Iterator[pb.TrainResponse]:
+        first = next(requests, None)
+        if first is None or first.WhichOneof("item") != "config":
+            raise InvalidArgument(
+                "the first TrainRequest must carry a config; got " + ("nothing" if first is None else "a batch"),
+                reason="CONFIG_FIRST",
+                subject="config",
+            )
+        config = first.config
+        session = self.engine.start_training(
+            config.graph_id,
+            config.loss,
+            optimizer_from_proto(config.optimizer),
+            list(config.parameters),
+            config.checkpoint_every,
+            config.stop_on_non_finite_loss,
+            call.tenant,
+            keep_updates=config.stream_updates,
+        )
+        try:
+            steps = self._train_steps(session, config, requests, call)
+            yield from run_ahead(steps, TRAIN_RESPONSES_AHEAD, call.stop, f"train-{call.request_id}")
+        finally:
+            session.finish()
+
+    def _train_steps(
+        self, session: TrainingSession, config: pb.TrainConfig, requests: Iterator[pb.TrainRequest], call: Call
+    ) -> Generator[pb.TrainResponse, None, None]:
+        """One step per batch, on a thread of its own (see pipeline); the caller finishes the session."""
+        for index, request in enumerate(requests):
+            if request.WhichOneof("item") != "batch":
+                raise InvalidArgument(
+                    f"batch {index}: a TrainConfig may only be the first message of the stream",
+                    reason="CONFIG_FIRST",
+                    subject=f"batch {index}",
+                )
+            call.bytes_in += request.ByteSize()
+            try:
+                result = session.step(self.decode_feeds(request.batch.feeds), call.stop)
+            except InvalidArgument as error:
+                raise InvalidArgument(
+                    f"batch {index}: {error.message}", reason=error.reason, subject=error.subject
+                ) from None
+            self.calls.metrics.training_steps.inc()
+            yield from train_responses(
+                result.step,
+                result.loss,
+                result.gradients if config.stream_gradients else {},
+                result.updates if config.stream_updates else {},
+            )
+            if self.draining:
+                session.finish()
+                raise Unavailable(
+                    f"the server is shutting down; this stream's steps up to {result.step} are committed",
+                    reason="SHUTTING_DOWN",
+                )
+
+    @unary
+    def GetParameters(
+        self, request: pb.GetParametersRequest, context: grpc.ServicerContext, call: Call
+    ) -> pb.GetParametersResponse:
+        parameters, step = self.engine.get_parameters(request.graph_id, list(request.names), call.tenant)
+        return pb.GetParametersResponse(parameters=tensors.encode_named(parameters), step=step)
+
+    @unary
+    def SetParameters(
+        self, request: pb.SetParametersRequest, context: grpc.ServicerContext, call: Call
+    ) -> pb.SetParametersResponse:
+        values: dict[str, np.ndarray] = {}
+        for named in request.parameters:
+            if named.name in values:
+                raise InvalidArgument(
+                    f"parameter '{named.name}' is given twice", reason="DUPLICATE_PARAMETER", subject=named.name
+                )
+            values[named.name] = decode_tensor(named.tensor, named.name, self.engine.limits.max_tensor_elements)
+        return pb.SetParametersResponse(step=self.engine.set_parameters(request.graph_id, values, call.tenant))
