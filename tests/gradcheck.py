@@ -219,7 +219,15 @@ class OpCase:
     attrs: Mapping[str, AttrLike | None] = field(default_factory=dict)
 
     def feeds(self, dtype: npt.DTypeLike = np.float64) -> dict[str, Array]:
-        return {f"x{i}": np.asarray(arg, dtype=dtype) for i, arg in enumerate(self.args)}
+        """Float arguments in `dtype`; int and bool ones (indices, conditions) as they are."""
+        return {
+            f"x{i}": np.asarray(arg, dtype=dtype) if np.asarray(arg).dtype.kind == "f" else np.asarray(arg)
+            for i, arg in enumerate(self.args)
+        }
+
+    def differentiable(self) -> list[str]:
+        """The fed arguments that take a gradient: the float ones."""
+        return [name for name, value in self.feeds().items() if value.dtype.kind == "f"]
 
     def nodes(self, dtype: npt.DTypeLike = np.float64) -> list[graph_pb2.Node]:
         feeds = self.feeds(dtype)
@@ -236,11 +244,13 @@ class OpCase:
 
 
 def check_op(case: OpCase, seed: int = 0) -> Backward:
-    return check_grads(case.nodes(), case.feeds(), loss="out", loss_grad=case.cotangent(seed))
+    return check_grads(
+        case.nodes(), case.feeds(), loss="out", wrt=case.differentiable(), loss_grad=case.cotangent(seed)
+    )
 
 
 def run_op(case: OpCase, loss_grad: Array | None = None, dtype: npt.DTypeLike = np.float64) -> Backward:
     feeds = case.feeds(dtype)
     if loss_grad is not None:
         loss_grad = np.asarray(loss_grad, dtype=dtype)
-    return run_backward(case.nodes(dtype), feeds, loss="out", wrt=list(feeds), loss_grad=loss_grad)
+    return run_backward(case.nodes(dtype), feeds, loss="out", wrt=case.differentiable(), loss_grad=loss_grad)
