@@ -129,7 +129,7 @@ def as_float(x: Array) -> Array:
     return x if x.dtype.kind == "f" else x.astype(np.float64)
 
 
-def _float_argument(function: Callable[[Array], Array]) -> Callable[[Array], Array]:
+def float_argument(function: Callable[[Array], Array]) -> Callable[[Array], Array]:
     """`function` of a bool or int argument taken in float64, as the shape rule says; numpy would
     compute exp, log, sqrt and tanh of bool in float16, a dtype the wire cannot carry, and
     cannot negate bool at all (sigmoid, log_sigmoid)."""
@@ -141,13 +141,13 @@ def _float_argument(function: Callable[[Array], Array]) -> Callable[[Array], Arr
 
 
 defop("neg", operator.neg, lambda g, ans, x: -g, infer=same_type, reads=("",))
-defop("exp", _float_argument(np.exp), lambda g, ans, x: g * ans, infer=float_type, reads=("ans",))
-defop("log", _float_argument(np.log), lambda g, ans, x: g / x, infer=float_type, reads=("x",))
-defop("sqrt", _float_argument(np.sqrt), lambda g, ans, x: g / (2 * ans), infer=float_type, reads=("ans",))
+defop("exp", float_argument(np.exp), lambda g, ans, x: g * ans, infer=float_type, reads=("ans",))
+defop("log", float_argument(np.log), lambda g, ans, x: g / x, infer=float_type, reads=("x",))
+defop("sqrt", float_argument(np.sqrt), lambda g, ans, x: g / (2 * ans), infer=float_type, reads=("ans",))
 defop("abs", np.abs, lambda g, ans, x: g * np.sign(x), infer=same_type, reads=("x",))
 defop("square", lambda x: x * x, lambda g, ans, x: g * 2 * x, infer=same_type, reads=("x",))
-defop("sigmoid", _float_argument(sigmoid), lambda g, ans, x: g * ans * (1 - ans), infer=float_type, reads=("ans",))
-defop("tanh", _float_argument(np.tanh), lambda g, ans, x: g * (1 - ans * ans), infer=float_type, reads=("ans",))
+defop("sigmoid", float_argument(sigmoid), lambda g, ans, x: g * ans * (1 - ans), infer=float_type, reads=("ans",))
+defop("tanh", float_argument(np.tanh), lambda g, ans, x: g * (1 - ans * ans), infer=float_type, reads=("ans",))
 defop("relu", lambda x: np.maximum(x, 0), lambda g, ans, x: g * (x > 0), infer=same_type, reads=("x",))
 defop("softplus", softplus, lambda g, ans, x: g * sigmoid(x), infer=float_type, reads=("x",))
-defop("log_sigmoid", _float_argument(log_sigmoid), lambda g, ans, x: g * sigmoid(-x), infer=float_type, reads=("x",))
+defop("log_sigmoid", float_argument(log_sigmoid), lambda g, ans, x: g * sigmoid(-x), infer=float_type, reads=("x",))
