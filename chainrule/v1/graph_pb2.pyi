@@ -9,6 +9,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,6 +20,36 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _GraphView:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _GraphViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GraphView.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    GRAPH_VIEW_UNSPECIFIED: _GraphView.ValueType  # 0
+    """The method's default: BASIC for ListGraphs and CreateGraph, FULL for GetGraph."""
+    GRAPH_VIEW_BASIC: _GraphView.ValueType  # 1
+    """graph_id, name, node_count, step, create_time, inputs and parameters; leaves out
+    topological_order and anything else that grows with the number of nodes.
+    """
+    GRAPH_VIEW_FULL: _GraphView.ValueType  # 2
+    """Every field of GraphInfo."""
+
+class GraphView(_GraphView, metaclass=_GraphViewEnumTypeWrapper):
+    """How much of a GraphInfo an answer carries (as Google's AIP-157 does it), so that listing or
+    creating large graphs stays within a default client's 4 MiB receive limit.
+    """
+
+GRAPH_VIEW_UNSPECIFIED: GraphView.ValueType  # 0
+"""The method's default: BASIC for ListGraphs and CreateGraph, FULL for GetGraph."""
+GRAPH_VIEW_BASIC: GraphView.ValueType  # 1
+"""graph_id, name, node_count, step, create_time, inputs and parameters; leaves out
+topological_order and anything else that grows with the number of nodes.
+"""
+GRAPH_VIEW_FULL: GraphView.ValueType  # 2
+"""Every field of GraphInfo."""
+Global___GraphView: _TypeAlias = GraphView  # noqa: Y015
 
 @_typing.final
 class IntList(_message.Message):
@@ -192,7 +223,9 @@ Global___Graph: _TypeAlias = Graph  # noqa: Y015
 
 @_typing.final
 class GraphInfo(_message.Message):
-    """What the server knows about a stored graph."""
+    """What the server knows about a stored graph. Answers in GRAPH_VIEW_BASIC leave out the fields
+    that say so (they are empty); GRAPH_VIEW_FULL fills them all.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -210,7 +243,11 @@ class GraphInfo(_message.Message):
     """Number of optimizer steps applied to this graph's parameters so far."""
     node_count: _builtins.int
     @_builtins.property
-    def topological_order(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def topological_order(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every node's name, each after the nodes it depends on. FULL only: a name of up to
+        --max-name-length characters per node adds up to megabytes on large graphs.
+        """
+
     @_builtins.property
     def inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Names of the graph's "input" nodes, in topological order."""

@@ -25,16 +25,32 @@ class CreateGraphRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     GRAPH_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    view: _graph_pb2.GraphView.ValueType
+    """How much of the GraphInfo to answer with; unspecified means GRAPH_VIEW_BASIC, so that the
+    answer for a graph of any size fits a default client's 4 MiB limit.
+    """
+    request_id: _builtins.str
+    """Makes the call safe to retry (AIP-155): a CreateGraph with a request_id the same tenant
+    used within the last 24 hours stores nothing and answers with the graph created then (as
+    it is now). Any string of up to --max-name-length characters without control characters;
+    a UUID4 is a good choice. Reusing one with a different graph fails with ALREADY_EXISTS
+    (reason REQUEST_ID_REUSED) naming the graph it created. Deleting that graph frees the id.
+    Empty: no deduplication.
+    """
     @_builtins.property
     def graph(self) -> _graph_pb2.Graph: ...
     def __init__(
         self,
         *,
         graph: _graph_pb2.Graph | None = ...,
+        view: _graph_pb2.GraphView.ValueType = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["graph", b"graph"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["graph", b"graph"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["graph", b"graph", "request_id", b"request_id", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -66,18 +82,28 @@ class GetGraphRequest(_message.Message):
 
     GRAPH_ID_FIELD_NUMBER: _builtins.int
     INCLUDE_DEFINITION_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
+    OMIT_PARAMETER_VALUES_FIELD_NUMBER: _builtins.int
     graph_id: _builtins.str
     include_definition: _builtins.bool
     """Also return the graph as it was submitted (for drawing or copying it)."""
+    view: _graph_pb2.GraphView.ValueType
+    """How much of the GraphInfo to answer with; unspecified means GRAPH_VIEW_FULL."""
+    omit_parameter_values: _builtins.bool
+    """With include_definition: leave out the `value` of every "parameter" node (its initial
+    value, often most of the definition's bytes). StreamParameters gives the current values.
+    """
     def __init__(
         self,
         *,
         graph_id: _builtins.str = ...,
         include_definition: _builtins.bool = ...,
+        view: _graph_pb2.GraphView.ValueType = ...,
+        omit_parameter_values: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["graph_id", b"graph_id", "include_definition", b"include_definition"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["graph_id", b"graph_id", "include_definition", b"include_definition", "omit_parameter_values", b"omit_parameter_values", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -115,19 +141,25 @@ class ListGraphsRequest(_message.Message):
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """At most this many graphs per page; 0 means the server's default (100), and more than 1000 is capped."""
     page_token: _builtins.str
     """The next_page_token of the previous page; empty for the first page."""
+    view: _graph_pb2.GraphView.ValueType
+    """How much of each GraphInfo to answer with; unspecified means GRAPH_VIEW_BASIC, so that a
+    page of large graphs fits a default client's 4 MiB limit.
+    """
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        view: _graph_pb2.GraphView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -666,6 +698,62 @@ class GetParametersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetParametersResponse: _TypeAlias = GetParametersResponse  # noqa: Y015
+
+@_typing.final
+class StreamParametersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRAPH_ID_FIELD_NUMBER: _builtins.int
+    NAMES_FIELD_NUMBER: _builtins.int
+    graph_id: _builtins.str
+    @_builtins.property
+    def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Empty means every parameter."""
+
+    def __init__(
+        self,
+        *,
+        graph_id: _builtins.str = ...,
+        names: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["graph_id", b"graph_id", "names", b"names"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamParametersRequest: _TypeAlias = StreamParametersRequest  # noqa: Y015
+
+@_typing.final
+class StreamParametersResponse(_message.Message):
+    """The parameters of one step, in the order of `names` (the graph's order when empty), over one
+    or more messages that all carry that step; a graph without parameters still gets one message.
+    Small parameters share a message, up to about 1 MiB of data per message; a parameter larger
+    than 1 MiB arrives as consecutive messages holding one chunk each, with the same name (see
+    Tensor).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """The optimizer step the values belong to."""
+    @_builtins.property
+    def parameters(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]: ...
+    def __init__(
+        self,
+        *,
+        parameters: _abc.Iterable[_tensor_pb2.NamedTensor] | None = ...,
+        step: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamParametersResponse: _TypeAlias = StreamParametersResponse  # noqa: Y015
 
 @_typing.final
 class SetParametersRequest(_message.Message):

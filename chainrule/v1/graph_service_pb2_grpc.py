@@ -75,6 +75,11 @@ class GraphServiceStub:
                 request_serializer=chainrule_dot_v1_dot_graph__service__pb2.GetParametersRequest.SerializeToString,
                 response_deserializer=chainrule_dot_v1_dot_graph__service__pb2.GetParametersResponse.FromString,
                 _registered_method=True)
+        self.StreamParameters = channel.unary_stream(
+                '/chainrule.v1.GraphService/StreamParameters',
+                request_serializer=chainrule_dot_v1_dot_graph__service__pb2.StreamParametersRequest.SerializeToString,
+                response_deserializer=chainrule_dot_v1_dot_graph__service__pb2.StreamParametersResponse.FromString,
+                _registered_method=True)
         self.SetParameters = channel.unary_unary(
                 '/chainrule.v1.GraphService/SetParameters',
                 request_serializer=chainrule_dot_v1_dot_graph__service__pb2.SetParametersRequest.SerializeToString,
@@ -140,6 +145,14 @@ class GraphServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamParameters(self, request, context):
+        """GetParameters as a stream, for parameters of any size: tensors over 1 MiB arrive in chunks,
+        so every client receives them within gRPC's default 4 MiB limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetParameters(self, request, context):
         """Replaces parameter values; the optimizer state of those parameters is reset.
         """
@@ -189,6 +202,11 @@ def add_GraphServiceServicer_to_server(servicer, server):
                     servicer.GetParameters,
                     request_deserializer=chainrule_dot_v1_dot_graph__service__pb2.GetParametersRequest.FromString,
                     response_serializer=chainrule_dot_v1_dot_graph__service__pb2.GetParametersResponse.SerializeToString,
+            ),
+            'StreamParameters': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamParameters,
+                    request_deserializer=chainrule_dot_v1_dot_graph__service__pb2.StreamParametersRequest.FromString,
+                    response_serializer=chainrule_dot_v1_dot_graph__service__pb2.StreamParametersResponse.SerializeToString,
             ),
             'SetParameters': grpc.unary_unary_rpc_method_handler(
                     servicer.SetParameters,
@@ -413,6 +431,33 @@ class GraphService:
             '/chainrule.v1.GraphService/GetParameters',
             chainrule_dot_v1_dot_graph__service__pb2.GetParametersRequest.SerializeToString,
             chainrule_dot_v1_dot_graph__service__pb2.GetParametersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamParameters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/chainrule.v1.GraphService/StreamParameters',
+            chainrule_dot_v1_dot_graph__service__pb2.StreamParametersRequest.SerializeToString,
+            chainrule_dot_v1_dot_graph__service__pb2.StreamParametersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,10 @@ class GraphServiceStub:
     Train: _grpc.StreamStreamMultiCallable[_graph_service_pb2.TrainRequest, _graph_service_pb2.TrainResponse]
     """The first request carries a TrainConfig, every later one a Batch; one response per batch."""
     GetParameters: _grpc.UnaryUnaryMultiCallable[_graph_service_pb2.GetParametersRequest, _graph_service_pb2.GetParametersResponse]
+    StreamParameters: _grpc.UnaryStreamMultiCallable[_graph_service_pb2.StreamParametersRequest, _graph_service_pb2.StreamParametersResponse]
+    """GetParameters as a stream, for parameters of any size: tensors over 1 MiB arrive in chunks,
+    so every client receives them within gRPC's default 4 MiB limit.
+    """
     SetParameters: _grpc.UnaryUnaryMultiCallable[_graph_service_pb2.SetParametersRequest, _graph_service_pb2.SetParametersResponse]
     """Replaces parameter values; the optimizer state of those parameters is reset."""
 
@@ -71,6 +75,10 @@ class GraphServiceAsyncStub(GraphServiceStub):
     Train: _aio.StreamStreamMultiCallable[_graph_service_pb2.TrainRequest, _graph_service_pb2.TrainResponse]  # type: ignore[assignment]
     """The first request carries a TrainConfig, every later one a Batch; one response per batch."""
     GetParameters: _aio.UnaryUnaryMultiCallable[_graph_service_pb2.GetParametersRequest, _graph_service_pb2.GetParametersResponse]  # type: ignore[assignment]
+    StreamParameters: _aio.UnaryStreamMultiCallable[_graph_service_pb2.StreamParametersRequest, _graph_service_pb2.StreamParametersResponse]  # type: ignore[assignment]
+    """GetParameters as a stream, for parameters of any size: tensors over 1 MiB arrive in chunks,
+    so every client receives them within gRPC's default 4 MiB limit.
+    """
     SetParameters: _aio.UnaryUnaryMultiCallable[_graph_service_pb2.SetParametersRequest, _graph_service_pb2.SetParametersResponse]  # type: ignore[assignment]
     """Replaces parameter values; the optimizer state of those parameters is reset."""
 
@@ -139,6 +147,16 @@ class GraphServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _graph_service_pb2.GetParametersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_graph_service_pb2.GetParametersResponse, _abc.Awaitable[_graph_service_pb2.GetParametersResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def StreamParameters(
+        self,
+        request: _graph_service_pb2.StreamParametersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_graph_service_pb2.StreamParametersResponse], _abc.AsyncIterator[_graph_service_pb2.StreamParametersResponse]]:
+        """GetParameters as a stream, for parameters of any size: tensors over 1 MiB arrive in chunks,
+        so every client receives them within gRPC's default 4 MiB limit.
+        """
 
     @_abc_1.abstractmethod
     def SetParameters(
