@@ -40,6 +40,8 @@ Infer = Callable[..., TensorType]
 
 ANS = -1
 """In `Op.reads`, the position that stands for the op's own output (or residual)."""
+EVERY_ARG = -2
+"""In `Op.reads` of a variadic op, the position that stands for all of its arguments (einsum's operands)."""
 
 SOURCE_OPS = ("input", "parameter", "constant", "state")
 """Nodes with no arguments: fed per request, trained, fixed, or updated by training (running statistics)."""
@@ -100,7 +102,13 @@ class Op:
         return tuple(None if vjp is None else functools.partial(vjp, position=i) for i in range(count))
 
     def reads_for(self, count: int) -> tuple[frozenset[int], ...]:
-        return self.reads * count if self.variadic else self.reads[:count]
+        """The read sets for `count` arguments: optional arguments not given are not read."""
+        reads = self.reads * count if self.variadic else self.reads[:count]
+        every = frozenset(range(count))
+        return tuple(
+            frozenset(p for p in (read | every if EVERY_ARG in read else read) if p < count and p != EVERY_ARG)
+            for read in reads
+        )
 
 
 SOURCE_ATTRS: dict[str, dict[str, Attr]] = {"input": {"dtype": Attr("s"), "shape": Attr("ints")}}
@@ -113,8 +121,7 @@ def _read_set(spec: str, arity: int | None) -> frozenset[int]:
     positions: set[int] = set()
     for word in spec.split():
         if word == "args":
-            assert arity is not None, "a variadic op cannot read every argument"
-            positions.update(range(arity))
+            positions.update(range(arity) if arity is not None else (EVERY_ARG,))
         elif word.isdigit():
             positions.add(int(word))
         else:
