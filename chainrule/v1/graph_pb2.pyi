@@ -30,7 +30,7 @@ class _GraphViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GraphView.V
     GRAPH_VIEW_UNSPECIFIED: _GraphView.ValueType  # 0
     """The method's default: BASIC for ListGraphs and CreateGraph, FULL for GetGraph."""
     GRAPH_VIEW_BASIC: _GraphView.ValueType  # 1
-    """graph_id, name, node_count, step, create_time, inputs and parameters; leaves out
+    """graph_id, name, node_count, step, create_time, inputs, parameters and state; leaves out
     topological_order and anything else that grows with the number of nodes.
     """
     GRAPH_VIEW_FULL: _GraphView.ValueType  # 2
@@ -44,7 +44,7 @@ class GraphView(_GraphView, metaclass=_GraphViewEnumTypeWrapper):
 GRAPH_VIEW_UNSPECIFIED: GraphView.ValueType  # 0
 """The method's default: BASIC for ListGraphs and CreateGraph, FULL for GetGraph."""
 GRAPH_VIEW_BASIC: GraphView.ValueType  # 1
-"""graph_id, name, node_count, step, create_time, inputs and parameters; leaves out
+"""graph_id, name, node_count, step, create_time, inputs, parameters and state; leaves out
 topological_order and anything else that grows with the number of nodes.
 """
 GRAPH_VIEW_FULL: GraphView.ValueType  # 2
@@ -237,6 +237,7 @@ class GraphInfo(_message.Message):
     STEP_FIELD_NUMBER: _builtins.int
     NODE_COUNT_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     graph_id: _builtins.str
     name: _builtins.str
     step: _builtins.int
@@ -258,6 +259,12 @@ class GraphInfo(_message.Message):
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def state(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of the graph's "state" nodes (running statistics, which training updates and
+        GetParameters and SetParameters read and write with the parameters), in topological order.
+        """
+
     def __init__(
         self,
         *,
@@ -269,10 +276,11 @@ class GraphInfo(_message.Message):
         step: _builtins.int = ...,
         node_count: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        state: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "graph_id", b"graph_id", "inputs", b"inputs", "name", b"name", "node_count", b"node_count", "parameters", b"parameters", "step", b"step", "topological_order", b"topological_order"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "graph_id", b"graph_id", "inputs", b"inputs", "name", b"name", "node_count", b"node_count", "parameters", b"parameters", "state", b"state", "step", b"step", "topological_order", b"topological_order"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,7 +26,7 @@ from chainrule.v1 import graph_pb2 as chainrule_dot_v1_dot_graph__pb2
 from chainrule.v1 import tensor_pb2 as chainrule_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n chainrule/v1/graph_service.proto\x12\x0c\x63hainrule.v1\x1a\x18\x63hainrule/v1/graph.proto\x1a\x19\x63hainrule/v1/tensor.proto\"s\n\x12\x43reateGraphRequest\x12\"\n\x05graph\x18\x01 \x01(\x0b\x32\x13.chainrule.v1.Graph\x12%\n\x04view\x18\x02 \x01(\x0e\x32\x17.chainrule.v1.GraphView\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"=\n\x13\x43reateGraphResponse\x12&\n\x05graph\x18\x01 \x01(\x0b\x32\x17.chainrule.v1.GraphInfo\"\x85\x01\n\x0fGetGraphRequest\x12\x10\n\x08graph_id\x18\x01 \x01(\t\x12\x1a\n\x12include_definition\x18\x02 \x01(\x08\x12%\n\x04view\x18\x03 \x01(\x0e\x32\x17.chainrule.v1.GraphView\x12\x1d\n\x15omit_parameter_values\x18\x04 \x01(\x08\"c\n\x10GetGraphResponse\x12&\n\x05graph\x18\x01 \x01(\x0b\x32\x17.chainrule.v1.GraphInfo\x12\'\n\ndefinition\x18\x02 \x01(\x0b\x32\x13.chainrule.v1.Graph\"a\n\x11ListGraphsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12%\n\x04view\x18\x03 \x01(\x0e\x32\x17.chainrule.v1.GraphView\"V\n\x12ListGraphsResponse\x12\'\n\x06graphs\x18\x01 \x03(\x0b\x32\x17.chainrule.v1.GraphInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x12\x44\x65leteGraphRequest\x12\x10\n\x08graph_id\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteGraphResponse\"\xaf\x01\n\x0e\x46orwardRequest\x12\x10\n\x08graph_id\x18\x01 \x01(\t\x12\x36\n\x05\x66\x65\x65\x64s\x18\x02 \x03(\x0b\x32\'.chainrule.v1.ForwardRequest.FeedsEntry\x12\x0f\n\x07\x66\x65tches\x18\x03 \x03(\t\x1a\x42\n\nFeedsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.chainrule.v1.Tensor:\x02\x38\x01\"=\n\x0f\x46orwardResponse\x12*\n\x07outputs\x18\x01 \x03(\x0b\x32\x19.chainrule.v1.NamedTensor\"\xe4\x01\n\x0f\x42\x61\x63kwardRequest\x12\x10\n\x08graph_id\x18\x01 \x01(\t\x12\x37\n\x05\x66\x65\x65\x64s\x18\x02 \x03(\x0b\x32(.chainrule.v1.BackwardRequest.FeedsEntry\x12\x0c\n\x04loss\x18\x03 \x01(\t\x12\x0b\n\x03wrt\x18\x04 \x03(\t\x12\'\n\tloss_grad\x18\x05 \x01(\x0b\x32\x14.chainrule.v1.Tensor\x1a\x42\n\nFeedsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.chainrule.v1.Tensor:\x02\x38\x01\"l\n\x10\x42\x61\x63kwardResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x08gradient\x18\x02 \x01(\x0b\x32\x14.chainrule.v1.Tensor\x12\"\n\x04loss\x18\x03 \x01(\x0b\x32\x14.chainrule.v1.Tensor\"i\n\x0cTrainRequest\x12+\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x19.chainrule.v1.TrainConfigH\x00\x12$\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x13.chainrule.v1.BatchH\x00\x42\x06\n\x04item\"\xda\x01\n\x0bTrainConfig\x12\x10\n\x08graph_id\x18\x01 \x01(\t\x12\x0c\n\x04loss\x18\x02 \x01(\t\x12*\n\toptimizer\x18\x03 \x01(\x0b\x32\x17.chainrule.v1.Optimizer\x12\x12\n\nparameters\x18\x04 \x03(\t\x12\x18\n\x10stream_gradients\x18\x05 \x01(\x08\x12\x16\n\x0estream_updates\x18\x06 \x01(\x08\x12\x18\n\x10\x63heckpoint_every\x18\x07 \x01(\x03\x12\x1f\n\x17stop_on_non_finite_loss\x18\x08 \x01(\x08\"Y\n\tOptimizer\x12 \n\x03sgd\x18\x01 \x01(\x0b\x32\x11.chainrule.v1.SgdH\x00\x12\"\n\x04\x61\x64\x61m\x18\x02 \x01(\x0b\x32\x12.chainrule.v1.AdamH\x00\x42\x06\n\x04kind\"V\n\x03Sgd\x12\x15\n\rlearning_rate\x18\x01 \x01(\x01\x12\x10\n\x08momentum\x18\x02 \x01(\x01\x12\x10\n\x08nesterov\x18\x03 \x01(\x08\x12\x14\n\x0cweight_decay\x18\x04 \x01(\x01\"b\n\x04\x41\x64\x61m\x12\x15\n\rlearning_rate\x18\x01 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x02 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x03 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\"z\n\x05\x42\x61tch\x12-\n\x05\x66\x65\x65\x64s\x18\x01 \x03(\x0b\x32\x1e.chainrule.v1.Batch.FeedsEntry\x1a\x42\n\nFeedsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.chainrule.v1.Tensor:\x02\x38\x01\"\x9b\x01\n\rTrainResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12,\n\tgradients\x18\x03 \x03(\x0b\x32\x19.chainrule.v1.NamedTensor\x12*\n\x07updates\x18\x04 \x03(\x0b\x32\x19.chainrule.v1.NamedTensor\x12\x14\n\x0cmore_in_step\x18\x05 \x01(\x08\"7\n\x14GetParametersRequest\x12\x10\n\x08graph_id\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\"T\n\x15GetParametersResponse\x12-\n\nparameters\x18\x01 \x03(\x0b\x32\x19.chainrule.v1.NamedTensor\x12\x0c\n\x04step\x18\x02 \x01(\x03\":\n\x17StreamParametersRequest\x12\x10\n\x08graph_id\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\"W\n\x18StreamParametersResponse\x12-\n\nparameters\x18\x01 \x03(\x0b\x32\x19.chainrule.v1.NamedTensor\x12\x0c\n\x04step\x18\x02 \x01(\x03\"W\n\x14SetParametersRequest\x12\x10\n\x08graph_id\x18\x01 \x01(\t\x12-\n\nparameters\x18\x02 \x03(\x0b\x32\x19.chainrule.v1.NamedTensor\"%\n\x15SetParametersResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x32\xc6\x06\n\x0cGraphService\x12R\n\x0b\x43reateGraph\x12 .chainrule.v1.CreateGraphRequest\x1a!.chainrule.v1.CreateGraphResponse\x12I\n\x08GetGraph\x12\x1d.chainrule.v1.GetGraphRequest\x1a\x1e.chainrule.v1.GetGraphResponse\x12O\n\nListGraphs\x12\x1f.chainrule.v1.ListGraphsRequest\x1a .chainrule.v1.ListGraphsResponse\x12R\n\x0b\x44\x65leteGraph\x12 .chainrule.v1.DeleteGraphRequest\x1a!.chainrule.v1.DeleteGraphResponse\x12\x46\n\x07\x46orward\x12\x1c.chainrule.v1.ForwardRequest\x1a\x1d.chainrule.v1.ForwardResponse\x12K\n\x08\x42\x61\x63kward\x12\x1d.chainrule.v1.BackwardRequest\x1a\x1e.chainrule.v1.BackwardResponse0\x01\x12\x44\n\x05Train\x12\x1a.chainrule.v1.TrainRequest\x1a\x1b.chainrule.v1.TrainResponse(\x01\x30\x01\x12X\n\rGetParameters\x12\".chainrule.v1.GetParametersRequest\x1a#.chainrule.v1.GetParametersResponse\x12\x63\n\x10StreamParameters\x12%.chainrule.v1.StreamParametersRequest\x1a&.chainrule.v1.StreamParametersResponse0\x01\x12X\n\rSetParameters\x12\".chainrule.v1.SetParametersRequest\x1a#.chainrule.v1.SetParametersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n chainrule/v1/graph_service.proto\x12\x0c\x63hainrule.v1\x1a\x18\x63hainrule/v1/graph.proto\x1a\x19\x63hainrule/v1/tensor.proto\"s\n\x12\x43reateGraphRequest\x12\"\n\x05graph\x18\x01 \x01(\x0b\x32\x13.chainrule.v1.Graph\x12%\n\x04view\x18\x02 \x01(\x0e\x32\x17.chainrule.v1.GraphView\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"=\n\x13\x43reateGraphResponse\x12&\n\x05graph\x18\x01 \x01(\x0b\x32\x17.chainrule.v1.GraphInfo\"\x85\x01\n\x0fGetGraphRequest\x12\x10\n\x08graph_id\x18\x01 \x01(\t\x12\x1a\n\x12include_definition\x18\x02 \x01(\x08\x12%\n\x04view\x18\x03 \x01(\x0e\x32\x17.chainrule.v1.GraphView\x12\x1d\n\x15omit_parameter_values\x18\x04 \x01(\x08\"c\n\x10GetGraphResponse\x12&\n\x05graph\x18\x01 \x01(\x0b\x32\x17.chainrule.v1.GraphInfo\x12\'\n\ndefinition\x18\x02 \x01(\x0b\x32\x13.chainrule.v1.Graph\"a\n\x11ListGraphsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12%\n\x04view\x18\x03 \x01(\x0e\x32\x17.chainrule.v1.GraphView\"V\n\x12ListGraphsResponse\x12\'\n\x06graphs\x18\x01 \x03(\x0b\x32\x17.chainrule.v1.GraphInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x12\x44\x65leteGraphRequest\x12\x10\n\x08graph_id\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteGraphResponse\"\xcf\x01\n\x0e\x46orwardRequest\x12\x10\n\x08graph_id\x18\x01 \x01(\t\x12\x36\n\x05\x66\x65\x65\x64s\x18\x02 \x03(\x0b\x32\'.chainrule.v1.ForwardRequest.FeedsEntry\x12\x0f\n\x07\x66\x65tches\x18\x03 \x03(\t\x12\x10\n\x08training\x18\x04 \x01(\x08\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x1a\x42\n\nFeedsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.chainrule.v1.Tensor:\x02\x38\x01\"=\n\x0f\x46orwardResponse\x12*\n\x07outputs\x18\x01 \x03(\x0b\x32\x19.chainrule.v1.NamedTensor\"\x84\x02\n\x0f\x42\x61\x63kwardRequest\x12\x10\n\x08graph_id\x18\x01 \x01(\t\x12\x37\n\x05\x66\x65\x65\x64s\x18\x02 \x03(\x0b\x32(.chainrule.v1.BackwardRequest.FeedsEntry\x12\x0c\n\x04loss\x18\x03 \x01(\t\x12\x0b\n\x03wrt\x18\x04 \x03(\t\x12\'\n\tloss_grad\x18\x05 \x01(\x0b\x32\x14.chainrule.v1.Tensor\x12\x10\n\x08training\x18\x06 \x01(\x08\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x1a\x42\n\nFeedsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.chainrule.v1.Tensor:\x02\x38\x01\"l\n\x10\x42\x61\x63kwardResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x08gradient\x18\x02 \x01(\x0b\x32\x14.chainrule.v1.Tensor\x12\"\n\x04loss\x18\x03 \x01(\x0b\x32\x14.chainrule.v1.Tensor\"i\n\x0cTrainRequest\x12+\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x19.chainrule.v1.TrainConfigH\x00\x12$\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x13.chainrule.v1.BatchH\x00\x42\x06\n\x04item\"\xe8\x01\n\x0bTrainConfig\x12\x10\n\x08graph_id\x18\x01 \x01(\t\x12\x0c\n\x04loss\x18\x02 \x01(\t\x12*\n\toptimizer\x18\x03 \x01(\x0b\x32\x17.chainrule.v1.Optimizer\x12\x12\n\nparameters\x18\x04 \x03(\t\x12\x18\n\x10stream_gradients\x18\x05 \x01(\x08\x12\x16\n\x0estream_updates\x18\x06 \x01(\x08\x12\x18\n\x10\x63heckpoint_every\x18\x07 \x01(\x03\x12\x1f\n\x17stop_on_non_finite_loss\x18\x08 \x01(\x08\x12\x0c\n\x04seed\x18\t \x01(\x04\"Y\n\tOptimizer\x12 \n\x03sgd\x18\x01 \x01(\x0b\x32\x11.chainrule.v1.SgdH\x00\x12\"\n\x04\x61\x64\x61m\x18\x02 \x01(\x0b\x32\x12.chainrule.v1.AdamH\x00\x42\x06\n\x04kind\"V\n\x03Sgd\x12\x15\n\rlearning_rate\x18\x01 \x01(\x01\x12\x10\n\x08momentum\x18\x02 \x01(\x01\x12\x10\n\x08nesterov\x18\x03 \x01(\x08\x12\x14\n\x0cweight_decay\x18\x04 \x01(\x01\"b\n\x04\x41\x64\x61m\x12\x15\n\rlearning_rate\x18\x01 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x02 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x03 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\"z\n\x05\x42\x61tch\x12-\n\x05\x66\x65\x65\x64s\x18\x01 \x03(\x0b\x32\x1e.chainrule.v1.Batch.FeedsEntry\x1a\x42\n\nFeedsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.chainrule.v1.Tensor:\x02\x38\x01\"\x9b\x01\n\rTrainResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12,\n\tgradients\x18\x03 \x03(\x0b\x32\x19.chainrule.v1.NamedTensor\x12*\n\x07updates\x18\x04 \x03(\x0b\x32\x19.chainrule.v1.NamedTensor\x12\x14\n\x0cmore_in_step\x18\x05 \x01(\x08\"7\n\x14GetParametersRequest\x12\x10\n\x08graph_id\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\"T\n\x15GetParametersResponse\x12-\n\nparameters\x18\x01 \x03(\x0b\x32\x19.chainrule.v1.NamedTensor\x12\x0c\n\x04step\x18\x02 \x01(\x03\":\n\x17StreamParametersRequest\x12\x10\n\x08graph_id\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\"W\n\x18StreamParametersResponse\x12-\n\nparameters\x18\x01 \x03(\x0b\x32\x19.chainrule.v1.NamedTensor\x12\x0c\n\x04step\x18\x02 \x01(\x03\"W\n\x14SetParametersRequest\x12\x10\n\x08graph_id\x18\x01 \x01(\t\x12-\n\nparameters\x18\x02 \x03(\x0b\x32\x19.chainrule.v1.NamedTensor\"%\n\x15SetParametersResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x32\xc6\x06\n\x0cGraphService\x12R\n\x0b\x43reateGraph\x12 .chainrule.v1.CreateGraphRequest\x1a!.chainrule.v1.CreateGraphResponse\x12I\n\x08GetGraph\x12\x1d.chainrule.v1.GetGraphRequest\x1a\x1e.chainrule.v1.GetGraphResponse\x12O\n\nListGraphs\x12\x1f.chainrule.v1.ListGraphsRequest\x1a .chainrule.v1.ListGraphsResponse\x12R\n\x0b\x44\x65leteGraph\x12 .chainrule.v1.DeleteGraphRequest\x1a!.chainrule.v1.DeleteGraphResponse\x12\x46\n\x07\x46orward\x12\x1c.chainrule.v1.ForwardRequest\x1a\x1d.chainrule.v1.ForwardResponse\x12K\n\x08\x42\x61\x63kward\x12\x1d.chainrule.v1.BackwardRequest\x1a\x1e.chainrule.v1.BackwardResponse0\x01\x12\x44\n\x05Train\x12\x1a.chainrule.v1.TrainRequest\x1a\x1b.chainrule.v1.TrainResponse(\x01\x30\x01\x12X\n\rGetParameters\x12\".chainrule.v1.GetParametersRequest\x1a#.chainrule.v1.GetParametersResponse\x12\x63\n\x10StreamParameters\x12%.chainrule.v1.StreamParametersRequest\x1a&.chainrule.v1.StreamParametersResponse0\x01\x12X\n\rSetParameters\x12\".chainrule.v1.SetParametersRequest\x1a#.chainrule.v1.SetParametersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -56,45 +56,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETEGRAPHRESPONSE']._serialized_start=747
   _globals['_DELETEGRAPHRESPONSE']._serialized_end=768
   _globals['_FORWARDREQUEST']._serialized_start=771
-  _globals['_FORWARDREQUEST']._serialized_end=946
-  _globals['_FORWARDREQUEST_FEEDSENTRY']._serialized_start=880
-  _globals['_FORWARDREQUEST_FEEDSENTRY']._serialized_end=946
-  _globals['_FORWARDRESPONSE']._serialized_start=948
-  _globals['_FORWARDRESPONSE']._serialized_end=1009
-  _globals['_BACKWARDREQUEST']._serialized_start=1012
-  _globals['_BACKWARDREQUEST']._serialized_end=1240
-  _globals['_BACKWARDREQUEST_FEEDSENTRY']._serialized_start=880
-  _globals['_BACKWARDREQUEST_FEEDSENTRY']._serialized_end=946
-  _globals['_BACKWARDRESPONSE']._serialized_start=1242
-  _globals['_BACKWARDRESPONSE']._serialized_end=1350
-  _globals['_TRAINREQUEST']._serialized_start=1352
-  _globals['_TRAINREQUEST']._serialized_end=1457
-  _globals['_TRAINCONFIG']._serialized_start=1460
-  _globals['_TRAINCONFIG']._serialized_end=1678
-  _globals['_OPTIMIZER']._serialized_start=1680
-  _globals['_OPTIMIZER']._serialized_end=1769
-  _globals['_SGD']._serialized_start=1771
-  _globals['_SGD']._serialized_end=1857
-  _globals['_ADAM']._serialized_start=1859
-  _globals['_ADAM']._serialized_end=1957
-  _globals['_BATCH']._serialized_start=1959
-  _globals['_BATCH']._serialized_end=2081
-  _globals['_BATCH_FEEDSENTRY']._serialized_start=880
-  _globals['_BATCH_FEEDSENTRY']._serialized_end=946
-  _globals['_TRAINRESPONSE']._serialized_start=2084
-  _globals['_TRAINRESPONSE']._serialized_end=2239
-  _globals['_GETPARAMETERSREQUEST']._serialized_start=2241
-  _globals['_GETPARAMETERSREQUEST']._serialized_end=2296
-  _globals['_GETPARAMETERSRESPONSE']._serialized_start=2298
-  _globals['_GETPARAMETERSRESPONSE']._serialized_end=2382
-  _globals['_STREAMPARAMETERSREQUEST']._serialized_start=2384
-  _globals['_STREAMPARAMETERSREQUEST']._serialized_end=2442
-  _globals['_STREAMPARAMETERSRESPONSE']._serialized_start=2444
-  _globals['_STREAMPARAMETERSRESPONSE']._serialized_end=2531
-  _globals['_SETPARAMETERSREQUEST']._serialized_start=2533
-  _globals['_SETPARAMETERSREQUEST']._serialized_end=2620
-  _globals['_SETPARAMETERSRESPONSE']._serialized_start=2622
-  _globals['_SETPARAMETERSRESPONSE']._serialized_end=2659
-  _globals['_GRAPHSERVICE']._serialized_start=2662
-  _globals['_GRAPHSERVICE']._serialized_end=3500
+  _globals['_FORWARDREQUEST']._serialized_end=978
+  _globals['_FORWARDREQUEST_FEEDSENTRY']._serialized_start=912
+  _globals['_FORWARDREQUEST_FEEDSENTRY']._serialized_end=978
+  _globals['_FORWARDRESPONSE']._serialized_start=980
+  _globals['_FORWARDRESPONSE']._serialized_end=1041
+  _globals['_BACKWARDREQUEST']._serialized_start=1044
+  _globals['_BACKWARDREQUEST']._serialized_end=1304
+  _globals['_BACKWARDREQUEST_FEEDSENTRY']._serialized_start=912
+  _globals['_BACKWARDREQUEST_FEEDSENTRY']._serialized_end=978
+  _globals['_BACKWARDRESPONSE']._serialized_start=1306
+  _globals['_BACKWARDRESPONSE']._serialized_end=1414
+  _globals['_TRAINREQUEST']._serialized_start=1416
+  _globals['_TRAINREQUEST']._serialized_end=1521
+  _globals['_TRAINCONFIG']._serialized_start=1524
+  _globals['_TRAINCONFIG']._serialized_end=1756
+  _globals['_OPTIMIZER']._serialized_start=1758
+  _globals['_OPTIMIZER']._serialized_end=1847
+  _globals['_SGD']._serialized_start=1849
+  _globals['_SGD']._serialized_end=1935
+  _globals['_ADAM']._serialized_start=1937
+  _globals['_ADAM']._serialized_end=2035
+  _globals['_BATCH']._serialized_start=2037
+  _globals['_BATCH']._serialized_end=2159
+  _globals['_BATCH_FEEDSENTRY']._serialized_start=912
+  _globals['_BATCH_FEEDSENTRY']._serialized_end=978
+  _globals['_TRAINRESPONSE']._serialized_start=2162
+  _globals['_TRAINRESPONSE']._serialized_end=2317
+  _globals['_GETPARAMETERSREQUEST']._serialized_start=2319
+  _globals['_GETPARAMETERSREQUEST']._serialized_end=2374
+  _globals['_GETPARAMETERSRESPONSE']._serialized_start=2376
+  _globals['_GETPARAMETERSRESPONSE']._serialized_end=2460
+  _globals['_STREAMPARAMETERSREQUEST']._serialized_start=2462
+  _globals['_STREAMPARAMETERSREQUEST']._serialized_end=2520
+  _globals['_STREAMPARAMETERSRESPONSE']._serialized_start=2522
+  _globals['_STREAMPARAMETERSRESPONSE']._serialized_end=2609
+  _globals['_SETPARAMETERSREQUEST']._serialized_start=2611
+  _globals['_SETPARAMETERSREQUEST']._serialized_end=2698
+  _globals['_SETPARAMETERSRESPONSE']._serialized_start=2700
+  _globals['_SETPARAMETERSRESPONSE']._serialized_end=2737
+  _globals['_GRAPHSERVICE']._serialized_start=2740
+  _globals['_GRAPHSERVICE']._serialized_end=3578
 # @@protoc_insertion_point(module_scope)

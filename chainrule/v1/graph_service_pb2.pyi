@@ -253,7 +253,15 @@ class ForwardRequest(_message.Message):
     GRAPH_ID_FIELD_NUMBER: _builtins.int
     FEEDS_FIELD_NUMBER: _builtins.int
     FETCHES_FIELD_NUMBER: _builtins.int
+    TRAINING_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
     graph_id: _builtins.str
+    training: _builtins.bool
+    """Run in training mode (batch statistics in batch_norm, dropout active) instead of inference
+    mode. Never changes the graph's state (running statistics); only Train does.
+    """
+    seed: _builtins.int
+    """With training: the seed of dropout's masks, drawn from (seed, the graph's step, node name)."""
     @_builtins.property
     def feeds(self) -> _containers.MessageMap[_builtins.str, _tensor_pb2.Tensor]:
         """A tensor for every "input" node the fetches depend on."""
@@ -268,10 +276,12 @@ class ForwardRequest(_message.Message):
         graph_id: _builtins.str = ...,
         feeds: _abc.Mapping[_builtins.str, _tensor_pb2.Tensor] | None = ...,
         fetches: _abc.Iterable[_builtins.str] | None = ...,
+        training: _builtins.bool = ...,
+        seed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["feeds", b"feeds", "fetches", b"fetches", "graph_id", b"graph_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feeds", b"feeds", "fetches", b"fetches", "graph_id", b"graph_id", "seed", b"seed", "training", b"training"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -327,9 +337,14 @@ class BackwardRequest(_message.Message):
     LOSS_FIELD_NUMBER: _builtins.int
     WRT_FIELD_NUMBER: _builtins.int
     LOSS_GRAD_FIELD_NUMBER: _builtins.int
+    TRAINING_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
     graph_id: _builtins.str
     loss: _builtins.str
     """The node to differentiate. It must be a scalar unless loss_grad is set."""
+    training: _builtins.bool
+    """As in ForwardRequest: training mode for this call only; the graph's state never changes."""
+    seed: _builtins.int
     @_builtins.property
     def feeds(self) -> _containers.MessageMap[_builtins.str, _tensor_pb2.Tensor]: ...
     @_builtins.property
@@ -352,10 +367,12 @@ class BackwardRequest(_message.Message):
         loss: _builtins.str = ...,
         wrt: _abc.Iterable[_builtins.str] | None = ...,
         loss_grad: _tensor_pb2.Tensor | None = ...,
+        training: _builtins.bool = ...,
+        seed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["loss_grad", b"loss_grad"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["feeds", b"feeds", "graph_id", b"graph_id", "loss", b"loss", "loss_grad", b"loss_grad", "wrt", b"wrt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feeds", b"feeds", "graph_id", b"graph_id", "loss", b"loss", "loss_grad", b"loss_grad", "seed", b"seed", "training", b"training", "wrt", b"wrt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -436,6 +453,7 @@ class TrainConfig(_message.Message):
     STREAM_UPDATES_FIELD_NUMBER: _builtins.int
     CHECKPOINT_EVERY_FIELD_NUMBER: _builtins.int
     STOP_ON_NON_FINITE_LOSS_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
     graph_id: _builtins.str
     loss: _builtins.str
     """The scalar node to minimize."""
@@ -451,11 +469,19 @@ class TrainConfig(_message.Message):
     """End the stream with INVALID_ARGUMENT when a batch's loss is NaN or infinite
     (the step is not applied).
     """
+    seed: _builtins.int
+    """Train runs the graph in training mode; dropout's masks are drawn from (seed, the graph's step
+    before the update, node name), so the same batches give the same run, bit for bit, on any
+    graph created from the same definition.
+    """
     @_builtins.property
     def optimizer(self) -> Global___Optimizer: ...
     @_builtins.property
     def parameters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The parameters to train; empty means every parameter of the graph."""
+        """The parameters to train; empty means every parameter of the graph. "state" nodes (running
+        statistics) are never trained: every step updates them as torch.nn.BatchNorm does, and they
+        are committed with the parameters.
+        """
 
     def __init__(
         self,
@@ -468,10 +494,11 @@ class TrainConfig(_message.Message):
         stream_updates: _builtins.bool = ...,
         checkpoint_every: _builtins.int = ...,
         stop_on_non_finite_loss: _builtins.bool = ...,
+        seed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_every", b"checkpoint_every", "graph_id", b"graph_id", "loss", b"loss", "optimizer", b"optimizer", "parameters", b"parameters", "stop_on_non_finite_loss", b"stop_on_non_finite_loss", "stream_gradients", b"stream_gradients", "stream_updates", b"stream_updates"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_every", b"checkpoint_every", "graph_id", b"graph_id", "loss", b"loss", "optimizer", b"optimizer", "parameters", b"parameters", "seed", b"seed", "stop_on_non_finite_loss", b"stop_on_non_finite_loss", "stream_gradients", b"stream_gradients", "stream_updates", b"stream_updates"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -660,7 +687,7 @@ class GetParametersRequest(_message.Message):
     graph_id: _builtins.str
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Empty means every parameter."""
+        """Parameter and state node names; empty means every parameter and state node."""
 
     def __init__(
         self,

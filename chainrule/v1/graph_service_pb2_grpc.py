@@ -140,7 +140,8 @@ class GraphServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetParameters(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The current values of the graph's parameters and of its "state" nodes (running statistics).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -154,7 +155,7 @@ class GraphServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetParameters(self, request, context):
-        """Replaces parameter values; the optimizer state of those parameters is reset.
+        """Replaces parameter (or state) values; the optimizer state of those parameters is reset.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -48,12 +48,13 @@ class GraphServiceStub:
     Train: _grpc.StreamStreamMultiCallable[_graph_service_pb2.TrainRequest, _graph_service_pb2.TrainResponse]
     """The first request carries a TrainConfig, every later one a Batch; one response per batch."""
     GetParameters: _grpc.UnaryUnaryMultiCallable[_graph_service_pb2.GetParametersRequest, _graph_service_pb2.GetParametersResponse]
+    """The current values of the graph's parameters and of its "state" nodes (running statistics)."""
     StreamParameters: _grpc.UnaryStreamMultiCallable[_graph_service_pb2.StreamParametersRequest, _graph_service_pb2.StreamParametersResponse]
     """GetParameters as a stream, for parameters of any size: tensors over 1 MiB arrive in chunks,
     so every client receives them within gRPC's default 4 MiB limit.
     """
     SetParameters: _grpc.UnaryUnaryMultiCallable[_graph_service_pb2.SetParametersRequest, _graph_service_pb2.SetParametersResponse]
-    """Replaces parameter values; the optimizer state of those parameters is reset."""
+    """Replaces parameter (or state) values; the optimizer state of those parameters is reset."""
 
 @_typing.type_check_only
 class GraphServiceAsyncStub(GraphServiceStub):
@@ -75,12 +76,13 @@ class GraphServiceAsyncStub(GraphServiceStub):
     Train: _aio.StreamStreamMultiCallable[_graph_service_pb2.TrainRequest, _graph_service_pb2.TrainResponse]  # type: ignore[assignment]
     """The first request carries a TrainConfig, every later one a Batch; one response per batch."""
     GetParameters: _aio.UnaryUnaryMultiCallable[_graph_service_pb2.GetParametersRequest, _graph_service_pb2.GetParametersResponse]  # type: ignore[assignment]
+    """The current values of the graph's parameters and of its "state" nodes (running statistics)."""
     StreamParameters: _aio.UnaryStreamMultiCallable[_graph_service_pb2.StreamParametersRequest, _graph_service_pb2.StreamParametersResponse]  # type: ignore[assignment]
     """GetParameters as a stream, for parameters of any size: tensors over 1 MiB arrive in chunks,
     so every client receives them within gRPC's default 4 MiB limit.
     """
     SetParameters: _aio.UnaryUnaryMultiCallable[_graph_service_pb2.SetParametersRequest, _graph_service_pb2.SetParametersResponse]  # type: ignore[assignment]
-    """Replaces parameter values; the optimizer state of those parameters is reset."""
+    """Replaces parameter (or state) values; the optimizer state of those parameters is reset."""
 
 class GraphServiceServicer(metaclass=_abc_1.ABCMeta):
     """Stores dataflow graphs, evaluates them, differentiates them and trains their parameters."""
@@ -146,7 +148,8 @@ class GraphServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _graph_service_pb2.GetParametersRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_graph_service_pb2.GetParametersResponse, _abc.Awaitable[_graph_service_pb2.GetParametersResponse]]: ...
+    ) -> _typing.Union[_graph_service_pb2.GetParametersResponse, _abc.Awaitable[_graph_service_pb2.GetParametersResponse]]:
+        """The current values of the graph's parameters and of its "state" nodes (running statistics)."""
 
     @_abc_1.abstractmethod
     def StreamParameters(
@@ -164,6 +167,6 @@ class GraphServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _graph_service_pb2.SetParametersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_graph_service_pb2.SetParametersResponse, _abc.Awaitable[_graph_service_pb2.SetParametersResponse]]:
-        """Replaces parameter values; the optimizer state of those parameters is reset."""
+        """Replaces parameter (or state) values; the optimizer state of those parameters is reset."""
 
 def add_GraphServiceServicer_to_server(servicer: GraphServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
