@@ -85,6 +85,16 @@ class GraphServiceStub:
                 request_serializer=chainrule_dot_v1_dot_graph__service__pb2.SetParametersRequest.SerializeToString,
                 response_deserializer=chainrule_dot_v1_dot_graph__service__pb2.SetParametersResponse.FromString,
                 _registered_method=True)
+        self.ImportOnnx = channel.unary_unary(
+                '/chainrule.v1.GraphService/ImportOnnx',
+                request_serializer=chainrule_dot_v1_dot_graph__service__pb2.ImportOnnxRequest.SerializeToString,
+                response_deserializer=chainrule_dot_v1_dot_graph__service__pb2.ImportOnnxResponse.FromString,
+                _registered_method=True)
+        self.ExportOnnx = channel.unary_stream(
+                '/chainrule.v1.GraphService/ExportOnnx',
+                request_serializer=chainrule_dot_v1_dot_graph__service__pb2.ExportOnnxRequest.SerializeToString,
+                response_deserializer=chainrule_dot_v1_dot_graph__service__pb2.ExportOnnxResponse.FromString,
+                _registered_method=True)
 
 
 class GraphServiceServicer:
@@ -161,6 +171,21 @@ class GraphServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportOnnx(self, request, context):
+        """Turns a serialized ONNX model into a stored graph: every value the ONNX graph names becomes
+        a node of that name; float initializers become parameters (see the README's ONNX section).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportOnnx(self, request, context):
+        """Streams a graph, with its current parameters and state, as a serialized ONNX model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GraphServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -213,6 +238,16 @@ def add_GraphServiceServicer_to_server(servicer, server):
                     servicer.SetParameters,
                     request_deserializer=chainrule_dot_v1_dot_graph__service__pb2.SetParametersRequest.FromString,
                     response_serializer=chainrule_dot_v1_dot_graph__service__pb2.SetParametersResponse.SerializeToString,
+            ),
+            'ImportOnnx': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportOnnx,
+                    request_deserializer=chainrule_dot_v1_dot_graph__service__pb2.ImportOnnxRequest.FromString,
+                    response_serializer=chainrule_dot_v1_dot_graph__service__pb2.ImportOnnxResponse.SerializeToString,
+            ),
+            'ExportOnnx': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportOnnx,
+                    request_deserializer=chainrule_dot_v1_dot_graph__service__pb2.ExportOnnxRequest.FromString,
+                    response_serializer=chainrule_dot_v1_dot_graph__service__pb2.ExportOnnxResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -486,6 +521,60 @@ class GraphService:
             '/chainrule.v1.GraphService/SetParameters',
             chainrule_dot_v1_dot_graph__service__pb2.SetParametersRequest.SerializeToString,
             chainrule_dot_v1_dot_graph__service__pb2.SetParametersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportOnnx(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainrule.v1.GraphService/ImportOnnx',
+            chainrule_dot_v1_dot_graph__service__pb2.ImportOnnxRequest.SerializeToString,
+            chainrule_dot_v1_dot_graph__service__pb2.ImportOnnxResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportOnnx(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/chainrule.v1.GraphService/ExportOnnx',
+            chainrule_dot_v1_dot_graph__service__pb2.ExportOnnxRequest.SerializeToString,
+            chainrule_dot_v1_dot_graph__service__pb2.ExportOnnxResponse.FromString,
             options,
             channel_credentials,
             insecure,

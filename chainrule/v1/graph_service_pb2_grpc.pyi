@@ -55,6 +55,12 @@ class GraphServiceStub:
     """
     SetParameters: _grpc.UnaryUnaryMultiCallable[_graph_service_pb2.SetParametersRequest, _graph_service_pb2.SetParametersResponse]
     """Replaces parameter (or state) values; the optimizer state of those parameters is reset."""
+    ImportOnnx: _grpc.UnaryUnaryMultiCallable[_graph_service_pb2.ImportOnnxRequest, _graph_service_pb2.ImportOnnxResponse]
+    """Turns a serialized ONNX model into a stored graph: every value the ONNX graph names becomes
+    a node of that name; float initializers become parameters (see the README's ONNX section).
+    """
+    ExportOnnx: _grpc.UnaryStreamMultiCallable[_graph_service_pb2.ExportOnnxRequest, _graph_service_pb2.ExportOnnxResponse]
+    """Streams a graph, with its current parameters and state, as a serialized ONNX model."""
 
 @_typing.type_check_only
 class GraphServiceAsyncStub(GraphServiceStub):
@@ -83,6 +89,12 @@ class GraphServiceAsyncStub(GraphServiceStub):
     """
     SetParameters: _aio.UnaryUnaryMultiCallable[_graph_service_pb2.SetParametersRequest, _graph_service_pb2.SetParametersResponse]  # type: ignore[assignment]
     """Replaces parameter (or state) values; the optimizer state of those parameters is reset."""
+    ImportOnnx: _aio.UnaryUnaryMultiCallable[_graph_service_pb2.ImportOnnxRequest, _graph_service_pb2.ImportOnnxResponse]  # type: ignore[assignment]
+    """Turns a serialized ONNX model into a stored graph: every value the ONNX graph names becomes
+    a node of that name; float initializers become parameters (see the README's ONNX section).
+    """
+    ExportOnnx: _aio.UnaryStreamMultiCallable[_graph_service_pb2.ExportOnnxRequest, _graph_service_pb2.ExportOnnxResponse]  # type: ignore[assignment]
+    """Streams a graph, with its current parameters and state, as a serialized ONNX model."""
 
 class GraphServiceServicer(metaclass=_abc_1.ABCMeta):
     """Stores dataflow graphs, evaluates them, differentiates them and trains their parameters."""
@@ -168,5 +180,23 @@ class GraphServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_graph_service_pb2.SetParametersResponse, _abc.Awaitable[_graph_service_pb2.SetParametersResponse]]:
         """Replaces parameter (or state) values; the optimizer state of those parameters is reset."""
+
+    @_abc_1.abstractmethod
+    def ImportOnnx(
+        self,
+        request: _graph_service_pb2.ImportOnnxRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_graph_service_pb2.ImportOnnxResponse, _abc.Awaitable[_graph_service_pb2.ImportOnnxResponse]]:
+        """Turns a serialized ONNX model into a stored graph: every value the ONNX graph names becomes
+        a node of that name; float initializers become parameters (see the README's ONNX section).
+        """
+
+    @_abc_1.abstractmethod
+    def ExportOnnx(
+        self,
+        request: _graph_service_pb2.ExportOnnxRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_graph_service_pb2.ExportOnnxResponse], _abc.AsyncIterator[_graph_service_pb2.ExportOnnxResponse]]:
+        """Streams a graph, with its current parameters and state, as a serialized ONNX model."""
 
 def add_GraphServiceServicer_to_server(servicer: GraphServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
