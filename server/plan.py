@@ -93,8 +93,8 @@ def _bind(function: Callable[..., Array], attrs: Mapping[str, object]) -> Callab
 def _value_only(function: Callable[..., tuple[Array, Array]]) -> Callable[..., Array]:
     """A saving op's forward function for a pass that will not call its VJPs: the residual is dropped at once."""
 
-    def value(*arguments: Array) -> Array:
-        return function(*arguments)[0]
+    def value(*arguments: Array, **context: NodeContext) -> Array:
+        return function(*arguments, **context)[0]
 
     return value
 

@@ -21,6 +21,7 @@ import numpy.typing as npt
 from chainrule import tensors
 from chainrule.client.builder import attr_value
 from chainrule.server.graph import build_graph
+from chainrule.server.ops import INFERENCE, Mode
 from chainrule.server.plan import Plan
 from chainrule.v1 import graph_pb2
 
@@ -90,16 +91,18 @@ def run_backward(
     wrt: Sequence[str],
     loss_grad: Array | None = None,
     check_types: bool = True,
+    mode: Mode = INFERENCE,
 ) -> Backward:
+    """`mode` runs modal ops (batch_norm, dropout) in training mode when it says so."""
     parameters = dict(parameters or {})
     graph = build_graph(make_graph(nodes))
     # Release every value the reverse pass does not read, however small, so that a wrong
     # `reads` declaration in the op registry shows up as a wrong gradient here.
     plan = Plan(graph, release_min_bytes=0)
     if check_types:
-        _check_static_types(graph, plan, feeds, parameters)
+        _check_static_types(graph, plan, feeds, parameters, mode)
 
-    loss_value, stream = plan.backward(feeds, parameters, loss, list(wrt), loss_grad)
+    loss_value, stream = plan.backward(feeds, parameters, loss, list(wrt), loss_grad, mode=mode)
     grads: dict[str, Array] = {}
     snapshots: dict[str, Array] = {}
     streamed: list[str] = []
@@ -116,7 +119,7 @@ def run_backward(
         np.testing.assert_array_equal(
             grads[name], snapshots[name], err_msg=f"the gradient of '{name}' changed after it was streamed"
         )
-    for name, value in zip(streamed, plan.forward(feeds, parameters, streamed), strict=True):
+    for name, value in zip(streamed, plan.forward(feeds, parameters, streamed, mode=mode), strict=True):
         assert np.shape(grads[name]) == np.shape(value), (
             f"gradient of '{name}' has shape {np.shape(grads[name])}; the node has shape {np.shape(value)}"
         )
@@ -127,11 +130,11 @@ def run_backward(
 
 
 def _check_static_types(
-    graph: nx.DiGraph, plan: Plan, feeds: Mapping[str, Array], parameters: Mapping[str, Array]
+    graph: nx.DiGraph, plan: Plan, feeds: Mapping[str, Array], parameters: Mapping[str, Array], mode: Mode
 ) -> None:
     """The shape rules must predict exactly the dtype and shape every node's forward actually produces."""
     names = list(plan.names)
-    for name, value in zip(names, plan.forward(feeds, parameters, names), strict=True):
+    for name, value in zip(names, plan.forward(feeds, parameters, names, mode=mode), strict=True):
         inferred = graph.nodes[name]["type"]
         actual = np.asarray(value)
         if inferred.dtype is not None:
@@ -152,6 +155,7 @@ def numeric_gradient(
     name: str,
     loss_grad: Array | None = None,
     eps: float = EPS,
+    mode: Mode = INFERENCE,
 ) -> Array:
     """Central differences of <loss_grad, loss> with respect to node `name`, in float64.
 
@@ -162,7 +166,7 @@ def numeric_gradient(
     feeds = {key: np.asarray(value) for key, value in feeds.items()}
     parameters = {key: np.asarray(value) for key, value in (parameters or {}).items()}
     if name not in feeds and name not in parameters:
-        [value] = Plan(build_graph(make_graph(nodes))).forward(feeds, parameters, [name])
+        [value] = Plan(build_graph(make_graph(nodes))).forward(feeds, parameters, [name], mode=mode)
         nodes = [input_node(name) if each.name == name else each for each in nodes]
         feeds[name] = np.asarray(value)
     plan = Plan(build_graph(make_graph(nodes)))
@@ -173,7 +177,7 @@ def numeric_gradient(
 
     def objective(value: Array) -> float:
         sources[name] = value
-        [out] = plan.forward(feeds, parameters, [loss])
+        [out] = plan.forward(feeds, parameters, [loss], mode=mode)
         return float(np.sum(cotangent * out))
 
     grad = np.zeros_like(base)
@@ -196,12 +200,15 @@ def check_grads(
     eps: float = EPS,
     rtol: float = RTOL,
     atol: float = ATOL,
+    mode: Mode = INFERENCE,
 ) -> Backward:
     """Every gradient Plan.backward streams equals its central difference; by default wrt every source fed."""
     wrt = list(wrt) if wrt is not None else [*feeds, *(parameters or {})]
-    result = run_backward(nodes, feeds, parameters, loss=loss, wrt=wrt, loss_grad=loss_grad)
+    result = run_backward(nodes, feeds, parameters, loss=loss, wrt=wrt, loss_grad=loss_grad, mode=mode)
     for name in wrt:
-        expected = numeric_gradient(nodes, feeds, parameters, loss=loss, name=name, loss_grad=loss_grad, eps=eps)
+        expected = numeric_gradient(
+            nodes, feeds, parameters, loss=loss, name=name, loss_grad=loss_grad, eps=eps, mode=mode
+        )
         np.testing.assert_allclose(
             result.grads[name], expected, rtol=rtol, atol=atol, err_msg=f"d<{loss}>/d{name} vs finite differences"
         )

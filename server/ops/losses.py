@@ -6,33 +6,81 @@ import numpy as np
 
 from chainrule.server.ops.elementwise import as_float, floatbinary_type, joint_dtype, sigmoid, softplus
 from chainrule.server.ops.norm import log_softmax
-from chainrule.server.ops.registry import Array, defop, unbroadcast
-from chainrule.server.shapes import ShapeError, TensorType, float_result, same_shape
+from chainrule.server.ops.registry import Array, Attr, defop, unbroadcast
+from chainrule.server.shapes import ShapeError, TensorType, describe, float_result, same_shape
 
 
 def _rows(logits: Array) -> int:
     return max(1, logits.size // max(1, logits.shape[-1]))
 
 
-def softmax_cross_entropy(logits: Array, labels: Array) -> tuple[Array, Array]:
-    """Mean over rows (every axis but the last) of -sum(labels * log_softmax(logits)),
-    saving the log-softmax for the VJPs."""
+def _class_labels(labels: Array) -> bool:
+    """Integer labels are class indices; float (and bool) labels are probabilities over the classes."""
+    return labels.dtype.kind in "iu"
+
+
+def _kept_rows(logits: Array, labels: Array, ignore_index: int) -> tuple[Array, Array, int]:
+    """The rows whose label is not `ignore_index`, the labels with ignored ones replaced by class 0
+    (so they can index), and how many rows are kept."""
+    if labels.shape != logits.shape[:-1]:
+        raise ShapeError(
+            f"class labels have shape {list(labels.shape)}; logits of shape {list(logits.shape)} need "
+            f"{list(logits.shape[:-1])} (one class index per row)"
+        )
+    kept = labels != ignore_index
+    classes = logits.shape[-1]
+    out_of_range = kept & ((labels < 0) | (labels >= classes))
+    if out_of_range.any():
+        label = labels[out_of_range].flat[0]
+        raise ValueError(
+            f"label {label} is out of range for {classes} classes (valid: 0 to {classes - 1}, or ignore_index "
+            f"{ignore_index})"
+        )
+    return kept, np.where(kept, labels, 0)[..., None], int(np.count_nonzero(kept))
+
+
+def softmax_cross_entropy(logits: Array, labels: Array, ignore_index: int = -100) -> tuple[Array, Array]:
+    """Soft labels: mean over rows (every axis but the last) of -sum(labels * log_softmax(logits)).
+    Class labels: mean over the rows not labelled `ignore_index` of -log_softmax(logits)[label], as
+    torch.nn.functional.cross_entropy (NaN when every row is ignored). Saves the log-softmax for the VJPs."""
+    if _class_labels(labels):
+        kept, indices, count = _kept_rows(logits, labels, ignore_index)
+        log_probabilities = log_softmax(as_float(logits))
+        picked = np.take_along_axis(log_probabilities, indices, axis=-1)[..., 0]
+        return -np.where(kept, picked, 0).sum() / count, log_probabilities
     log_probabilities = log_softmax(logits)
     return -(labels * log_probabilities).sum() / _rows(logits), log_probabilities
 
 
-def _sce_logits(g: Array, log_probabilities: Array, logits: Array, labels: Array) -> Array:
+def _sce_logits(g: Array, log_probabilities: Array, logits: Array, labels: Array, ignore_index: int = -100) -> Array:
+    if _class_labels(labels):
+        kept, indices, count = _kept_rows(logits, labels, ignore_index)
+        grad = np.exp(log_probabilities)
+        np.put_along_axis(grad, indices, np.take_along_axis(grad, indices, axis=-1) - 1, axis=-1)
+        return grad * (kept[..., None] * (g / count))
     mass = labels.sum(axis=-1, keepdims=True)
     return (np.exp(log_probabilities) * mass - labels) * (g / _rows(logits))
 
 
-def _sce_labels(g: Array, log_probabilities: Array, logits: Array, labels: Array) -> Array:
+def _sce_labels(g: Array, log_probabilities: Array, logits: Array, labels: Array, ignore_index: int = -100) -> Array:
+    if _class_labels(labels):
+        return np.zeros(labels.shape, labels.dtype)
     return -log_probabilities * (g / _rows(logits))
 
 
-def _sce_type(logits: TensorType, labels: TensorType) -> TensorType:
+def _sce_type(logits: TensorType, labels: TensorType, ignore_index: int = -100) -> TensorType:
     if logits.shape is not None and len(logits.shape) == 0:
         raise ShapeError("logits must have at least one axis (the classes)")
+    if labels.dtype is not None and labels.dtype.kind in "iu":
+        rows = None if logits.shape is None else logits.shape[:-1]
+        try:
+            same_shape(rows, labels.shape, "", "")
+        except ShapeError:
+            raise ShapeError(
+                f"class labels have shape {describe(labels.shape)}; logits of shape {describe(logits.shape)} "
+                f"need {describe(rows)} (one class index per row)"
+            ) from None
+        return TensorType(float_result(logits.dtype), ())
     same_shape(logits.shape, labels.shape, "logits", "labels")
     return TensorType(float_result(joint_dtype(logits, labels)), ())
 
@@ -67,7 +115,13 @@ defop(
     _sce_labels,
     infer=_sce_type,
     reads=("ans y", "ans"),
+    attrs={"ignore_index": Attr("i", default=-100)},
     saves=True,
+    inputs="logits, labels",
+    convention=(
+        "scalar; float labels: mean over rows of `-sum(labels * log_softmax(logits))`; int labels: class indices "
+        "of shape logits.shape[:-1], mean over rows not labelled ignore_index, as torch cross_entropy"
+    ),
 )
 defop(
     "sigmoid_cross_entropy",
@@ -76,4 +130,6 @@ defop(
     _bce_targets,
     infer=_scalar_loss_type,
     reads=("x y", "x"),
+    inputs="logits, targets",
+    convention="scalar: mean binary cross-entropy with logits, stable for ±1000",
 )
