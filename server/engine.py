@@ -8,20 +8,23 @@ two training streams on one graph never interleave half-steps. No gRPC here.
 from __future__ import annotations
 
 import base64
+import hashlib
 import math
+import re
 import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from chainrule.server import optim
-from chainrule.server.errors import InvalidArgument, NotFound
+from chainrule.server.errors import AlreadyExists, InvalidArgument, NotFound
 from chainrule.server.graph import Limits, build_graph
 from chainrule.server.plan import Plan, StopFlag
 from chainrule.server.store import Checkpoint, OptimizerState, Store, StoredGraph
+from chainrule.server.store.base import CreateRequest, RequestIdTaken
 from chainrule.v1 import graph_pb2
 
 Array = np.ndarray
@@ -29,6 +32,7 @@ DEFAULT_CHECKPOINT_EVERY = 100
 DEFAULT_MAX_LIVE_GRAPHS = 256
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass
@@ -59,6 +63,8 @@ class GraphSummary:
     step: int
     node_count: int
     created_at: float
+    retried: bool = False
+    """Answers a CreateGraph whose request_id created this graph earlier: nothing new was stored."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,17 @@ class Engine:
         self._live_lock = threading.Lock()
 
     # ------------------------------------------------------------ graphs
-    def create_graph(self, message: graph_pb2.Graph, tenant: str = "") -> GraphSummary:
+    def create_graph(self, message: graph_pb2.Graph, tenant: str = "", request_id: str = "") -> GraphSummary:
+        """With a `request_id`, a retry answers with the graph the first call created (AIP-155), found
+        before the graph is validated and compiled again."""
+        definition = message.SerializeToString(deterministic=True)
+        request = None
+        if request_id:
+            self._check_request_id(request_id)
+            request = CreateRequest(request_id, hashlib.sha256(definition).hexdigest())
+            earlier = self.store.find_request(tenant, request_id)
+            if earlier is not None:
+                return self._retried(request, *earlier)
         graph = build_graph(message, self.limits)
         plan = Plan(graph, max_request_bytes=self.limits.max_request_bytes)
         order = graph.graph["order"]
@@ -96,21 +112,56 @@ class Engine:
             "node_count": len(order),
         }
         initial = {name: plan.sources[slot].value for name, slot in plan.parameters.items()}
-        stored = self.store.insert_graph(
-            uuid.uuid4().hex,
-            tenant,
-            message.name,
-            message.SerializeToString(),
-            summary,
-            initial,  # type: ignore[arg-type]
-        )
+        try:
+            stored = self.store.insert_graph(
+                uuid.uuid4().hex,
+                tenant,
+                message.name,
+                definition,
+                summary,
+                initial,  # type: ignore[arg-type]
+                request,
+            )
+        except RequestIdTaken as taken:  # a concurrent call with the same request_id stored its graph first
+            assert request is not None
+            return self._retried(request, taken.graph, taken.fingerprint)
         with self._live_lock:
             self._live[stored.graph_id] = LiveGraph(stored, plan, initial, {}, 0, 0)  # type: ignore[arg-type]
             self._evict_idle()
         return self._summary(stored, 0)
 
-    def get_graph(self, graph_id: str, tenant: str = "") -> GraphSummary:
-        stored = self._stored(graph_id, tenant)
+    def _check_request_id(self, request_id: str) -> None:
+        limit = self.limits.max_name_length
+        if len(request_id) > limit:
+            raise InvalidArgument(
+                f"request_id is {len(request_id)} characters long, more than the limit of {limit}",
+                reason="BAD_REQUEST_ID",
+                subject="request_id",
+            )
+        control = CONTROL_CHARACTERS.search(request_id)
+        if control is not None:
+            raise InvalidArgument(
+                f"request_id holds the control character U+{ord(control.group()):04X}; use printable characters",
+                reason="BAD_REQUEST_ID",
+                subject="request_id",
+            )
+
+    def _retried(self, request: CreateRequest, earlier: StoredGraph, fingerprint: str) -> GraphSummary:
+        """The answer to a CreateGraph whose request_id already created `earlier`: that graph as it is now,
+        unless the request carries a different graph, which would be silently dropped."""
+        if fingerprint != request.fingerprint:
+            raise AlreadyExists(
+                f"request_id '{request.request_id}' already created graph '{earlier.graph_id}' from a different "
+                "graph; send a new request_id with each new graph",
+                reason="REQUEST_ID_REUSED",
+                subject="request_id",
+            )
+        live = self._live.get(earlier.graph_id)
+        return replace(self._summary(earlier, earlier.step if live is None else live.step), retried=True)
+
+    def get_graph(self, graph_id: str, tenant: str = "", with_order: bool = True) -> GraphSummary:
+        """`with_order` False leaves the summary's topological_order empty, unread from the store."""
+        stored = self._stored(graph_id, tenant, with_order)
         live = self._live.get(graph_id)
         return self._summary(stored, stored.step if live is None else live.step)
 
@@ -122,11 +173,13 @@ class Engine:
             raise NotFound(f"graph '{graph_id}' not found", reason="GRAPH_NOT_FOUND", subject=graph_id)
         return definition
 
-    def list_graphs(self, page_size: int, page_token: str, tenant: str = "") -> tuple[list[GraphSummary], str]:
+    def list_graphs(
+        self, page_size: int, page_token: str, tenant: str = "", with_order: bool = True
+    ) -> tuple[list[GraphSummary], str]:
         if page_size < 0:
             raise InvalidArgument(f"page_size is {page_size}; it must not be negative", subject="page_size")
         limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        rows = self.store.list_graphs(tenant, _decode_page_token(page_token), limit + 1)
+        rows = self.store.list_graphs(tenant, _decode_page_token(page_token), limit + 1, with_order)
         page = rows[:limit]
         next_token = _encode_page_token(page[-1].seq) if len(rows) > limit else ""
         summaries = []
@@ -148,8 +201,8 @@ class Engine:
         with self._live_lock:
             self._live.pop(graph_id, None)
 
-    def _stored(self, graph_id: str, tenant: str) -> StoredGraph:
-        stored = self.store.get_graph(graph_id, tenant) if graph_id else None
+    def _stored(self, graph_id: str, tenant: str, with_order: bool = True) -> StoredGraph:
+        stored = self.store.get_graph(graph_id, tenant, with_order) if graph_id else None
         if stored is None:
             raise NotFound(f"graph '{graph_id}' not found", reason="GRAPH_NOT_FOUND", subject=graph_id)
         return stored
@@ -158,7 +211,7 @@ class Engine:
         return GraphSummary(
             stored.graph_id,
             stored.name,
-            stored.summary["topological_order"],
+            stored.summary.get("topological_order", []),
             stored.summary["inputs"],
             stored.summary["parameters"],
             step,

@@ -26,6 +26,10 @@ class NotFound(ChainruleError):
     status = "NOT_FOUND"
 
 
+class AlreadyExists(ChainruleError):
+    status = "ALREADY_EXISTS"
+
+
 class ResourceExhausted(ChainruleError):
     status = "RESOURCE_EXHAUSTED"
 

@@ -97,7 +97,7 @@ def lecture_id(stub) -> str:  # type: ignore[no-untyped-def]
 
 # ---------------------------------------------------------------- graph lifecycle
 def test_create_reports_topological_order_inputs_and_parameters(stub) -> None:  # type: ignore[no-untyped-def]
-    info = stub.CreateGraph(pb.CreateGraphRequest(graph=mlp_graph())).graph
+    info = stub.CreateGraph(pb.CreateGraphRequest(graph=mlp_graph(), view=graph_pb2.GRAPH_VIEW_FULL)).graph
     order = list(info.topological_order)
     assert sorted(order) == sorted(n.name for n in mlp_graph().nodes)
     for message in mlp_graph().nodes:
@@ -324,7 +324,7 @@ def test_health_is_served_while_a_long_backward_runs(server: ServerProcess, stub
 
 def test_graphs_survive_sigkill_and_restart(fresh_server: ServerProcess) -> None:
     stub = fresh_server.stub()
-    info = stub.CreateGraph(pb.CreateGraphRequest(graph=mlp_graph())).graph
+    info = stub.CreateGraph(pb.CreateGraphRequest(graph=mlp_graph(), view=graph_pb2.GRAPH_VIEW_FULL)).graph
     x = np.linspace(-1, 1, 6).reshape(2, 3)
     before = stub.Forward(pb.ForwardRequest(graph_id=info.graph_id, feeds=feeds(x=x), fetches=["loss"]))
     fresh_server.kill()

@@ -26,13 +26,25 @@ TRAIN_RESPONSES_AHEAD = 2
 """Responses of a Train stream that may wait, computed, for gRPC to send them."""
 
 
-def graph_info(summary: GraphSummary) -> graph_pb2.GraphInfo:
+def graph_view(view: graph_pb2.GraphView.ValueType, default: graph_pb2.GraphView.ValueType) -> bool:
+    """Whether the request asks for GRAPH_VIEW_FULL, its method's `default` standing in for UNSPECIFIED."""
+    if view not in graph_pb2.GraphView.values():
+        raise InvalidArgument(
+            f"view is {view}, which this server does not know; use GRAPH_VIEW_BASIC (1) or GRAPH_VIEW_FULL (2)",
+            reason="BAD_VIEW",
+            subject="view",
+        )
+    return (view or default) == graph_pb2.GRAPH_VIEW_FULL
+
+
+def graph_info(summary: GraphSummary, full: bool) -> graph_pb2.GraphInfo:
+    """The GraphInfo of GRAPH_VIEW_FULL, or of GRAPH_VIEW_BASIC without what grows with the node count."""
     created = Timestamp()
     created.FromNanoseconds(int(summary.created_at * 1e9))
     return graph_pb2.GraphInfo(
         graph_id=summary.graph_id,
         name=summary.name,
-        topological_order=summary.topological_order,
+        topological_order=summary.topological_order if full else (),
         inputs=summary.inputs,
         parameters=summary.parameters,
         step=summary.step,
@@ -95,23 +107,34 @@ class GraphService(Servicer, graph_service_pb2_grpc.GraphServiceServicer):
     def CreateGraph(
         self, request: pb.CreateGraphRequest, context: grpc.ServicerContext, call: Call
     ) -> pb.CreateGraphResponse:
-        summary = self.engine.create_graph(request.graph, call.tenant)
-        self.calls.metrics.graphs.inc()
-        return pb.CreateGraphResponse(graph=graph_info(summary))
+        full = graph_view(request.view, graph_pb2.GRAPH_VIEW_BASIC)
+        summary = self.engine.create_graph(request.graph, call.tenant, request.request_id)
+        if not summary.retried:
+            self.calls.metrics.graphs.inc()
+        return pb.CreateGraphResponse(graph=graph_info(summary, full))
 
     @unary
     def GetGraph(self, request: pb.GetGraphRequest, context: grpc.ServicerContext, call: Call) -> pb.GetGraphResponse:
-        response = pb.GetGraphResponse(graph=graph_info(self.engine.get_graph(request.graph_id, call.tenant)))
+        full = graph_view(request.view, graph_pb2.GRAPH_VIEW_FULL)
+        summary = self.engine.get_graph(request.graph_id, call.tenant, with_order=full)
+        response = pb.GetGraphResponse(graph=graph_info(summary, full))
         if request.include_definition:
             response.definition.ParseFromString(self.engine.definition(request.graph_id, call.tenant))
+            if request.omit_parameter_values:
+                for node in response.definition.nodes:
+                    if node.op == "parameter":
+                        node.ClearField("value")
         return response
 
     @unary
     def ListGraphs(
         self, request: pb.ListGraphsRequest, context: grpc.ServicerContext, call: Call
     ) -> pb.ListGraphsResponse:
-        summaries, next_token = self.engine.list_graphs(request.page_size, request.page_token, call.tenant)
-        return pb.ListGraphsResponse(graphs=[graph_info(s) for s in summaries], next_page_token=next_token)
+        full = graph_view(request.view, graph_pb2.GRAPH_VIEW_BASIC)
+        summaries, next_token = self.engine.list_graphs(
+            request.page_size, request.page_token, call.tenant, with_order=full
+        )
+        return pb.ListGraphsResponse(graphs=[graph_info(s, full) for s in summaries], next_page_token=next_token)
 
     @unary
     def DeleteGraph(
@@ -219,6 +242,24 @@ class GraphService(Servicer, graph_service_pb2_grpc.GraphServiceServicer):
     ) -> pb.GetParametersResponse:
         parameters, step = self.engine.get_parameters(request.graph_id, list(request.names), call.tenant)
         return pb.GetParametersResponse(parameters=tensors.encode_named(parameters), step=step)
+
+    @streaming
+    def StreamParameters(
+        self, request: pb.StreamParametersRequest, context: grpc.ServicerContext, call: Call
+    ) -> Iterator[pb.StreamParametersResponse]:
+        """One step's parameters, small ones packed up to a chunk's worth per message, large ones in chunks."""
+        parameters, step = self.engine.get_parameters(request.graph_id, list(request.names), call.tenant)
+        response = pb.StreamParametersResponse(step=step)
+        room = tensors.CHUNK_BYTES
+        for name, value in parameters.items():
+            for chunk in tensors.chunks(value, name):
+                if len(chunk.data) > room and room < tensors.CHUNK_BYTES:
+                    yield response
+                    response = pb.StreamParametersResponse(step=step)
+                    room = tensors.CHUNK_BYTES
+                chunk.write_to(response.parameters.add(name=name).tensor)
+                room -= len(chunk.data)
+        yield response
 
     @unary
     def SetParameters(

@@ -19,6 +19,9 @@ import numpy as np
 OptimizerState = dict[str, tuple[str, dict[str, np.ndarray]]]
 """Per parameter: the optimizer kind that wrote the state, and its named arrays."""
 
+REQUEST_ID_SECONDS = 24 * 60 * 60
+"""How long a CreateGraph request_id keeps naming the graph it created (AIP-155 asks for a retry window)."""
+
 
 @dataclass(frozen=True)
 class StoredGraph:
@@ -37,6 +40,23 @@ class Checkpoint:
     parameters: dict[str, np.ndarray]
     """Trained parameters and `state` nodes (running statistics) alike."""
     optimizer_state: OptimizerState
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    """A CreateGraph's request_id, and a fingerprint of its graph that tells a retry from a reuse."""
+
+    request_id: str
+    fingerprint: str
+
+
+class RequestIdTaken(Exception):
+    """insert_graph's request_id already names a graph of the tenant: the one `graph`, created from `fingerprint`."""
+
+    def __init__(self, graph: StoredGraph, fingerprint: str) -> None:
+        super().__init__(f"request_id already names graph '{graph.graph_id}'")
+        self.graph = graph
+        self.fingerprint = fingerprint
 
 
 def tensor_row(array: np.ndarray) -> tuple[str, str, bytes]:
@@ -63,17 +83,27 @@ class Store(ABC):
         definition: bytes,
         summary: dict,
         parameters: Mapping[str, np.ndarray],
-    ) -> StoredGraph: ...
+        request: CreateRequest | None = None,
+    ) -> StoredGraph:
+        """Store a graph; with `request`, its request_id too, in the same transaction. If the tenant's
+        request_id already names a graph (see find_request), nothing is stored and RequestIdTaken is
+        raised. Request ids older than REQUEST_ID_SECONDS are forgotten."""
+
+    @abstractmethod
+    def find_request(self, tenant: str, request_id: str) -> tuple[StoredGraph, str] | None:
+        """The graph the tenant's request_id created within REQUEST_ID_SECONDS, with its request's
+        fingerprint; None once it expired or the graph was deleted."""
 
     @abstractmethod
     def count_graphs(self) -> int: ...
 
     @abstractmethod
-    def get_graph(self, graph_id: str, tenant: str) -> StoredGraph | None: ...
+    def get_graph(self, graph_id: str, tenant: str, with_order: bool = True) -> StoredGraph | None:
+        """`with_order` False leaves `topological_order` out of the summary (it grows with the graph)."""
 
     @abstractmethod
-    def list_graphs(self, tenant: str, after_seq: int, limit: int) -> list[StoredGraph]:
-        """The tenant's graphs with seq > after_seq, oldest first."""
+    def list_graphs(self, tenant: str, after_seq: int, limit: int, with_order: bool = True) -> list[StoredGraph]:
+        """The tenant's graphs with seq > after_seq, oldest first; `with_order` as in get_graph."""
 
     @abstractmethod
     def definition(self, graph_id: str) -> bytes | None: ...

@@ -13,8 +13,11 @@ import numpy as np
 
 from chainrule.server.errors import Unavailable
 from chainrule.server.store.base import (
+    REQUEST_ID_SECONDS,
     Checkpoint,
+    CreateRequest,
     OptimizerState,
+    RequestIdTaken,
     Store,
     StoredGraph,
     tensor_from_row,
@@ -50,9 +53,28 @@ CREATE TABLE IF NOT EXISTS optimizer_state (
     data BLOB NOT NULL,
     PRIMARY KEY (graph_id, name, slot)
 );
+CREATE TABLE IF NOT EXISTS create_requests (
+    tenant TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    graph_id TEXT NOT NULL REFERENCES graphs(graph_id) ON DELETE CASCADE,
+    fingerprint TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (tenant, request_id)
+);
+CREATE INDEX IF NOT EXISTS create_requests_by_graph ON create_requests (graph_id);
+CREATE INDEX IF NOT EXISTS create_requests_by_age ON create_requests (created_at);
 """
 
 GRAPH_COLUMNS = "seq, graph_id, tenant, name, summary, created_at, step"
+
+
+def graph_columns(with_order: bool, table: str = "graphs") -> str:
+    """GRAPH_COLUMNS of `table`; without the order, SQLite drops it from the summary's JSON before
+    Python parses it, which is most of the summary of a large graph."""
+    columns = [f"{table}.{column}" for column in GRAPH_COLUMNS.split(", ")]
+    if not with_order:
+        columns[4] = f"json_remove({table}.summary, '$.topological_order')"
+    return ", ".join(columns)
 
 
 class SqliteStore(Store):
@@ -107,34 +129,66 @@ class SqliteStore(Store):
         definition: bytes,
         summary: dict,
         parameters: Mapping[str, np.ndarray],
+        request: CreateRequest | None = None,
     ) -> StoredGraph:
         created_at = time.time()
+        earlier = None
         with self._transaction(f"store graph '{name}'") as db:
-            cursor = db.execute(
-                "INSERT INTO graphs (graph_id, tenant, name, definition, summary, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (graph_id, tenant, name, definition, json.dumps(summary), created_at),
-            )
-            db.executemany(
-                "INSERT INTO parameters (graph_id, name, dtype, shape, data) VALUES (?, ?, ?, ?, ?)",
-                [(graph_id, key, *tensor_row(value)) for key, value in parameters.items()],
-            )
+            if request is not None:
+                db.execute("DELETE FROM create_requests WHERE created_at < ?", (created_at - REQUEST_ID_SECONDS,))
+                earlier = self._find_request(db, tenant, request.request_id, created_at)
+            if earlier is None:
+                cursor = db.execute(
+                    "INSERT INTO graphs (graph_id, tenant, name, definition, summary, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (graph_id, tenant, name, definition, json.dumps(summary), created_at),
+                )
+                db.executemany(
+                    "INSERT INTO parameters (graph_id, name, dtype, shape, data) VALUES (?, ?, ?, ?, ?)",
+                    [(graph_id, key, *tensor_row(value)) for key, value in parameters.items()],
+                )
+                if request is not None:
+                    db.execute(
+                        "INSERT INTO create_requests (tenant, request_id, graph_id, fingerprint, created_at) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (tenant, request.request_id, graph_id, request.fingerprint, created_at),
+                    )
+        if earlier is not None:
+            raise RequestIdTaken(*earlier)
         assert cursor.lastrowid is not None
         return StoredGraph(cursor.lastrowid, graph_id, tenant, name, summary, created_at, 0)
+
+    def find_request(self, tenant: str, request_id: str) -> tuple[StoredGraph, str] | None:
+        with self._lock:
+            try:
+                return self._find_request(self._db, tenant, request_id, time.time())
+            except sqlite3.Error as error:
+                raise Unavailable(f"the graph store could not be read: {error}", reason="STORE_UNAVAILABLE") from None
+
+    def _find_request(
+        self, db: sqlite3.Connection, tenant: str, request_id: str, now: float
+    ) -> tuple[StoredGraph, str] | None:
+        row = db.execute(
+            f"SELECT {graph_columns(True)}, create_requests.fingerprint FROM create_requests "
+            "JOIN graphs ON graphs.graph_id = create_requests.graph_id "
+            "WHERE create_requests.tenant = ? AND create_requests.request_id = ? AND create_requests.created_at >= ?",
+            (tenant, request_id, now - REQUEST_ID_SECONDS),
+        ).fetchone()
+        return None if row is None else (self._graph_from_row(row[:-1]), row[-1])
 
     def count_graphs(self) -> int:
         return int(self._read("SELECT COUNT(*) FROM graphs", ())[0][0])
 
-    def get_graph(self, graph_id: str, tenant: str) -> StoredGraph | None:
+    def get_graph(self, graph_id: str, tenant: str, with_order: bool = True) -> StoredGraph | None:
         rows = self._read(
-            f"SELECT {GRAPH_COLUMNS} FROM graphs WHERE graph_id = ? AND tenant = ?",
+            f"SELECT {graph_columns(with_order)} FROM graphs WHERE graph_id = ? AND tenant = ?",
             (graph_id, tenant),
         )
         return self._graph_from_row(rows[0]) if rows else None
 
-    def list_graphs(self, tenant: str, after_seq: int, limit: int) -> list[StoredGraph]:
+    def list_graphs(self, tenant: str, after_seq: int, limit: int, with_order: bool = True) -> list[StoredGraph]:
         rows = self._read(
-            f"SELECT {GRAPH_COLUMNS} FROM graphs WHERE tenant = ? AND seq > ? ORDER BY seq LIMIT ?",
+            f"SELECT {graph_columns(with_order)} FROM graphs WHERE tenant = ? AND seq > ? ORDER BY seq LIMIT ?",
             (tenant, after_seq, limit),
         )
         return [self._graph_from_row(row) for row in rows]
