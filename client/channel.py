@@ -8,6 +8,13 @@ from typing import Any, NamedTuple
 
 import grpc
 
+MIB = 1024 * 1024
+DEFAULT_MAX_MESSAGE_MB = 512
+"""The server's default --max-message-mb: clients receive what the server accepts, not gRPC's 4 MiB."""
+MAX_MESSAGE_MB = 2048
+"""gRPC holds message sizes in a signed 32-bit integer, so limits stay below 2 GiB."""
+RECEIVE_LIMIT_OPTION = "grpc.max_receive_message_length"
+
 
 class _CallDetails(NamedTuple):
     method: str
@@ -66,11 +73,19 @@ def open_channel(
     tls_key: str | Path | None = None,
     tls: bool = False,
     options: Sequence[tuple[str, Any]] = (),
+    max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
 ) -> grpc.Channel:
     """TLS when `tls` or any tls_* file is given: `tls_ca` verifies the server (the system's roots when
-    None); `tls_cert` and `tls_key` are the client's own certificate for servers that require one."""
+    None); `tls_cert` and `tls_key` are the client's own certificate for servers that require one.
+
+    The channel receives messages of up to `max_message_mb` MiB, unless `options` sets
+    grpc.max_receive_message_length itself."""
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("tls_cert and tls_key go together")
+    if not 0 < max_message_mb < MAX_MESSAGE_MB:
+        raise ValueError(f"max_message_mb must be from 1 to {MAX_MESSAGE_MB - 1}, got {max_message_mb}")
+    if all(name != RECEIVE_LIMIT_OPTION for name, _ in options):
+        options = [(RECEIVE_LIMIT_OPTION, max_message_mb * MIB), *options]
     if tls or tls_ca or tls_cert:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=_read(tls_ca), private_key=_read(tls_key), certificate_chain=_read(tls_cert)

@@ -19,16 +19,28 @@ from chainrule.v1 import graph_pb2, graph_service_pb2_grpc
 from chainrule.v1 import graph_service_pb2 as pb
 
 from .builder import GraphBuilder
-from .channel import open_channel
+from .channel import DEFAULT_MAX_MESSAGE_MB, open_channel
 from .errors import rpc_errors
 from .render import computable_nodes, gradient_nodes, render_svg, to_dot
-from .streams import GradientStream, TrainStream, decode_named, encode_feeds
+from .streams import GradientStream, ParameterStream, TrainStream, decode_named, encode_feeds
 from .training import Batch, History, Optimizer, TrainOptions, plan_batches
+
+GraphView = Literal["basic", "full"]
+"""How much of a GraphInfo a call answers with (chainrule.v1.GraphView): "basic" leaves out
+`topological_order`, which grows with the graph; "full" has every field."""
+_VIEWS: dict[str, graph_pb2.GraphView.ValueType] = {
+    "basic": graph_pb2.GRAPH_VIEW_BASIC,
+    "full": graph_pb2.GRAPH_VIEW_FULL,
+}
 
 
 @dataclass(frozen=True)
 class GraphInfo:
-    """What the server knows about a stored graph (chainrule.v1.GraphInfo)."""
+    """What the server knows about a stored graph (chainrule.v1.GraphInfo).
+
+    `topological_order` is empty in the "basic" view, which `create_graph` and `list_graphs`
+    answer with by default; `get_graph` fills it.
+    """
 
     graph_id: str
     name: str
@@ -60,8 +72,10 @@ class Client:
     """A connection to a chainrule server. Every failed call raises `ChainruleError`.
 
     `timeout` (seconds) is the deadline of each call except `train`, whose stream lasts as long
-    as its batches do; stop one with `TrainStream.cancel()`. The channel uses gRPC's default
-    message limits (4 MiB received), so fetch large tensors in several calls.
+    as its batches do; stop one with `TrainStream.cancel()`. The channel receives messages of
+    up to `max_message_mb` MiB (the server's default --max-message-mb, instead of gRPC's 4 MiB),
+    so a Forward of large tensors or a graph's definition arrives whole; parameters and
+    gradients stream in chunks whatever the limit.
     """
 
     def __init__(
@@ -74,14 +88,23 @@ class Client:
         tls_cert: str | Path | None = None,
         tls_key: str | Path | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
+        max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
     ) -> None:
         """`token` is sent as `authorization: Bearer <token>` (servers started with --auth-tokens);
         any tls_* file makes the channel TLS: `tls_ca` verifies the server, `tls_cert` and `tls_key`
-        identify this client to servers that require client certificates."""
+        identify this client to servers that require client certificates. `channel_options` are
+        gRPC channel arguments; a grpc.max_receive_message_length among them overrides
+        `max_message_mb`."""
         self.address = address
         self.timeout = timeout
         self._channel = open_channel(
-            address, token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, options=channel_options
+            address,
+            token=token,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            options=channel_options,
+            max_message_mb=max_message_mb,
         )
         self._stub = graph_service_pb2_grpc.GraphServiceStub(self._channel)
 
@@ -97,28 +120,46 @@ class Client:
         self.close()
 
     # ------------------------------------------------------------ graphs
-    def create_graph(self, graph: GraphBuilder | graph_pb2.Graph) -> GraphInfo:
+    def create_graph(
+        self, graph: GraphBuilder | graph_pb2.Graph, *, request_id: str = "", view: GraphView = "basic"
+    ) -> GraphInfo:
+        """Store the graph. With a `request_id` (a uuid.uuid4() string, say), calling again with the
+        same id and graph within a day answers with the graph stored the first time instead of
+        storing a copy, so a call that failed without an answer can be retried safely."""
         message = graph.to_proto() if isinstance(graph, GraphBuilder) else graph
+        request = pb.CreateGraphRequest(graph=message, request_id=request_id, view=_view(view))
         with rpc_errors():
-            response = self._stub.CreateGraph(pb.CreateGraphRequest(graph=message), timeout=self.timeout)
+            response = self._stub.CreateGraph(request, timeout=self.timeout)
         return GraphInfo.from_proto(response.graph)
 
-    def get_graph(self, graph_id: str, *, include_definition: bool = False) -> GraphInfo:
-        """`include_definition` also fetches the submitted Graph (GraphInfo.definition), e.g. to draw it."""
-        request = pb.GetGraphRequest(graph_id=graph_id, include_definition=include_definition)
+    def get_graph(
+        self,
+        graph_id: str,
+        *,
+        include_definition: bool = False,
+        view: GraphView = "full",
+        omit_parameter_values: bool = False,
+    ) -> GraphInfo:
+        """`include_definition` also fetches the submitted Graph (GraphInfo.definition), e.g. to draw it;
+        `omit_parameter_values` leaves the parameters' initial values out of it."""
+        request = pb.GetGraphRequest(
+            graph_id=graph_id,
+            include_definition=include_definition,
+            view=_view(view),
+            omit_parameter_values=omit_parameter_values,
+        )
         with rpc_errors():
             response = self._stub.GetGraph(request, timeout=self.timeout)
         return GraphInfo.from_proto(response.graph, response.definition if include_definition else None)
 
-    def list_graphs(self, page_size: int = 100) -> list[GraphInfo]:
+    def list_graphs(self, page_size: int = 100, *, view: GraphView = "basic") -> list[GraphInfo]:
         """Every stored graph, oldest first; `page_size` only sets how many come per round trip."""
         graphs: list[GraphInfo] = []
         token = ""
         while True:
+            request = pb.ListGraphsRequest(page_size=page_size, page_token=token, view=_view(view))
             with rpc_errors():
-                response = self._stub.ListGraphs(
-                    pb.ListGraphsRequest(page_size=page_size, page_token=token), timeout=self.timeout
-                )
+                response = self._stub.ListGraphs(request, timeout=self.timeout)
             graphs.extend(GraphInfo.from_proto(info) for info in response.graphs)
             token = response.next_page_token
             if not token:
@@ -193,11 +234,11 @@ class Client:
         feeds and the graph determine is fetched, so a partly fed graph draws what it can. With
         `loss`, every float node the loss depends on also shows d(loss)/d(node). SVG needs
         Graphviz's `dot` program installed; DOT needs nothing. All values come back in one
-        Forward response, within the channel's receive limit (4 MiB by default).
+        Forward response, within the channel's receive limit (`max_message_mb`).
         """
         if format not in ("svg", "dot"):
             raise ValueError(f"format must be 'svg' or 'dot', got {format!r}")
-        info = self.get_graph(graph_id, include_definition=True)
+        info = self.get_graph(graph_id, include_definition=True, omit_parameter_values=True)
         definition = info.definition
         assert definition is not None  # include_definition=True always sets it
         values: dict[str, np.ndarray] | None = None
@@ -218,11 +259,18 @@ class Client:
         return self.get_parameters_with_step(graph_id, names)[0]
 
     def get_parameters_with_step(self, graph_id: str, names: Sequence[str] = ()) -> tuple[dict[str, np.ndarray], int]:
-        """Parameter values and the optimizer step they belong to, read together so they match."""
-        request = pb.GetParametersRequest(graph_id=graph_id, names=_names(names))
+        """Parameter values and the optimizer step they belong to, read together so they match.
+
+        They stream (StreamParameters) in chunks, so parameters of any size arrive whatever the
+        channel's receive limit.
+        """
+        request = pb.StreamParametersRequest(graph_id=graph_id, names=_names(names))
         with rpc_errors():
-            response = self._stub.GetParameters(request, timeout=self.timeout)
-        return decode_named(response.parameters), response.step
+            call = self._stub.StreamParameters(request, timeout=self.timeout)
+        with ParameterStream(call) as stream:
+            values = dict(stream)
+        assert stream.step is not None  # the server sends at least one message, with the step
+        return values, stream.step
 
     def set_parameters(self, graph_id: str, values: Mapping[str, npt.ArrayLike]) -> int:
         """Replace parameter values (same dtype and shape; their optimizer state is reset); returns the step."""
@@ -299,6 +347,12 @@ class Client:
                 bar.set_postfix(loss=f"{step.loss:.4g}", refresh=False)
                 bar.update()
         return history
+
+
+def _view(view: GraphView) -> graph_pb2.GraphView.ValueType:
+    if view not in _VIEWS:
+        raise ValueError(f"view must be 'basic' or 'full', got {view!r}")
+    return _VIEWS[view]
 
 
 def _names(names: Sequence[str]) -> list[str]:

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chainrule import tensors
 
-from .channel import open_channel
+from .channel import DEFAULT_MAX_MESSAGE_MB, MAX_MESSAGE_MB, open_channel
 from .client import Client
 from .errors import ChainruleError
 from .render import RenderError, format_attrs, format_tensor, render_png, render_svg
@@ -47,6 +47,7 @@ def connect(args: argparse.Namespace) -> Client:
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        max_message_mb=args.max_message_mb,
     )
 
 
@@ -67,7 +68,20 @@ def connection_options() -> argparse.ArgumentParser:
     connection.add_argument("--tls-ca", metavar="PEM", help="use TLS, verifying the server with this CA certificate")
     connection.add_argument("--tls-cert", metavar="PEM", help="use TLS with this client certificate (mutual TLS)")
     connection.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    connection.add_argument(
+        "--max-message-mb",
+        type=_message_mb,
+        default=DEFAULT_MAX_MESSAGE_MB,
+        metavar="MB",
+        help="largest answer accepted, MiB (default: %(default)s, the server's own default limit)",
+    )
     return connection
+
+
+def _message_mb(text: str) -> int:
+    if not text.strip().isdigit() or not 0 < int(text) < MAX_MESSAGE_MB:
+        raise argparse.ArgumentTypeError(f"must be a whole number of MiB from 1 to {MAX_MESSAGE_MB - 1}, got {text!r}")
+    return int(text)
 
 
 def check_health(args: argparse.Namespace) -> int:
@@ -138,7 +152,7 @@ def list_graphs(args: argparse.Namespace) -> int:
 
 def show_graph(args: argparse.Namespace) -> int:
     with connect(args) as client:
-        info = client.get_graph(args.graph_id, include_definition=True)
+        info = client.get_graph(args.graph_id, include_definition=True, omit_parameter_values=True)
         parameters, step = client.get_parameters_with_step(args.graph_id)
     assert info.definition is not None  # include_definition=True always sets it
     nodes = {node.name: node for node in info.definition.nodes}

@@ -1,4 +1,4 @@
-"""Iterators over the server-streaming calls (Backward, Train) that speak numpy and ChainruleError.
+"""Iterators over the server-streaming calls (Backward, Train, StreamParameters) that speak numpy and ChainruleError.
 
 Arrays decoded from responses are read-only views of the received bytes (no copy); call
 `.copy()` on one to modify it in place.
@@ -7,6 +7,7 @@ Arrays decoded from responses are read-only views of the received bytes (no copy
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Generic, Self, TypeVar
@@ -110,6 +111,36 @@ class GradientStream(ResponseStream[pb.BackwardResponse, tuple[str, np.ndarray]]
 
     def _incomplete(self) -> bool:
         return self._chunks.pending or self._loss_chunks.pending
+
+
+class ParameterStream(ResponseStream[pb.StreamParametersResponse, tuple[str, np.ndarray]]):
+    """Yields (name, value) pairs of one step's parameters, joined from their chunks.
+
+    `step` is None until the first message has arrived, then the step the values belong to.
+    """
+
+    def __init__(self, call: grpc.CallIterator[pb.StreamParametersResponse]) -> None:
+        super().__init__(call)
+        self.step: int | None = None
+        self._chunks = tensors.Assembler()
+        self._ready: deque[tuple[str, np.ndarray]] = deque()
+
+    def __next__(self) -> tuple[str, np.ndarray]:
+        """A message may complete several small parameters; they are handed out one by one."""
+        if self._ready:
+            return self._ready.popleft()
+        return super().__next__()
+
+    def _item(self, response: pb.StreamParametersResponse) -> tuple[str, np.ndarray] | None:
+        self.step = response.step
+        for named in response.parameters:
+            value = self._chunks.add(named.name, named.tensor)
+            if value is not None:
+                self._ready.append((named.name, value))
+        return self._ready.popleft() if self._ready else None
+
+    def _incomplete(self) -> bool:
+        return self._chunks.pending
 
 
 class TrainStream(ResponseStream[pb.TrainResponse, TrainStep]):

@@ -347,8 +347,8 @@ def test_create_graph_accepts_a_builder(client: cr.Client, stub: FakeStub) -> No
 
 
 def test_parameters_round_trip_the_step(client: cr.Client, stub: FakeStub) -> None:
-    stub.responses["GetParameters"] = pb.GetParametersResponse(
-        parameters=tensors.encode_named({"w": np.ones(2)}), step=9
+    stub.responses["StreamParameters"] = lambda request: FakeCall(
+        [pb.StreamParametersResponse(parameters=tensors.encode_named({"w": np.ones(2)}), step=9)]
     )
     values, step = client.get_parameters_with_step("g", ["w"])
     assert step == 9 and list(values) == ["w"]
@@ -415,7 +415,7 @@ def test_every_unary_call_converts_errors(client: cr.Client, stub: FakeStub) -> 
         "ListGraphs": lambda: client.list_graphs(),
         "DeleteGraph": lambda: client.delete_graph("g"),
         "Forward": lambda: client.forward("g", {}, ["y"]),
-        "GetParameters": lambda: client.get_parameters("g"),
+        "StreamParameters": lambda: client.get_parameters("g"),
         "SetParameters": lambda: client.set_parameters("g", {}),
     }
     for method, call in calls.items():
