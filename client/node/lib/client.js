@@ -20,6 +20,26 @@ const LOADER_OPTIONS = {
   includeDirs: [PROTO_DIR],
 };
 
+/** The server's default --max-message-mb: the client receives what the server accepts, not gRPC's 4 MiB. */
+const DEFAULT_MAX_MESSAGE_MB = 512;
+const MIB = 1024 * 1024;
+const RECEIVE_LIMIT_OPTION = 'grpc.max_receive_message_length';
+
+/** GraphView by the short names the methods take ('basic', 'full') or by its proto names. */
+const VIEWS = {
+  basic: 'GRAPH_VIEW_BASIC',
+  full: 'GRAPH_VIEW_FULL',
+  GRAPH_VIEW_BASIC: 'GRAPH_VIEW_BASIC',
+  GRAPH_VIEW_FULL: 'GRAPH_VIEW_FULL',
+};
+
+function graphView(view) {
+  if (view === undefined) return 'GRAPH_VIEW_UNSPECIFIED';
+  const name = VIEWS[view];
+  if (name === undefined) throw new Error(`view must be 'basic' or 'full', got ${JSON.stringify(view)}`);
+  return name;
+}
+
 let cachedPackage = null;
 
 /** The loaded chainrule.v1 package (message types and the GraphService constructor). */
@@ -90,14 +110,20 @@ function onceOr(emitter, event, stop) {
 class Client {
   /**
    * address: "host:port". options: {credentials (default insecure), deadlineMs (per call,
-   * default none), channelOptions (grpc-js channel options)}.
+   * default none), maxMessageMb (the largest message received, default 512 MiB: the server's
+   * default --max-message-mb, where grpc-js would stop at 4 MiB), channelOptions (grpc-js
+   * channel options; a 'grpc.max_receive_message_length' there overrides maxMessageMb)}.
    */
-  constructor(address, { credentials, deadlineMs, channelOptions } = {}) {
+  constructor(address, { credentials, deadlineMs, channelOptions, maxMessageMb = DEFAULT_MAX_MESSAGE_MB } = {}) {
     if (!address) throw new Error('Client needs an address such as "127.0.0.1:50051"');
+    if (!Number.isInteger(maxMessageMb) || maxMessageMb < 1 || maxMessageMb > 2047) {
+      throw new Error(`maxMessageMb must be a whole number from 1 to 2047, got ${maxMessageMb}`);
+    }
     const { GraphService } = loadPackage();
     this.address = address;
     this.deadlineMs = deadlineMs;
-    this.stub = new GraphService(address, credentials || grpc.credentials.createInsecure(), channelOptions || {});
+    const options = { [RECEIVE_LIMIT_OPTION]: maxMessageMb * MIB, ...(channelOptions || {}) };
+    this.stub = new GraphService(address, credentials || grpc.credentials.createInsecure(), options);
   }
 
   close() {
@@ -124,21 +150,39 @@ class Client {
     });
   }
 
-  /** Stores a graph ({name, nodes}, e.g. GraphBuilder.build()); resolves to its GraphInfo. */
-  async createGraph(graph) {
-    const response = await this.unary('CreateGraph', { graph });
+  /**
+   * Stores a graph ({name, nodes}, e.g. GraphBuilder.build()); resolves to its GraphInfo, in the
+   * 'basic' view unless `view` is 'full' (basic leaves topological_order empty). With a
+   * `requestId` (e.g. crypto.randomUUID()), a retry with the same id and graph within a day
+   * resolves to the graph stored the first time instead of storing a copy.
+   */
+  async createGraph(graph, { view, requestId = '' } = {}) {
+    const response = await this.unary('CreateGraph', { graph, view: graphView(view), request_id: requestId });
     return graphInfo(response.graph);
   }
 
-  /** Resolves to {graph: GraphInfo, definition: Graph | null}. */
-  async getGraph(graphId, { includeDefinition = false } = {}) {
-    const response = await this.unary('GetGraph', { graph_id: graphId, include_definition: includeDefinition });
+  /**
+   * Resolves to {graph: GraphInfo, definition: Graph | null}; the GraphInfo is 'full' unless
+   * `view` is 'basic'. `omitParameterValues` leaves the parameters' initial values out of the
+   * definition (getParameters gives their current values).
+   */
+  async getGraph(graphId, { includeDefinition = false, view, omitParameterValues = false } = {}) {
+    const response = await this.unary('GetGraph', {
+      graph_id: graphId,
+      include_definition: includeDefinition,
+      view: graphView(view),
+      omit_parameter_values: omitParameterValues,
+    });
     return { graph: graphInfo(response.graph), definition: response.definition };
   }
 
-  /** One page: resolves to {graphs, nextPageToken}. */
-  async listGraphs({ pageSize = 0, pageToken = '' } = {}) {
-    const response = await this.unary('ListGraphs', { page_size: pageSize, page_token: pageToken });
+  /**
+   * One page: resolves to {graphs, nextPageToken}. The GraphInfos are 'basic' (no
+   * topological_order) unless `view` is 'full', so a page of large graphs stays small.
+   */
+  async listGraphs({ pageSize = 0, pageToken = '', view } = {}) {
+    const request = { page_size: pageSize, page_token: pageToken, view: graphView(view) };
+    const response = await this.unary('ListGraphs', request);
     return { graphs: response.graphs.map(graphInfo), nextPageToken: response.next_page_token };
   }
 
@@ -156,10 +200,51 @@ class Client {
     return tensors.decodeNamed(response.outputs);
   }
 
-  /** Resolves to {parameters: {name: tensor}, step}. */
-  async getParameters(graphId, names = []) {
-    const response = await this.unary('GetParameters', { graph_id: graphId, names });
-    return { parameters: tensors.decodeNamed(response.parameters), step: Number(response.step) };
+  /**
+   * Resolves to {parameters: {name: tensor}, step}: every parameter when `names` is empty. The
+   * values stream (StreamParameters) in chunks, so parameters of any size arrive whatever the
+   * receive limit.
+   */
+  getParameters(graphId, names = []) {
+    return new Promise((resolve, reject) => {
+      const call = this.stub.StreamParameters({ graph_id: graphId, names }, callOptions(this.deadlineMs));
+      const assembler = new tensors.Assembler();
+      const result = { parameters: {}, step: null };
+      let failed = false;
+      const fail = (error) => {
+        if (failed) return;
+        failed = true;
+        call.cancel();
+        reject(wrapError(error));
+      };
+      const onData = (response) => {
+        if (failed) return;
+        try {
+          result.step = Number(response.step);
+          for (const named of response.parameters) {
+            const value = assembler.add(named.name, named.tensor);
+            if (value !== null) result.parameters[named.name] = value;
+          }
+        } catch (error) {
+          fail(error);
+        }
+      };
+      followStream(call, onData, (error) => {
+        if (failed) return;
+        if (error !== null) {
+          fail(error);
+          return;
+        }
+        try {
+          assembler.finish('StreamParameters stream');
+          if (result.step === null) throw new Error('StreamParameters ended without a message');
+        } catch (finishError) {
+          fail(finishError);
+          return;
+        }
+        resolve(result);
+      });
+    });
   }
 
   /** Replaces parameter values ({name: value}); resolves to the graph's step. */

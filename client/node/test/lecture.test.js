@@ -89,7 +89,7 @@ describe('the 2-layer sigmoid network', () => {
   let topologicalOrder;
   before(async () => {
     client = await connect();
-    const info = await client.createGraph(network());
+    const info = await client.createGraph(network(), { view: 'full' });
     graphId = info.graph_id;
     topologicalOrder = info.topological_order;
   });
