@@ -242,4 +242,4 @@ def infer_node(name: str, op: str, arguments: list[TensorType], attrs: Mapping[s
     try:
         return infer(*arguments, **attrs)
     except ShapeError as error:
-        raise InvalidArgument(f"node '{name}' ({op}): {error}", reason="SHAPE_MISMATCH", subject=name) from None
+        raise InvalidArgument(f"node '{name}' ({op}): {error}", reason=error.reason, subject=name) from None

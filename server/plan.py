@@ -26,7 +26,7 @@ import numpy as np
 from chainrule.server.errors import Cancelled, InvalidArgument, ResourceExhausted
 from chainrule.server.graph import infer_node
 from chainrule.server.ops import ANS, INFERENCE, OPS, STORED_SOURCES, Mode, NodeContext
-from chainrule.server.shapes import TensorType, describe
+from chainrule.server.shapes import ShapeError, TensorType, describe
 
 Array = np.ndarray
 SCHEDULE_CACHE_SIZE = 64
@@ -479,10 +479,12 @@ class Plan:
                 )
 
     def _node_error(self, slot: int, error: Exception, doing: str = "") -> InvalidArgument:
+        """numpy signals dtypes it cannot combine (bool - bool) with TypeError; ShapeErrors carry their own reason."""
         name = self.names[slot]
-        return InvalidArgument(
-            f"{doing}node '{name}' ({self.ops[slot]}): {error}", reason="SHAPE_MISMATCH", subject=name
-        )
+        reason = error.reason if isinstance(error, ShapeError) else "SHAPE_MISMATCH"
+        if isinstance(error, TypeError):
+            reason = "DTYPE_MISMATCH"
+        return InvalidArgument(f"{doing}node '{name}' ({self.ops[slot]}): {error}", reason=reason, subject=name)
 
     def _memory_error(self, slot: int) -> ResourceExhausted:
         name = self.names[slot]

@@ -19,6 +19,14 @@ Shape = tuple[Dim, ...] | None
 class ShapeError(ValueError):
     """Arguments or attrs an op cannot take; the graph layer adds the node's name."""
 
+    reason = "SHAPE_MISMATCH"
+
+
+class DtypeError(ShapeError):
+    """Argument dtypes an op cannot take (bool - bool, neg of bool, an integer to a negative power)."""
+
+    reason = "DTYPE_MISMATCH"
+
 
 @dataclass(frozen=True)
 class TensorType:
