@@ -22,7 +22,7 @@ import chainrule.client as cr
 from chainrule import tensors
 from chainrule.client.errors import from_rpc_error
 from chainrule.server.store import SqliteStore
-from chainrule.server.store.base import REQUEST_ID_SECONDS, CreateRequest
+from chainrule.server.store.base import REQUEST_ID_SECONDS, CreateRequest, RequestIdTaken
 from chainrule.v1 import graph_pb2, graph_service_pb2_grpc
 from chainrule.v1 import graph_service_pb2 as pb
 from tests.server_process import ServerProcess
@@ -222,6 +222,14 @@ def test_a_request_id_at_the_length_limit_is_accepted(stub: graph_service_pb2_gr
     assert stub.CreateGraph(request).graph.graph_id == stub.CreateGraph(request).graph.graph_id
 
 
+def test_deleting_the_graph_frees_its_request_id(stub: graph_service_pb2_grpc.GraphServiceStub) -> None:
+    request = pb.CreateGraphRequest(graph=lecture(), request_id="freed-by-delete")
+    first = stub.CreateGraph(request).graph.graph_id
+    stub.DeleteGraph(pb.DeleteGraphRequest(graph_id=first))
+    second = stub.CreateGraph(request).graph.graph_id
+    assert second != first and stub.CreateGraph(request).graph.graph_id == second
+
+
 @pytest.fixture
 def tenants_server(tmp_path: Path) -> Iterator[ServerProcess]:
     tokens = tmp_path / "tokens"
@@ -261,6 +269,20 @@ def test_request_ids_expire_after_a_day(tmp_path: Path) -> None:
     assert (first.graph_id, second.graph_id) == ("g1", "g2")
     with sqlite3.connect(tmp_path / "chainrule.db") as db:
         assert db.execute("SELECT graph_id FROM create_requests").fetchall() == [("g2",)]
+    store.close()
+
+
+def test_a_request_id_taken_while_the_graph_was_compiled_stores_nothing(tmp_path: Path) -> None:
+    """Two calls with one request_id can both miss it before either stores its graph: the second insert
+    must find the first's and store nothing."""
+    store = SqliteStore(str(tmp_path / "chainrule.db"))
+    store.insert_graph("g1", "alice", "one", b"", {"node_count": 0}, {}, CreateRequest("race", "same"))
+    with pytest.raises(RequestIdTaken) as raised:
+        store.insert_graph("g2", "alice", "one", b"", {"node_count": 0}, {}, CreateRequest("race", "same"))
+    assert (raised.value.graph.graph_id, raised.value.fingerprint) == ("g1", "same")
+    assert store.get_graph("g2", "alice") is None and store.count_graphs() == 1
+    store.insert_graph("g3", "bob", "one", b"", {"node_count": 0}, {}, CreateRequest("race", "same"))
+    assert store.count_graphs() == 2
     store.close()
 
 
