@@ -157,6 +157,25 @@ def test_create_graph_can_answer_in_full(stub: graph_service_pb2_grpc.GraphServi
     assert stub.GetGraph(pb.GetGraphRequest(graph_id=info.graph_id)).graph == info
 
 
+def test_get_graph_can_leave_out_the_values_stream_parameters_gives(
+    stub: graph_service_pb2_grpc.GraphServiceStub,
+) -> None:
+    nodes = [
+        graph_pb2.Node(name="running", op="state", value=tensors.encode(np.zeros(3))),
+        graph_pb2.Node(name="w", op="parameter", value=tensors.encode(np.ones(3))),
+        graph_pb2.Node(name="c", op="constant", value=tensors.encode(np.full(3, 2.0))),
+        graph_pb2.Node(name="y", op="add", inputs=["running", "w"]),
+        graph_pb2.Node(name="z", op="mul", inputs=["y", "c"]),
+    ]
+    graph_id = stub.CreateGraph(pb.CreateGraphRequest(graph=graph_pb2.Graph(nodes=nodes))).graph.graph_id
+    request = pb.GetGraphRequest(graph_id=graph_id, include_definition=True, omit_parameter_values=True)
+    definition = stub.GetGraph(request).definition
+    assert {node.name for node in definition.nodes if node.HasField("value")} == {"c"}
+    assert [node.name for node in definition.nodes] == [node.name for node in nodes]
+    (streamed,) = stub.StreamParameters(pb.StreamParametersRequest(graph_id=graph_id))
+    assert sorted(named.name for named in streamed.parameters) == ["running", "w"]
+
+
 def test_a_view_the_server_does_not_know_is_refused(stub: graph_service_pb2_grpc.GraphServiceStub) -> None:
     calls = {
         "ListGraphs": lambda: stub.ListGraphs(pb.ListGraphsRequest(view=7)),  # type: ignore[arg-type]

@@ -90,8 +90,9 @@ class GetGraphRequest(_message.Message):
     view: _graph_pb2.GraphView.ValueType
     """How much of the GraphInfo to answer with; unspecified means GRAPH_VIEW_FULL."""
     omit_parameter_values: _builtins.bool
-    """With include_definition: leave out the `value` of every "parameter" node (its initial
-    value, often most of the definition's bytes). StreamParameters gives the current values.
+    """With include_definition: leave out the `value` of every "parameter" and "state" node (their
+    initial values, often most of the definition's bytes). StreamParameters gives their current
+    values.
     """
     def __init__(
         self,

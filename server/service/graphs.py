@@ -16,6 +16,7 @@ from chainrule import tensors
 from chainrule.server import optim
 from chainrule.server.engine import Engine, GraphSummary, TrainingSession
 from chainrule.server.errors import InvalidArgument, Unavailable
+from chainrule.server.ops import STORED_SOURCES
 from chainrule.server.pipeline import run_ahead
 from chainrule.server.service.calls import Call, CallGate, Servicer, decode_tensor, streaming, unary
 from chainrule.v1 import graph_pb2, graph_service_pb2_grpc, tensor_pb2
@@ -122,7 +123,7 @@ class GraphService(Servicer, graph_service_pb2_grpc.GraphServiceServicer):
             response.definition.ParseFromString(self.engine.definition(request.graph_id, call.tenant))
             if request.omit_parameter_values:
                 for node in response.definition.nodes:
-                    if node.op == "parameter":
+                    if node.op in STORED_SOURCES:
                         node.ClearField("value")
         return response
 
