@@ -760,6 +760,8 @@ def test_bad_attrs_and_argument_types_are_refused_naming_the_node(refused: tuple
     assert "node 'out'" in str(raised.value)
     assert words in str(raised.value)
     assert raised.value.subject == "out"
+    dtype_words = ("int32 or int64", "dtype", "numbers")
+    assert raised.value.reason == ("DTYPE_MISMATCH" if words in dtype_words else "SHAPE_MISMATCH")
 
 
 REFUSED_AT_RUN_TIME = [
@@ -802,3 +804,4 @@ def test_bad_run_time_values_are_refused_naming_the_node(refused: tuple[Any, ...
     assert "node 'out'" in str(raised.value)
     assert words in str(raised.value)
     assert raised.value.subject == "out"
+    assert raised.value.reason == ("DTYPE_MISMATCH" if words == "int32 or int64" else "SHAPE_MISMATCH")

@@ -17,6 +17,7 @@ import numpy as np
 from chainrule.server.ops.registry import Array, Attr, defop, unbroadcast
 from chainrule.server.shapes import (
     Dim,
+    DtypeError,
     Shape,
     ShapeError,
     TensorType,
@@ -40,7 +41,7 @@ def shape_like_length(given: TensorType, what: str, scalar: bool = False) -> Dim
     """The number of entries of a shape-like tensor argument, checked as far as its type is known:
     an int32/int64 tensor, 1-D (or, for a `scalar`, one element)."""
     if given.dtype is not None and given.dtype.kind != "i":
-        raise ShapeError(f"{what} must be an int32 or int64 tensor, got {given.dtype}")
+        raise DtypeError(f"{what} must be an int32 or int64 tensor, got {given.dtype}")
     if given.shape is None:
         return None
     if scalar:
@@ -56,7 +57,7 @@ def tensor_ints(value: Array, what: str) -> list[int]:
     """A shape-like tensor argument's entries, checked."""
     array = np.asarray(value)
     if array.dtype.kind != "i":
-        raise ValueError(f"{what} must be an int32 or int64 tensor, got {array.dtype}")
+        raise DtypeError(f"{what} must be an int32 or int64 tensor, got {array.dtype}")
     if array.ndim != 1:
         raise ValueError(f"{what} must be a 1-D tensor, got shape {list(array.shape)}")
     return [int(entry) for entry in array.tolist()]
@@ -65,7 +66,7 @@ def tensor_ints(value: Array, what: str) -> list[int]:
 def tensor_int(value: Array, what: str) -> int:
     array = np.asarray(value)
     if array.dtype.kind != "i":
-        raise ValueError(f"{what} must be an int32 or int64 tensor, got {array.dtype}")
+        raise DtypeError(f"{what} must be an int32 or int64 tensor, got {array.dtype}")
     if array.size != 1 or array.ndim > 1:
         raise ValueError(f"{what} must be a scalar or a tensor of one element, got shape {list(array.shape)}")
     return int(array.reshape(-1)[0])
@@ -453,12 +454,12 @@ defop(
 # ---------------------------------------------------------------- gather, gather_elements
 def _int_indices(indices: TensorType, op: str) -> None:
     if indices.dtype is not None and indices.dtype.kind != "i":
-        raise ShapeError(f"{op}'s indices must be int32 or int64, got {indices.dtype}")
+        raise DtypeError(f"{op}'s indices must be int32 or int64, got {indices.dtype}")
 
 
 def _checked_indices(indices: Array, size: int, op: str) -> Array:
     if indices.dtype.kind != "i":
-        raise ValueError(f"{op}'s indices must be int32 or int64, got {indices.dtype}")
+        raise DtypeError(f"{op}'s indices must be int32 or int64, got {indices.dtype}")
     if indices.size and (indices.min() < -size or indices.max() >= size):
         raise ValueError(f"{op}'s indices must lie in [{-size}, {size - 1}] for an axis of size {size}")
     return indices
@@ -940,7 +941,7 @@ def one_hot(
     count = _depth(given, depth)
     along = normalize_axis(axis, indices.ndim + 1)
     if indices.dtype.kind not in "iuf":
-        raise ValueError(f"one_hot's indices must be numbers, got {indices.dtype}")
+        raise DtypeError(f"one_hot's indices must be numbers, got {indices.dtype}")
     if len(given) > 1:
         values = np.asarray(given[1]).reshape(-1)
         if values.size != 2:
@@ -960,7 +961,7 @@ def one_hot(
 
 def _dtype(name: str) -> np.dtype:
     if name not in DTYPES:
-        raise ShapeError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+        raise DtypeError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     return np.dtype(name)
 
 
@@ -969,7 +970,7 @@ def _one_hot_type(
     on_value: float = 1.0, off_value: float = 0.0,
 ) -> TensorType:  # fmt: skip
     if indices.dtype is not None and indices.dtype.kind not in "iuf":
-        raise ShapeError(f"one_hot's indices must be numbers, got {indices.dtype}")
+        raise DtypeError(f"one_hot's indices must be numbers, got {indices.dtype}")
     if given:
         shape_like_length(given[0], "one_hot's depth", scalar=True)
     elif depth is None:
