@@ -403,3 +403,11 @@ def test_class_labels_of_the_wrong_shape_are_refused_when_the_graph_is_built() -
     nodes = [input_node("logits", "float64", (3, 4)), input_node("labels", "int64", (3, 4))]
     with pytest.raises(InvalidArgument, match=r"'loss'.*class labels have shape \[3, 4\].*need \[3\]"):
         build_graph(make_graph([*nodes, node("loss", "softmax_cross_entropy", "logits", "labels")]))
+
+
+def test_lrn_window_wider_than_the_channels_sums_them_all_without_allocating_the_width() -> None:
+    x = RNG.standard_normal((2, 3, 4))
+    size = 2**40
+    value, _ = through_plan("lrn", (x,), np.ones(x.shape), size=size, alpha=2.0**40, beta=0.5)
+    expected = x / np.sqrt(1.0 + (x * x).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(value, expected, rtol=1e-12)

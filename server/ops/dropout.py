@@ -28,13 +28,13 @@ def dropout(x: Array, *, ratio: float = 0.5, ctx: NodeContext) -> tuple[Array, A
     return x * (kept * _keep_scale(ratio, x.dtype)), kept
 
 
-def _dropout_x(g: Array, kept: Array | None, x: Array, *, ratio: float) -> Array:
+def _dropout_x(g: Array, kept: Array | None, x: Array, *, ratio: float = 0.5) -> Array:
     if kept is None:
         return g
     return g * (kept * _keep_scale(ratio, g.dtype))
 
 
-def _dropout_type(x: TensorType, *, ratio: float) -> TensorType:
+def _dropout_type(x: TensorType, *, ratio: float = 0.5) -> TensorType:
     if not 0 <= ratio <= 1:
         raise ShapeError(f"ratio is {ratio}; a dropout probability must be between 0 and 1")
     return float_type(x)

@@ -413,14 +413,14 @@ def group_norm(
 
 
 def _gn_x(
-    g: Array, saved: _Normalized, x: Array, scale: Array, bias: Array, *, num_groups: int, epsilon: float
+    g: Array, saved: _Normalized, x: Array, scale: Array, bias: Array, *, num_groups: int, epsilon: float = 1e-5
 ) -> Array:
     g_xhat = _grouped(_affine_x(g, scale), num_groups)
     return _standardize_vjp(g_xhat, _grouped(saved.xhat, num_groups), saved.inv_std, (2,)).reshape(g.shape)
 
 
 def _group_norm_type(
-    x: TensorType, scale: TensorType, bias: TensorType, *, num_groups: int, epsilon: float
+    x: TensorType, scale: TensorType, bias: TensorType, *, num_groups: int, epsilon: float = 1e-5
 ) -> TensorType:
     _check_groups(x.shape, num_groups)
     return _channel_affine_type(x, scale, bias)
@@ -444,8 +444,11 @@ defop(
 # ---------------------------------------------------------------- local response normalization
 def _channel_window_sum(a: Array, before: int, after: int) -> Array:
     """For each channel c, the sum of `a` over channels [c - before, c + after] that exist."""
-    if a.shape[1] == 0:
+    channels = a.shape[1]
+    if channels == 0:
         return a.copy()
+    # A window reaching past every channel sums the same as one reaching just to the last: no giant padding.
+    before, after = min(before, channels - 1), min(after, channels - 1)
     padding = [(0, 0)] * a.ndim
     padding[1] = (before, after)
     windows = np.lib.stride_tricks.sliding_window_view(np.pad(a, padding), before + after + 1, axis=1)
@@ -461,14 +464,16 @@ def lrn(x: Array, *, size: int, alpha: float = 1e-4, beta: float = 0.75, bias: f
     return x * base**-beta, base
 
 
-def _lrn_x(g: Array, base: Array, x: Array, *, size: int, alpha: float, beta: float, bias: float) -> Array:
+def _lrn_x(
+    g: Array, base: Array, x: Array, *, size: int, alpha: float = 1e-4, beta: float = 0.75, bias: float = 1.0
+) -> Array:
     """Directly through the numerator, and through every window that holds x's channel (the window transposed)."""
     x = as_float(x)
     g_base = g * x * (-beta) * base ** (-beta - 1)
     return g * base**-beta + (2 * alpha / size) * x * _channel_window_sum(g_base, (size - 1) // 2, size // 2)
 
 
-def _lrn_type(x: TensorType, *, size: int, alpha: float, beta: float, bias: float) -> TensorType:
+def _lrn_type(x: TensorType, *, size: int, alpha: float = 1e-4, beta: float = 0.75, bias: float = 1.0) -> TensorType:
     if size < 1:
         raise ShapeError(f"size is {size}; it must be at least 1")
     _check_channels(x.shape, {})
