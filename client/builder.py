@@ -164,6 +164,11 @@ class GraphBuilder:
         """A trainable tensor; `value` is its initial value (see the module's dtype rule)."""
         return self._add("parameter", (), {}, self._encode(value, name), name)
 
+    def state(self, name: str, value: npt.ArrayLike) -> Node:
+        """A float tensor that training updates but never trains: batch_norm's running mean and variance.
+        `value` is its initial value (see the module's dtype rule); the server stores it with the parameters."""
+        return self._add("state", (), {}, self._encode(value, name), name)
+
     def constant(self, value: npt.ArrayLike, name: str | None = None) -> Node:
         return self._add("constant", (), {}, self._encode(value, name or "constant"), name)
 
@@ -396,11 +401,95 @@ def log_softmax(x: Node, axis: int = -1, *, name: str | None = None) -> Node:
     return _apply("log_softmax", x, name=name, axis=axis)
 
 
-def softmax_cross_entropy(logits: Node, labels: Node | npt.ArrayLike, *, name: str | None = None) -> Node:
-    """Mean over rows of -sum(labels * log_softmax(logits)); labels are probabilities (e.g. one-hot)."""
-    return _apply("softmax_cross_entropy", logits, labels, name=name)
+def softmax_cross_entropy(
+    logits: Node, labels: Node | npt.ArrayLike, *, ignore_index: int | None = None, name: str | None = None
+) -> Node:
+    """Float labels are probabilities (e.g. one-hot): the mean over rows of -sum(labels * log_softmax(logits)).
+    Integer labels are class indices, one per row (shape logits.shape[:-1]): the mean over rows not labelled
+    `ignore_index` (default -100) of -log_softmax(logits)[label], as torch's cross_entropy. Python ints
+    stay integers here, unlike other constants."""
+    if not isinstance(labels, Node) and np.asarray(labels).dtype.kind in "iu":
+        labels = np.asarray(labels, dtype=np.int64)
+    return _apply("softmax_cross_entropy", logits, labels, name=name, ignore_index=ignore_index)
 
 
 def sigmoid_cross_entropy(logits: Node, targets: Node | npt.ArrayLike, *, name: str | None = None) -> Node:
     """Mean binary cross-entropy of sigmoid(logits) against targets, computed stably from the logits."""
     return _apply("sigmoid_cross_entropy", logits, targets, name=name)
+
+
+# ---------------------------------------------------------------- normalization and dropout (N, C, ... layout)
+def batch_norm(
+    x: Node,
+    scale: Node | npt.ArrayLike,
+    bias: Node | npt.ArrayLike,
+    mean: Node | npt.ArrayLike,
+    var: Node | npt.ArrayLike,
+    *,
+    epsilon: float | None = None,
+    momentum: float | None = None,
+    name: str | None = None,
+) -> Node:
+    """torch.nn.BatchNorm over axis 1. Make `mean` and `var` `GraphBuilder.state` nodes so that Train
+    updates them (momentum in PyTorch's convention, default 0.1); other calls normalize with them unless
+    run with `training=True`."""
+    return _apply("batch_norm", x, scale, bias, mean, var, name=name, epsilon=epsilon, momentum=momentum)
+
+
+def layer_norm(
+    x: Node,
+    scale: Node | npt.ArrayLike | None = None,
+    bias: Node | npt.ArrayLike | None = None,
+    *,
+    axis: int = -1,
+    epsilon: float | None = None,
+    name: str | None = None,
+) -> Node:
+    """Normalizes over the axes [axis, rank); scale and bias broadcast against those axes."""
+    if bias is not None and scale is None:
+        raise ValueError("layer_norm takes a bias only with a scale (pass scale=1.0 for none)")
+    affine = [argument for argument in (scale, bias) if argument is not None]
+    return _apply("layer_norm", x, *affine, name=name, axis=axis, epsilon=epsilon)
+
+
+def instance_norm(
+    x: Node,
+    scale: Node | npt.ArrayLike,
+    bias: Node | npt.ArrayLike,
+    *,
+    epsilon: float | None = None,
+    name: str | None = None,
+) -> Node:
+    return _apply("instance_norm", x, scale, bias, name=name, epsilon=epsilon)
+
+
+def group_norm(
+    x: Node,
+    scale: Node | npt.ArrayLike,
+    bias: Node | npt.ArrayLike,
+    num_groups: int,
+    *,
+    epsilon: float | None = None,
+    name: str | None = None,
+) -> Node:
+    """torch.nn.GroupNorm: scale and bias hold one value per channel."""
+    return _apply("group_norm", x, scale, bias, name=name, num_groups=num_groups, epsilon=epsilon)
+
+
+def lrn(
+    x: Node,
+    size: int,
+    *,
+    alpha: float | None = None,
+    beta: float | None = None,
+    bias: float | None = None,
+    name: str | None = None,
+) -> Node:
+    """torch.nn.LocalResponseNorm (bias is its k)."""
+    return _apply("lrn", x, name=name, size=size, alpha=alpha, beta=beta, bias=bias)
+
+
+def dropout(x: Node, ratio: float = 0.5, *, name: str | None = None) -> Node:
+    """Zeroes each element with probability `ratio` and scales the rest by 1 / (1 - ratio) when training;
+    the identity otherwise."""
+    return _apply("dropout", x, name=name, ratio=ratio)

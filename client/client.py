@@ -50,6 +50,8 @@ class GraphInfo:
     step: int
     node_count: int
     create_time: datetime | None
+    state: tuple[str, ...] = ()
+    """The graph's `state` nodes (running statistics): read and set with the parameters, updated by training."""
     definition: graph_pb2.Graph | None = None
     """The graph as submitted; only `get_graph(..., include_definition=True)` fetches it."""
 
@@ -64,6 +66,7 @@ class GraphInfo:
             step=message.step,
             node_count=message.node_count,
             create_time=message.create_time.ToDatetime(UTC) if message.HasField("create_time") else None,
+            state=tuple(message.state),
             definition=definition,
         )
 
@@ -171,13 +174,23 @@ class Client:
 
     # ------------------------------------------------------------ evaluation
     def forward(
-        self, graph_id: str, feeds: Mapping[str, npt.ArrayLike], fetches: Sequence[str]
+        self,
+        graph_id: str,
+        feeds: Mapping[str, npt.ArrayLike],
+        fetches: Sequence[str],
+        *,
+        training: bool = False,
+        seed: int = 0,
     ) -> dict[str, np.ndarray]:
         """The fetched nodes' values, in fetch order, as read-only arrays.
 
         Feeds go through np.asarray: numpy arrays keep their dtype, Python floats become float64.
+        The graph runs in inference mode (running statistics, no dropout) unless `training`, which
+        uses batch statistics and dropout masks drawn from `seed` without changing the graph's state.
         """
-        request = pb.ForwardRequest(graph_id=graph_id, feeds=encode_feeds(feeds), fetches=_names(fetches))
+        request = pb.ForwardRequest(
+            graph_id=graph_id, feeds=encode_feeds(feeds), fetches=_names(fetches), training=training, seed=seed
+        )
         with rpc_errors():
             response = self._stub.Forward(request, timeout=self.timeout)
         return decode_named(response.outputs)
@@ -189,11 +202,15 @@ class Client:
         loss: str,
         wrt: Sequence[str] = (),
         loss_grad: npt.ArrayLike | None = None,
+        *,
+        training: bool = False,
+        seed: int = 0,
     ) -> GradientStream:
         """Stream d(loss)/d(node) for each `wrt` node (every parameter when empty) as the server finishes it.
 
         `loss_grad` seeds a non-scalar loss (a vector-Jacobian product). Iterating the returned
         stream yields (name, gradient) pairs; its `loss` is set once the first one has arrived.
+        `training` and `seed` as for `forward`.
         """
         request = pb.BackwardRequest(
             graph_id=graph_id,
@@ -201,6 +218,8 @@ class Client:
             loss=loss,
             wrt=_names(wrt),
             loss_grad=None if loss_grad is None else tensors.encode(np.asarray(loss_grad), "loss_grad"),
+            training=training,
+            seed=seed,
         )
         return GradientStream(self._stub.Backward(request, timeout=self.timeout), loss)
 
@@ -211,9 +230,12 @@ class Client:
         loss: str,
         wrt: Sequence[str] = (),
         loss_grad: npt.ArrayLike | None = None,
+        *,
+        training: bool = False,
+        seed: int = 0,
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """`backward` collected: the loss value and every gradient by name."""
-        with self.backward(graph_id, feeds, loss, wrt, loss_grad) as stream:
+        with self.backward(graph_id, feeds, loss, wrt, loss_grad, training=training, seed=seed) as stream:
             gradients = dict(stream)
         if stream.loss is None:
             # The server sends the loss with the first gradient, so with no wrt nodes there is none.
@@ -255,7 +277,8 @@ class Client:
 
     # ------------------------------------------------------------ parameters
     def get_parameters(self, graph_id: str, names: Sequence[str] = ()) -> dict[str, np.ndarray]:
-        """Current parameter values (all when `names` is empty); see get_parameters_with_step for the step."""
+        """Current values of parameters and state nodes (all when `names` is empty); see get_parameters_with_step
+        for the step."""
         return self.get_parameters_with_step(graph_id, names)[0]
 
     def get_parameters_with_step(self, graph_id: str, names: Sequence[str] = ()) -> tuple[dict[str, np.ndarray], int]:
@@ -273,7 +296,7 @@ class Client:
         return values, stream.step
 
     def set_parameters(self, graph_id: str, values: Mapping[str, npt.ArrayLike]) -> int:
-        """Replace parameter values (same dtype and shape; their optimizer state is reset); returns the step."""
+        """Replace parameter or state values (same dtype and shape; optimizer state is reset); returns the step."""
         request = pb.SetParametersRequest(graph_id=graph_id, parameters=tensors.encode_named(_arrays(values)))
         with rpc_errors():
             response = self._stub.SetParameters(request, timeout=self.timeout)
@@ -292,6 +315,7 @@ class Client:
         stream_updates: bool = False,
         checkpoint_every: int = 0,
         stop_on_non_finite_loss: bool = False,
+        seed: int = 0,
     ) -> TrainStream:
         """Train on `batches` in one stream, yielding a TrainStep per batch.
 
@@ -299,7 +323,9 @@ class Client:
         read, so a slow consumer of the returned stream does not slow training down.
         `parameters` restricts training (all parameters when empty); `checkpoint_every` 0 means
         the server's default; `stop_on_non_finite_loss` ends the stream with INVALID_ARGUMENT
-        on a NaN or infinite loss without applying that step.
+        on a NaN or infinite loss without applying that step. The graph runs in training mode:
+        batch statistics (each step updates the running ones), and dropout masks drawn from
+        (`seed`, step, node name), so the same batches and seed give the same run, bit for bit.
         """
         config = pb.TrainConfig(
             graph_id=graph_id,
@@ -310,6 +336,7 @@ class Client:
             stream_updates=stream_updates,
             checkpoint_every=checkpoint_every,
             stop_on_non_finite_loss=stop_on_non_finite_loss,
+            seed=seed,
         )
         return TrainStream(self._stub.Train, config, batches)
 
@@ -332,15 +359,16 @@ class Client:
         `data` is a dict of equal-length arrays, cut along the first axis into batches of
         `batch_size` (all of it when None), reshuffled each epoch by numpy's Generator(seed)
         when `shuffle`; or an iterable of ready batch dicts (then batch_size must be None and
-        shuffle does not apply). `progress` None shows a progress bar only when stderr is a
-        terminal, so logs and CI output stay clean. Other keywords go to `train`.
+        shuffle does not apply). `seed` also seeds the server's dropout masks (`train`'s seed), so
+        one seed makes the whole run reproducible. `progress` None shows a progress bar only when
+        stderr is a terminal, so logs and CI output stay clean. Other keywords go to `train`.
         """
         batches, total = plan_batches(data, batch_size, epochs, shuffle, seed)
         history = History()
         show = sys.stderr.isatty() if progress is None else progress
         with (
             tqdm(total=total, disable=not show, unit="step", dynamic_ncols=True) as bar,
-            self.train(graph_id, batches, loss=loss, optimizer=optimizer, **train_options) as stream,
+            self.train(graph_id, batches, loss=loss, optimizer=optimizer, seed=seed, **train_options) as stream,
         ):
             for step in stream:
                 history.record(step)

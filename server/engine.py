@@ -22,6 +22,7 @@ import numpy as np
 from chainrule.server import optim
 from chainrule.server.errors import AlreadyExists, InvalidArgument, NotFound
 from chainrule.server.graph import Limits, build_graph
+from chainrule.server.ops import INFERENCE, Mode
 from chainrule.server.plan import Plan, StopFlag
 from chainrule.server.store import Checkpoint, OptimizerState, Store, StoredGraph
 from chainrule.server.store.base import CreateRequest, RequestIdTaken
@@ -63,6 +64,8 @@ class GraphSummary:
     step: int
     node_count: int
     created_at: float
+    state: list[str] = field(default_factory=list)
+    """Names of the graph's `state` nodes (running statistics), stored and shown with the parameters."""
     retried: bool = False
     """Answers a CreateGraph whose request_id created this graph earlier: nothing new was stored."""
 
@@ -109,9 +112,10 @@ class Engine:
             "topological_order": order,
             "inputs": list(plan.inputs),
             "parameters": list(plan.parameters),
+            "state": list(plan.state),
             "node_count": len(order),
         }
-        initial = {name: plan.sources[slot].value for name, slot in plan.parameters.items()}
+        initial = {name: plan.sources[slot].value for name, slot in plan.stored.items()}
         try:
             stored = self.store.insert_graph(
                 uuid.uuid4().hex,
@@ -217,6 +221,7 @@ class Engine:
             step,
             stored.summary["node_count"],
             stored.created_at,
+            stored.summary.get("state", []),
         )
 
     @property
@@ -266,12 +271,17 @@ class Engine:
         fetches: Sequence[str],
         tenant: str = "",
         stop: StopFlag | None = None,
+        training: bool = False,
+        seed: int = 0,
     ) -> list[Array]:
+        """`training` runs batch statistics and dropout (seeded by `seed` and the graph's step) without
+        changing the graph's state; only Train does that."""
         if not fetches:
             raise InvalidArgument("fetches is empty; name at least one node", subject="fetches")
         live = self.live(graph_id, tenant)
         live.plan.check_feeds(feeds)
-        return live.plan.forward(feeds, live.parameters, fetches, stop)
+        parameters, mode = live.parameters, _mode(live, training, seed)
+        return live.plan.forward(feeds, parameters, fetches, stop, mode)
 
     def backward(
         self,
@@ -282,11 +292,15 @@ class Engine:
         loss_grad: Array | None = None,
         tenant: str = "",
         stop: StopFlag | None = None,
+        training: bool = False,
+        seed: int = 0,
     ) -> tuple[Array, Iterator[tuple[str, Array]]]:
+        """`training` as for `forward`; an empty `wrt` means every trainable parameter."""
         live = self.live(graph_id, tenant)
         live.plan.check_feeds(feeds)
         targets = list(wrt) or list(live.plan.parameters)
-        return live.plan.backward(feeds, live.parameters, loss, targets, loss_grad, stop)
+        parameters, mode = live.parameters, _mode(live, training, seed)
+        return live.plan.backward(feeds, parameters, loss, targets, loss_grad, stop, mode)
 
     # ------------------------------------------------------------ parameters
     def get_parameters(self, graph_id: str, names: Sequence[str], tenant: str = "") -> tuple[dict[str, Array], int]:
@@ -294,13 +308,13 @@ class Engine:
         with live.lock:
             parameters, step = live.parameters, live.step
         for name in names:
-            _check_parameter(live, name)
+            _check_stored(live, name)
         return {name: parameters[name] for name in (names or parameters)}, step
 
     def set_parameters(self, graph_id: str, values: Mapping[str, Array], tenant: str = "") -> int:
         live = self.live(graph_id, tenant)
         for name, value in values.items():
-            current = live.parameters[_check_parameter(live, name)]
+            current = live.parameters[_check_stored(live, name)]
             if value.dtype != current.dtype or value.shape != current.shape:
                 raise InvalidArgument(
                     f"parameter '{name}' is {current.dtype}{list(current.shape)}; got {value.dtype}{list(value.shape)}",
@@ -326,13 +340,23 @@ class Engine:
         stop_on_non_finite_loss: bool = False,
         tenant: str = "",
         keep_updates: bool = True,
+        seed: int = 0,
     ) -> TrainingSession:
         """`keep_updates` False (the updates are not streamed) lets each step build the new
-        parameter values in the update's own buffer."""
+        parameter values in the update's own buffer. `seed` keys dropout's masks (with the step
+        and the node's name)."""
         live = self._pin(graph_id, tenant)
         try:
             return self._open_session(
-                live, graph_id, loss, optimizer, parameters, checkpoint_every, stop_on_non_finite_loss, keep_updates
+                live,
+                graph_id,
+                loss,
+                optimizer,
+                parameters,
+                checkpoint_every,
+                stop_on_non_finite_loss,
+                keep_updates,
+                seed,
             )
         except BaseException:
             self.unpin(live)
@@ -361,6 +385,7 @@ class Engine:
         checkpoint_every: int,
         stop_on_non_finite_loss: bool,
         keep_updates: bool,
+        seed: int = 0,
     ) -> TrainingSession:
         live.plan.slot(loss, "loss")
         try:
@@ -379,7 +404,7 @@ class Engine:
                 f"checkpoint_every is {checkpoint_every}; it must not be negative", subject="checkpoint_every"
             )
         every = checkpoint_every or self.checkpoint_every
-        return TrainingSession(self, live, loss, optimizer, names, every, stop_on_non_finite_loss, keep_updates)
+        return TrainingSession(self, live, loss, optimizer, names, every, stop_on_non_finite_loss, keep_updates, seed)
 
 
 class TrainingSession:
@@ -395,6 +420,7 @@ class TrainingSession:
         checkpoint_every: int,
         stop_on_non_finite_loss: bool,
         keep_updates: bool,
+        seed: int = 0,
     ) -> None:
         self.engine = engine
         self.live = live
@@ -405,6 +431,7 @@ class TrainingSession:
         self.checkpoint_every = checkpoint_every
         self.stop_on_non_finite_loss = stop_on_non_finite_loss
         self.keep_updates = keep_updates
+        self.seed = seed
         self.finished = False
 
     def step(self, feeds: Mapping[str, Array], stop: StopFlag | None = None) -> StepResult:
@@ -413,14 +440,20 @@ class TrainingSession:
         with live.lock:
             _check_not_deleted(live)
             parameters = live.parameters
-            loss_value, reverse = live.plan.backward(feeds, parameters, self.loss, self.names, None, stop)
+            # Training mode: batch statistics, dropout keyed by (seed, step before the update, node name),
+            # and new running statistics for the `state` nodes, committed with the step's parameters.
+            mode = Mode(training=True, seed=self.seed, step=live.step)
+            state_updates: dict[str, Array] = {}
+            loss_value, reverse = live.plan.backward(
+                feeds, parameters, self.loss, self.names, None, stop, mode, state_updates
+            )
             gradients = dict(reverse)
             loss = float(loss_value)
             if self.stop_on_non_finite_loss and not math.isfinite(loss):
                 raise InvalidArgument(
                     f"loss '{self.loss}' is {loss}; the step was not applied", reason="NON_FINITE_LOSS"
                 )
-            new_parameters = dict(parameters)
+            new_parameters = {**parameters, **state_updates}
             new_state = dict(live.optimizer_state)
             updates = {}
             for name in self.names:
@@ -466,9 +499,25 @@ class TrainingSession:
 
 def _check_parameter(live: LiveGraph, name: str) -> str:
     if name not in live.plan.parameters:
-        why = "is not a parameter node" if name in live.plan.slot_of else "names no node of the graph"
+        if name in live.plan.state:
+            why = "is a state node (running statistics), which training updates but never trains"
+        else:
+            why = "is not a parameter node" if name in live.plan.slot_of else "names no node of the graph"
         raise InvalidArgument(f"parameter '{name}' {why}", reason="UNKNOWN_PARAMETER", subject=name)
     return name
+
+
+def _check_stored(live: LiveGraph, name: str) -> str:
+    """A parameter or state node: what GetParameters reads and SetParameters writes."""
+    if name not in live.plan.stored:
+        why = "is not a parameter or state node" if name in live.plan.slot_of else "names no node of the graph"
+        raise InvalidArgument(f"parameter '{name}' {why}", reason="UNKNOWN_PARAMETER", subject=name)
+    return name
+
+
+def _mode(live: LiveGraph, training: bool, seed: int) -> Mode:
+    """How a Forward or Backward runs: inference unless `training`, then seeded like the graph's next step."""
+    return Mode(training=True, seed=seed, step=live.step) if training else INFERENCE
 
 
 def _check_not_deleted(live: LiveGraph) -> None:

@@ -48,6 +48,7 @@ def graph_info(summary: GraphSummary, full: bool) -> graph_pb2.GraphInfo:
         topological_order=summary.topological_order if full else (),
         inputs=summary.inputs,
         parameters=summary.parameters,
+        state=summary.state,
         step=summary.step,
         node_count=summary.node_count,
         create_time=created,
@@ -150,7 +151,9 @@ class GraphService(Servicer, graph_service_pb2_grpc.GraphServiceServicer):
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext, call: Call) -> pb.ForwardResponse:
         feeds = self.decode_feeds(request.feeds)
         fetches = list(request.fetches)
-        values = self.engine.forward(request.graph_id, feeds, fetches, call.tenant, call.stop)
+        values = self.engine.forward(
+            request.graph_id, feeds, fetches, call.tenant, call.stop, training=request.training, seed=request.seed
+        )
         return pb.ForwardResponse(outputs=tensors.encode_named(zip(fetches, values, strict=True)))
 
     @streaming
@@ -160,7 +163,15 @@ class GraphService(Servicer, graph_service_pb2_grpc.GraphServiceServicer):
         feeds = self.decode_feeds(request.feeds)
         loss_grad = decode_tensor(request.loss_grad, "loss_grad") if request.HasField("loss_grad") else None
         loss, gradients = self.engine.backward(
-            request.graph_id, feeds, request.loss, list(request.wrt), loss_grad, call.tenant, call.stop
+            request.graph_id,
+            feeds,
+            request.loss,
+            list(request.wrt),
+            loss_grad,
+            call.tenant,
+            call.stop,
+            training=request.training,
+            seed=request.seed,
         )
         *leading_loss_chunks, last_loss_chunk = tensors.chunks(loss, request.loss)
         for chunk in leading_loss_chunks:
@@ -198,6 +209,7 @@ class GraphService(Servicer, graph_service_pb2_grpc.GraphServiceServicer):
             config.stop_on_non_finite_loss,
             call.tenant,
             keep_updates=config.stream_updates,
+            seed=config.seed,
         )
         try:
             steps = self._train_steps(session, config, requests, call)
