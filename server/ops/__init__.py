@@ -2,7 +2,7 @@
 rule side by side, one module per family. Importing this package registers them all in `OPS`;
 `registry` explains what an op declares."""
 
-from chainrule.server.ops import dropout, elementwise, linalg, logic, losses, norm, reductions, structure
+from chainrule.server.ops import conv, dropout, elementwise, linalg, logic, losses, norm, pool, reductions, structure
 from chainrule.server.ops.registry import (
     ANS,
     INFERENCE,
@@ -17,7 +17,7 @@ from chainrule.server.ops.registry import (
     unbroadcast,
 )
 
-FAMILIES = (elementwise, logic, linalg, reductions, structure, norm, dropout, losses)
+FAMILIES = (elementwise, logic, linalg, reductions, structure, norm, dropout, losses, conv, pool)
 
 __all__ = [
     "ANS",

@@ -1,0 +1,670 @@
+"""Convolutions (conv, conv_transpose) as matrix products over strided views, N, C, spatial... layout.
+
+No Python loop ever runs over pixels. `windows` views every (sample, channel, kernel offset,
+output position) of the padded input through `as_strided` without copying; one copy turns that
+view into the im2col matrix, and one BLAS product per group does the arithmetic. Going back
+(col2im) is one product and then one strided add per kernel offset, which is far faster than
+`np.add.at`. A conv keeps its im2col matrix as the residual: the weight's gradient is a product
+with exactly that matrix.
+
+Padding and cropping are one operation, `reframe`, a window onto the spatial axes that fills
+what lies outside the array; its adjoint is the opposite window, which is how gradients come
+back through padding. Geometry follows ONNX (pads as all begins then all ends, auto_pad),
+values and gradients follow torch.nn.functional.conv1d/2d/3d and conv_transpose1d/2d/3d.
+
+The pooling ops (ops/pool.py) share the geometry and the strided views.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from chainrule.server.ops.registry import Array, Attr, defop
+from chainrule.server.shapes import Dim, Shape, ShapeError, TensorType, describe
+
+AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
+SPATIAL_RANKS = (1, 2, 3)
+MAX_KERNEL_OFFSETS = 1 << 16
+"""Kernels loop over their offsets in Python, so a kernel may hold at most this many."""
+MAX_WINDOW_ELEMENTS = 1 << 31
+"""The most elements a padded input or an im2col matrix may hold (a conv or pool beyond it is refused
+as out of memory): the request's memory estimate counts values, not these intermediates, and
+absurd pads or dilations would otherwise ask for terabytes."""
+Ints = Sequence[int] | None
+
+
+# ---------------------------------------------------------------- attrs and geometry
+def spatial_rank(op: str, shape: Shape, role: str = "x") -> int | None:
+    """The number of spatial axes of an (N, C, spatial...) tensor; unknown for an unknown rank."""
+    if shape is None:
+        return None
+    if len(shape) - 2 not in SPATIAL_RANKS:
+        raise ShapeError(f"{op} takes {role} as (N, C, spatial...) with 1, 2 or 3 spatial axes; got {describe(shape)}")
+    return len(shape) - 2
+
+
+def rank_from_attrs(*lists: Ints, pads: Ints = None) -> int | None:
+    """The spatial rank the list attrs imply when no shape says it."""
+    for values in lists:
+        if values is not None:
+            return len(values)
+    return None if pads is None else len(pads) // 2
+
+
+def int_list(name: str, values: Ints, rank: int | None, default: int, least: int) -> tuple[int, ...] | None:
+    """A per-axis list attr, checked: one entry per spatial axis, each at least `least`."""
+    if values is not None:
+        if rank is not None and len(values) != rank:
+            raise ShapeError(f"{name} {list(values)} has {len(values)} entries for {rank} spatial axes")
+        if any(value < least for value in values):
+            raise ShapeError(f"{name} {list(values)} must hold values of at least {least}")
+        return tuple(values)
+    return None if rank is None else (default,) * rank
+
+
+def pad_list(pads: Ints, rank: int | None) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """ONNX pads (all begins, then all ends), checked, as (begins, ends)."""
+    if pads is not None:
+        if rank is not None and len(pads) != 2 * rank:
+            raise ShapeError(f"pads {list(pads)} has {len(pads)} entries; {rank} spatial axes take {2 * rank}")
+        if len(pads) % 2:
+            raise ShapeError(f"pads {list(pads)} has an odd number of entries (all begins, then all ends)")
+        if any(pad < 0 for pad in pads):
+            raise ShapeError(f"pads {list(pads)} must not be negative")
+        half = len(pads) // 2
+        return tuple(pads[:half]), tuple(pads[half:])
+    return None if rank is None else ((0,) * rank, (0,) * rank)
+
+
+def check_auto_pad(auto_pad: str) -> None:
+    if auto_pad not in AUTO_PADS:
+        raise ShapeError(f"auto_pad is {auto_pad!r}; expected one of {', '.join(AUTO_PADS)}")
+
+
+def extent(kernel: int, dilation: int) -> int:
+    """How many input positions one window spans."""
+    return (kernel - 1) * dilation + 1
+
+
+def sliding_axis(
+    axis: int,
+    size: Dim,
+    kernel: Dim,
+    stride: int,
+    dilation: int,
+    begin: int,
+    end: int,
+    auto_pad: str,
+    ceil_mode: bool = False,
+) -> tuple[int, int, int] | None:
+    """(pad before, pad after, output size) of windows sliding along one axis; None while a size is unknown.
+
+    SAME_* pads to ceil(size / stride) outputs, the odd pad going after (UPPER) or before (LOWER);
+    VALID pads nothing; ceil_mode keeps a last window that starts inside the input or its
+    leading pad (PyTorch and ONNX), whatever it overhangs.
+    """
+    if size is None or kernel is None:
+        return None
+    if kernel < 1:
+        raise ShapeError(f"spatial axis {axis}: the kernel has size {kernel}; it must be at least 1")
+    span = extent(kernel, dilation)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        out = -(-size // stride)
+        total = max(0, (out - 1) * stride + span - size)
+        begin = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
+        end = total - begin
+    else:
+        if auto_pad == "VALID":
+            begin = end = 0
+            ceil_mode = False
+        room = size + begin + end - span
+        if room < 0:
+            raise ShapeError(
+                f"spatial axis {axis}: a window spans {span} positions (kernel {kernel}, dilation {dilation}), "
+                f"more than the {size + begin + end} of the padded input"
+            )
+        if ceil_mode:
+            out = -(-room // stride) + 1
+            if (out - 1) * stride >= size + begin:
+                out -= 1
+        else:
+            out = room // stride + 1
+    if out < 1:
+        raise ShapeError(f"spatial axis {axis} of size {size} leaves no output positions")
+    return begin, end, out
+
+
+def check_kernel(kernel: Sequence[Dim]) -> None:
+    if all(k is not None for k in kernel) and math.prod(kernel) > MAX_KERNEL_OFFSETS:
+        raise ShapeError(f"a kernel of shape {list(kernel)} has more than {MAX_KERNEL_OFFSETS:,} positions")
+
+
+def check_elements(op: str, what: str, shape: Sequence[int]) -> None:
+    elements = math.prod(shape)
+    if elements > MAX_WINDOW_ELEMENTS:
+        raise MemoryError(f"{op}: {what} would hold {elements:,} elements, more than {MAX_WINDOW_ELEMENTS:,}")
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Where the windows fall along each spatial axis of a known input: everything the kernels need."""
+
+    sizes: tuple[int, ...]
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    begins: tuple[int, ...]
+    """Padding before each axis (conv, pools); for conv_transpose what is cropped before (negative: added)."""
+    outs: tuple[int, ...]
+
+    @property
+    def spans(self) -> tuple[int, ...]:
+        """The padded length each axis needs so every window fits (ceil_mode windows may overhang the pads)."""
+        return tuple(
+            (out - 1) * stride + extent(k, d)
+            for out, stride, k, d in zip(self.outs, self.strides, self.kernel, self.dilations, strict=True)
+        )
+
+    def check(self, op: str, batch_channels: int, lengths: Sequence[int]) -> None:
+        """Refuse windows whose padded input (of spatial `lengths`) or im2col matrix would be absurdly large."""
+        check_elements(op, "the padded input", (batch_channels, *lengths))
+        check_elements(op, "the windows", (batch_channels, *self.kernel, *self.outs))
+
+    def offset(self, ks: tuple[int, ...]) -> tuple[slice, ...]:
+        """The positions kernel offset `ks` reads for every output position, as slices of the padded input."""
+        return tuple(
+            slice(k * d, k * d + (out - 1) * stride + 1, stride)
+            for k, d, out, stride in zip(ks, self.dilations, self.outs, self.strides, strict=True)
+        )
+
+
+def windows_of(
+    op: str,
+    sizes: Sequence[int],
+    kernel: Sequence[int],
+    strides: Ints,
+    pads: Ints,
+    dilations: Ints,
+    auto_pad: str,
+    ceil_mode: bool = False,
+) -> tuple[Windows, tuple[int, ...]]:
+    """The windows of a conv or pool over a known input, and the pads after each axis."""
+    axes = sliding_axes(op, tuple(sizes), tuple(kernel), strides, pads, dilations, auto_pad, ceil_mode)
+    begins, ends, outs = zip(*axes, strict=True)  # type: ignore[misc]
+    rank = len(sizes)
+    steps = int_list("strides", strides, rank, 1, 1)
+    spreads = int_list("dilations", dilations, rank, 1, 1)
+    assert steps is not None and spreads is not None
+    return Windows(tuple(sizes), tuple(kernel), steps, spreads, begins, outs), ends
+
+
+def sliding_axes(
+    op: str,
+    sizes: tuple[Dim, ...] | None,
+    kernel: tuple[Dim, ...] | None,
+    strides: Ints,
+    pads: Ints,
+    dilations: Ints,
+    auto_pad: str,
+    ceil_mode: bool = False,
+) -> list[tuple[int, int, int] | None] | None:
+    """Check the attrs against the rank; per axis, (pad before, pad after, output size) or None if unknown."""
+    check_auto_pad(auto_pad)
+    rank = len(sizes) if sizes is not None else len(kernel) if kernel is not None else None
+    rank = rank if rank is not None else rank_from_attrs(strides, dilations, pads=pads)
+    steps = int_list("strides", strides, rank, 1, 1)
+    spreads = int_list("dilations", dilations, rank, 1, 1)
+    padding = pad_list(pads, rank)
+    if rank is None or steps is None or spreads is None or padding is None:
+        return None
+    sizes = sizes if sizes is not None else (None,) * rank
+    kernel = kernel if kernel is not None else (None,) * rank
+    check_kernel(kernel)
+    begins, ends = padding
+    return [
+        sliding_axis(axis, sizes[axis], kernel[axis], steps[axis], spreads[axis], begins[axis], ends[axis],
+                     auto_pad, ceil_mode)
+        for axis in range(rank)
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------- strided views, im2col and col2im
+def reframe(x: Array, begins: Sequence[int], lengths: Sequence[int], fill: object = 0) -> Array:
+    """The spatial window [begin, begin + length) of each axis of x, `fill` outside x: padding for
+    negative begins or lengths past the end, cropping otherwise (then a view, no copy)."""
+    sizes = x.shape[2:]
+    if all(b == 0 for b in begins) and tuple(lengths) == sizes:
+        return x
+    if all(b >= 0 and b + n <= s for b, n, s in zip(begins, lengths, sizes, strict=True)):
+        return x[(..., *(slice(b, b + n) for b, n in zip(begins, lengths, strict=True)))]
+    out = np.full((*x.shape[:2], *lengths), fill, dtype=x.dtype)
+    target, source = [], []
+    for b, n, s in zip(begins, lengths, sizes, strict=True):
+        low, high = max(0, -b), min(n, s - b)
+        if high <= low:
+            return out
+        target.append(slice(low, high))
+        source.append(slice(low + b, high + b))
+    out[(..., *target)] = x[(..., *source)]
+    return out
+
+
+def windows(xp: Array, geometry: Windows) -> Array:
+    """A read-only view (N, C, *kernel, *outs) of a padded input, element [n, c, k..., o...] being
+    xp[n, c, o * stride + k * dilation ...]; nothing is copied. Axes of length 1 get stride 0, so an
+    absurd stride or dilation that leaves one window cannot overflow the byte strides."""
+    batch, channel, *axis_bytes = xp.strides
+    kernel_strides = tuple(
+        b * d if k > 1 else 0 for b, d, k in zip(axis_bytes, geometry.dilations, geometry.kernel, strict=True)
+    )
+    out_strides = tuple(
+        b * s if o > 1 else 0 for b, s, o in zip(axis_bytes, geometry.strides, geometry.outs, strict=True)
+    )
+    shape = (*xp.shape[:2], *geometry.kernel, *geometry.outs)
+    return as_strided(xp, shape, (batch, channel, *kernel_strides, *out_strides), writeable=False)
+
+
+def im2col(xp: Array, geometry: Windows, group: int) -> Array:
+    """The im2col matrices, (N, group, C/group * prod(kernel), prod(outs)), contiguous: column o of
+    sample n and group g holds the window behind output position o. One copy of the strided view."""
+    cols = np.ascontiguousarray(windows(xp, geometry))
+    return cols.reshape(xp.shape[0], group, -1, math.prod(geometry.outs))
+
+
+def weight_gradient(a: Array, cols: Array) -> Array:
+    """sum over samples n of a[n] @ cols[n]^T, per group: (N, G, P, O) and (N, G, Q, O) -> (G, P, Q).
+
+    Either one product per sample and a sum, or, when that would hold more than the im2col
+    matrices themselves (many channels, few positions: late layers), one product over
+    (N * O)-long rows after a copy of both operands into that layout.
+    """
+    batch, group, rows, positions = a.shape
+    columns = cols.shape[2]
+    if batch == 1 or rows * columns <= (rows + columns) * positions:
+        return np.matmul(a, cols.swapaxes(2, 3)).sum(axis=0)
+    flat_a = a.transpose(1, 2, 0, 3).reshape(group, rows, -1)
+    flat_cols = cols.transpose(1, 2, 0, 3).reshape(group, columns, -1)
+    return np.matmul(flat_a, flat_cols.swapaxes(1, 2))
+
+
+def col2im(cols: Array, geometry: Windows, lengths: Sequence[int]) -> Array:
+    """The adjoint of `windows`: sums cols (N, C, *kernel, *outs) back onto a padded input of
+    spatial `lengths`, one strided add per kernel offset (overlapping windows accumulate)."""
+    out = np.zeros((*cols.shape[:2], *lengths), dtype=cols.dtype)
+    for ks in np.ndindex(*geometry.kernel):
+        out[(..., *geometry.offset(ks))] += cols[(slice(None), slice(None), *ks)]
+    return out
+
+
+def padded_lengths(geometry: Windows, ends: Sequence[int]) -> tuple[int, ...]:
+    """The spatial size of the padded input: the input with its pads, or more when ceil_mode overhangs."""
+    return tuple(
+        max(begin + size + end, span)
+        for begin, size, end, span in zip(geometry.begins, geometry.sizes, ends, geometry.spans, strict=True)
+    )
+
+
+def pad_input(x: Array, geometry: Windows, ends: Sequence[int], fill: object = 0) -> Array:
+    return reframe(x, [-b for b in geometry.begins], padded_lengths(geometry, ends), fill)
+
+
+def unpad(dxp: Array, geometry: Windows) -> Array:
+    """The gradient of `pad_input`: the padded gradient cropped back to the input."""
+    return np.ascontiguousarray(reframe(dxp, geometry.begins, geometry.sizes))
+
+
+def with_bias(y: Array, b: Array | None, dtype: np.dtype) -> Array:
+    """y (a view in any layout) as a fresh C-ordered array, plus the bias per channel (axis 1)."""
+    out = np.empty(y.shape, dtype=dtype)
+    if b is None:
+        np.copyto(out, y)
+    else:
+        np.add(y, b.reshape((1, -1) + (1,) * (y.ndim - 2)), out=out)
+    return out
+
+
+# ---------------------------------------------------------------- dtypes and shape rules
+def float_dtype(op: str, *types: TensorType | None) -> np.dtype | None:
+    """The result dtype of float arguments; int and bool ones are refused, as PyTorch refuses them."""
+    dtypes = [t.dtype for t in types if t is not None and t.dtype is not None]
+    for dtype in dtypes:
+        if dtype.kind != "f":
+            raise ShapeError(f"{op} takes float tensors, got {dtype}")
+    if len(dtypes) < sum(t is not None for t in types):
+        return None
+    return np.result_type(*dtypes)
+
+
+def _known(dim: Dim) -> bool:
+    return dim is not None
+
+
+def _conv_channels(op: str, x: Shape, w: Shape, b: Shape, group: int, transpose: bool) -> Dim:
+    """Check the channel counts of x, w and b against each other; returns the output channels."""
+    if group < 1:
+        raise ShapeError(f"group is {group}; it must be at least 1")
+    rank = spatial_rank(op, x)
+    weight_rank = spatial_rank(op, w, "w")
+    if rank is not None and weight_rank is not None and rank != weight_rank:
+        raise ShapeError(f"x {describe(x)} and w {describe(w)} must have the same rank")
+    channels = None if x is None else x[1]
+    if transpose:
+        # w is (C, M / group, kernel...)
+        weight_in = None if w is None else w[0]
+        outputs = None if w is None or w[1] is None else w[1] * group
+        if _known(channels) and _known(weight_in) and channels != weight_in:
+            raise ShapeError(f"x {describe(x)} has {channels} channels; w {describe(w)} expects {weight_in}")
+        if _known(channels) and channels % group:  # type: ignore[operator]
+            raise ShapeError(f"x has {channels} channels, which group {group} does not divide")
+    else:
+        # w is (M, C / group, kernel...)
+        weight_in = None if w is None or w[1] is None else w[1] * group
+        outputs = None if w is None else w[0]
+        if _known(channels) and _known(weight_in) and channels != weight_in:
+            raise ShapeError(
+                f"x {describe(x)} has {channels} channels; w {describe(w)} with group {group} expects {weight_in}"
+            )
+        if _known(outputs) and outputs % group:  # type: ignore[operator]
+            raise ShapeError(f"w {describe(w)} has {outputs} output channels, which group {group} does not divide")
+    if b is not None:
+        if len(b) != 1 or (_known(b[0]) and _known(outputs) and b[0] != outputs):
+            raise ShapeError(f"b {describe(b)} must be a vector of the {outputs} output channels")
+        outputs = outputs if outputs is not None else b[0]
+    return outputs
+
+
+def _conv_type(
+    x: TensorType,
+    w: TensorType,
+    b: TensorType | None = None,
+    *,
+    strides: Ints = None,
+    pads: Ints = None,
+    dilations: Ints = None,
+    group: int = 1,
+    auto_pad: str = "NOTSET",
+) -> TensorType:
+    dtype = float_dtype("conv", x, w, b)
+    outputs = _conv_channels("conv", x.shape, w.shape, None if b is None else b.shape, group, transpose=False)
+    kernel = None if w.shape is None else tuple(w.shape[2:])
+    sizes = None if x.shape is None else tuple(x.shape[2:])
+    axes = sliding_axes("conv", sizes, kernel, strides, pads, dilations, auto_pad)
+    if axes is None:
+        return TensorType(dtype, None)
+    batch = None if x.shape is None else x.shape[0]
+    return TensorType(dtype, (batch, outputs, *(None if axis is None else axis[2] for axis in axes)))
+
+
+# ---------------------------------------------------------------- conv
+@dataclass(frozen=True)
+class ConvSetup:
+    """A conv's windows over its known input, its pads after each axis, and its group."""
+
+    windows: Windows
+    ends: tuple[int, ...]
+    group: int
+
+
+def conv_setup(
+    x: Array,
+    w: Array,
+    b: Array | None = None,
+    *,
+    strides: Ints = None,
+    pads: Ints = None,
+    dilations: Ints = None,
+    group: int = 1,
+    auto_pad: str = "NOTSET",
+) -> ConvSetup:
+    _conv_channels("conv", x.shape, w.shape, None if b is None else b.shape, group, transpose=False)
+    geometry, ends = windows_of("conv", x.shape[2:], w.shape[2:], strides, pads, dilations, auto_pad)
+    geometry.check("conv", x.shape[0] * x.shape[1], padded_lengths(geometry, ends))
+    return ConvSetup(geometry, ends, group)
+
+
+def conv(x: Array, w: Array, b: Array | None = None, **attrs: object) -> tuple[Array, Array]:
+    """The convolution (cross-correlation, as in PyTorch) and its im2col matrices, the residual."""
+    setup = conv_setup(x, w, b, **attrs)  # type: ignore[arg-type]
+    geometry, group = setup.windows, setup.group
+    dtype = np.result_type(x, w, *(() if b is None else (b,)))
+    cols = im2col(pad_input(x.astype(dtype, copy=False), geometry, setup.ends), geometry, group)
+    outputs = w.shape[0]
+    y = np.matmul(w.astype(dtype, copy=False).reshape(group, outputs // group, -1), cols)
+    y = y.reshape(x.shape[0], outputs, *geometry.outs)
+    if b is not None:
+        y += b.reshape(-1, *(1,) * len(geometry.outs))
+    return y, cols
+
+
+def _conv_x(g: Array, cols: Array, x: Array, w: Array, b: Array | None = None, **attrs: object) -> Array:
+    """col2im of w^T g: one product per group, then one strided add per kernel offset."""
+    setup = conv_setup(x, w, b, **attrs)  # type: ignore[arg-type]
+    geometry, group = setup.windows, setup.group
+    batch, channels = x.shape[:2]
+    outputs = w.shape[0]
+    weights = w.reshape(group, outputs // group, -1).swapaxes(1, 2)  # (group, C/group * kernel, M/group)
+    dcols = np.matmul(weights, g.reshape(batch, group, outputs // group, -1))
+    dcols = dcols.reshape(batch, channels, *geometry.kernel, *geometry.outs)
+    return unpad(col2im(dcols, geometry, padded_lengths(geometry, setup.ends)), geometry)
+
+
+def _conv_w(g: Array, cols: Array, x: Array, w: Array, b: Array | None = None, **attrs: object) -> Array:
+    group: int = attrs.get("group", 1)  # type: ignore[assignment]
+    grads = g.reshape(g.shape[0], group, g.shape[1] // group, -1)
+    return weight_gradient(grads, cols).reshape(w.shape)
+
+
+def _bias_vjp(g: Array, ans: Array, x: Array, w: Array, b: Array, **attrs: object) -> Array:
+    return g.sum(axis=(0, *range(2, g.ndim)))
+
+
+CONV_ATTRS = {
+    "strides": Attr("ints"),
+    "pads": Attr("ints"),
+    "dilations": Attr("ints"),
+    "group": Attr("i", default=1),
+    "auto_pad": Attr("s", default="NOTSET"),
+}
+defop(
+    "conv",
+    conv,
+    _conv_x,
+    _conv_w,
+    _bias_vjp,
+    infer=_conv_type,
+    attrs=CONV_ATTRS,
+    reads=("y", "ans", ""),
+    saves=True,
+    min_arity=2,
+    inputs="x (N, C, spatial...), w (M, C/group, kernel...), b? (M)",
+    convention="as PyTorch conv1d/2d/3d (cross-correlation); pads as ONNX: all begins, then all ends",
+)
+
+
+# ---------------------------------------------------------------- conv_transpose
+def _transpose_axis(
+    axis: int,
+    size: Dim,
+    kernel: Dim,
+    stride: int,
+    dilation: int,
+    begin: int,
+    end: int,
+    output_padding: int,
+    output_size: int | None,
+    auto_pad: str,
+) -> tuple[int, int] | None:
+    """(crop before, output size) of a transposed convolution along one axis (ONNX ConvTranspose):
+    an explicit output size or SAME_* derives the pads, the odd one going after for SAME_UPPER
+    and before otherwise; a negative crop adds zeros."""
+    if size is None or kernel is None:
+        return None
+    if kernel < 1:
+        raise ShapeError(f"spatial axis {axis}: the kernel has size {kernel}; it must be at least 1")
+    if size < 1:
+        raise ShapeError(f"spatial axis {axis} of x is empty")
+    full = stride * (size - 1) + extent(kernel, dilation)
+    if output_size is None and auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        output_size = size * stride
+    if output_size is not None:
+        total = full + output_padding - output_size
+        return (total // 2 if auto_pad == "SAME_UPPER" else total - total // 2), output_size
+    if auto_pad == "VALID":
+        begin = end = 0
+    out = full + output_padding - begin - end
+    if out < 1:
+        raise ShapeError(f"spatial axis {axis}: pads {begin} and {end} crop all {full + output_padding} positions")
+    return begin, out
+
+
+def _transpose_axes(
+    x: Shape,
+    w: Shape,
+    strides: Ints,
+    pads: Ints,
+    dilations: Ints,
+    auto_pad: str,
+    output_padding: Ints,
+    output_shape: Ints,
+) -> list[tuple[int, int] | None] | None:
+    check_auto_pad(auto_pad)
+    rank = spatial_rank("conv_transpose", x)
+    rank = rank if rank is not None else spatial_rank("conv_transpose", w, "w")
+    rank = rank if rank is not None else rank_from_attrs(strides, dilations, output_padding, output_shape, pads=pads)
+    steps = int_list("strides", strides, rank, 1, 1)
+    spreads = int_list("dilations", dilations, rank, 1, 1)
+    extra = int_list("output_padding", output_padding, rank, 0, 0)
+    padding = pad_list(pads, rank)
+    sizes: tuple[int, ...] | None = None
+    if output_shape is not None:
+        if any(size < 1 for size in output_shape):
+            raise ShapeError(f"output_shape {list(output_shape)} must hold sizes of at least 1")
+        sizes = tuple(output_shape)
+        if rank is not None and len(sizes) != rank:
+            raise ShapeError(f"output_shape {list(output_shape)} has {len(sizes)} entries for {rank} spatial axes")
+    if rank is None or steps is None or spreads is None or extra is None or padding is None:
+        return None
+    x_sizes = (None,) * rank if x is None else x[2:]
+    kernel = (None,) * rank if w is None else w[2:]
+    check_kernel(kernel)
+    begins, ends = padding
+    return [
+        _transpose_axis(axis, x_sizes[axis], kernel[axis], steps[axis], spreads[axis], begins[axis], ends[axis],
+                        extra[axis], None if sizes is None else sizes[axis], auto_pad)
+        for axis in range(rank)
+    ]  # fmt: skip
+
+
+def _conv_transpose_type(
+    x: TensorType,
+    w: TensorType,
+    b: TensorType | None = None,
+    *,
+    strides: Ints = None,
+    pads: Ints = None,
+    dilations: Ints = None,
+    group: int = 1,
+    auto_pad: str = "NOTSET",
+    output_padding: Ints = None,
+    output_shape: Ints = None,
+) -> TensorType:
+    dtype = float_dtype("conv_transpose", x, w, b)
+    outputs = _conv_channels("conv_transpose", x.shape, w.shape, None if b is None else b.shape, group, True)
+    axes = _transpose_axes(x.shape, w.shape, strides, pads, dilations, auto_pad, output_padding, output_shape)
+    if axes is None:
+        return TensorType(dtype, None)
+    batch = None if x.shape is None else x.shape[0]
+    return TensorType(dtype, (batch, outputs, *(None if axis is None else axis[1] for axis in axes)))
+
+
+@dataclass(frozen=True)
+class TransposeSetup:
+    """A conv_transpose as the conv whose input gradient it is: that conv's windows over the full
+    (uncropped) output, and the window of the full output that is kept."""
+
+    windows: Windows
+    crops: tuple[int, ...]
+    outs: tuple[int, ...]
+    group: int
+
+    def full_gradient(self, g: Array) -> Array:
+        """The output's gradient on the full output: the adjoint of the crop."""
+        return reframe(g, [-crop for crop in self.crops], self.windows.sizes)
+
+
+def transpose_setup(
+    x: Array,
+    w: Array,
+    b: Array | None = None,
+    *,
+    strides: Ints = None,
+    pads: Ints = None,
+    dilations: Ints = None,
+    group: int = 1,
+    auto_pad: str = "NOTSET",
+    output_padding: Ints = None,
+    output_shape: Ints = None,
+) -> TransposeSetup:
+    _conv_channels("conv_transpose", x.shape, w.shape, None if b is None else b.shape, group, True)
+    axes = _transpose_axes(x.shape, w.shape, strides, pads, dilations, auto_pad, output_padding, output_shape)
+    assert axes is not None
+    rank = x.ndim - 2
+    steps, spreads = strides or (1,) * rank, dilations or (1,) * rank
+    kernel = w.shape[2:]
+    full = tuple(s * (n - 1) + extent(k, d) for s, n, k, d in zip(steps, x.shape[2:], kernel, spreads, strict=True))
+    geometry = Windows(full, kernel, tuple(steps), tuple(spreads), (0,) * rank, x.shape[2:])
+    crops, outs = zip(*axes, strict=True)
+    channels = x.shape[0] * w.shape[1] * group
+    geometry.check("conv_transpose", channels, full)
+    check_elements("conv_transpose", "the output", (channels, *outs))
+    return TransposeSetup(geometry, crops, outs, group)
+
+
+def conv_transpose(x: Array, w: Array, b: Array | None = None, **attrs: object) -> Array:
+    """The input gradient of a conv, as a layer: w^T x, then col2im and the crop."""
+    setup = transpose_setup(x, w, b, **attrs)  # type: ignore[arg-type]
+    group = setup.group
+    dtype = np.result_type(x, w, *(() if b is None else (b,)))
+    batch, channels = x.shape[:2]
+    weights = w.astype(dtype, copy=False).reshape(group, channels // group, -1).swapaxes(1, 2)
+    cols = np.matmul(weights, x.astype(dtype, copy=False).reshape(batch, group, channels // group, -1))
+    cols = cols.reshape(batch, w.shape[1] * group, *w.shape[2:], *x.shape[2:])
+    full = col2im(cols, setup.windows, setup.windows.sizes)
+    return with_bias(reframe(full, setup.crops, setup.outs), b, dtype)
+
+
+def _conv_transpose_x(g: Array, ans: Array, x: Array, w: Array, b: Array | None = None, **attrs: object) -> Array:
+    """A conv of the output gradient with the same weights."""
+    setup = transpose_setup(x, w, b, **attrs)  # type: ignore[arg-type]
+    group = setup.group
+    channels = x.shape[1]
+    cols = im2col(setup.full_gradient(g), setup.windows, group)
+    return np.matmul(w.reshape(group, channels // group, -1), cols).reshape(x.shape)
+
+
+def _conv_transpose_w(g: Array, ans: Array, x: Array, w: Array, b: Array | None = None, **attrs: object) -> Array:
+    setup = transpose_setup(x, w, b, **attrs)  # type: ignore[arg-type]
+    group = setup.group
+    cols = im2col(setup.full_gradient(g), setup.windows, group)
+    inputs = x.reshape(x.shape[0], group, x.shape[1] // group, -1)
+    return weight_gradient(inputs, cols).reshape(w.shape)
+
+
+defop(
+    "conv_transpose",
+    conv_transpose,
+    _conv_transpose_x,
+    _conv_transpose_w,
+    _bias_vjp,
+    infer=_conv_transpose_type,
+    attrs={**CONV_ATTRS, "output_padding": Attr("ints"), "output_shape": Attr("ints")},
+    reads=("y", "x", ""),
+    min_arity=2,
+    inputs="x (N, C, spatial...), w (C, M/group, kernel...), b? (M)",
+    convention="as PyTorch conv_transpose1d/2d/3d; output_shape and SAME_* derive the pads as ONNX",
+)

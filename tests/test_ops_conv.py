@@ -1,0 +1,497 @@
+"""conv, conv_transpose and the pools: VJPs against finite differences, values and VJPs against PyTorch,
+auto_pad against ONNX's reference evaluator, shape rules and refusals.
+
+PyTorch pads symmetrically, so asymmetric pads go through F.pad (-inf for max pools, zeros otherwise)
+and conv_transpose's through cropping its unpadded output; average pools that leave the padding out
+of the count divide a sum pool of x by a sum pool of ones. PyTorch has no dilated average pool and no
+auto_pad: those are checked against ONNX's reference evaluator, and conv_transpose's output_shape
+against onnxruntime, whose pads follow the ONNX spec's equations where the reference evaluator's do not.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import helper
+from onnx.reference import ReferenceEvaluator
+
+from chainrule.server.errors import InvalidArgument, ResourceExhausted
+from chainrule.server.graph import build_graph
+from chainrule.server.plan import Plan
+from tests.gradcheck import (
+    Array,
+    AttrLike,
+    OpCase,
+    check_grads,
+    check_op,
+    constant,
+    declared_inputs,
+    input_node,
+    make_graph,
+    node,
+    run_op,
+)
+from tests.op_tables.conv import CASES
+
+Shape = tuple[int, ...]
+
+
+# ---------------------------------------------------------------- finite differences
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
+def test_gradient_matches_finite_differences(case: OpCase) -> None:
+    check_op(case)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
+def test_gradient_with_released_intermediates(case: OpCase) -> None:
+    """Operands and output computed, not fed, so the plan releases what the op's `reads` leave out
+    (a conv's x and w: its weight gradient reads only the im2col residual)."""
+    feeds = case.feeds()
+    operands = [f"a{i}" for i in range(len(feeds))]
+    nodes = [
+        *declared_inputs(feeds),
+        constant("zero", np.zeros(())),
+        *(node(operand, "add", name, "zero") for operand, name in zip(operands, feeds, strict=True)),
+        node("out", case.op, *operands, **case.attrs),
+        constant("weights", case.cotangent()),
+        node("weighted", "mul", "out", "weights"),
+        node("loss", "sum", "weighted"),
+    ]
+    check_grads(nodes, feeds, loss="loss", wrt=list(feeds))
+
+
+def _one_case_per_op() -> list[OpCase]:
+    largest: dict[str, OpCase] = {}
+    for case in CASES:
+        size = sum(arg.size for arg in case.args)
+        if case.op not in largest or size > sum(arg.size for arg in largest[case.op].args):
+            largest[case.op] = case
+    return list(largest.values())
+
+
+@pytest.mark.parametrize("case", _one_case_per_op(), ids=lambda case: case.id)
+def test_float32_stays_float32(case: OpCase) -> None:
+    cotangent = case.cotangent()
+    single = run_op(case, cotangent, dtype=np.float32)
+    double = run_op(case, cotangent, dtype=np.float64)
+    assert single.loss.dtype == np.float32
+    np.testing.assert_allclose(single.loss, double.loss, rtol=1e-4, atol=1e-5)
+    for name, value in case.feeds().items():
+        grad = np.asarray(single.grads[name])
+        assert grad.dtype == np.float32 and grad.shape == value.shape
+        np.testing.assert_allclose(grad, double.grads[name], rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- against PyTorch
+@dataclass(frozen=True)
+class TorchCase:
+    """One configuration: the op's arguments are drawn from the id; `ties` draws small integers for x."""
+
+    label: str
+    op: str
+    x: Shape
+    w: Shape | None = None
+    bias: bool = False
+    ties: bool = False
+    attrs: dict[str, AttrLike] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}[{self.label}]"
+
+    def args(self) -> tuple[Array, ...]:
+        rng = np.random.default_rng(zlib.crc32(self.id.encode()))
+        x = rng.integers(0, 3, self.x).astype(np.float64) if self.ties else rng.standard_normal(self.x)
+        if self.w is None:
+            return (x,)
+        w = rng.standard_normal(self.w)
+        if not self.bias:
+            return x, w
+        outputs = self.w[0] if self.op == "conv" else self.w[1] * int(self.attrs.get("group", 1))  # type: ignore[arg-type]
+        return x, w, rng.standard_normal(outputs)
+
+
+def conv_config(label: str, x: Shape, w: Shape, bias: bool = True, **attrs: AttrLike) -> TorchCase:
+    return TorchCase(label, "conv", x, w, bias, attrs=attrs)
+
+
+def transpose_config(label: str, x: Shape, w: Shape, bias: bool = True, **attrs: AttrLike) -> TorchCase:
+    return TorchCase(label, "conv_transpose", x, w, bias, attrs=attrs)
+
+
+def pool_config(op: str, label: str, x: Shape, ties: bool = False, **attrs: AttrLike) -> TorchCase:
+    return TorchCase(label, op, x, ties=ties, attrs=attrs)
+
+
+TORCH_CASES = [
+    conv_config("1d,stride2,pads1", (2, 3, 10), (4, 3, 3), strides=[2], pads=[1, 1]),
+    conv_config("1d,dilation3,pads2-0,no-bias", (2, 3, 10), (2, 3, 3), False, dilations=[3], pads=[2, 0]),
+    conv_config("2d,group2,strides2-1,dilations1-2", (2, 4, 9, 8), (6, 2, 3, 3), group=2, strides=[2, 1],
+                pads=[1, 1, 1, 1], dilations=[1, 2]),
+    conv_config("2d,depthwise,stride2,pads-asymmetric", (1, 4, 7, 7), (8, 1, 3, 3), group=4, strides=[2, 2],
+                pads=[0, 1, 2, 1]),
+    conv_config("2d,1x1,stride2,no-bias", (2, 5, 6, 6), (3, 5, 1, 1), False, strides=[2, 2]),
+    conv_config("3d,strides,pads-asymmetric,dilations", (1, 2, 5, 6, 5), (3, 2, 3, 2, 3), strides=[2, 1, 2],
+                pads=[1, 0, 1, 1, 1, 0], dilations=[1, 2, 1]),
+    transpose_config("1d,stride2,pads1,output_padding1", (2, 3, 5), (3, 2, 3), strides=[2], pads=[1, 1],
+                     output_padding=[1]),
+    transpose_config("2d,group2,strides2-3,pads-asymmetric,output_padding", (1, 4, 4, 3), (4, 3, 3, 3), group=2,
+                     strides=[2, 3], pads=[1, 0, 2, 1], output_padding=[1, 2]),
+    transpose_config("2d,dilation2,no-bias", (2, 3, 4, 4), (3, 2, 2, 3), False, dilations=[2, 2]),
+    transpose_config("3d,stride2,output_padding", (1, 2, 3, 2, 3), (2, 2, 2, 3, 2), strides=[2, 2, 2],
+                     pads=[1, 0, 1, 0, 1, 0], output_padding=[1, 0, 1]),
+    pool_config("max_pool", "1d,k3,s2,pads1,ceil_mode", (2, 3, 10), kernel_shape=[3], strides=[2], pads=[1, 1],
+                ceil_mode=True),
+    pool_config("max_pool", "2d,k2,s2,ties", (2, 3, 6, 6), ties=True, kernel_shape=[2, 2], strides=[2, 2]),
+    pool_config("max_pool", "2d,k3,s1,pads1,ties,overlapping", (1, 2, 6, 5), ties=True, kernel_shape=[3, 3],
+                pads=[1, 1, 1, 1]),
+    pool_config("max_pool", "2d,k3,s2,pads1,dilations2,ceil_mode", (1, 2, 9, 8), kernel_shape=[3, 3],
+                strides=[2, 2], pads=[1, 1, 1, 1], dilations=[2, 2], ceil_mode=True),
+    pool_config("max_pool", "2d,k2,pads-asymmetric,ties", (1, 2, 5, 5), ties=True, kernel_shape=[2, 2],
+                pads=[1, 0, 0, 1]),
+    pool_config("max_pool", "3d,k2,s2,pads1,ceil_mode,ties", (1, 2, 5, 4, 5), ties=True, kernel_shape=[2, 2, 2],
+                strides=[2, 2, 2], pads=[1, 1, 1, 1, 1, 1], ceil_mode=True),
+    *(
+        pool_config("average_pool", f"{label},count_include_pad={include}", shape, count_include_pad=include,
+                    **attrs)
+        for include in (False, True)
+        for label, shape, attrs in [
+            ("1d,k3,s2,pads1,ceil_mode", (2, 3, 10), dict(kernel_shape=[3], strides=[2], pads=[1, 1],
+                                                         ceil_mode=True)),
+            ("2d,k3,s2,pads1,ceil_mode", (1, 2, 6, 7), dict(kernel_shape=[3, 3], strides=[2, 2],
+                                                           pads=[1, 1, 1, 1], ceil_mode=True)),
+            ("2d,k2,s2", (2, 2, 6, 6), dict(kernel_shape=[2, 2], strides=[2, 2])),
+            ("2d,pads-asymmetric", (1, 2, 5, 6), dict(kernel_shape=[3, 2], strides=[1, 2], pads=[2, 0, 0, 1])),
+            ("3d,k2,s2,pads1,ceil_mode", (1, 2, 5, 4, 5), dict(kernel_shape=[2, 2, 2], strides=[2, 2, 2],
+                                                              pads=[1, 1, 1, 1, 1, 1], ceil_mode=True)),
+        ]
+    ),
+    *(
+        pool_config(op, label, shape, ties=op == "global_max_pool")
+        for op in ("global_average_pool", "global_max_pool")
+        for label, shape in (("1d", (2, 3, 5)), ("2d", (2, 3, 4, 3)), ("3d", (1, 2, 3, 2, 3)))
+    ),
+]  # fmt: skip
+
+
+def _pairs(values: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    half = len(values) // 2
+    return tuple(values[:half]), tuple(values[half:])
+
+
+def _torch_pad(begins: Sequence[int], ends: Sequence[int]) -> list[int]:
+    """ONNX pads as F.pad's argument: last axis first, (begin, end) each."""
+    return [amount for b, e in reversed(list(zip(begins, ends, strict=True))) for amount in (b, e)]
+
+
+def _by_rank(name: str, rank: int) -> Callable[..., Any]:
+    return getattr(F, f"{name}{rank}d")  # type: ignore[no-any-return]
+
+
+def torch_reference(case: TorchCase, x: Any, w: Any = None, b: Any = None) -> Any:
+    """The op in PyTorch, with the attrs defaults of the native op."""
+    rank = len(case.x) - 2
+    attrs = case.attrs
+    ones = [1] * rank
+    begins, ends = _pairs(attrs.get("pads", [0] * 2 * rank))  # type: ignore[arg-type]
+    strides = attrs.get("strides", ones)
+    dilations = attrs.get("dilations", ones)
+    if case.op == "conv":
+        padded = F.pad(x, _torch_pad(begins, ends))
+        return _by_rank("conv", rank)(padded, w, b, strides, 0, dilations, attrs.get("group", 1))
+    if case.op == "conv_transpose":
+        full = _by_rank("conv_transpose", rank)(
+            x, w, b, strides, 0, attrs.get("output_padding", [0] * rank), attrs.get("group", 1), dilations
+        )
+        return full[(..., *(slice(b, size - e) for b, e, size in zip(begins, ends, full.shape[2:], strict=True)))]
+    if case.op == "global_average_pool":
+        return x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
+    if case.op == "global_max_pool":
+        return _by_rank("adaptive_max_pool", rank)(x, 1)
+    kernel = attrs["kernel_shape"]
+    ceil_mode = bool(attrs.get("ceil_mode", False))
+    symmetric = begins == ends
+    if case.op == "max_pool":
+        if symmetric:
+            return _by_rank("max_pool", rank)(x, kernel, strides, list(begins), dilations, ceil_mode)
+        padded = F.pad(x, _torch_pad(begins, ends), value=-torch.inf)
+        return _by_rank("max_pool", rank)(padded, kernel, strides, 0, dilations, ceil_mode)
+    include = bool(attrs.get("count_include_pad", False))
+    pool = _by_rank("avg_pool", rank)
+    if symmetric:
+        return pool(x, kernel, strides, list(begins), ceil_mode, include)
+    padded = F.pad(x, _torch_pad(begins, ends))
+    if include:
+        return pool(padded, kernel, strides, 0, ceil_mode)
+    mask = F.pad(torch.ones_like(x), _torch_pad(begins, ends))
+    return pool(padded, kernel, strides, 0, ceil_mode) / pool(mask, kernel, strides, 0, ceil_mode)
+
+
+@pytest.mark.parametrize("case", TORCH_CASES, ids=lambda case: case.id)
+def test_values_and_gradients_match_pytorch(case: TorchCase) -> None:
+    args = case.args()
+    tensors = [torch.tensor(arg, requires_grad=True) for arg in args]
+    expected = torch_reference(case, *tensors)
+    cotangent = np.random.default_rng(1).standard_normal(tuple(expected.shape))
+    expected.backward(torch.from_numpy(cotangent))
+    result = run_op(OpCase(case.id, case.op, args, case.attrs), cotangent)
+    np.testing.assert_allclose(result.loss, expected.detach().numpy(), rtol=1e-10, atol=1e-12, err_msg="value")
+    for i, tensor in enumerate(tensors):
+        assert tensor.grad is not None
+        np.testing.assert_allclose(
+            result.grads[f"x{i}"], tensor.grad.numpy(), rtol=1e-10, atol=1e-12, err_msg=f"gradient of argument {i}"
+        )
+
+
+def test_the_table_covers_what_pytorch_users_compare() -> None:
+    def has(predicate: Callable[[TorchCase], bool]) -> bool:
+        return any(predicate(case) for case in TORCH_CASES)
+
+    for op in ("conv", "conv_transpose", "max_pool", "average_pool", "global_average_pool", "global_max_pool"):
+        for rank in (1, 2, 3):
+            assert has(lambda c, op=op, rank=rank: c.op == op and len(c.x) == rank + 2), (op, rank)
+    for op in ("conv", "conv_transpose"):
+        assert has(lambda c, op=op: c.op == op and c.bias) and has(lambda c, op=op: c.op == op and not c.bias)
+        assert has(lambda c, op=op: c.op == op and c.attrs.get("group", 1) != 1)
+    assert has(lambda c: c.op == "conv" and c.w is not None and c.w[1] == 1 and c.attrs.get("group", 1) > 1)
+    assert has(lambda c: "output_padding" in c.attrs)
+    for op in ("max_pool", "average_pool"):
+        assert has(lambda c, op=op: c.op == op and bool(c.attrs.get("ceil_mode")))
+    assert has(lambda c: c.op == "max_pool" and c.ties)
+    assert {c.attrs.get("count_include_pad") for c in TORCH_CASES if c.op == "average_pool"} == {False, True}
+    for op in ("conv", "conv_transpose", "max_pool", "average_pool"):
+        assert has(lambda c, op=op: c.op == op and (lambda p: p[: len(p) // 2] != p[len(p) // 2 :])(
+            list(c.attrs.get("pads", [])))), op  # fmt: skip
+
+
+def test_max_pool_ties_give_the_gradient_to_the_first_maximum_and_overlaps_accumulate() -> None:
+    """Windows [1, 3], [3, 3] and [3, 2]: the first two pick the first 3, the last picks the second."""
+    case = OpCase("max_pool[ties]", "max_pool", (np.array([[[1.0, 3.0, 3.0, 2.0]]]),), {"kernel_shape": [2]})
+    result = run_op(case, np.array([[[1.0, 10.0, 100.0]]]))
+    np.testing.assert_array_equal(result.loss, [[[3.0, 3.0, 3.0]]])
+    np.testing.assert_array_equal(result.grads["x0"], [[[0.0, 11.0, 100.0, 0.0]]])
+
+
+# ---------------------------------------------------------------- against ONNX
+ONNX_NAMES = {
+    "conv": "Conv",
+    "conv_transpose": "ConvTranspose",
+    "max_pool": "MaxPool",
+    "average_pool": "AveragePool",
+}
+
+
+@dataclass(frozen=True)
+class OnnxCase:
+    """A forward pass checked against ONNX's reference evaluator (float64), or against onnxruntime
+    (float32, which it implements for every op here) where the reference evaluator departs from the
+    ONNX spec or fails: it crashes on SAME max pools of stride 1, sizes strided SAME_LOWER max pools
+    floor(size / stride) instead of ceil, pads SAME pools by a negative amount when the stride passes
+    the kernel (we pad 0, as its Conv does), and crops conv_transpose's output_shape at the end only."""
+
+    op: str
+    shapes: tuple[Shape, ...]
+    attrs: dict[str, AttrLike]
+    oracle: str = "reference"
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}{list(self.shapes)}{self.attrs}-{self.oracle}"
+
+
+def onnx_model(op: str, args: Sequence[Array], attrs: dict[str, AttrLike]) -> onnx.ModelProto:
+    names = ["x", "w", "b"][: len(args)]
+    element = helper.np_dtype_to_tensor_dtype(args[0].dtype)
+    onnx_attrs = {key: int(value) if isinstance(value, bool) else value for key, value in attrs.items()}
+    graph = helper.make_graph(
+        [helper.make_node(ONNX_NAMES[op], names, ["y"], **onnx_attrs)],
+        op,
+        [helper.make_tensor_value_info(name, element, arg.shape) for name, arg in zip(names, args, strict=True)],
+        [helper.make_tensor_value_info("y", element, None)],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def onnx_value(case: OnnxCase, args: Sequence[Array]) -> Array:
+    model = onnx_model(case.op, args, case.attrs)
+    feeds = dict(zip(["x", "w", "b"], args, strict=False))
+    if case.oracle == "reference":
+        [value] = ReferenceEvaluator(model).run(None, feeds)
+    else:
+        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        [value] = session.run(None, feeds)
+    return value  # type: ignore[no-any-return]
+
+
+def chainrule_value(op: str, args: Sequence[Array], attrs: dict[str, AttrLike]) -> Array:
+    feeds = {f"x{i}": arg for i, arg in enumerate(args)}
+    plan = Plan(build_graph(make_graph([*declared_inputs(feeds), node("out", op, *feeds, **attrs)])))
+    [value] = plan.forward(feeds, {}, ["out"])
+    return value
+
+
+AUTO_PADS = ("SAME_UPPER", "SAME_LOWER", "VALID")
+MAX_POOL_SHAPES: list[tuple[Shape, dict[str, AttrLike]]] = [
+    ((1, 2, 7, 6), {"kernel_shape": [3, 4], "strides": [2, 3]}),
+    ((2, 1, 9), {"kernel_shape": [4], "strides": [2]}),
+    ((1, 1, 4, 5, 3), {"kernel_shape": [2, 3, 2], "strides": [2, 2, 2]}),
+]
+ONNX_CASES = [
+    *(
+        OnnxCase(op, shapes, {**attrs, "auto_pad": auto_pad})
+        for auto_pad in AUTO_PADS
+        for op, shapes, attrs in [
+            ("conv", ((1, 2, 7, 6), (3, 2, 3, 2), (3,)), {"strides": [2, 3]}),
+            ("conv", ((2, 2, 8), (2, 2, 4)), {"strides": [3]}),
+            ("conv", ((1, 2, 4, 5, 3), (2, 2, 2, 3, 2)), {"strides": [1, 2, 2]}),
+            ("conv_transpose", ((1, 2, 3, 4), (2, 3, 3, 2), (3,)), {"strides": [2, 3]}),
+            ("average_pool", ((1, 2, 7, 6),), {"kernel_shape": [3, 4], "strides": [2, 3]}),
+            ("average_pool", ((1, 2, 7, 6),), {"kernel_shape": [3, 4], "strides": [2, 3], "count_include_pad": True}),
+            ("average_pool", ((2, 1, 9),), {"kernel_shape": [3]}),
+            ("average_pool", ((1, 2, 5, 4, 6),), {"kernel_shape": [2, 3, 3], "strides": [2, 1, 3]}),
+        ]
+    ),
+    *(
+        OnnxCase("max_pool", (shape,), {**attrs, "auto_pad": auto_pad},
+                 "onnxruntime" if auto_pad == "SAME_LOWER" else "reference")
+        for auto_pad in AUTO_PADS
+        for shape, attrs in MAX_POOL_SHAPES
+    ),
+    OnnxCase("max_pool", ((1, 2, 9, 8),), {"kernel_shape": [3, 2], "strides": [2, 1], "dilations": [2, 3],
+                                           "pads": [1, 0, 2, 1], "ceil_mode": True}),
+    OnnxCase("average_pool", ((1, 2, 9, 8),), {"kernel_shape": [3, 2], "dilations": [2, 3], "pads": [1, 0, 2, 1]}),
+    OnnxCase("average_pool", ((1, 2, 9, 8),), {"kernel_shape": [3, 2], "dilations": [2, 3], "pads": [1, 0, 2, 1],
+                                               "count_include_pad": True}),
+    *(
+        OnnxCase("average_pool", ((1, 2, 7, 6),), {"kernel_shape": [3, 2], "strides": [2, 3], "auto_pad": auto_pad,
+                                                   "count_include_pad": include}, "onnxruntime")
+        for auto_pad in ("SAME_UPPER", "SAME_LOWER")
+        for include in (False, True)
+    ),
+    *(
+        OnnxCase("conv_transpose", ((1, 2, 4, 3), (2, 2, 3, 3), (2,)), attrs, "onnxruntime")
+        for attrs in [
+            {"strides": [2, 2], "output_shape": [8, 6]},
+            {"strides": [2, 3], "output_shape": [6, 8]},
+            {"strides": [2, 3], "output_shape": [6, 8], "auto_pad": "SAME_UPPER"},
+            {"strides": [2, 3], "output_shape": [5, 7], "auto_pad": "SAME_LOWER"},
+            {"strides": [2, 1], "output_shape": [9, 4], "output_padding": [1, 0]},
+        ]
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ONNX_CASES, ids=lambda case: case.id)
+def test_values_match_onnx(case: OnnxCase) -> None:
+    rng = np.random.default_rng(zlib.crc32(case.id.encode()))
+    dtype = np.float64 if case.oracle == "reference" else np.float32
+    args = [rng.standard_normal(shape).astype(dtype) for shape in case.shapes]
+    tolerance = 1e-10 if dtype == np.float64 else 1e-5
+    expected = onnx_value(case, args)
+    np.testing.assert_allclose(chainrule_value(case.op, args, case.attrs), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_every_auto_pad_of_every_windowed_op_is_checked() -> None:
+    checked = {(c.op, c.attrs.get("auto_pad")) for c in ONNX_CASES if c.oracle == "reference"}
+    checked.add(("max_pool", "SAME_LOWER"))  # only through onnxruntime: see OnnxCase
+    assert {(op, auto_pad) for op in ONNX_NAMES for auto_pad in AUTO_PADS} <= checked
+
+
+# ---------------------------------------------------------------- shape rules and refusals
+def inferred_shape(op: str, shapes: Sequence[Sequence[int] | None], dtype: str = "float64", **attrs: AttrLike) -> Any:
+    names = [f"x{i}" for i in range(len(shapes))]
+    inputs = [input_node(name, dtype, shape) for name, shape in zip(names, shapes, strict=True)]
+    return build_graph(make_graph([*inputs, node("out", op, *names, **attrs)])).nodes["out"]["type"].shape
+
+
+def test_shape_rules_keep_what_is_known() -> None:
+    assert inferred_shape("conv", [(-1, 3, -1, 8), (4, 3, 3, 3)], pads=[1, 1, 1, 1]) == (None, 4, None, 8)
+    assert inferred_shape("conv", [(2, 3, 8, 8), None]) == (2, None, None, None)
+    assert inferred_shape("conv", [None, (4, 3, 3, 3), (4,)]) == (None, 4, None, None)
+    assert inferred_shape("conv_transpose", [(2, 4, -1, 5), (4, 3, 3, 3)], group=2, strides=[2, 2]) == (
+        2, 6, None, 11,
+    )  # fmt: skip
+    assert inferred_shape("max_pool", [(-1, 3, 9, -1)], kernel_shape=[3, 3], strides=[2, 2]) == (None, 3, 4, None)
+    assert inferred_shape("average_pool", [None], kernel_shape=[3, 3]) is None
+    assert inferred_shape("global_max_pool", [(-1, 3, 5, -1)]) == (None, 3, 1, 1)
+
+
+REFUSED = [
+    ("conv", [(2, 3, 8, 8), (4, 2, 3, 3)], {}, "channels"),
+    ("conv", [(2, 4, 8, 8), (3, 2, 3, 3)], {"group": 2}, "does not divide"),
+    ("conv", [(2, 3, 8, 8), (4, 3, 3, 3), (3,)], {}, "b [3]"),
+    ("conv", [(2, 3, 8, 8), (4, 3, 3, 3)], {"group": 0}, "group"),
+    ("conv", [(2, 3, 8, 8), (4, 3, 3, 3)], {"pads": [1, 1]}, "pads"),
+    ("conv", [(2, 3, 8, 8), (4, 3, 3, 3)], {"pads": [1, -1, 1, 1]}, "negative"),
+    ("conv", [(2, 3, 8, 8), (4, 3, 3, 3)], {"strides": [0, 1]}, "strides"),
+    ("conv", [(2, 3, 8, 8), (4, 3, 3, 3)], {"dilations": [1, 1, 1]}, "dilations"),
+    ("conv", [(2, 3, 8, 8), (4, 3, 3, 3)], {"auto_pad": "SAME"}, "auto_pad"),
+    ("conv", [(2, 3, 2, 8), (4, 3, 3, 3)], {}, "window spans 3"),
+    ("conv", [(3, 8), (4, 3, 3)], {}, "spatial axes"),
+    ("conv", [(2, 3, 8, 8), (4, 3, 3)], {}, "same rank"),
+    ("conv", [(1, 1, 2, 2, 2, 2), (1, 1, 1, 1, 1, 1)], {}, "1, 2 or 3 spatial axes"),
+    ("conv_transpose", [(2, 3, 4, 4), (4, 2, 3, 3)], {}, "channels"),
+    ("conv_transpose", [(2, 4, 4, 4), (4, 2, 3, 3)], {"output_shape": [1, 1, 9, 9]}, "output_shape"),
+    ("conv_transpose", [(2, 4, 4, 4), (4, 2, 3, 3)], {"pads": [3, 3, 3, 3]}, "crop"),
+    ("max_pool", [(2, 3, 8, 8)], {"kernel_shape": [3]}, "kernel_shape"),
+    ("max_pool", [(2, 3, 8, 8)], {"kernel_shape": [3, 3], "storage_order": 2}, "storage_order"),
+    ("max_pool", [(2, 3, 8, 8)], {"kernel_shape": [300, 300], "pads": [300] * 4}, "positions"),
+    ("average_pool", [(2, 3, 8, 8)], {"kernel_shape": [0, 1]}, "kernel_shape"),
+    ("global_average_pool", [(2, 3)], {}, "spatial axes"),
+    ("global_max_pool", [(2, 3, 0)], {}, "at least one element"),
+]
+
+
+@pytest.mark.parametrize(("op", "shapes", "attrs", "words"), REFUSED, ids=lambda value: str(value))
+def test_bad_shapes_and_attrs_are_refused_naming_the_node(
+    op: str, shapes: list[Shape], attrs: dict[str, AttrLike], words: str
+) -> None:
+    with pytest.raises(InvalidArgument) as raised:
+        inferred_shape(op, shapes, **attrs)
+    assert raised.value.subject == "out"
+    assert "'out'" in raised.value.message and words in raised.value.message, raised.value.message
+
+
+@pytest.mark.parametrize("op", ["conv", "conv_transpose", "average_pool"])
+def test_int_arguments_are_refused(op: str) -> None:
+    shapes = [(1, 2, 4, 4)] if op == "average_pool" else [(1, 2, 4, 4), (2, 2, 1, 1)]
+    attrs: dict[str, AttrLike] = {"kernel_shape": [2, 2]} if op == "average_pool" else {}
+    if op == "average_pool":  # an int average is a float64, as `mean`'s
+        assert inferred_shape(op, shapes, "int32", **attrs) == (1, 2, 3, 3)
+        return
+    with pytest.raises(InvalidArgument, match="float tensors"):
+        inferred_shape(op, shapes, "int32", **attrs)
+
+
+def test_max_pool_of_ints_keeps_the_dtype_and_has_no_gradient() -> None:
+    x = np.array([[[3, -7, 5, 5, 2]]], dtype=np.int64)
+    nodes = [input_node("x", "int64", x.shape), node("out", "max_pool", "x", kernel_shape=[2], pads=[1, 0])]
+    [value] = Plan(build_graph(make_graph(nodes))).forward({"x": x}, {}, ["out"])
+    assert value.dtype == np.int64
+    np.testing.assert_array_equal(value, [[[3, 3, 5, 5, 5]]])
+
+
+def test_shapes_known_only_when_fed_are_checked_then_naming_the_node() -> None:
+    nodes = [input_node("x", "float64"), input_node("w", "float64"), node("out", "conv", "x", "w", group=2)]
+    plan = Plan(build_graph(make_graph(nodes)))
+    with pytest.raises(InvalidArgument) as raised:
+        plan.forward({"x": np.zeros((1, 4, 5, 5)), "w": np.zeros((3, 2, 3, 3))}, {}, ["out"])
+    assert raised.value.subject == "out" and "does not divide" in raised.value.message
+
+
+def test_absurd_pads_are_refused_as_out_of_memory_before_allocating() -> None:
+    """Pads of 2**40 would ask for terabytes of padded input: refused at once, naming the node."""
+    nodes = [input_node("x", "float64"), node("out", "average_pool", "x", kernel_shape=[2], pads=[2**40, 2**40])]
+    plan = Plan(build_graph(make_graph(nodes)))
+    with pytest.raises(ResourceExhausted) as raised:
+        plan.forward({"x": np.zeros((1, 1, 3))}, {}, ["out"])
+    assert raised.value.subject == "out"
