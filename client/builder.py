@@ -418,6 +418,108 @@ def sigmoid_cross_entropy(logits: Node, targets: Node | npt.ArrayLike, *, name: 
     return _apply("sigmoid_cross_entropy", logits, targets, name=name)
 
 
+# ---------------------------------------------------------------- convolution and pooling (N, C, spatial... layout)
+# Per-axis attrs list one entry per spatial axis; pads list every axis's begin, then every axis's end (ONNX).
+# Absent attrs take the server's defaults: strides and dilations 1, pads 0, group 1, auto_pad NOTSET.
+def _list(values: Sequence[int] | None) -> list[int] | None:
+    return None if values is None else list(values)
+
+
+def conv(
+    x: Node,
+    w: Node | npt.ArrayLike,
+    b: Node | npt.ArrayLike | None = None,
+    *,
+    strides: Sequence[int] | None = None,
+    pads: Sequence[int] | None = None,
+    dilations: Sequence[int] | None = None,
+    group: int | None = None,
+    auto_pad: str | None = None,
+    name: str | None = None,
+) -> Node:
+    """torch.nn.functional.conv1d/2d/3d: w is (out channels, in channels / group, kernel...), b one per out channel.
+
+    auto_pad SAME_UPPER or SAME_LOWER pads to ceil(size / stride) outputs, VALID pads nothing (ONNX)."""
+    operands = (x, w) if b is None else (x, w, b)
+    return _apply(
+        "conv", *operands, name=name, strides=_list(strides), pads=_list(pads), dilations=_list(dilations),
+        group=group, auto_pad=auto_pad,
+    )  # fmt: skip
+
+
+def conv_transpose(
+    x: Node,
+    w: Node | npt.ArrayLike,
+    b: Node | npt.ArrayLike | None = None,
+    *,
+    strides: Sequence[int] | None = None,
+    pads: Sequence[int] | None = None,
+    dilations: Sequence[int] | None = None,
+    group: int | None = None,
+    output_padding: Sequence[int] | None = None,
+    output_shape: Sequence[int] | None = None,
+    auto_pad: str | None = None,
+    name: str | None = None,
+) -> Node:
+    """torch.nn.functional.conv_transpose1d/2d/3d: w is (in channels, out channels / group, kernel...).
+
+    `output_shape` (spatial sizes) derives the pads as ONNX ConvTranspose does, overriding `pads`."""
+    operands = (x, w) if b is None else (x, w, b)
+    return _apply(
+        "conv_transpose", *operands, name=name, strides=_list(strides), pads=_list(pads),
+        dilations=_list(dilations), group=group, output_padding=_list(output_padding),
+        output_shape=_list(output_shape), auto_pad=auto_pad,
+    )  # fmt: skip
+
+
+def max_pool(
+    x: Node,
+    kernel_shape: Sequence[int],
+    *,
+    strides: Sequence[int] | None = None,
+    pads: Sequence[int] | None = None,
+    dilations: Sequence[int] | None = None,
+    ceil_mode: bool | None = None,
+    auto_pad: str | None = None,
+    name: str | None = None,
+) -> Node:
+    """torch.nn.functional.max_pool1d/2d/3d (strides default to 1, not to the kernel as in PyTorch);
+    the gradient goes to the first maximum of each window."""
+    return _apply(
+        "max_pool", x, name=name, kernel_shape=list(kernel_shape), strides=_list(strides), pads=_list(pads),
+        dilations=_list(dilations), ceil_mode=ceil_mode, auto_pad=auto_pad,
+    )  # fmt: skip
+
+
+def average_pool(
+    x: Node,
+    kernel_shape: Sequence[int],
+    *,
+    strides: Sequence[int] | None = None,
+    pads: Sequence[int] | None = None,
+    dilations: Sequence[int] | None = None,
+    ceil_mode: bool | None = None,
+    count_include_pad: bool | None = None,
+    auto_pad: str | None = None,
+    name: str | None = None,
+) -> Node:
+    """torch.nn.functional.avg_pool1d/2d/3d (strides default to 1; count_include_pad to False, as ONNX)."""
+    return _apply(
+        "average_pool", x, name=name, kernel_shape=list(kernel_shape), strides=_list(strides), pads=_list(pads),
+        dilations=_list(dilations), ceil_mode=ceil_mode, count_include_pad=count_include_pad, auto_pad=auto_pad,
+    )  # fmt: skip
+
+
+def global_average_pool(x: Node, *, name: str | None = None) -> Node:
+    """The mean over every spatial axis, kept as size 1: (N, C, 1, ...)."""
+    return _apply("global_average_pool", x, name=name)
+
+
+def global_max_pool(x: Node, *, name: str | None = None) -> Node:
+    """The maximum over every spatial axis, kept as size 1: (N, C, 1, ...)."""
+    return _apply("global_max_pool", x, name=name)
+
+
 # ---------------------------------------------------------------- normalization and dropout (N, C, ... layout)
 def batch_norm(
     x: Node,
