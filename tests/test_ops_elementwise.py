@@ -30,7 +30,15 @@ from tests.gradcheck import (
     node,
     run_op,
 )
-from tests.op_tables.elementwise import CASES, COMPARISONS, FLOAT64, LOGIC, TORCH, torch_run
+from tests.op_tables.elementwise import (  # noqa: F401 (one_torch_thread: an autouse fixture)
+    CASES,
+    COMPARISONS,
+    FLOAT64,
+    LOGIC,
+    TORCH,
+    one_torch_thread,
+    torch_run,
+)
 from tests.server_process import ServerProcess
 from tests.test_gradients import OP_CASES
 

@@ -11,9 +11,10 @@ order of the op's arguments and the op's attrs as keywords.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -227,3 +228,13 @@ def torch_run(
         names = [name for name, tensor in tensors.items() if tensor.requires_grad]
         grads = {name: grad.numpy() for name, grad in zip(names, found, strict=True)}
     return out.detach().numpy(), grads
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """PyTorch on one thread while a module compares with it: on tiny tensors its thread pool only costs
+    time (seven times as much on two busy cores); the setting is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
