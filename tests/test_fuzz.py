@@ -50,7 +50,7 @@ from hypothesis import strategies as st
 
 from chainrule import tensors
 from chainrule.client.builder import attr_value
-from chainrule.server.ops import OPS
+from chainrule.server.ops import INFERENCE, OPS, NodeContext
 from chainrule.server.shapes import ShapeError, TensorType
 from chainrule.v1 import graph_pb2, graph_service_pb2_grpc, tensor_pb2
 from chainrule.v1 import graph_service_pb2 as pb
@@ -222,6 +222,8 @@ class Built:
     parameters: dict[str, np.ndarray]
     values: dict[str, np.ndarray]
     parents: dict[str, tuple[str, ...]]
+    state: dict[str, np.ndarray] = field(default_factory=dict)
+    """The `state` nodes' values: stored with the parameters, never trained."""
 
     def ancestors(self, name: str) -> set[str]:
         seen: set[str] = set()
@@ -283,6 +285,7 @@ def valid_graphs(
     parents: dict[str, tuple[str, ...]] = {}
     feeds: dict[str, np.ndarray] = {}
     parameters: dict[str, np.ndarray] = {}
+    state: dict[str, np.ndarray] = {}
 
     def fresh(prefix: str) -> str:
         label = draw(st.text(min_size=1, max_size=4)) if fancy_names else prefix
@@ -316,6 +319,11 @@ def valid_graphs(
         name = fresh("w")
         add(_node(name, "parameter", value=value), value)
         parameters[name] = value
+    for _ in range(draw(st.integers(0, 1))):  # running statistics: stored like parameters, never trained
+        value = random_array(rng, pick(draw, float_dtypes), shape(), special_rate)
+        name = fresh("s")
+        add(_node(name, "state", value=value), value)
+        state[name] = value
     for _ in range(draw(st.integers(0, 1))):
         value = random_array(rng, pick(draw, dtypes), shape(), special_rate)
         add(_node(fresh("c"), "constant", value=value), value)
@@ -347,7 +355,7 @@ def valid_graphs(
                 OPS[op].infer(*[TensorType(v.dtype, v.shape) for v in args], **attrs)  # type: ignore[misc]
                 with np.errstate(all="ignore"), warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)  # "Mean of empty slice" and the like
-                    out = np.asarray(OPS[op].forward(*args, **attrs))  # type: ignore[misc]
+                    out = _evaluate(op, args, attrs)
             except (ShapeError, ValueError, TypeError, np.exceptions.AxisError):
                 continue
             if smooth and not (np.all(np.isfinite(out)) and np.all(np.abs(out) <= 1e3)):
@@ -357,7 +365,7 @@ def valid_graphs(
 
     order = draw(st.permutations(range(len(nodes))))
     graph = graph_pb2.Graph(name=draw(st.text(max_size=12)), nodes=[nodes[i] for i in order])
-    return Built(graph, feeds, parameters, values, parents)
+    return Built(graph, feeds, parameters, values, parents, state)
 
 
 def _draw_attrs(draw: st.DrawFn, op: str, a: np.ndarray) -> dict[str, Any] | None:
@@ -381,12 +389,23 @@ def _draw_attrs(draw: st.DrawFn, op: str, a: np.ndarray) -> dict[str, Any] | Non
     elif op == "transpose":
         if draw(st.booleans()):
             attrs["perm"] = list(draw(st.permutations(range(rank))))
-    elif op in ("softmax", "log_softmax"):
+    elif op in ("softmax", "log_softmax", "layer_norm"):
         if not rank:
             return None
         if draw(st.booleans()):
             attrs["axis"] = draw(st.integers(-rank, rank - 1))
+    elif op == "dropout":
+        attrs["ratio"] = pick(draw, [0.0, 0.5, 1.0])
+    elif op == "lrn":
+        attrs["size"] = draw(st.integers(1, 4))
     return attrs
+
+
+def _evaluate(op: str, args: list[np.ndarray], attrs: dict[str, Any]) -> np.ndarray:
+    """The op's value as the server computes it in Forward: modal ops in inference mode, residuals dropped."""
+    context = {"ctx": NodeContext(INFERENCE, op, [], {})} if OPS[op].modal else {}
+    value = OPS[op].forward(*args, **attrs, **context)  # type: ignore[misc]
+    return np.asarray(value[0] if OPS[op].saves else value)
 
 
 def _smooth_arguments(op: str, args: list[np.ndarray]) -> bool:
@@ -412,6 +431,7 @@ def run_valid(wire: Wire, built: Built, data: st.DataObject, *, train: bool) -> 
     info = wire.ok("CreateGraph", lambda: stub.CreateGraph(pb.CreateGraphRequest(graph=built.graph))).graph
     graph_id = info.graph_id
     assert sorted(info.inputs) == sorted(built.feeds) and sorted(info.parameters) == sorted(built.parameters)
+    assert sorted(info.state) == sorted(built.state)
     got = wire.ok("GetGraph", lambda: stub.GetGraph(pb.GetGraphRequest(graph_id=graph_id, include_definition=True)))
     assert got.definition == built.graph
     feeds = encode_feeds(built.feeds)
@@ -916,12 +936,12 @@ def test_float64_gradients_match_central_finite_differences(built: Built, data) 
     if loss_value.shape != () or data.draw(st.booleans(), label="explicit loss_grad"):
         cotangent = np.random.default_rng(len(computed)).standard_normal(loss_value.shape)
     intermediates = data.draw(st.lists(st.sampled_from(computed), unique=True, max_size=2), label="intermediates")
-    wrt = [*built.feeds, *built.parameters, *intermediates]
+    wrt = [*built.feeds, *built.parameters, *built.state, *intermediates]
     scale = 1.0 + max(float(np.max(np.abs(value), initial=0.0)) for value in built.values.values())
     check_grads(
         list(built.graph.nodes),
         built.feeds,
-        built.parameters,
+        {**built.parameters, **built.state},
         loss=loss,
         wrt=wrt,
         loss_grad=cotangent,
