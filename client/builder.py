@@ -116,6 +116,62 @@ class Node:
     def __abs__(self) -> Node:
         return self.builder.op("abs", self)
 
+    # Comparisons give bool nodes, as numpy's do; so a Node cannot be tested for truth, and hashes by identity.
+    def __eq__(self, other: Node | npt.ArrayLike) -> Node:  # type: ignore[override]
+        return self.builder.op("equal", self, other)
+
+    def __ne__(self, other: Node | npt.ArrayLike) -> Node:  # type: ignore[override]
+        return self.builder.op("not_equal", self, other)
+
+    def __lt__(self, other: Node | npt.ArrayLike) -> Node:
+        return self.builder.op("less", self, other)
+
+    def __le__(self, other: Node | npt.ArrayLike) -> Node:
+        return self.builder.op("less_equal", self, other)
+
+    def __gt__(self, other: Node | npt.ArrayLike) -> Node:
+        return self.builder.op("greater", self, other)
+
+    def __ge__(self, other: Node | npt.ArrayLike) -> Node:
+        return self.builder.op("greater_equal", self, other)
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __bool__(self) -> bool:
+        raise TypeError(
+            f"the truth value of node {self._name!r} is known only when the graph runs; "
+            "use cr.where(condition, x, y) to choose, and & | ^ ~ to combine conditions"
+        )
+
+    # Logic on bool nodes, as numpy's operators on bool arrays (the server refuses other dtypes).
+    def __invert__(self) -> Node:
+        return self.builder.op("logical_not", self)
+
+    def __and__(self, other: Node | npt.ArrayLike) -> Node:
+        return self.builder.op("logical_and", self, other)
+
+    def __rand__(self, other: npt.ArrayLike) -> Node:
+        return self.builder.op("logical_and", other, self)
+
+    def __or__(self, other: Node | npt.ArrayLike) -> Node:
+        return self.builder.op("logical_or", self, other)
+
+    def __ror__(self, other: npt.ArrayLike) -> Node:
+        return self.builder.op("logical_or", other, self)
+
+    def __xor__(self, other: Node | npt.ArrayLike) -> Node:
+        return self.builder.op("logical_xor", self, other)
+
+    def __rxor__(self, other: npt.ArrayLike) -> Node:
+        return self.builder.op("logical_xor", other, self)
+
+    def astype(self, dtype: npt.DTypeLike) -> Node:
+        return cast(self, dtype)
+
+    def clip(self, min: Node | npt.ArrayLike | None = None, max: Node | npt.ArrayLike | None = None) -> Node:
+        return clip(self, min, max)
+
     @property
     def T(self) -> Node:
         return self.builder.op("transpose", self)
@@ -360,6 +416,169 @@ def softplus(x: Node, *, name: str | None = None) -> Node:
 
 def log_sigmoid(x: Node, *, name: str | None = None) -> Node:
     return _apply("log_sigmoid", x, name=name)
+
+
+def erf(x: Node, *, name: str | None = None) -> Node:
+    return _apply("erf", x, name=name)
+
+
+def sin(x: Node, *, name: str | None = None) -> Node:
+    return _apply("sin", x, name=name)
+
+
+def cos(x: Node, *, name: str | None = None) -> Node:
+    return _apply("cos", x, name=name)
+
+
+def reciprocal(x: Node, *, name: str | None = None) -> Node:
+    return _apply("reciprocal", x, name=name)
+
+
+def floor(x: Node, *, name: str | None = None) -> Node:
+    return _apply("floor", x, name=name)
+
+
+def ceil(x: Node, *, name: str | None = None) -> Node:
+    return _apply("ceil", x, name=name)
+
+
+def round(x: Node, *, name: str | None = None) -> Node:
+    """Halves to even, as numpy and PyTorch round."""
+    return _apply("round", x, name=name)
+
+
+def sign(x: Node, *, name: str | None = None) -> Node:
+    """-1, 0 or 1; 0 at NaN, as torch.sign."""
+    return _apply("sign", x, name=name)
+
+
+def silu(x: Node, *, name: str | None = None) -> Node:
+    return _apply("silu", x, name=name)
+
+
+def softsign(x: Node, *, name: str | None = None) -> Node:
+    return _apply("softsign", x, name=name)
+
+
+def _float(value: float | None) -> float | None:
+    """A float attr from any real number: an int would become an int attr, which the server refuses."""
+    return None if value is None else float(value)
+
+
+def leaky_relu(x: Node, alpha: float | None = None, *, name: str | None = None) -> Node:
+    """x where x > 0, else alpha * x (alpha 0.01 when not given)."""
+    return _apply("leaky_relu", x, name=name, alpha=_float(alpha))
+
+
+def elu(x: Node, alpha: float | None = None, *, name: str | None = None) -> Node:
+    return _apply("elu", x, name=name, alpha=_float(alpha))
+
+
+def selu(x: Node, alpha: float | None = None, gamma: float | None = None, *, name: str | None = None) -> Node:
+    return _apply("selu", x, name=name, alpha=_float(alpha), gamma=_float(gamma))
+
+
+def gelu(x: Node, approximate: str = "none", *, name: str | None = None) -> Node:
+    """x * Phi(x); approximate="tanh" is PyTorch's tanh approximation."""
+    return _apply("gelu", x, name=name, approximate=approximate)
+
+
+def hard_sigmoid(x: Node, alpha: float | None = None, beta: float | None = None, *, name: str | None = None) -> Node:
+    """max(0, min(1, alpha * x + beta)) as ONNX (alpha 0.2, beta 0.5); torch's hardsigmoid is alpha=1/6."""
+    return _apply("hard_sigmoid", x, name=name, alpha=_float(alpha), beta=_float(beta))
+
+
+def prelu(x: Node | npt.ArrayLike, slope: Node | npt.ArrayLike, *, name: str | None = None) -> Node:
+    """x where x > 0, else slope * x; slope broadcasts against x as in numpy."""
+    return _apply("prelu", x, slope, name=name)
+
+
+def clip(
+    x: Node,
+    min: Node | npt.ArrayLike | None = None,
+    max: Node | npt.ArrayLike | None = None,
+    *,
+    name: str | None = None,
+) -> Node:
+    """Like np.clip and torch.clamp (max wins where min > max); None leaves a side unbounded. Numbers become
+    attrs; nodes and arrays are tensor arguments, broadcast against x."""
+    if max is not None and _is_tensor(max):
+        return _apply("clip", x, -np.inf if min is None else min, max, name=name)
+    if min is not None and _is_tensor(min):
+        return _apply("clip", x, min, name=name, max=_scalar(max))
+    return _apply("clip", x, name=name, min=_scalar(min), max=_scalar(max))
+
+
+def _is_tensor(value: Node | npt.ArrayLike) -> bool:
+    return isinstance(value, Node) or np.ndim(value) > 0
+
+
+def _scalar(value: Node | npt.ArrayLike | None) -> float | None:
+    return None if value is None else float(np.asarray(value))
+
+
+def isnan(x: Node, *, name: str | None = None) -> Node:
+    return _apply("isnan", x, name=name)
+
+
+def isinf(x: Node, detect_positive: bool = True, detect_negative: bool = True, *, name: str | None = None) -> Node:
+    return _apply("isinf", x, name=name, detect_positive=detect_positive, detect_negative=detect_negative)
+
+
+# ---------------------------------------------------------------- comparisons, logic, where, cast
+def equal(x: Node | npt.ArrayLike, y: Node | npt.ArrayLike, *, name: str | None = None) -> Node:
+    return _apply("equal", x, y, name=name)
+
+
+def not_equal(x: Node | npt.ArrayLike, y: Node | npt.ArrayLike, *, name: str | None = None) -> Node:
+    return _apply("not_equal", x, y, name=name)
+
+
+def less(x: Node | npt.ArrayLike, y: Node | npt.ArrayLike, *, name: str | None = None) -> Node:
+    return _apply("less", x, y, name=name)
+
+
+def less_equal(x: Node | npt.ArrayLike, y: Node | npt.ArrayLike, *, name: str | None = None) -> Node:
+    return _apply("less_equal", x, y, name=name)
+
+
+def greater(x: Node | npt.ArrayLike, y: Node | npt.ArrayLike, *, name: str | None = None) -> Node:
+    return _apply("greater", x, y, name=name)
+
+
+def greater_equal(x: Node | npt.ArrayLike, y: Node | npt.ArrayLike, *, name: str | None = None) -> Node:
+    return _apply("greater_equal", x, y, name=name)
+
+
+def logical_and(x: Node | npt.ArrayLike, y: Node | npt.ArrayLike, *, name: str | None = None) -> Node:
+    return _apply("logical_and", x, y, name=name)
+
+
+def logical_or(x: Node | npt.ArrayLike, y: Node | npt.ArrayLike, *, name: str | None = None) -> Node:
+    return _apply("logical_or", x, y, name=name)
+
+
+def logical_xor(x: Node | npt.ArrayLike, y: Node | npt.ArrayLike, *, name: str | None = None) -> Node:
+    return _apply("logical_xor", x, y, name=name)
+
+
+def logical_not(x: Node, *, name: str | None = None) -> Node:
+    return _apply("logical_not", x, name=name)
+
+
+def where(
+    condition: Node | npt.ArrayLike, x: Node | npt.ArrayLike, y: Node | npt.ArrayLike, *, name: str | None = None
+) -> Node:
+    """x where the bool condition holds, else y, all three broadcast together (np.where)."""
+    return _apply("where", condition, x, y, name=name)
+
+
+def cast(x: Node, dtype: npt.DTypeLike, *, name: str | None = None) -> Node:
+    """x in `dtype` (float32, float64, int32, int64 or bool), as ndarray.astype."""
+    dtype_name = np.dtype(dtype).name
+    if dtype_name not in tensors.DTYPE_NAMES:
+        raise ValueError(f"cast: dtype {dtype_name} is not one of {', '.join(tensors.DTYPE_NAMES)}")
+    return _apply("cast", x, name=name, dtype=dtype_name)
 
 
 # ---------------------------------------------------------------- reductions (axes=None reduces every axis)
