@@ -191,13 +191,16 @@ SMOOTH_OPS = [
     "add", "sub", "mul", "div", "pow", "neg", "exp", "log", "sqrt", "square", "sigmoid", "tanh", "softplus",
     "log_sigmoid", "matmul", "sum", "mean", "logsumexp", "reshape", "transpose", "softmax", "log_softmax",
     "softmax_cross_entropy", "sigmoid_cross_entropy",
+    "concat", "slice", "split", "squeeze", "unsqueeze", "expand", "tile", "flatten", "pad", "cumsum", "einsum",
+    "reduce_prod", "reduce_sum_square",
+    "erf", "sin", "cos", "reciprocal", "gelu", "silu", "softsign",
 ]  # fmt: skip
 ALL_OPS = sorted(name for name, op in OPS.items() if not op.is_source)
 WIRE_DTYPES = ["float64", "float32", "int32", "int64", "bool"]
 SPECIALS = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e308, -1e308, 5e-324, 1e-300, 700.0, -750.0])
 SHAPES = st.lists(st.sampled_from([1, 2, 3, 1, 2, 3, 0]), max_size=3)
 SMOOTH_SHAPES = st.lists(st.sampled_from([1, 2, 3]), max_size=3)
-POSITIVE_ARGS = {"log": (0,), "sqrt": (0,), "pow": (0,), "div": (1,)}
+POSITIVE_ARGS = {"log": (0,), "sqrt": (0,), "pow": (0,), "div": (1,), "reciprocal": (0,)}
 
 
 def random_array(rng: np.random.Generator, dtype: str, shape: tuple[int, ...], special_rate: float) -> np.ndarray:
@@ -335,7 +338,9 @@ def valid_graphs(
             first = pick(draw, names)
             a = values[first]
             arguments = [first]
-            if OPS[op].max_arity == 2:
+            if OPS[op].variadic and draw(st.booleans()):
+                arguments.append(first)  # concat(x, x), einsum("ab,ab->b", x, x)
+            elif OPS[op].min_arity == 2 and OPS[op].max_arity == 2:
                 if op == "matmul":
                     fits = [n for n in names if _matmul_ok(a.shape, values[n].shape)]
                 elif op == "softmax_cross_entropy":
@@ -345,7 +350,12 @@ def valid_graphs(
                 if not fits:
                     continue
                 arguments.append(pick(draw, fits))
-            attrs = _draw_attrs(draw, op, a)
+            elif op == "where":  # a bool condition first, then two operands that broadcast with it
+                fits = [n for n in names if _broadcastable(a.shape, values[n].shape)]
+                if a.dtype != np.bool_:
+                    continue
+                arguments += [pick(draw, fits), pick(draw, fits)]
+            attrs = _draw_attrs(draw, op, a, len(arguments))
             if attrs is None:
                 continue
             args = [values[n] for n in arguments]
@@ -368,10 +378,12 @@ def valid_graphs(
     return Built(graph, feeds, parameters, values, parents, state)
 
 
-def _draw_attrs(draw: st.DrawFn, op: str, a: np.ndarray) -> dict[str, Any] | None:
+def _draw_attrs(draw: st.DrawFn, op: str, a: np.ndarray, operands: int = 1) -> dict[str, Any] | None:
     rank = a.ndim
     attrs: dict[str, Any] = {}
-    if op in ("sum", "mean", "max", "logsumexp"):
+    if op in STRUCTURE_OPS:
+        return _draw_structure_attrs(draw, op, a, operands)
+    if op in REDUCTIONS:
         if draw(st.booleans()):
             axes = draw(st.lists(st.integers(0, max(rank - 1, 0)), max_size=rank, unique=True)) if rank else []
             attrs["axes"] = [axis - rank if draw(st.booleans()) else axis for axis in axes]
@@ -388,7 +400,7 @@ def _draw_attrs(draw: st.DrawFn, op: str, a: np.ndarray) -> dict[str, Any] | Non
         attrs["shape"] = target
     elif op == "transpose":
         if draw(st.booleans()):
-            attrs["perm"] = list(draw(st.permutations(range(rank))))
+            attrs["perm"] = [axis - rank * draw(st.booleans()) for axis in draw(st.permutations(range(rank)))]
     elif op in ("softmax", "log_softmax", "layer_norm"):
         if not rank:
             return None
@@ -398,6 +410,14 @@ def _draw_attrs(draw: st.DrawFn, op: str, a: np.ndarray) -> dict[str, Any] | Non
         attrs["ratio"] = pick(draw, [0.0, 0.5, 1.0])
     elif op == "lrn":
         attrs["size"] = draw(st.integers(1, 4))
+    elif op == "cast":
+        attrs["dtype"] = pick(draw, WIRE_DTYPES)
+    elif op == "gelu":
+        attrs["approximate"] = pick(draw, ["none", "tanh"])
+    elif op == "clip":
+        attrs.update({bound: pick(draw, EXACT_FLOATS) for bound in ("min", "max") if draw(st.booleans())})
+    elif op == "isinf":
+        attrs.update(detect_positive=draw(st.booleans()), detect_negative=draw(st.booleans()))
     return attrs
 
 
@@ -406,6 +426,77 @@ def _evaluate(op: str, args: list[np.ndarray], attrs: dict[str, Any]) -> np.ndar
     context = {"ctx": NodeContext(INFERENCE, op, [], {})} if OPS[op].modal else {}
     value = OPS[op].forward(*args, **attrs, **context)  # type: ignore[misc]
     return np.asarray(value[0] if OPS[op].saves else value)
+
+
+REDUCTIONS = {
+    "sum", "mean", "max", "logsumexp", "reduce_prod", "reduce_min", "reduce_l1", "reduce_l2", "reduce_sum_square",
+}  # fmt: skip
+STRUCTURE_OPS = {
+    "concat", "slice", "split", "gather", "gather_elements", "squeeze", "unsqueeze", "expand", "tile", "flatten",
+    "pad", "shape", "one_hot", "argmax", "argmin", "cumsum", "einsum",
+}  # fmt: skip
+SLICE_BOUNDS = st.one_of(st.integers(-4, 4), st.sampled_from([-(2**63), 2**63 - 1]))
+PAD_MODES = ["constant", "reflect", "edge", "wrap"]
+EXACT_FLOATS = [0.0, 1.5, -2.0, 0.25]
+"""Float attrs travel as float32: values it holds exactly keep the in-process value equal to the server's."""
+
+
+def _draw_structure_attrs(draw: st.DrawFn, op: str, a: np.ndarray, operands: int) -> dict[str, Any] | None:
+    """Attrs of the structure ops that fit `a` most of the time (the shape rule refuses the rest)."""
+    rank = a.ndim
+    if not rank and op not in ("unsqueeze", "flatten", "shape", "one_hot", "einsum", "tile", "expand", "pad"):
+        return None
+    axis = draw(st.integers(-rank, rank - 1)) if rank else 0
+    flags = {name: draw(st.booleans()) for name in ("keepdims", "select_last_index", "exclusive", "reverse")}
+    if op in ("concat", "gather", "gather_elements"):
+        return {"axis": axis}
+    if op == "slice":
+        axes = list(draw(st.permutations(range(rank))))[: draw(st.integers(1, rank))]
+        return {
+            "starts": [draw(SLICE_BOUNDS) for _ in axes],
+            "ends": [draw(SLICE_BOUNDS) for _ in axes],
+            "axes": axes,
+            "steps": [pick(draw, [-2, -1, 1, 2, 3]) for _ in axes],
+        }
+    if op == "split":
+        size = a.shape[axis]
+        if draw(st.booleans()):
+            cuts = sorted(draw(st.lists(st.integers(0, size), max_size=3)))
+            splits = [end - start for start, end in zip([0, *cuts], [*cuts, size], strict=True)]
+            return {"axis": axis, "splits": splits, "index": draw(st.integers(-len(splits), len(splits) - 1))}
+        count = draw(st.integers(1, 3))
+        return {"axis": axis, "num_outputs": count, "index": draw(st.integers(-count, count - 1))}
+    if op == "squeeze":
+        ones = [i for i, dim in enumerate(a.shape) if dim == 1]
+        return {"axes": [i - rank * draw(st.booleans()) for i in ones]} if ones and draw(st.booleans()) else {}
+    if op == "unsqueeze":
+        return {"axes": [draw(st.integers(-rank - 1, rank))]}
+    if op == "expand":
+        lead = [pick(draw, [1, 2])] if draw(st.booleans()) else []
+        return {"shape": lead + [pick(draw, [1, 2]) if dim == 1 else pick(draw, [1, dim]) for dim in a.shape]}
+    if op == "tile":
+        return {"repeats": [draw(st.integers(0, 2)) for _ in a.shape]}
+    if op == "flatten":
+        return {"axis": draw(st.integers(-rank, rank))}
+    if op == "pad":
+        # (no `value` attr: _node takes a keyword of that name for the node's tensor)
+        return {"pads": [draw(st.integers(-1, 2)) for _ in range(2 * rank)], "mode": pick(draw, PAD_MODES)}
+    if op == "shape":
+        return {"start": draw(st.integers(-4, 4))} if draw(st.booleans()) else {}
+    if op == "one_hot":
+        return {
+            "depth": draw(st.integers(1, 4)),
+            "axis": draw(st.integers(-rank - 1, rank)),
+            "dtype": pick(draw, WIRE_DTYPES),
+            "on_value": pick(draw, EXACT_FLOATS),
+        }
+    if op in ("argmax", "argmin"):
+        return {"axis": axis, "keepdims": flags["keepdims"], "select_last_index": flags["select_last_index"]}
+    if op == "cumsum":
+        return {"axis": axis, "exclusive": flags["exclusive"], "reverse": flags["reverse"]}
+    letters = "abcd"[:rank]
+    kept = "".join(list(draw(st.permutations(letters)))[: draw(st.integers(0, rank))])
+    return {"equation": ",".join([letters] * operands) + "->" + kept}
 
 
 def _smooth_arguments(op: str, args: list[np.ndarray]) -> bool:
