@@ -170,6 +170,14 @@ class Windows:
             for out, stride, k, d in zip(self.outs, self.strides, self.kernel, self.dilations, strict=True)
         )
 
+    @property
+    def disjoint(self) -> bool:
+        """Whether no two windows share a position: each stride at least the window's extent (or one window)."""
+        return all(
+            out == 1 or stride >= extent(k, d)
+            for out, stride, k, d in zip(self.outs, self.strides, self.kernel, self.dilations, strict=True)
+        )
+
     def check(self, op: str, batch_channels: int, lengths: Sequence[int]) -> None:
         """Refuse windows whose padded input (of spatial `lengths`) or im2col matrix would be absurdly large."""
         check_elements(op, "the padded input", (batch_channels, *lengths))
@@ -294,11 +302,59 @@ def weight_gradient(a: Array, cols: Array) -> Array:
 
 def col2im(cols: Array, geometry: Windows, lengths: Sequence[int]) -> Array:
     """The adjoint of `windows`: sums cols (N, C, *kernel, *outs) back onto a padded input of
-    spatial `lengths`, one strided add per kernel offset (overlapping windows accumulate)."""
+    spatial `lengths`. Windows that cannot overlap (each stride at least the window's extent) take
+    one strided copy; overlapping ones one strided add per kernel offset."""
     out = np.zeros((*cols.shape[:2], *lengths), dtype=cols.dtype)
+    if geometry.disjoint:
+        view = windows(out, geometry)
+        as_strided(out, view.shape, view.strides, writeable=True)[...] = cols
+        return out
     for ks in np.ndindex(*geometry.kernel):
         out[(..., *geometry.offset(ks))] += cols[(slice(None), slice(None), *ks)]
     return out
+
+
+def stacked(xp: Array, geometry: Windows) -> Array:
+    """The windows as (prod(kernel), N * C * prod(outs)), contiguous: row k is kernel offset k of
+    every window, so reductions over a window run along axis 0 on contiguous rows."""
+    rank = len(geometry.kernel)
+    order = (*range(2, 2 + rank), 0, 1, *range(2 + rank, 2 + 2 * rank))
+    return np.ascontiguousarray(windows(xp, geometry).transpose(order)).reshape(math.prod(geometry.kernel), -1)
+
+
+def unstacked(stack: Array, geometry: Windows, batch_channels: tuple[int, int]) -> Array:
+    """`stacked`'s layout back as a view (N, C, *kernel, *outs), for col2im."""
+    rank = len(geometry.kernel)
+    shaped = stack.reshape(*geometry.kernel, *batch_channels, *geometry.outs)
+    return shaped.transpose(rank, rank + 1, *range(rank), *range(rank + 2, 2 * rank + 2))
+
+
+def transposed_product(weights: Array, y: Array, geometry: Windows, lengths: Sequence[int]) -> Array:
+    """col2im(weights @ y): what a conv's output `y` (N, M, *outs) sends back onto its padded input
+    (N, C, *lengths), with weights (group, C/group * prod(kernel), M/group). A conv's input gradient,
+    and conv_transpose's value.
+
+    With every stride 1, y's rows are first padded to the padded input's widths: each kernel offset's
+    columns then land on one contiguous run of the flattened input per (sample, channel), so the adds
+    stream long runs instead of rows as short as an output row."""
+    batch, outputs = y.shape[:2]
+    group = weights.shape[0]
+    channels = group * weights.shape[1] // math.prod(geometry.kernel)
+    outs, rest = geometry.outs, tuple(lengths[1:])
+    if any(stride != 1 for stride in geometry.strides) or outs[1:] == rest:
+        cols = np.matmul(weights, y.reshape(batch, group, outputs // group, -1))
+        return col2im(cols.reshape(batch, channels, *geometry.kernel, *outs), geometry, lengths)
+    widened = np.zeros((batch, outputs, outs[0], *rest), dtype=y.dtype)
+    widened[(..., *(slice(0, out) for out in outs))] = y
+    cols = np.matmul(weights, widened.reshape(batch, group, outputs // group, -1))
+    cols = cols.reshape(batch, channels, math.prod(geometry.kernel), -1)
+    run = cols.shape[-1]
+    steps = [math.prod(rest[axis:]) for axis in range(len(rest) + 1)]
+    flat = np.zeros((batch, channels, (lengths[0] + 1) * steps[0]), dtype=cols.dtype)
+    for index, ks in enumerate(np.ndindex(*geometry.kernel)):
+        start = sum(k * d * step for k, d, step in zip(ks, geometry.dilations, steps, strict=True))
+        flat[:, :, start : start + run] += cols[:, :, index]
+    return flat[:, :, : lengths[0] * steps[0]].reshape(batch, channels, *lengths)
 
 
 def padded_lengths(geometry: Windows, ends: Sequence[int]) -> tuple[int, ...]:
@@ -442,15 +498,11 @@ def conv(x: Array, w: Array, b: Array | None = None, **attrs: object) -> tuple[A
 
 
 def _conv_x(g: Array, cols: Array, x: Array, w: Array, b: Array | None = None, **attrs: object) -> Array:
-    """col2im of w^T g: one product per group, then one strided add per kernel offset."""
+    """col2im of w^T g: one product per group, then one add per kernel offset."""
     setup = conv_setup(x, w, b, **attrs)  # type: ignore[arg-type]
     geometry, group = setup.windows, setup.group
-    batch, channels = x.shape[:2]
-    outputs = w.shape[0]
-    weights = w.reshape(group, outputs // group, -1).swapaxes(1, 2)  # (group, C/group * kernel, M/group)
-    dcols = np.matmul(weights, g.reshape(batch, group, outputs // group, -1))
-    dcols = dcols.reshape(batch, channels, *geometry.kernel, *geometry.outs)
-    return unpad(col2im(dcols, geometry, padded_lengths(geometry, setup.ends)), geometry)
+    weights = w.reshape(group, w.shape[0] // group, -1).swapaxes(1, 2)  # (group, C/group * kernel, M/group)
+    return unpad(transposed_product(weights, g, geometry, padded_lengths(geometry, setup.ends)), geometry)
 
 
 def _conv_w(g: Array, cols: Array, x: Array, w: Array, b: Array | None = None, **attrs: object) -> Array:
@@ -630,11 +682,8 @@ def conv_transpose(x: Array, w: Array, b: Array | None = None, **attrs: object) 
     setup = transpose_setup(x, w, b, **attrs)  # type: ignore[arg-type]
     group = setup.group
     dtype = np.result_type(x, w, *(() if b is None else (b,)))
-    batch, channels = x.shape[:2]
-    weights = w.astype(dtype, copy=False).reshape(group, channels // group, -1).swapaxes(1, 2)
-    cols = np.matmul(weights, x.astype(dtype, copy=False).reshape(batch, group, channels // group, -1))
-    cols = cols.reshape(batch, w.shape[1] * group, *w.shape[2:], *x.shape[2:])
-    full = col2im(cols, setup.windows, setup.windows.sizes)
+    weights = w.astype(dtype, copy=False).reshape(group, x.shape[1] // group, -1).swapaxes(1, 2)
+    full = transposed_product(weights, x.astype(dtype, copy=False), setup.windows, setup.windows.sizes)
     return with_bias(reframe(full, setup.crops, setup.outs), b, dtype)
 
 

@@ -1,7 +1,9 @@
 """Pooling over windows (max_pool, average_pool) and over whole spatial axes (global_*_pool).
 
-Windows come from ops/conv.py's geometry. Pools loop over kernel offsets (4 for a 2x2 pool),
-each step one vectorized pass over a strided slice of the padded input, never over pixels.
+Windows come from ops/conv.py's geometry. One strided copy stacks them as (kernel offset, window)
+rows, so a pool is a reduction along axis 0 of a contiguous array, and its gradient goes back
+through col2im (one copy when windows do not overlap). Nothing loops over pixels; picking the
+first maximum loops over kernel offsets with arithmetic on masks (masked writes are far slower).
 
 Conventions are PyTorch's. max_pool pads with -inf and gives the gradient to the first maximal
 element of each window (the index torch's backward routes to), a NaN winning as in torch;
@@ -20,12 +22,15 @@ import numpy as np
 from chainrule.server.ops.conv import (
     Ints,
     Windows,
+    col2im,
     int_list,
     pad_input,
     padded_lengths,
     sliding_axes,
     spatial_rank,
+    stacked,
     unpad,
+    unstacked,
     windows_of,
 )
 from chainrule.server.ops.elementwise import as_float
@@ -123,31 +128,39 @@ def max_pool(
     auto_pad: str = "NOTSET",
     storage_order: int = 0,
 ) -> tuple[Array, Array]:
-    """The maximum of each window, and which kernel offset holds it (the residual).
-
-    A later offset wins only when strictly greater, or when it is NaN, as torch's kernel decides.
-    """
+    """The maximum of each window, and which kernel offset holds it (the residual)."""
     geometry, ends = _pool_windows("max_pool", x, kernel_shape, strides, pads, dilations, auto_pad, ceil_mode)
-    xp = pad_input(x, geometry, ends, lowest(x.dtype))
-    offsets = list(np.ndindex(*geometry.kernel))
-    best = xp[(..., *geometry.offset(offsets[0]))].copy()
-    winner = np.zeros(best.shape, dtype=np.uint8 if len(offsets) <= 256 else np.int32)
-    for index, ks in enumerate(offsets[1:], start=1):
-        values = xp[(..., *geometry.offset(ks))]
-        better = values > best
-        if x.dtype.kind == "f":
-            better |= np.isnan(values)
-        np.copyto(best, values, where=better)
-        np.copyto(winner, index, where=better)
-    return best, winner
+    stack = stacked(pad_input(x, geometry, ends, lowest(x.dtype)), geometry)
+    best = stack.max(axis=0)
+    return best.reshape(*x.shape[:2], *geometry.outs), first_maximum(stack, best)
+
+
+def first_maximum(stack: Array, best: Array) -> Array:
+    """The row of `stack` holding each column's maximum `best`: the first such row, or for a NaN the last
+    NaN, as torch's kernel decides (a later element wins when greater, or when NaN)."""
+    dtype = np.dtype(np.uint8 if len(stack) <= 256 else np.int32)
+    winner = np.zeros(best.shape, dtype=dtype)
+    unclaimed = np.ones(best.shape, dtype=bool)
+    for k in range(len(stack)):
+        hit = stack[k] == best
+        hit &= unclaimed
+        unclaimed ^= hit
+        if k:
+            winner += hit * dtype.type(k)
+    if best.dtype.kind == "f":
+        nan = np.isnan(best)
+        if nan.any():
+            for k in range(len(stack)):
+                winner[nan & np.isnan(stack[k])] = k
+    return winner
 
 
 def _max_pool_x(g: Array, winner: Array, x: Array, **attrs: object) -> Array:
+    """The output gradient routed to each window's winner, summed back where windows overlap."""
     geometry, ends = _pool_windows("max_pool", x, **_window_attrs(attrs))
-    dxp = np.zeros((*x.shape[:2], *padded_lengths(geometry, ends)), dtype=g.dtype)
-    zero = np.zeros((), dtype=g.dtype)
-    for index, ks in enumerate(np.ndindex(*geometry.kernel)):
-        dxp[(..., *geometry.offset(ks))] += np.where(winner == index, g, zero)
+    offsets = np.arange(math.prod(geometry.kernel), dtype=winner.dtype)[:, None]
+    routed = (winner == offsets) * g.reshape(-1)
+    dxp = col2im(unstacked(routed, geometry, x.shape[:2]), geometry, padded_lengths(geometry, ends))
     return unpad(dxp, geometry)
 
 
@@ -212,21 +225,16 @@ def average_pool(
     auto_pad: str = "NOTSET",
 ) -> Array:
     geometry, ends = _pool_windows("average_pool", x, kernel_shape, strides, pads, dilations, auto_pad, ceil_mode)
-    xp = pad_input(as_float(x), geometry, ends)
-    offsets = list(np.ndindex(*geometry.kernel))
-    total = xp[(..., *geometry.offset(offsets[0]))].copy()
-    for ks in offsets[1:]:
-        total += xp[(..., *geometry.offset(ks))]
-    total /= _counts(geometry, ends, count_include_pad).astype(total.dtype)
-    return total
+    total = stacked(pad_input(as_float(x), geometry, ends), geometry).sum(axis=0)
+    total = total.reshape(*x.shape[:2], *geometry.outs)
+    return total / _counts(geometry, ends, count_include_pad).astype(total.dtype)  # type: ignore[no-any-return]
 
 
 def _average_pool_x(g: Array, ans: Array, x: Array, **attrs: object) -> Array:
     geometry, ends = _pool_windows("average_pool", x, **_window_attrs(attrs))
     share = g / _counts(geometry, ends, bool(attrs.get("count_include_pad", False))).astype(g.dtype)
-    dxp = np.zeros((*x.shape[:2], *padded_lengths(geometry, ends)), dtype=share.dtype)
-    for ks in np.ndindex(*geometry.kernel):
-        dxp[(..., *geometry.offset(ks))] += share
+    spread = np.broadcast_to(share.reshape(1, -1), (math.prod(geometry.kernel), share.size))
+    dxp = col2im(unstacked(spread, geometry, x.shape[:2]), geometry, padded_lengths(geometry, ends))
     return unpad(dxp, geometry)
 
 
