@@ -10,6 +10,9 @@ like the numpy code it replaces:
     loss = sigmoid_cross_entropy(x @ w + b, y).named("loss")
     graph = g.to_proto()
 
+Nodes index as numpy arrays do (`x[1:3, ::2]`, `x[..., 0]`, `x[None]`, `x[:, [2, 0]]`), through the
+slice, squeeze, unsqueeze and gather ops.
+
 Names are plain strings only in `to_proto()`, so a node can be renamed after other nodes
 used it. Numbers and arrays met where a node is expected become `constant` nodes.
 
@@ -22,9 +25,12 @@ passed in do not reach the graph.
 
 from __future__ import annotations
 
+import builtins
 import itertools
 from collections import Counter
 from collections.abc import Sequence
+from types import EllipsisType
+from typing import NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -33,6 +39,7 @@ from chainrule import tensors
 from chainrule.v1 import graph_pb2, tensor_pb2
 
 AttrLike = int | float | str | bool | Sequence[int] | Sequence[float]
+Axes = int | Sequence[int] | None
 _FLOAT_DTYPES = ("float32", "float64")
 
 
@@ -176,14 +183,57 @@ class Node:
     def T(self) -> Node:
         return self.builder.op("transpose", self)
 
-    def sum(self, axes: int | Sequence[int] | None = None, keepdims: bool = False) -> Node:
-        return sum(self, axes, keepdims)
+    # Reductions take numpy's `axis` (an int or a sequence); `axes`, the op's attr name, is accepted too.
+    def sum(self, axis: Axes = None, keepdims: bool = False, *, axes: Axes = None) -> Node:
+        return sum(self, axes if axes is not None else axis, keepdims)
 
-    def mean(self, axes: int | Sequence[int] | None = None, keepdims: bool = False) -> Node:
-        return mean(self, axes, keepdims)
+    def mean(self, axis: Axes = None, keepdims: bool = False, *, axes: Axes = None) -> Node:
+        return mean(self, axes if axes is not None else axis, keepdims)
 
-    def reshape(self, shape: Sequence[int]) -> Node:
-        return reshape(self, shape)
+    def max(self, axis: Axes = None, keepdims: bool = False, *, axes: Axes = None) -> Node:
+        return max(self, axes if axes is not None else axis, keepdims)
+
+    def min(self, axis: Axes = None, keepdims: bool = False, *, axes: Axes = None) -> Node:
+        return min(self, axes if axes is not None else axis, keepdims)
+
+    def prod(self, axis: Axes = None, keepdims: bool = False, *, axes: Axes = None) -> Node:
+        return prod(self, axes if axes is not None else axis, keepdims)
+
+    def argmax(self, axis: int = 0, keepdims: bool = False) -> Node:
+        return argmax(self, axis, keepdims)
+
+    def argmin(self, axis: int = 0, keepdims: bool = False) -> Node:
+        return argmin(self, axis, keepdims)
+
+    def cumsum(self, axis: int = 0) -> Node:
+        return cumsum(self, axis)
+
+    def reshape(self, *shape: int | Sequence[int]) -> Node:
+        """x.reshape(2, -1) or x.reshape((2, -1)), as numpy."""
+        return reshape(self, _shape_arguments(shape))
+
+    def transpose(self, *perm: int | Sequence[int]) -> Node:
+        """x.transpose(1, 0) or x.transpose((1, 0)); no arguments reverses the axes, as numpy."""
+        return transpose(self, _shape_arguments(perm) if perm else None)
+
+    def flatten(self) -> Node:
+        """A 1-D copy, as numpy's flatten (cr.flatten(x, axis) is ONNX's, to 2-D)."""
+        return reshape(self, [-1])
+
+    def squeeze(self, axis: Axes = None) -> Node:
+        return squeeze(self, axis)
+
+    # Indexing as numpy's basic indexing: ints, slices (negative steps too), None and one `...`, plus one
+    # index array (a list, an int array or an int Node) among slices, which becomes a gather.
+    def __getitem__(self, index: Index | tuple[Index, ...]) -> Node:
+        return _getitem(self, index if isinstance(index, tuple) else (index,))
+
+    def __iter__(self) -> NoReturn:
+        # Without this, Python would iterate a Node through __getitem__ with 0, 1, 2, ... for ever.
+        raise TypeError(f"node {self._name!r} cannot be iterated; index it (x[0]) or use cr.split")
+
+
+Index = int | builtins.slice | EllipsisType | None | Sequence[int] | npt.NDArray[np.integer] | Node
 
 
 class GraphBuilder:
@@ -600,6 +650,29 @@ def logsumexp(
     return _apply("logsumexp", x, name=name, axes=_axes(axes), keepdims=keepdims)
 
 
+def min(x: Node, axes: Axes = None, keepdims: bool = False, *, name: str | None = None) -> Node:
+    """Ties share the gradient equally, as torch.amin."""
+    return _apply("reduce_min", x, name=name, axes=_axes(axes), keepdims=keepdims)
+
+
+def prod(x: Node, axes: Axes = None, keepdims: bool = False, *, name: str | None = None) -> Node:
+    return _apply("reduce_prod", x, name=name, axes=_axes(axes), keepdims=keepdims)
+
+
+def reduce_l1(x: Node, axes: Axes = None, keepdims: bool = False, *, name: str | None = None) -> Node:
+    """The sum of absolute values."""
+    return _apply("reduce_l1", x, name=name, axes=_axes(axes), keepdims=keepdims)
+
+
+def reduce_l2(x: Node, axes: Axes = None, keepdims: bool = False, *, name: str | None = None) -> Node:
+    """The Euclidean norm: the square root of the sum of squares."""
+    return _apply("reduce_l2", x, name=name, axes=_axes(axes), keepdims=keepdims)
+
+
+def reduce_sum_square(x: Node, axes: Axes = None, keepdims: bool = False, *, name: str | None = None) -> Node:
+    return _apply("reduce_sum_square", x, name=name, axes=_axes(axes), keepdims=keepdims)
+
+
 # ---------------------------------------------------------------- shapes
 def reshape(x: Node, shape: Sequence[int], *, name: str | None = None) -> Node:
     """`shape` may hold one -1, as in numpy."""
@@ -609,6 +682,250 @@ def reshape(x: Node, shape: Sequence[int], *, name: str | None = None) -> Node:
 def transpose(x: Node, perm: Sequence[int] | None = None, *, name: str | None = None) -> Node:
     """Without `perm`, reverses the axes, as numpy does."""
     return _apply("transpose", x, name=name, perm=None if perm is None else list(perm))
+
+
+def _shape_arguments(values: tuple[int | Sequence[int], ...]) -> list[int]:
+    """numpy's two spellings: f(2, 3) and f((2, 3))."""
+    if len(values) == 1 and not isinstance(values[0], int | np.integer):
+        return [int(value) for value in values[0]]
+    return [int(value) for value in values]  # type: ignore[arg-type]
+
+
+def _int_array(value: Node | npt.ArrayLike, what: str) -> Node | npt.NDArray[np.int64]:
+    """Indices given as Python ints or int arrays stay ints (other constants become floats)."""
+    if isinstance(value, Node):
+        return value
+    array = np.asarray(value)
+    if array.dtype.kind not in "iu" and array.size:
+        raise TypeError(f"{what} must be integers, got {array.dtype}")
+    return array.astype(np.int64)
+
+
+def concat(xs: Sequence[Node | npt.ArrayLike], axis: int = 0, *, name: str | None = None) -> Node:
+    """numpy's concatenate: every argument has the same shape but along `axis`."""
+    return _apply("concat", *xs, name=name, axis=axis)
+
+
+def split(x: Node, sizes: int | Sequence[int], axis: int = 0, *, name: str | None = None) -> list[Node]:
+    """One node per piece: `sizes` lists their sizes along `axis`, or an int asks for that many equal
+    parts (the last smaller when the axis does not divide evenly, as ONNX's Split). `name` names the
+    pieces name_0, name_1, ..."""
+    count = sizes if isinstance(sizes, int) else len(sizes)
+    given = {"num_outputs": sizes} if isinstance(sizes, int) else {"splits": list(sizes)}
+    return [
+        _apply("split", x, name=None if name is None else f"{name}_{i}", axis=axis, index=i, **given)
+        for i in range(count)
+    ]
+
+
+def slice(
+    x: Node,
+    starts: Sequence[int],
+    ends: Sequence[int],
+    axes: Sequence[int] | None = None,
+    steps: Sequence[int] | None = None,
+    *,
+    name: str | None = None,
+) -> Node:
+    """ONNX's Slice (positions clamped like Python's slices); x[a:b:c] writes the same thing."""
+    return _apply(
+        "slice",
+        x,
+        name=name,
+        starts=list(starts),
+        ends=list(ends),
+        axes=None if axes is None else list(axes),
+        steps=None if steps is None else list(steps),
+    )
+
+
+def gather(x: Node, indices: Node | npt.ArrayLike, axis: int = 0, *, name: str | None = None) -> Node:
+    """numpy's take: the entries of `indices` (negative ones count from the end) along `axis`."""
+    return _apply("gather", x, _int_array(indices, "gather's indices"), name=name, axis=axis)
+
+
+def gather_elements(x: Node, indices: Node | npt.ArrayLike, axis: int = 0, *, name: str | None = None) -> Node:
+    """torch.gather: out[i][j] = x[indices[i][j]][j] for axis 0, and so on."""
+    return _apply("gather_elements", x, _int_array(indices, "gather_elements' indices"), name=name, axis=axis)
+
+
+def squeeze(x: Node, axes: Axes = None, *, name: str | None = None) -> Node:
+    """Without `axes`, removes every axis of size 1."""
+    return _apply("squeeze", x, name=name, axes=_axes(axes))
+
+
+def unsqueeze(x: Node, axes: int | Sequence[int], *, name: str | None = None) -> Node:
+    """numpy's expand_dims: `axes` index the result."""
+    return _apply("unsqueeze", x, name=name, axes=_axes(axes))
+
+
+def expand(x: Node, shape: Sequence[int], *, name: str | None = None) -> Node:
+    """x broadcast against `shape` (ONNX's Expand: both ways, so a 1 in `shape` keeps x's size)."""
+    return _apply("expand", x, name=name, shape=list(shape))
+
+
+def tile(x: Node, repeats: Sequence[int], *, name: str | None = None) -> Node:
+    """numpy's tile with one repeat per axis."""
+    return _apply("tile", x, name=name, repeats=list(repeats))
+
+
+def flatten(x: Node, axis: int = 1, *, name: str | None = None) -> Node:
+    """ONNX's Flatten: a matrix of the axes before `axis` by the rest (x.flatten() is numpy's, 1-D)."""
+    return _apply("flatten", x, name=name, axis=axis)
+
+
+def pad(
+    x: Node,
+    pads: Sequence[int] | Sequence[tuple[int, int]],
+    mode: str = "constant",
+    value: float = 0.0,
+    *,
+    name: str | None = None,
+) -> Node:
+    """numpy's pad_width [(before, after), ...] per axis, or ONNX's flat pads (all begins, then all ends);
+    negative pads crop. `mode`: constant (with `value`), reflect, edge or wrap, as numpy's pad."""
+    if all(isinstance(width, int | np.integer) for width in pads):
+        flat = [int(width) for width in pads]  # type: ignore[arg-type]
+    else:
+        pairs = [tuple(pair) for pair in pads]  # type: ignore[arg-type]
+        flat = [int(pair[0]) for pair in pairs] + [int(pair[1]) for pair in pairs]
+    return _apply("pad", x, name=name, pads=flat, mode=mode, value=float(value))
+
+
+def shape(x: Node, start: int | None = None, end: int | None = None, *, name: str | None = None) -> Node:
+    """The int64 vector of x's sizes (from `start` to `end`, as ONNX's Shape)."""
+    return _apply("shape", x, name=name, start=start, end=end)
+
+
+def one_hot(
+    indices: Node | npt.ArrayLike,
+    depth: int,
+    axis: int = -1,
+    dtype: npt.DTypeLike = "int64",
+    on_value: float | None = None,
+    off_value: float | None = None,
+    *,
+    name: str | None = None,
+) -> Node:
+    """A new axis of size `depth` (at `axis`) holding on_value (1) at each index and off_value (0) elsewhere;
+    negative indices count from depth, out-of-range ones give all off_value (ONNX). No gradient."""
+    dtype_name = np.dtype(dtype).name
+    return _apply(
+        "one_hot",
+        _int_array(indices, "one_hot's indices"),
+        name=name,
+        depth=depth,
+        axis=axis,
+        dtype=dtype_name,
+        on_value=_float(on_value),
+        off_value=_float(off_value),
+    )
+
+
+def argmax(
+    x: Node, axis: int = 0, keepdims: bool = False, select_last_index: bool = False, *, name: str | None = None
+) -> Node:
+    """int64 positions of the largest entries along `axis`; ties give the first (or the last)."""
+    return _apply("argmax", x, name=name, axis=axis, keepdims=keepdims, select_last_index=select_last_index)
+
+
+def argmin(
+    x: Node, axis: int = 0, keepdims: bool = False, select_last_index: bool = False, *, name: str | None = None
+) -> Node:
+    return _apply("argmin", x, name=name, axis=axis, keepdims=keepdims, select_last_index=select_last_index)
+
+
+def cumsum(x: Node, axis: int = 0, exclusive: bool = False, reverse: bool = False, *, name: str | None = None) -> Node:
+    """Running sums along `axis`; `exclusive` leaves each entry out of its own sum, `reverse` runs from the end."""
+    return _apply("cumsum", x, name=name, axis=axis, exclusive=exclusive, reverse=reverse)
+
+
+def einsum(equation: str, *operands: Node | npt.ArrayLike, name: str | None = None) -> Node:
+    """numpy's einsum: cr.einsum("ij,jk->ik", a, b), with `...`, repeated letters and implicit outputs."""
+    return _apply("einsum", *operands, name=name, equation=equation)
+
+
+INT64_MAX = (1 << 63) - 1
+INT64_MIN = -(1 << 63)
+
+
+def _getitem(x: Node, index: tuple[Index, ...]) -> Node:
+    """numpy indexing as slice, gather, squeeze and unsqueeze nodes. Axes are counted from the front
+    before `...` and from the back after it, so no rank needs to be known."""
+    if builtins.sum(item is Ellipsis for item in index) > 1:
+        raise IndexError("an index can only have a single ellipsis ('...')")
+    arrays = [item for item in index if _is_index_array(item)]
+    if len(arrays) > 1 or arrays and builtins.any(item is None or _is_int(item) for item in index):
+        raise IndexError("one index array (or int Node) combines only with slices and '...'")
+    # Found by identity: `in` would compare with ==, which on a Node builds an `equal` node.
+    cut = next((i for i, item in enumerate(index) if item is Ellipsis), len(index))
+    slices: list[tuple[int, int, int, int]] = []
+    removed: list[int] = []
+    inserted: list[int] = []
+    gathered: tuple[int, Index] | None = None
+    for front, items in ((True, index[:cut]), (False, index[cut + 1 :][::-1])):
+        axis, position, step = (0, 0, 1) if front else (-1, -1, -1)
+        for item in items:
+            if item is None:
+                inserted.append(position)
+                position += step
+                continue
+            if isinstance(item, builtins.slice):
+                if item != builtins.slice(None):
+                    slices.append((axis, *_slice_bounds(item)))
+                position += step
+            elif _is_int(item):
+                start = int(item)  # type: ignore[arg-type]
+                slices.append((axis, start, INT64_MAX if start == -1 else start + 1, 1))
+                removed.append(axis)
+            elif _is_index_array(item):
+                gathered = (axis, item)
+                position += step
+            else:
+                raise TypeError(f"cannot index a node with {type(item).__name__} {item!r}")
+            axis += step
+    out = x
+    if slices:
+        axes, starts, ends, steps = (list(column) for column in zip(*slices, strict=True))
+        out = slice(out, starts, ends, axes, steps if builtins.any(s != 1 for s in steps) else None)
+    if gathered is not None:
+        out = gather(out, gathered[1], axis=gathered[0])  # type: ignore[arg-type]
+    if removed:
+        out = squeeze(out, removed)
+    if inserted:
+        out = unsqueeze(out, inserted)
+    return out if out is not x else _identity(x)
+
+
+def _identity(x: Node) -> Node:
+    """x[...] and x[:]: a node of its own (numpy gives a view), so naming it leaves x's name alone."""
+    return _apply("slice", x, name=None, starts=[], ends=[])
+
+
+def _slice_bounds(item: builtins.slice) -> tuple[int, int, int]:
+    for part in (item.start, item.stop, item.step):
+        if part is not None and not _is_int(part):
+            raise TypeError(f"slice bounds must be ints, got {part!r}")
+    step = 1 if item.step is None else int(item.step)
+    if step == 0:
+        raise ValueError("slice step cannot be zero")
+    start = item.start if item.start is not None else 0 if step > 0 else INT64_MAX
+    stop = item.stop if item.stop is not None else INT64_MAX if step > 0 else INT64_MIN
+    return int(start), int(stop), step
+
+
+def _is_int(item: object) -> bool:
+    return isinstance(item, int | np.integer) and not isinstance(item, bool | np.bool_)
+
+
+def _is_index_array(item: object) -> bool:
+    if isinstance(item, Node):
+        return True
+    if isinstance(item, list | np.ndarray):
+        if np.asarray(item).dtype.kind == "b":
+            raise IndexError("boolean masks cannot index a node; use cr.where to choose entries")
+        return True
+    return False
 
 
 # ---------------------------------------------------------------- softmax family and losses
