@@ -413,13 +413,7 @@ def _rows() -> list[OpCase]:
 
 
 ROWS = _rows()
-REDUCE_L1_AT_NAN = (
-    "reduce_l1's gradient at a NaN element is NaN; PyTorch's (vector_norm(ord=1), or sum(abs(x))) is 0 there, "
-    "as abs's: multiply by a sign that is 0 at NaN (elementwise.sign)"
-)
-KNOWN_DISAGREEMENTS: dict[str, str] = {
-    row.id: REDUCE_L1_AT_NAN for row in ROWS if row.op == "reduce_l1" and row.id.endswith("=nan")
-}
+KNOWN_DISAGREEMENTS: dict[str, str] = {}
 """Rows (by id) where another family's op still differs from PyTorch, and what its owner must change;
 they are run and must still fail (strict xfail), so a fix shows up as an unexpected pass."""
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from chainrule.server.ops.elementwise import as_float
+from chainrule.server.ops.elementwise import as_float, sign
 from chainrule.server.ops.registry import Array, Attr, defop
 from chainrule.server.ops.structure import shape_like_length, tensor_ints
 from chainrule.server.shapes import Shape, ShapeError, TensorType, float_result, normalize_axes, reduce_shape
@@ -135,7 +135,7 @@ def _prod_vjp(
 def _l1_vjp(
     g: Array, ans: Array, x: Array, *given: Array, axes: Sequence[int] | None = None, keepdims: bool = False
 ) -> Array:
-    return _restore(g, x.shape, _axes(x, given, axes), keepdims) * np.sign(x)
+    return _restore(g, x.shape, _axes(x, given, axes), keepdims) * sign(x)
 
 
 def _l2_vjp(
@@ -202,7 +202,7 @@ REDUCTIONS: list[tuple[str, Forward, Forward, Callable[[np.dtype | None], np.dty
     ("logsumexp", logsumexp, _logsumexp_vjp, float_result, "x ans", "stable for inputs of ±1000"),
     ("reduce_min", reduce_min, _min_vjp, _same_dtype, "x ans", "ties share equally (torch.amin)"),
     ("reduce_prod", reduce_prod, _prod_vjp, _sum_dtype, "x", "exact with zeros: one zero gets the product of the rest"),
-    ("reduce_l1", reduce_l1, _l1_vjp, _sum_dtype, "x", "sum of abs; gradient sign(x), 0 at 0"),
+    ("reduce_l1", reduce_l1, _l1_vjp, _sum_dtype, "x", "sum of abs; gradient sign(x), 0 at 0 and at NaN (as abs)"),
     (
         "reduce_l2",
         reduce_l2,
