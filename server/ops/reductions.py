@@ -80,7 +80,7 @@ def logsumexp(x: Array, *given: Array, axes: Sequence[int] | None = None, keepdi
     x = as_float(x)
     axes = _axes(x, given, axes)
     axis = _axis_tuple(axes)
-    shift = np.max(x, axis=axis, keepdims=True)
+    shift = np.max(x, axis=axis, keepdims=True, initial=-np.inf)  # an empty slice's logsumexp is -inf
     shift = np.where(np.isfinite(shift), shift, 0)
     out = np.log(np.sum(np.exp(x - shift), axis=axis, keepdims=True)) + shift
     return out if keepdims else np.squeeze(out, axis=normalize_axes(axes, np.ndim(x)))

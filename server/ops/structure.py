@@ -1064,7 +1064,7 @@ for _name, _function in (("argmax", argmax), ("argmin", argmin)):
 def _cumulative(x: Array, axis: int, exclusive: bool, reverse: bool) -> Array:
     if reverse:
         x = np.flip(x, axis)
-    out = np.cumsum(x, axis=axis)
+    out = np.cumsum(x, axis=axis, dtype=x.dtype if x.dtype.kind == "i" else None)
     if exclusive:
         shifted = np.zeros_like(out)
         shifted[_index(axis, slice(1, None))] = out[_index(axis, slice(None, -1))]
@@ -1095,7 +1095,7 @@ def _cumsum_type(
         shape_like_length(given[0], "cumsum's axis", scalar=True)
     elif x.shape is not None:
         normalize_axis(axis, len(x.shape))
-    dtype = x.dtype if x.dtype is None or x.dtype.kind == "f" else np.dtype(np.int64)
+    dtype = np.dtype(np.int64) if x.dtype is not None and x.dtype.kind == "b" else x.dtype
     return TensorType(dtype, x.shape)
 
 
@@ -1109,5 +1109,6 @@ defop(
     reads=("1", ""),
     min_arity=1,
     inputs="x, axis?",
-    convention="ONNX CumSum (`exclusive`, `reverse`); ints sum in int64 as torch; gradient: the running sum reversed",
+    convention="ONNX CumSum (`exclusive`, `reverse`), ints keep their dtype as ONNX's; gradient: the running sum "
+    "reversed",
 )
