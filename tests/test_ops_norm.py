@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import chainrule.client as cr
 from chainrule import tensors
 from chainrule.server.errors import InvalidArgument
 from chainrule.server.graph import build_graph
@@ -411,3 +412,21 @@ def test_lrn_window_wider_than_the_channels_sums_them_all_without_allocating_the
     value, _ = through_plan("lrn", (x,), np.ones(x.shape), size=size, alpha=2.0**40, beta=0.5)
     expected = x / np.sqrt(1.0 + (x * x).sum(axis=1, keepdims=True))
     np.testing.assert_allclose(value, expected, rtol=1e-12)
+
+
+def test_builder_makes_the_nodes_these_ops_take() -> None:
+    """Python ints given as labels stay class indices (other constants become floats); state nodes hold floats."""
+    g = cr.GraphBuilder("builder", default_dtype="float32")
+    x = g.input("x", "float32", [4, 3])
+    mean, var = g.state("mean", [0, 0, 0]), g.state("var", np.ones(3))
+    normalized = cr.batch_norm(x, np.ones(3), np.zeros(3), mean, var, momentum=0.3, name="bn")
+    hidden = cr.dropout(cr.layer_norm(normalized, np.ones(3), np.zeros(3)), 0.25)
+    cr.softmax_cross_entropy(hidden, [0, 2, 1, -100], name="loss")
+    graph = build_graph(g.to_proto())
+    nodes = {node.name: node for node in g.to_proto().nodes}
+    assert tensors.decode(nodes["mean"].value).dtype == np.float32
+    labels = nodes[nodes["loss"].inputs[1]]
+    assert tensors.decode(labels.value).dtype == np.int64
+    assert graph.nodes["loss"]["type"].dtype == np.float32
+    with pytest.raises(ValueError, match="bias only with a scale"):
+        cr.layer_norm(x, bias=np.zeros(3))
