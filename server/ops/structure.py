@@ -369,6 +369,8 @@ def _slice_plan(
     if starts is None or ends is None:
         raise ShapeError("slice needs 'starts' and 'ends' (attrs or tensor arguments)")
     count = len(starts)
+    if count > rank:
+        raise ShapeError(f"slice has {count} starts for a tensor of rank {rank}")
     axes = list(range(count)) if axes is None else list(axes)
     steps = [1] * count if steps is None else list(steps)
     if not len(ends) == len(axes) == len(steps) == count:
