@@ -61,7 +61,9 @@ class RunningServer:
         self.tokens = TokenFile(options.auth_tokens) if options.auth_tokens else None
         self.metrics = Metrics()
         self.metrics.graphs.set(self.store.count_graphs())
-        self.calls = CallGate(self.tokens, self.metrics, options.max_concurrent_rpcs)
+        self.calls = CallGate(
+            self.tokens, self.metrics, options.max_concurrent_rpcs, max_name_length=options.limits.max_name_length
+        )
         self.service = GraphService(self.engine, self.calls)
         self.health = health.HealthServicer()
         self.executor = futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="rpc")

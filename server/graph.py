@@ -15,12 +15,15 @@ import networkx as nx
 import numpy as np
 
 from chainrule import tensors
-from chainrule.server.errors import InvalidArgument, ResourceExhausted
+from chainrule.server.errors import CONTROL_CHARACTER, InvalidArgument, ResourceExhausted, check_name, shown
 from chainrule.server.ops import OPS, STORED_SOURCES, Attr
 from chainrule.server.shapes import ShapeError, TensorType
 from chainrule.v1 import graph_pb2
 
 VALUED_SOURCES = (*STORED_SOURCES, "constant")
+CYCLE_NODES_SHOWN = 4
+CYCLE_NAME_CHARACTERS = 32
+"""A cycle's message names its first few nodes, each cut to this, so that it stays short whatever the names."""
 
 
 @dataclass(frozen=True)
@@ -45,12 +48,7 @@ def build_graph(message: graph_pb2.Graph, limits: Limits | None = None) -> nx.Di
             reason="TOO_MANY_NODES",
             subject="graph.nodes",
         )
-    if len(message.name) > limits.max_name_length:
-        raise InvalidArgument(
-            f"graph name is {len(message.name)} characters long, more than the limit of {limits.max_name_length}",
-            reason="NAME_TOO_LONG",
-            subject="graph.name",
-        )
+    check_name(message.name, "graph.name", limits.max_name_length)
     graph = nx.DiGraph(name=message.name)
     for node in message.nodes:
         name, attributes = _check_node(node, limits)
@@ -61,8 +59,9 @@ def build_graph(message: graph_pb2.Graph, limits: Limits | None = None) -> nx.Di
     for name, inputs in graph.nodes(data="inputs"):
         for argument in inputs:
             if argument not in graph:
+                check_name(argument, f"node '{shown(name)}' input", limits.max_name_length, subject=name)
                 raise InvalidArgument(
-                    f"node '{name}' names input '{argument}', which is not a node of the graph",
+                    f"node '{name}' names input '{shown(argument)}', which is not a node of the graph",
                     reason="UNKNOWN_INPUT",
                     subject=name,
                 )
@@ -79,16 +78,11 @@ def _check_node(node: graph_pb2.Node, limits: Limits) -> tuple[str, dict[str, An
     name = node.name
     if not name:
         raise InvalidArgument(f"a node with op '{node.op}' has an empty name", reason="EMPTY_NAME", subject="name")
-    if len(name) > limits.max_name_length:
-        raise InvalidArgument(
-            f"node name '{name[:32]}...' is {len(name)} characters long, more than the limit of "
-            f"{limits.max_name_length}",
-            reason="NAME_TOO_LONG",
-            subject=name[:32],
-        )
+    if len(name) > limits.max_name_length or CONTROL_CHARACTER.search(name):
+        check_name(name, "node name", limits.max_name_length, subject=shown(name))
     op = OPS.get(node.op)
     if op is None:
-        raise InvalidArgument(f"node '{name}' has unknown op '{node.op}'", reason="UNKNOWN_OP", subject=name)
+        raise InvalidArgument(f"node '{name}' has unknown op '{shown(node.op)}'", reason="UNKNOWN_OP", subject=name)
     if not op.takes(len(node.inputs)):
         raise InvalidArgument(
             f"node '{name}' ({op.name}) takes {op.arity_text()} input(s), got {len(node.inputs)}",
@@ -115,7 +109,7 @@ def _check_attrs(
         if spec is None:
             expected = ", ".join(sorted(accepted)) or "none"
             raise InvalidArgument(
-                f"node '{name}' ({op}) has unknown attr '{key}' (accepted: {expected})",
+                f"node '{name}' ({op}) has unknown attr '{shown(key)}' (accepted: {expected})",
                 reason="BAD_ATTR",
                 subject=name,
             )
@@ -154,7 +148,7 @@ def _check_input_attrs(name: str, attrs: dict[str, Any]) -> None:
     dtype = attrs.get("dtype")
     if dtype is not None and dtype not in tensors.DTYPE_NAMES:
         raise InvalidArgument(
-            f"node '{name}' (input) attr 'dtype' is '{dtype}'; expected one of {', '.join(tensors.DTYPE_NAMES)}",
+            f"node '{name}' (input) attr 'dtype' is '{shown(dtype)}'; expected one of {', '.join(tensors.DTYPE_NAMES)}",
             reason="BAD_ATTR",
             subject=name,
         )
@@ -196,8 +190,15 @@ def _check_acyclic(graph: nx.DiGraph) -> None:
     if nx.is_directed_acyclic_graph(graph):
         return
     cycle = [edge[0] for edge in nx.find_cycle(graph)]
-    path = " -> ".join(f"'{name}'" for name in [*cycle, cycle[0]])
-    raise InvalidArgument(f"graph has a cycle: {path}", reason="CYCLE", subject=cycle[0])
+    path = [f"'{shown(name, CYCLE_NAME_CHARACTERS)}'" for name in cycle[:CYCLE_NODES_SHOWN]]
+    if len(cycle) > CYCLE_NODES_SHOWN:
+        path.append(f"... ({len(cycle) - CYCLE_NODES_SHOWN:,} more)")
+    path.append(path[0])
+    raise InvalidArgument(
+        f"graph has a cycle of {len(cycle):,} node{'s' if len(cycle) > 1 else ''}: {' -> '.join(path)}",
+        reason="CYCLE",
+        subject=cycle[0],
+    )
 
 
 def source_type(op: str, attrs: Mapping[str, Any], value: np.ndarray | None) -> TensorType:

@@ -3,11 +3,14 @@
 Each RPC method gets a `Call`: the caller's tenant, a stop flag raised on cancellation, and a
 request id that tags the call's log lines and is echoed to the client as `x-request-id`
 metadata. `unary` and `streaming` wrap the methods so engine errors become statuses with
-google.rpc details, and anything else is logged and answered INTERNAL.
+google.rpc details, and anything else is logged and answered INTERNAL. Before a method runs,
+every name its request carries is checked (`check_names`); an error's message and details are
+cut to what a default gRPC client accepts in trailers (`error_status`).
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import logging
 import threading
@@ -20,22 +23,37 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 from google.protobuf import message_factory
-from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.descriptor import FieldDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from chainrule import tensors
 from chainrule.server.auth import TokenFile
-from chainrule.server.errors import ChainruleError, InvalidArgument, ResourceExhausted, Unauthenticated
+from chainrule.server.errors import ChainruleError, InvalidArgument, ResourceExhausted, Unauthenticated, check_name
+from chainrule.server.graph import Limits
 from chainrule.server.metrics import Metrics
 from chainrule.server.plan import StopFlag
-from chainrule.v1 import tensor_pb2
+from chainrule.v1 import graph_pb2, tensor_pb2
 
 log = logging.getLogger("chainrule.server")
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 ERROR_DOMAIN = "chainrule"
 REQUEST_ID_KEY = "x-request-id"
+REQUEST_ID_MAX_CHARACTERS = 256
+"""A longer x-request-id is cut to this before it is logged or echoed."""
+ERROR_TRAILER_BUDGET = 7 * 1024
+"""Bytes an error's grpc-message (percent-encoded) and grpc-status-details-bin (base64) may take
+together: gRPC clients refuse trailers over 8 KiB by default (and then report RESOURCE_EXHAUSTED
+instead of the error), and grpc-status, the header names and HPACK's 32 bytes per entry need the rest."""
+ERROR_SUBJECT_MAX_BYTES = 1024
+"""UTF-8 bytes of an error's subject (ErrorInfo metadata, BadRequest field): a name at the default
+--max-name-length of 256 characters fits whole even in 4-byte characters."""
+CUT_MARK = " [...]"
+ID_FIELDS_MIN_LENGTH = 64
+"""Ids and page tokens are held to --max-name-length, but never below the length of those the server issues."""
+UNCHECKED_MESSAGES = frozenset({tensor_pb2.Tensor.DESCRIPTOR.full_name, graph_pb2.Graph.DESCRIPTOR.full_name})
+"""Not walked by `check_names`: tensors carry data, and a graph's names are checked as it is built."""
 
 
 @dataclass
@@ -54,13 +72,14 @@ class Call:
 
 @dataclass
 class CallGate:
-    """What every servicer of one server shares: tokens, metrics, and the slots of
+    """What every servicer of one server shares: tokens, metrics, name limits, and the slots of
     --max-concurrent-rpcs (health checks are not counted)."""
 
     tokens: TokenFile | None = None
     metrics: Metrics = field(default_factory=Metrics)
     max_calls: int | None = None
     slots: threading.Semaphore | None = None
+    max_name_length: int = Limits.max_name_length
 
     def __post_init__(self) -> None:
         if self.max_calls is not None and self.slots is None:
@@ -77,6 +96,7 @@ class Servicer:
     def begin(self, method: str, context: grpc.ServicerContext, request: Any) -> Call:
         metadata = context.invocation_metadata()
         request_id = next((str(v) for k, v in metadata if k == REQUEST_ID_KEY), "") or uuid.uuid4().hex[:16]
+        request_id = request_id[:REQUEST_ID_MAX_CHARACTERS]
         context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
         stop = StopFlag()
 
@@ -107,6 +127,13 @@ class Servicer:
             )
         call.admitted = True
 
+    def checked(self, request: Any) -> Any:
+        """The request, parsed, once every name it carries is within the limits."""
+        request = parsed(request)
+        if isinstance(request, Message):
+            check_names(request, self.calls.max_name_length)
+        return request
+
     def end(self, call: Call, code: str) -> None:
         if call.admitted:
             assert self.calls.slots is not None
@@ -129,15 +156,50 @@ class Servicer:
         )
 
 
-def _abort(context: grpc.ServicerContext, error: ChainruleError) -> None:
-    """Abort with the message plus google.rpc details: ErrorInfo (reason) and BadRequest (culprit)."""
+def _status(error: ChainruleError, message: str, subject: str) -> status_pb2.Status:
+    """The message plus google.rpc details: ErrorInfo (reason) and BadRequest (culprit)."""
     code = getattr(grpc.StatusCode, error.status)
-    status = status_pb2.Status(code=code.value[0], message=error.message)
-    metadata = {"subject": error.subject} if error.subject else {}
+    status = status_pb2.Status(code=code.value[0], message=message)
+    metadata = {"subject": subject} if subject else {}
     status.details.add().Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata))
-    if error.status == "INVALID_ARGUMENT" and error.subject:
-        violation = error_details_pb2.BadRequest.FieldViolation(field=error.subject, description=error.message)
+    if error.status == "INVALID_ARGUMENT" and subject:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=subject, description=message)
         status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    return status
+
+
+def _trailer_bytes(status: status_pb2.Status) -> int:
+    """What the status takes on the wire: grpc-message percent-encoded, the details base64-encoded."""
+    message = sum(1 if 0x20 <= byte <= 0x7E and byte != 0x25 else 3 for byte in status.message.encode())
+    return message + len(base64.b64encode(status.SerializeToString()))
+
+
+def _cut(text: str, max_bytes: int) -> str:
+    """`text` in at most `max_bytes` UTF-8 bytes, cut at a character boundary and marked as cut."""
+    encoded = text.encode()
+    if len(encoded) <= max_bytes:
+        return text
+    return encoded[: max(0, max_bytes - len(CUT_MARK))].decode(errors="ignore") + CUT_MARK
+
+
+def error_status(error: ChainruleError) -> status_pb2.Status:
+    """The error's status, its message cut short (in the status and in BadRequest alike) as far as it
+    takes to keep within ERROR_TRAILER_BUDGET, its subject to ERROR_SUBJECT_MAX_BYTES."""
+    subject = _cut(error.subject, ERROR_SUBJECT_MAX_BYTES)
+    message = error.message
+    status = _status(error, message, subject)
+    fixed = _trailer_bytes(_status(error, "", subject))
+    while (size := _trailer_bytes(status)) > ERROR_TRAILER_BUDGET and message:
+        length = len(message.encode())
+        message = _cut(message, min(length - 1, length * (ERROR_TRAILER_BUDGET - fixed) // (size - fixed)))
+        status = _status(error, message, subject)
+    return status
+
+
+def _abort(context: grpc.ServicerContext, call: Call, error: ChainruleError) -> None:
+    """Answer the error's status; the call's log line gets the message as the client sees it."""
+    status = error_status(error)
+    call.detail = status.message
     context.abort_with_status(rpc_status.to_status(status))
 
 
@@ -151,12 +213,12 @@ def unary(method: Handler) -> Handler:
         try:
             self.authorize(call)
             self.admit(call)
-            response = method(self, parsed(request), context, call)
+            response = method(self, self.checked(request), context, call)
             call.bytes_out += response.ByteSize()
             return response
         except ChainruleError as error:
-            code, call.detail = error.status, error.message
-            _abort(context, error)
+            code = error.status
+            _abort(context, call, error)
         except Exception:
             code = "INTERNAL"
             log.exception("%s failed", method.__name__, extra={"request_id": call.request_id})
@@ -177,13 +239,15 @@ def streaming(method: Handler) -> Handler:
         try:
             self.authorize(call)
             self.admit(call)
-            requests = (parsed(item) for item in request) if isinstance(request, Iterator) else parsed(request)
+            requests = (
+                (self.checked(item) for item in request) if isinstance(request, Iterator) else self.checked(request)
+            )
             for response in method(self, requests, context, call):
                 call.bytes_out += len(response) if isinstance(response, bytes) else response.ByteSize()
                 yield response
         except ChainruleError as error:
-            code, call.detail = error.status, error.message
-            _abort(context, error)
+            code = error.status
+            _abort(context, call, error)
         except Exception:
             if not context.is_active():
                 code = "CANCELLED"
@@ -221,6 +285,34 @@ def parsed(request: Any) -> Any:
     if isinstance(request, MalformedRequest):
         raise InvalidArgument(request.message, reason="MALFORMED_REQUEST")
     return request
+
+
+def check_names(message: Message, max_length: int, prefix: str = "") -> None:
+    """Hold every string in `message` (names, ids, page tokens, map keys; graphs and tensors aside)
+    to `max_length` characters and printable text; errors name the field, e.g. `fetches[2]`."""
+    for descriptor, value in message.ListFields():
+        path = prefix + descriptor.name
+        if descriptor.type == FieldDescriptor.TYPE_MESSAGE:
+            entry = descriptor.message_type
+            if entry.GetOptions().map_entry:  # the request maps are name -> tensor
+                if entry.fields_by_name["key"].type == FieldDescriptor.TYPE_STRING:
+                    for key in value:
+                        check_name(key, path, max_length)
+            elif entry.full_name in UNCHECKED_MESSAGES:
+                continue
+            elif descriptor.is_repeated:
+                for index, item in enumerate(value):
+                    check_names(item, max_length, f"{path}[{index}].")
+            else:
+                check_names(value, max_length, f"{path}.")
+        elif descriptor.type == FieldDescriptor.TYPE_STRING:
+            is_id = descriptor.name.endswith("_id") or descriptor.name == "page_token"
+            limit = max(max_length, ID_FIELDS_MIN_LENGTH) if is_id else max_length
+            if descriptor.is_repeated:
+                for index, item in enumerate(value):
+                    check_name(item, f"{path}[{index}]", limit)
+            else:
+                check_name(value, path, limit)
 
 
 def _serialize(response: Message | bytes) -> bytes:
