@@ -42,11 +42,15 @@ class TokenFile:
         log.info("loaded %d token(s) for %d tenant(s) from %s", len(tenants), len(set(tenants.values())), self.path)
 
     def tenant(self, metadata: Sequence[tuple[str, Any]]) -> str | None:
-        """The tenant of the call's `authorization: Bearer <token>`, or None."""
+        """The tenant of the call's `authorization: Bearer <token>`, or None. The scheme is
+        case-insensitive (RFC 7235: bearer, BEARER...)."""
         presented = next((value for key, value in metadata if key == "authorization"), None)
-        if not isinstance(presented, str) or not presented.startswith("Bearer "):
+        if not isinstance(presented, str):
             return None
-        token = presented.removeprefix("Bearer ").strip().encode()
+        scheme, _, credentials = presented.strip().partition(" ")
+        if scheme.lower() != "bearer" or not credentials.strip():
+            return None
+        token = credentials.strip().encode()
         with self._lock:
             tenants = list(self._tenants.items())
         found = None

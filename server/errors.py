@@ -31,6 +31,19 @@ class InvalidArgument(ChainruleError):
     status = "INVALID_ARGUMENT"
 
 
+class NonScalarLoss(InvalidArgument):
+    """A loss of more than one element with no loss_grad to seed it: Backward can take one, Train cannot."""
+
+    def __init__(self, loss: str, shape: list[int]) -> None:
+        super().__init__(
+            f"loss '{loss}' has shape {shape}; a loss must be a scalar unless loss_grad is given",
+            reason="SHAPE_MISMATCH",
+            subject=loss,
+        )
+        self.loss = loss
+        self.shape = shape
+
+
 class NotFound(ChainruleError):
     status = "NOT_FOUND"
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 import numpy as np
 
-from chainrule.server.errors import Cancelled, InvalidArgument, ResourceExhausted
+from chainrule.server.errors import Cancelled, InvalidArgument, NonScalarLoss, ResourceExhausted
 from chainrule.server.graph import infer_node
 from chainrule.server.ops import ANS, INFERENCE, OPS, STORED_SOURCES, Mode, NodeContext
 from chainrule.server.shapes import ShapeError, TensorType, describe
@@ -320,8 +320,14 @@ class Plan:
             dtype = np.asarray(values[slot]).dtype
             if dtype.kind != "f":
                 name = self.names[slot]
+                fix = ""
+                if name in feeds and dtype.kind in "iub":
+                    fix = (
+                        f"; it was fed {dtype} values (Python ints become int64): feed floats (1.0, not 1), "
+                        "or declare the input's dtype (dtype='float64') so that such feeds are refused up front"
+                    )
                 raise InvalidArgument(
-                    f"wrt '{name}' has dtype {dtype}; gradients exist for float nodes only",
+                    f"wrt '{name}' has dtype {dtype}; gradients exist for float nodes only{fix}",
                     reason="NOT_DIFFERENTIABLE",
                     subject=name,
                 )
@@ -338,11 +344,7 @@ class Plan:
             )
         if loss_grad is None:
             if value.shape != ():
-                raise InvalidArgument(
-                    f"loss '{loss}' has shape {list(value.shape)}; a loss must be a scalar unless loss_grad is given",
-                    reason="SHAPE_MISMATCH",
-                    subject=loss,
-                )
+                raise NonScalarLoss(loss, list(value.shape))
             return _one(value.dtype)
         if loss_grad.shape != value.shape:
             raise InvalidArgument(

@@ -9,8 +9,9 @@ made from a default client with the largest inputs the limits allow: names at
 from __future__ import annotations
 
 import base64
+import queue
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -19,6 +20,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+import chainrule.client as cr
 from chainrule import tensors
 from chainrule.v1 import graph_pb2, graph_service_pb2_grpc, tensor_pb2
 from chainrule.v1 import graph_service_pb2 as pb
@@ -282,3 +284,59 @@ def test_names_with_control_characters_are_refused_everywhere(stub, graph_id: st
         error = error_of(lambda method=method, request=request: call(stub, method, request))
         assert_error(error, grpc.StatusCode.INVALID_ARGUMENT, "BAD_NAME", field)
         assert "control character" in error.details(), what
+
+
+# ---------------------------------------------------------------- smaller error fixes
+def test_train_on_a_non_scalar_loss_names_no_option_train_lacks(stub) -> None:  # type: ignore[no-untyped-def]
+    graph_id = stub.CreateGraph(pb.CreateGraphRequest(graph=mlp_graph())).graph.graph_id
+    requests = [config(graph_id, sgd(0.1)), *batches(1)]
+    requests[0].config.loss = "out"
+    error = train_until_error(stub, requests)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "loss_grad" not in error.details() and "scalar" in error.details(), error.details()
+    assert "sum" in error.details() and "mean" in error.details(), error.details()
+    request = pb.BackwardRequest(graph_id=graph_id, feeds=requests[1].batch.feeds, loss="out")
+    backward = error_of(lambda: list(stub.Backward(request)))
+    assert "loss_grad" in backward.details(), "Backward has the option, and says so"
+
+
+def test_a_wrt_fed_python_ints_says_how_to_fix_it(server: ServerProcess) -> None:
+    graph = cr.GraphBuilder("square")
+    x = graph.input("x")
+    (x * x).named("y")
+    with cr.Client(server.address) as client:
+        graph_id = client.create_graph(graph).graph_id
+        with pytest.raises(cr.ChainruleError) as raised:
+            client.gradients(graph_id, {"x": 3}, loss="y", wrt=["x"])
+    message = raised.value.message
+    assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT and raised.value.reason == "NOT_DIFFERENTIABLE"
+    assert "int64" in message and "feed floats" in message and "dtype" in message, message
+
+
+TOKEN = "alice-secret-token-1"
+
+
+@pytest.fixture
+def secured(tmp_path: Path) -> Iterator[ServerProcess]:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{TOKEN} alice\n")
+    process = ServerProcess(tmp_path / "chainrule.db", ["--auth-tokens", str(tokens)]).start()
+    yield process
+    process.kill()
+
+
+def test_the_bearer_scheme_is_case_insensitive(secured: ServerProcess) -> None:
+    stub = secured.stub()
+    for scheme in ("Bearer", "bearer", "BEARER", "bEaReR"):
+        answer = stub.ListGraphs(pb.ListGraphsRequest(), metadata=[("authorization", f"{scheme} {TOKEN}")], timeout=10)
+        assert list(answer.graphs) == [], scheme
+        outbox: queue.Queue[pb.TrainRequest | None] = queue.Queue()
+        outbox.put(None)
+        stream = stub.Train(iter(outbox.get, None), metadata=[("authorization", f"{scheme} {TOKEN}")], timeout=10)
+        error = error_of(lambda stream=stream: list(stream))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, scheme  # past authentication: no config
+    for wrong in (f"Basic {TOKEN}", f"Bearer{TOKEN}", TOKEN):
+        error = error_of(
+            lambda wrong=wrong: stub.ListGraphs(pb.ListGraphsRequest(), metadata=[("authorization", wrong)])
+        )
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED, wrong

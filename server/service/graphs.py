@@ -15,7 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from chainrule import tensors
 from chainrule.server import optim
 from chainrule.server.engine import Engine, GraphSummary, TrainingSession
-from chainrule.server.errors import InvalidArgument, Unavailable
+from chainrule.server.errors import InvalidArgument, NonScalarLoss, Unavailable
 from chainrule.server.ops import STORED_SOURCES
 from chainrule.server.pipeline import run_ahead
 from chainrule.server.service.calls import Call, CallGate, Servicer, decode_tensor, streaming, unary
@@ -231,6 +231,13 @@ class GraphService(Servicer, graph_service_pb2_grpc.GraphServiceServicer):
             call.bytes_in += request.ByteSize()
             try:
                 result = session.step(self.decode_feeds(request.batch.feeds), call.stop)
+            except NonScalarLoss as error:
+                raise InvalidArgument(
+                    f"batch {index}: loss '{error.loss}' has shape {error.shape}; Train needs a scalar loss: "
+                    "reduce it in the graph with sum or mean",
+                    reason=error.reason,
+                    subject=error.subject,
+                ) from None
             except InvalidArgument as error:
                 raise InvalidArgument(
                     f"batch {index}: {error.message}", reason=error.reason, subject=error.subject
