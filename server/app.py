@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
+import sqlite3
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -48,17 +51,72 @@ class ServerOptions:
     max_live_graphs: int = DEFAULT_MAX_LIVE_GRAPHS
 
 
+class StartupError(Exception):
+    """What keeps the server from starting, in one line for the operator (no traceback)."""
+
+
 def is_loopback(host: str) -> bool:
     return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def database_trouble(db: str, error: sqlite3.Error) -> StartupError:
+    """What is wrong with `db`, in words, for an error SQLite raised while the server started."""
+    text = str(error)
+    if "not a database" in text:
+        why = "the file is not a SQLite database"
+    elif not Path(db).parent.is_dir():
+        why = f"the directory {Path(db).parent} does not exist"
+    elif "readonly" in text:
+        why = "the database, or the file system it is on, is read-only"
+    elif "unable to open" in text:
+        why = "the file cannot be opened or created there (a read-only file system, or no permission?)"
+    elif "disk I/O" in text:
+        why = "the disk refused a write (full, failing or read-only)"
+    else:
+        why = text
+    return StartupError(f"cannot use the database {db}: {why}")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another process listens on before gRPC tries it (gRPC's own refusal comes with a
+    log line of its own). The probe sets SO_REUSEADDR as gRPC does, so a port in TIME_WAIT passes."""
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise StartupError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as error:
+                why = "the port is in use" if error.errno == errno.EADDRINUSE else error.strerror
+                raise StartupError(f"cannot listen on {host}:{port}: {why}") from None
 
 
 class RunningServer:
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
         self._check_capacity()
-        self.store = open_store(options.db)
-        self.engine = Engine(self.store, options.limits, options.checkpoint_every, options.max_live_graphs)
         self.tokens = TokenFile(options.auth_tokens) if options.auth_tokens else None
+        try:
+            self.store = open_store(options.db)
+        except sqlite3.Error as error:
+            raise database_trouble(options.db, error) from None
+        try:
+            self._assemble()
+        except BaseException as error:
+            self.store.close()
+            if isinstance(error, sqlite3.Error):
+                raise database_trouble(options.db, error) from None
+            raise
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self.metrics_port: int | None = None
+
+    def _assemble(self) -> None:
+        options = self.options
+        self.engine = Engine(self.store, options.limits, options.checkpoint_every, options.max_live_graphs)
         self.metrics = Metrics()
         self.metrics.graphs.set(self.store.count_graphs())
         self.calls = CallGate(
@@ -85,8 +143,6 @@ class RunningServer:
             names = (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, self.server)
         self.port = self._bind()
-        self._stopping = threading.Event()
-        self._stopped = threading.Event()
 
     def _check_capacity(self) -> None:
         if self.options.max_concurrent_rpcs >= self.options.workers:
@@ -97,6 +153,8 @@ class RunningServer:
     def _bind(self) -> int:
         options = self.options
         target = f"{options.host}:{options.port}"
+        if options.port:
+            check_port_free(options.host, options.port)
         if options.tls_cert or options.tls_key:
             if not (options.tls_cert and options.tls_key):
                 raise ValueError("--tls-cert and --tls-key go together")
@@ -106,13 +164,21 @@ class RunningServer:
                 root_certificates=client_ca,
                 require_client_auth=client_ca is not None,
             )
-            port = self.server.add_secure_port(target, credentials)
+            try:
+                port = self.server.add_secure_port(target, credentials)
+            except RuntimeError:
+                port = 0
         else:
             if options.tls_client_ca:
                 raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
-            port = self.server.add_insecure_port(target)
+            try:
+                port = self.server.add_insecure_port(target)
+            except RuntimeError:
+                port = 0
         if port == 0:
-            raise OSError(f"cannot listen on {target}")
+            raise StartupError(
+                f"cannot listen on {target}: the port is in use, or the host is not an address of this machine"
+            )
         return port
 
     @property
@@ -127,7 +193,13 @@ class RunningServer:
                 self.address,
             )
         if self.options.metrics_port is not None:
-            self.metrics.serve(self.options.metrics_port, "127.0.0.1" if is_loopback(self.options.host) else "")
+            host = "127.0.0.1" if is_loopback(self.options.host) else ""
+            try:
+                self.metrics_port = self.metrics.serve(self.options.metrics_port, host)
+            except OSError as error:
+                raise StartupError(
+                    f"cannot serve metrics on port {self.options.metrics_port}: {error.strerror or error}"
+                ) from None
         self.server.start()
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -156,6 +228,8 @@ class RunningServer:
             log.error("kept the previous tokens: %s", error)
 
     def serve_until_signalled(self) -> None:
+        """Serve (the caller has called `start`) until SIGTERM or SIGINT, and then stop."""
+
         def on_stop_signal(signum: int, _frame: object) -> None:
             log.info("received %s; shutting down", signal.Signals(signum).name)
             threading.Thread(target=self.stop, name="shutdown").start()
@@ -163,5 +237,4 @@ class RunningServer:
         signal.signal(signal.SIGTERM, on_stop_signal)
         signal.signal(signal.SIGINT, on_stop_signal)
         signal.signal(signal.SIGHUP, lambda _signum, _frame: self.reload_tokens())
-        self.start()
         self._stopped.wait()

@@ -1,18 +1,76 @@
-"""The `chainrule` command."""
+"""The `chainrule` command.
+
+`chainrule serve` refuses impossible flag values before anything starts (argparse names the flag
+and the range), and a server that cannot start prints one line saying why and exits 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
+from collections.abc import Callable
 
 from chainrule.client.commands import add_client_commands
 from chainrule.server import logs
-from chainrule.server.app import RunningServer, ServerOptions
+from chainrule.server.app import RunningServer, ServerOptions, StartupError
 from chainrule.server.engine import DEFAULT_MAX_LIVE_GRAPHS
 from chainrule.server.graph import Limits
 
 MIB = 1024 * 1024
+MAX_PORT = 65535
+MAX_MESSAGE_MB = 2047
+"""gRPC sizes messages with a signed 32-bit integer."""
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` to `high` (no upper bound when None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            span = f"at least {low}" if high is None else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: it must be {span}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def seconds(low: float, inclusive: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds above `low` (or from it, when `inclusive`)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds") from None
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            bound = "at least" if inclusive else "more than"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {bound} {low:g}")
+        return value
+
+    parse.__name__ = "seconds"
+    return parse
+
+
+PORT = integer(0, MAX_PORT)
+POSITIVE = integer(1)
+NOT_NEGATIVE = integer(0)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except where there is none to show: switches, and options off unless given."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -44,27 +102,55 @@ def serve(args: argparse.Namespace) -> int:
     )
     try:
         server = RunningServer(options)
-    except (OSError, ValueError) as error:
+        server.start()
+    except (StartupError, OSError, ValueError) as error:
         print(f"chainrule: {error}", file=sys.stderr)
         return 2
+    if server.metrics_port is not None:
+        print(f"chainrule metrics on port {server.metrics_port} (/metrics)", flush=True)
     print(f"chainrule serving on {server.address} (database {options.db})", flush=True)
     logging.getLogger("chainrule.server").info("listening on %s", server.address)
     server.serve_until_signalled()
     return 0
 
 
-def add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    serve_parser = commands.add_parser(
-        "serve", help="start the gRPC server", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+def add_log_options(parser: argparse._ActionsContainer, default: object) -> None:
+    """--log-level and --log-format, on `chainrule` itself and on `chainrule serve`; on `serve` they
+    default to argparse.SUPPRESS, so that `chainrule --log-format json serve` keeps its value."""
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default="INFO" if default is None else default,
+        help="the least severe log lines written",
     )
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text" if default is None else default,
+        help="log lines for people (text) or machines (json: one object per line)",
+    )
+
+
+def add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve_parser = commands.add_parser("serve", help="start the gRPC server", formatter_class=HelpFormatter)
     network = serve_parser.add_argument_group("network")
     network.add_argument("--host", default="127.0.0.1", help="address to bind")
-    network.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one and prints it")
+    network.add_argument("--port", type=PORT, default=50051, help="port; 0 picks a free one and prints it")
     network.add_argument("--db", default="chainrule.db", help="SQLite database file")
-    network.add_argument("--workers", type=int, default=64, help="RPC worker threads")
-    network.add_argument("--grace-seconds", type=float, default=10.0, help="on SIGTERM, time running calls get")
-    network.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
-    network.add_argument("--no-reflection", dest="reflection", action="store_false", help="turn off server reflection")
+    network.add_argument("--workers", type=POSITIVE, default=64, help="RPC worker threads")
+    network.add_argument(
+        "--grace-seconds", type=seconds(0, inclusive=True), default=10.0, help="on SIGTERM, time running calls get"
+    )
+    network.add_argument(
+        "--metrics-port", type=PORT, help="serve Prometheus metrics on this port; 0 picks a free one and prints it"
+    )
+    network.add_argument(
+        "--no-reflection",
+        dest="reflection",
+        action="store_false",
+        help="turn off gRPC server reflection, which is on unless this is given",
+    )
     security = serve_parser.add_argument_group("security")
     security.add_argument(
         "--auth-tokens", metavar="FILE", help="require bearer tokens: lines 'token tenant'; SIGHUP rereads"
@@ -74,51 +160,69 @@ def add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
     security.add_argument("--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA (mTLS)")
     limits = serve_parser.add_argument_group("limits")
     defaults = Limits()
-    limits.add_argument("--max-nodes", type=int, default=defaults.max_nodes, help="nodes per graph")
-    limits.add_argument("--max-name-length", type=int, default=defaults.max_name_length, help="characters per name")
-    limits.add_argument("--max-attrs", type=int, default=defaults.max_attrs_per_node, help="attrs per node")
+    limits.add_argument("--max-nodes", type=POSITIVE, default=defaults.max_nodes, help="nodes per graph")
     limits.add_argument(
-        "--max-attr-list-length", type=int, default=defaults.max_attr_list_length, help="entries per ints/floats attr"
+        "--max-name-length",
+        type=POSITIVE,
+        default=defaults.max_name_length,
+        help="characters per name: graph and node names, and every name or id a request carries",
+    )
+    limits.add_argument("--max-attrs", type=NOT_NEGATIVE, default=defaults.max_attrs_per_node, help="attrs per node")
+    limits.add_argument(
+        "--max-attr-list-length",
+        type=NOT_NEGATIVE,
+        default=defaults.max_attr_list_length,
+        help="entries per ints/floats attr",
     )
     limits.add_argument(
-        "--max-tensor-elements", type=int, default=defaults.max_tensor_elements, help="elements per tensor or node"
+        "--max-tensor-elements",
+        type=POSITIVE,
+        default=defaults.max_tensor_elements,
+        help="elements per tensor or node",
     )
     limits.add_argument(
         "--max-request-memory-mb",
-        type=int,
+        type=POSITIVE,
         default=defaults.max_request_bytes // MIB,
         help="estimated MiB of values one request may compute; larger requests get RESOURCE_EXHAUSTED",
     )
     limits.add_argument(
         "--max-live-graphs",
-        type=int,
+        type=POSITIVE,
         default=DEFAULT_MAX_LIVE_GRAPHS,
         help="graphs kept compiled in memory; idle ones beyond this are recompiled from the store when used",
     )
-    limits.add_argument("--max-message-mb", type=int, default=512, help="largest request message accepted, MiB")
+    limits.add_argument(
+        "--max-message-mb",
+        type=integer(1, MAX_MESSAGE_MB),
+        default=512,
+        help="largest request message accepted, MiB",
+    )
     limits.add_argument(
         "--max-concurrent-rpcs",
-        type=int,
+        type=POSITIVE,
         default=60,
         help="chainrule calls and streams served at once, health checks not counted; below --workers, "
         "so health checks always find a thread",
     )
     training = serve_parser.add_argument_group("training")
     training.add_argument(
-        "--checkpoint-every", type=int, default=100, help="steps between checkpoints when a stream asks for the default"
+        "--checkpoint-every",
+        type=POSITIVE,
+        default=100,
+        help="steps between checkpoints when a stream asks for the default",
     )
+    add_log_options(serve_parser.add_argument_group("logging"), argparse.SUPPRESS)
     serve_parser.set_defaults(run=serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chainrule", description="Run and differentiate dataflow graphs over gRPC.")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
-    parser.add_argument(
-        "--log-format",
-        choices=["text", "json"],
-        default="text",
-        help="log lines for people or machines (default: text)",
+    parser = argparse.ArgumentParser(
+        prog="chainrule",
+        description="Run and differentiate dataflow graphs over gRPC.",
+        formatter_class=HelpFormatter,
     )
+    add_log_options(parser, None)
     commands = parser.add_subparsers(dest="command", required=True)
 
     add_serve_command(commands)

@@ -21,5 +21,7 @@ class Metrics:
             "chainrule_training_steps", "Optimizer steps applied; rate() gives steps per second", registry=registry
         )
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Serve /metrics on `port` (0: a free one); returns the port bound."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(server.server_port)
