@@ -7,6 +7,7 @@ import logging
 import signal
 import socket
 import sqlite3
+import sys
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from chainrule.server.auth import AuthInterceptor, TokenFile
 from chainrule.server.engine import DEFAULT_CHECKPOINT_EVERY, DEFAULT_MAX_LIVE_GRAPHS, Engine
 from chainrule.server.graph import Limits
 from chainrule.server.metrics import Metrics
-from chainrule.server.service.calls import CallGate, add_to_server
+from chainrule.server.service.calls import DEFAULT_STREAM_IDLE_SECONDS, CallGate, add_to_server, default_compute_slots
 from chainrule.server.service.graphs import GraphService
 from chainrule.server.store import open_store
 from chainrule.v1 import graph_service_pb2
@@ -29,6 +30,10 @@ log = logging.getLogger("chainrule.server")
 SERVICE_NAME = graph_service_pb2.DESCRIPTOR.services_by_name["GraphService"].full_name
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
+GIL_SWITCH_SECONDS = 0.001
+"""How long a thread may hold the GIL while another waits (Python's default is 5 ms). A health check
+takes the GIL about five times on its way through gRPC's threads; behind busy compute threads each
+of those waits up to this long, so 1 ms instead of 5 cut its median latency under load from 26 to 10 ms."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,11 @@ class ServerOptions:
     reflection: bool = True
     metrics_port: int | None = None
     max_live_graphs: int = DEFAULT_MAX_LIVE_GRAPHS
+    max_concurrent_rpcs_per_tenant: int | None = None
+    """None: half of max_concurrent_rpcs when there are tenants (auth_tokens), else no limit of its own."""
+    max_concurrent_compute: int | None = None
+    """None: one per core this process may run on."""
+    stream_idle_seconds: float = DEFAULT_STREAM_IDLE_SECONDS
 
 
 class StartupError(Exception):
@@ -119,8 +129,17 @@ class RunningServer:
         self.engine = Engine(self.store, options.limits, options.checkpoint_every, options.max_live_graphs)
         self.metrics = Metrics()
         self.metrics.graphs.set(self.store.count_graphs())
+        per_tenant = options.max_concurrent_rpcs_per_tenant
+        if per_tenant is None and self.tokens is not None:
+            per_tenant = max(1, options.max_concurrent_rpcs // 2)
         self.calls = CallGate(
-            self.tokens, self.metrics, options.max_concurrent_rpcs, max_name_length=options.limits.max_name_length
+            self.tokens,
+            self.metrics,
+            options.max_concurrent_rpcs,
+            per_tenant,
+            options.limits.max_name_length,
+            options.max_concurrent_compute or default_compute_slots(),
+            options.stream_idle_seconds,
         )
         self.service = GraphService(self.engine, self.calls)
         self.health = health.HealthServicer()
@@ -133,9 +152,10 @@ class RunningServer:
                 ("grpc.max_send_message_length", -1),
                 ("grpc.so_reuseport", 0),
             ],
-            # GraphService refuses calls beyond --max-concurrent-rpcs itself, leaving the threads
-            # above that for health checks and reflection; gRPC only refuses what no thread could take.
-            maximum_concurrent_rpcs=options.workers,
+            # GraphService refuses calls beyond --max-concurrent-rpcs itself, leaving the threads above
+            # that for health checks and reflection. gRPC's own limit is not set: it would refuse health
+            # checks too while refused calls pass through the threads.
+            maximum_concurrent_rpcs=None,
         )
         add_to_server(self.service, graph_service_pb2.DESCRIPTOR.services_by_name["GraphService"], self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -187,6 +207,7 @@ class RunningServer:
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     def start(self) -> None:
+        sys.setswitchinterval(GIL_SWITCH_SECONDS)
         if self.tokens is None and not is_loopback(self.options.host):
             log.warning(
                 "serving %s without --auth-tokens: anyone who can reach it can read, change and delete every graph",

@@ -17,6 +17,7 @@ from chainrule.server import logs
 from chainrule.server.app import RunningServer, ServerOptions, StartupError
 from chainrule.server.engine import DEFAULT_MAX_LIVE_GRAPHS
 from chainrule.server.graph import Limits
+from chainrule.server.service.calls import DEFAULT_STREAM_IDLE_SECONDS
 
 MIB = 1024 * 1024
 MAX_PORT = 65535
@@ -88,6 +89,9 @@ def serve(args: argparse.Namespace) -> int:
         db=args.db,
         workers=args.workers,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_concurrent_rpcs_per_tenant=args.max_concurrent_rpcs_per_tenant,
+        max_concurrent_compute=args.max_concurrent_compute,
+        stream_idle_seconds=args.stream_idle_seconds,
         max_request_message_bytes=args.max_message_mb * MIB,
         checkpoint_every=args.checkpoint_every,
         grace_seconds=args.grace_seconds,
@@ -204,6 +208,24 @@ def add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
         default=60,
         help="chainrule calls and streams served at once, health checks not counted; below --workers, "
         "so health checks always find a thread",
+    )
+    limits.add_argument(
+        "--max-concurrent-rpcs-per-tenant",
+        type=POSITIVE,
+        help="calls and streams one tenant may have open at once (default: half of --max-concurrent-rpcs "
+        "with --auth-tokens; without tokens every caller is one tenant and only --max-concurrent-rpcs applies)",
+    )
+    limits.add_argument(
+        "--max-concurrent-compute",
+        type=POSITIVE,
+        help="calls running graphs at once; the others admitted wait their turn, off the GIL "
+        "(default: one per CPU core)",
+    )
+    limits.add_argument(
+        "--stream-idle-seconds",
+        type=seconds(0, inclusive=False),
+        default=DEFAULT_STREAM_IDLE_SECONDS,
+        help="a Train stream that sends nothing for this long ends with DEADLINE_EXCEEDED, its steps committed",
     )
     training = serve_parser.add_argument_group("training")
     training.add_argument(

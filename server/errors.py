@@ -64,6 +64,10 @@ class Cancelled(ChainruleError):
     status = "CANCELLED"
 
 
+class DeadlineExceeded(ChainruleError):
+    status = "DEADLINE_EXCEEDED"
+
+
 class Unauthenticated(ChainruleError):
     status = "UNAUTHENTICATED"
 

@@ -17,6 +17,11 @@ class Metrics:
         self.bytes_in = Counter("chainrule_received_bytes", "Request bytes, by method", ["method"], registry=registry)
         self.bytes_out = Counter("chainrule_sent_bytes", "Response bytes, by method", ["method"], registry=registry)
         self.graphs = Gauge("chainrule_graphs", "Graphs stored", registry=registry)
+        self.compute_waiting = Gauge(
+            "chainrule_calls_waiting_for_compute",
+            "Calls admitted but waiting for a compute slot (--max-concurrent-compute)",
+            registry=registry,
+        )
         self.training_steps = Counter(
             "chainrule_training_steps", "Optimizer steps applied; rate() gives steps per second", registry=registry
         )

@@ -1,9 +1,13 @@
-"""Run a generator on its own thread, a few items ahead of the thread that consumes it.
+"""Run a generator on its own thread, a few items ahead of the thread that consumes it; and read
+an iterator that may block for ever with a limit on how long each item may take.
 
 A Train stream's handler thread would otherwise spend part of every step waiting on gRPC:
 for the response to be written, then for the next request to be handed over. With the steps
 computed on a thread of their own, that waiting overlaps the next step's numpy work, which
 releases the GIL.
+
+gRPC's request iterator blocks until the client sends something; `idle_limited` reads it on a
+thread of its own so that a stream whose client went quiet ends after --stream-idle-seconds.
 """
 
 from __future__ import annotations
@@ -76,3 +80,51 @@ def run_ahead(items: Generator[T, None, None], depth: int, stop: StopFlag, name:
             abandoned.set()
             stop.stopped = True
         producer.join()
+
+
+class StreamIdle(Exception):
+    """The next item did not come within the idle limit."""
+
+
+def idle_limited(items: Iterator[T], idle_seconds: float, name: str) -> Iterator[T]:
+    """Yield what `items` yields, each read on a thread of its own when it is asked for (never ahead);
+    raise StreamIdle when one takes more than `idle_seconds` to come.
+
+    The reading thread is left blocked in `items` when this gives up: it is meant for gRPC's request
+    iterator, which ends (and so lets the thread finish) as soon as its RPC does.
+    """
+    wanted = threading.Semaphore(0)
+    ready: queue.SimpleQueue[T | _End] = queue.SimpleQueue()
+    closed = threading.Event()
+
+    def read() -> None:
+        while True:
+            wanted.acquire()
+            if closed.is_set():
+                return
+            try:
+                item = next(items)
+            except StopIteration:
+                ready.put(_End())
+                return
+            except Exception as error:
+                ready.put(_End(error))
+                return
+            ready.put(item)
+
+    threading.Thread(target=read, name=name, daemon=True).start()
+    try:
+        while True:
+            wanted.release()
+            try:
+                item = ready.get(timeout=idle_seconds)
+            except queue.Empty:
+                raise StreamIdle(f"nothing came for {idle_seconds:g} s") from None
+            if isinstance(item, _End):
+                if item.error is not None:
+                    raise item.error
+                return
+            yield item
+    finally:
+        closed.set()
+        wanted.release()

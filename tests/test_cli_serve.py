@@ -51,6 +51,8 @@ def listening_port() -> Iterator[int]:
 def test_serve_help_lists_the_log_options_and_reads_right() -> None:
     help_text = chainrule("serve", "--help", check=True).stdout
     assert "--log-format" in help_text and "--log-level" in help_text
+    for flag in ("--stream-idle-seconds", "--max-concurrent-rpcs-per-tenant", "--max-concurrent-compute"):
+        assert flag in help_text, flag
     reflection = re.search(r"--no-reflection\s+(.*?)\n  --", help_text, re.DOTALL)
     assert reflection is not None
     assert "default: True" not in reflection.group(1) and "(default: None)" not in help_text
@@ -86,10 +88,14 @@ IMPOSSIBLE_VALUES = [
     ("--max-live-graphs", "0", "at least 1"),
     ("--max-message-mb", "4096", "from 1 to 2047"),
     ("--max-concurrent-rpcs", "0", "at least 1"),
+    ("--max-concurrent-rpcs-per-tenant", "0", "at least 1"),
+    ("--max-concurrent-compute", "0", "at least 1"),
     ("--workers", "0", "at least 1"),
     ("--checkpoint-every", "0", "at least 1"),
     ("--grace-seconds", "-1", "at least 0"),
     ("--grace-seconds", "nan", "at least 0"),
+    ("--stream-idle-seconds", "0", "more than 0"),
+    ("--stream-idle-seconds", "inf", "more than 0"),
     ("--log-level", "chatty", "invalid choice"),
 ]
 

@@ -11,8 +11,11 @@ cut to what a default gRPC client accepts in trailers (`error_status`).
 from __future__ import annotations
 
 import base64
+import collections
+import contextlib
 import functools
 import logging
+import os
 import threading
 import time
 import uuid
@@ -27,10 +30,18 @@ from google.protobuf.descriptor import FieldDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from prometheus_client import Gauge
 
 from chainrule import tensors
 from chainrule.server.auth import TokenFile
-from chainrule.server.errors import ChainruleError, InvalidArgument, ResourceExhausted, Unauthenticated, check_name
+from chainrule.server.errors import (
+    Cancelled,
+    ChainruleError,
+    InvalidArgument,
+    ResourceExhausted,
+    Unauthenticated,
+    check_name,
+)
 from chainrule.server.graph import Limits
 from chainrule.server.metrics import Metrics
 from chainrule.server.plan import StopFlag
@@ -38,6 +49,8 @@ from chainrule.v1 import graph_pb2, tensor_pb2
 
 log = logging.getLogger("chainrule.server")
 Handler = TypeVar("Handler", bound=Callable[..., Any])
+T = TypeVar("T")
+_END = object()
 ERROR_DOMAIN = "chainrule"
 REQUEST_ID_KEY = "x-request-id"
 REQUEST_ID_MAX_CHARACTERS = 256
@@ -54,6 +67,9 @@ ID_FIELDS_MIN_LENGTH = 64
 """Ids and page tokens are held to --max-name-length, but never below the length of those the server issues."""
 UNCHECKED_MESSAGES = frozenset({tensor_pb2.Tensor.DESCRIPTOR.full_name, graph_pb2.Graph.DESCRIPTOR.full_name})
 """Not walked by `check_names`: tensors carry data, and a graph's names are checked as it is built."""
+DEFAULT_STREAM_IDLE_SECONDS = 300.0
+COMPUTE_POLL_SECONDS = 0.1
+"""How often a call waiting for a compute slot looks whether it was cancelled."""
 
 
 @dataclass
@@ -70,20 +86,112 @@ class Call:
     admitted: bool = False
 
 
+def default_compute_slots() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @dataclass
 class CallGate:
-    """What every servicer of one server shares: tokens, metrics, name limits, and the slots of
-    --max-concurrent-rpcs (health checks are not counted)."""
+    """What every servicer of one server shares: tokens, metrics, name and idle limits, the slots
+    of --max-concurrent-rpcs and --max-concurrent-rpcs-per-tenant (health checks are not counted),
+    and the compute slots.
+
+    Compute slots bound how many calls run graphs at once (`Servicer.computing`). The others wait
+    blocked, off the GIL, so a health check or a cheap call competes for the GIL with a few busy
+    threads instead of every admitted one (70 computing threads once kept a health check waiting
+    4 s). Numpy releases the GIL in its kernels, so one slot per core keeps every core busy."""
 
     tokens: TokenFile | None = None
     metrics: Metrics = field(default_factory=Metrics)
     max_calls: int | None = None
-    slots: threading.Semaphore | None = None
+    max_calls_per_tenant: int | None = None
     max_name_length: int = Limits.max_name_length
+    compute_slots: int | None = None
+    stream_idle_seconds: float = DEFAULT_STREAM_IDLE_SECONDS
+    """How long a client-streaming call may send nothing before it is ended."""
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _open: collections.Counter[str] = field(default_factory=collections.Counter, init=False, repr=False)
+    _compute: FairSlots | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.max_calls is not None and self.slots is None:
-            self.slots = threading.Semaphore(self.max_calls)
+        if self.compute_slots is not None:
+            self._compute = FairSlots(self.compute_slots)
+
+    def admit(self, tenant: str) -> None:
+        """Count a call of `tenant`, or refuse it at once rather than queue it."""
+        with self._lock:
+            limit = self.max_calls_per_tenant
+            if limit is not None and self._open[tenant] >= limit:
+                raise ResourceExhausted(
+                    f"this tenant already has {limit} calls and streams open, its limit "
+                    "(--max-concurrent-rpcs-per-tenant); retry later",
+                    reason="TOO_MANY_CALLS",
+                )
+            if self.max_calls is not None and self._open.total() >= self.max_calls:
+                raise ResourceExhausted(
+                    f"the server is already serving {self.max_calls} calls and streams, its limit "
+                    "(--max-concurrent-rpcs); retry later",
+                    reason="TOO_MANY_CALLS",
+                )
+            self._open[tenant] += 1
+
+    def release(self, tenant: str) -> None:
+        with self._lock:
+            self._open[tenant] -= 1
+            if not self._open[tenant]:
+                del self._open[tenant]
+
+    @contextlib.contextmanager
+    def computing(self, stop: StopFlag) -> Iterator[None]:
+        """Hold a compute slot, waiting for one first; a call that ends while it waits raises Cancelled."""
+        if self._compute is None:
+            yield
+            return
+        self._compute.acquire(stop, self.metrics.compute_waiting)
+        try:
+            yield
+        finally:
+            self._compute.release()
+
+
+class FairSlots:
+    """A semaphore that hands its slots out in the order they were asked for, so a call waiting
+    for compute is overtaken by none that came after it; a waiter can give up when its call ends."""
+
+    def __init__(self, slots: int) -> None:
+        self._free = slots
+        self._waiting: collections.deque[threading.Event] = collections.deque()
+        self._lock = threading.Lock()
+
+    def acquire(self, stop: StopFlag, waiting: Gauge) -> None:
+        with self._lock:
+            if self._free and not self._waiting:
+                self._free -= 1
+                return
+            granted = threading.Event()
+            self._waiting.append(granted)
+        waiting.inc()
+        try:
+            while not granted.wait(COMPUTE_POLL_SECONDS):
+                if stop.stopped:
+                    with self._lock:
+                        came_too_late = granted.is_set()
+                        if not came_too_late:
+                            self._waiting.remove(granted)
+                    if came_too_late:
+                        self.release()  # pass it on
+                    raise Cancelled("the call ended while it waited for a compute slot", reason="CANCELLED")
+        finally:
+            waiting.dec()
+
+    def release(self) -> None:
+        """Hand the slot straight to the longest waiter, if any."""
+        with self._lock:
+            if self._waiting:
+                self._waiting.popleft().set()
+            else:
+                self._free += 1
 
 
 class Servicer:
@@ -116,15 +224,7 @@ class Servicer:
             raise Unauthenticated("a known bearer token is required", reason="UNAUTHENTICATED")
 
     def admit(self, call: Call) -> None:
-        """Count the call against max_calls, or refuse it at once rather than queue it."""
-        if self.calls.slots is None:
-            return
-        if not self.calls.slots.acquire(blocking=False):
-            raise ResourceExhausted(
-                f"the server is already serving {self.calls.max_calls} calls and streams, its limit "
-                "(--max-concurrent-rpcs); retry later",
-                reason="TOO_MANY_CALLS",
-            )
+        self.calls.admit(call.tenant)
         call.admitted = True
 
     def checked(self, request: Any) -> Any:
@@ -134,10 +234,22 @@ class Servicer:
             check_names(request, self.calls.max_name_length)
         return request
 
+    def computing(self, call: Call) -> contextlib.AbstractContextManager[None]:
+        """Wrap the part of a call that runs a graph: it waits for a compute slot (see CallGate)."""
+        return self.calls.computing(call.stop)
+
+    def computed(self, items: Iterator[T], call: Call) -> Iterator[T]:
+        """`items`, each computed holding a compute slot, released while the caller sends it."""
+        while True:
+            with self.computing(call):
+                item = next(items, _END)
+            if item is _END:
+                return
+            yield item  # type: ignore[misc]
+
     def end(self, call: Call, code: str) -> None:
         if call.admitted:
-            assert self.calls.slots is not None
-            self.calls.slots.release()
+            self.calls.release(call.tenant)
             call.admitted = False
         elapsed = time.perf_counter() - call.started
         self.calls.metrics.rpcs.labels(call.method, code).inc()

@@ -15,9 +15,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from chainrule import tensors
 from chainrule.server import optim
 from chainrule.server.engine import Engine, GraphSummary, TrainingSession
-from chainrule.server.errors import InvalidArgument, NonScalarLoss, Unavailable
+from chainrule.server.errors import DeadlineExceeded, InvalidArgument, NonScalarLoss, Unavailable
 from chainrule.server.ops import STORED_SOURCES
-from chainrule.server.pipeline import run_ahead
+from chainrule.server.pipeline import StreamIdle, idle_limited, run_ahead
 from chainrule.server.service.calls import Call, CallGate, Servicer, decode_tensor, streaming, unary
 from chainrule.v1 import graph_pb2, graph_service_pb2_grpc, tensor_pb2
 from chainrule.v1 import graph_service_pb2 as pb
@@ -110,7 +110,8 @@ class GraphService(Servicer, graph_service_pb2_grpc.GraphServiceServicer):
         self, request: pb.CreateGraphRequest, context: grpc.ServicerContext, call: Call
     ) -> pb.CreateGraphResponse:
         full = graph_view(request.view, graph_pb2.GRAPH_VIEW_BASIC)
-        summary = self.engine.create_graph(request.graph, call.tenant, request.request_id)
+        with self.computing(call):
+            summary = self.engine.create_graph(request.graph, call.tenant, request.request_id)
         if not summary.retried:
             self.calls.metrics.graphs.inc()
         return pb.CreateGraphResponse(graph=graph_info(summary, full))
@@ -151,9 +152,10 @@ class GraphService(Servicer, graph_service_pb2_grpc.GraphServiceServicer):
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext, call: Call) -> pb.ForwardResponse:
         feeds = self.decode_feeds(request.feeds)
         fetches = list(request.fetches)
-        values = self.engine.forward(
-            request.graph_id, feeds, fetches, call.tenant, call.stop, training=request.training, seed=request.seed
-        )
+        with self.computing(call):
+            values = self.engine.forward(
+                request.graph_id, feeds, fetches, call.tenant, call.stop, training=request.training, seed=request.seed
+            )
         return pb.ForwardResponse(outputs=tensors.encode_named(zip(fetches, values, strict=True)))
 
     @streaming
@@ -162,24 +164,25 @@ class GraphService(Servicer, graph_service_pb2_grpc.GraphServiceServicer):
         gradient that saves two full copies of it."""
         feeds = self.decode_feeds(request.feeds)
         loss_grad = decode_tensor(request.loss_grad, "loss_grad") if request.HasField("loss_grad") else None
-        loss, gradients = self.engine.backward(
-            request.graph_id,
-            feeds,
-            request.loss,
-            list(request.wrt),
-            loss_grad,
-            call.tenant,
-            call.stop,
-            training=request.training,
-            seed=request.seed,
-        )
+        with self.computing(call):
+            loss, gradients = self.engine.backward(
+                request.graph_id,
+                feeds,
+                request.loss,
+                list(request.wrt),
+                loss_grad,
+                call.tenant,
+                call.stop,
+                training=request.training,
+                seed=request.seed,
+            )
         *leading_loss_chunks, last_loss_chunk = tensors.chunks(loss, request.loss)
         for chunk in leading_loss_chunks:
             response = pb.BackwardResponse()
             chunk.write_to(response.loss)
             yield response
         first = True
-        for name, gradient in gradients:
+        for name, gradient in self.computed(gradients, call):
             for chunk in tensors.chunks(gradient, name):
                 head = pb.BackwardResponse(name=name)
                 if first:
@@ -192,7 +195,15 @@ class GraphService(Servicer, graph_service_pb2_grpc.GraphServiceServicer):
     def Train(
         self, requests: Iterator[pb.TrainRequest], context: grpc.ServicerContext, call: Call
     ) -> Iterator[pb.TrainResponse]:
-        first = next(requests, None)
+        idle_seconds = self.calls.stream_idle_seconds
+        requests = idle_limited(requests, idle_seconds, f"train-requests-{call.request_id}")
+        try:
+            first = next(requests, None)
+        except StreamIdle:
+            raise DeadlineExceeded(
+                f"the stream sent nothing for {idle_seconds:g} s (--stream-idle-seconds); no step was taken",
+                reason="STREAM_IDLE",
+            ) from None
         if first is None or first.WhichOneof("item") != "config":
             raise InvalidArgument(
                 "the first TrainRequest must carry a config; got " + ("nothing" if first is None else "a batch"),
@@ -214,6 +225,13 @@ class GraphService(Servicer, graph_service_pb2_grpc.GraphServiceServicer):
         try:
             steps = self._train_steps(session, config, requests, call)
             yield from run_ahead(steps, TRAIN_RESPONSES_AHEAD, call.stop, f"train-{call.request_id}")
+        except StreamIdle:
+            session.finish()
+            raise DeadlineExceeded(
+                f"the stream sent no batch for {idle_seconds:g} s (--stream-idle-seconds); its steps are "
+                f"committed, the graph is at step {session.live.committed_step}",
+                reason="STREAM_IDLE",
+            ) from None
         finally:
             session.finish()
 
@@ -230,7 +248,8 @@ class GraphService(Servicer, graph_service_pb2_grpc.GraphServiceServicer):
                 )
             call.bytes_in += request.ByteSize()
             try:
-                result = session.step(self.decode_feeds(request.batch.feeds), call.stop)
+                with self.computing(call):
+                    result = session.step(self.decode_feeds(request.batch.feeds), call.stop)
             except NonScalarLoss as error:
                 raise InvalidArgument(
                     f"batch {index}: loss '{error.loss}' has shape {error.shape}; Train needs a scalar loss: "

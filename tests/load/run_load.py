@@ -1,11 +1,17 @@
 """Load: concurrent clients mixing Forward, Backward and Train on shared and separate graphs.
 
     python -m tests.load.run_load --seconds 60 --clients 16
+    python -m tests.load.run_load --mode heavy-forward --seconds 30 --clients 70
 
 starts a `chainrule serve` process of its own on 127.0.0.1 (an ephemeral port, a temporary
 database), runs the clients until the time is up or the request budget is spent, and prints what
 was served: requests and errors per method, p50/p99/max latencies, and the latencies of the
-grpc.health.v1 Check a separate thread sends every 50 ms throughout (target: p99 under 100 ms).
+grpc.health.v1 Check a separate thread sends every 50 ms throughout (target: p99 under 100 ms),
+each with the compose health check's deadline of 5 s. In `--mode heavy-forward` every client
+sends only Forward calls on one shared graph that keeps the server's cores and the GIL busy (a
+chain of matmul and tanh nodes), which is what once delayed health checks by seconds. With more
+clients than the server's --max-concurrent-rpcs (60), the calls beyond it are refused with
+TOO_MANY_CALLS: those are counted apart, not as errors, and their client retries 0.1 s later.
 It exits 1 when any request failed or any health check was not answered SERVING, 0 otherwise;
 latencies are reported, not judged, unless --strict-latency is given.
 
@@ -33,17 +39,23 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chainrule import tensors
+from chainrule.v1 import graph_pb2, graph_service_pb2_grpc
 from chainrule.v1 import graph_service_pb2 as pb
-from chainrule.v1 import graph_service_pb2_grpc
 from tests.server_process import ServerProcess
-from tests.test_service import mlp_graph
+from tests.test_service import mlp_graph, node
 
 METHODS = ("Forward", "Backward", "Train")
 MIX = {"Forward": 0.45, "Backward": 0.35, "Train": 0.20}
+MODES = ("mixed", "heavy-forward")
 TRAIN_BATCHES = 4
+HEAVY_DEPTH = 5000
+HEAVY_WIDTH = 8
 HEALTH_PERIOD = 0.05
+HEALTH_DEADLINE = 5.0
+"""The compose file's health check gives `chainrule health` 5 s."""
 HEALTH_TARGET_P99_MS = 100.0
-RPC_TIMEOUT = 60.0
+RPC_TIMEOUT = 120.0
+REFUSED_BACKOFF = 0.1
 LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
 
 
@@ -51,10 +63,41 @@ LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
 class ClientResult:
     latencies: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in METHODS})
     errors: list[str] = field(default_factory=list)
+    refused: int = 0
+    """Calls the server refused with TOO_MANY_CALLS (more clients than --max-concurrent-rpcs): not errors."""
+
+
+def refused_for_capacity(error: grpc.RpcError) -> bool:
+    return error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-concurrent-rpcs" in (error.details() or "")
 
 
 def feeds(rng: np.random.Generator) -> dict:
     return {"x": tensors.encode(rng.normal(size=(8, 3)))}
+
+
+def heavy_graph() -> graph_pb2.Graph:
+    """HEAVY_DEPTH layers of tanh(h @ w) on a small HEAVY_WIDTH-square input: mostly per-node Python work,
+    which holds the GIL (about 0.1 s a Forward on one core)."""
+    rng = np.random.default_rng(1)
+    weight = rng.normal(scale=HEAVY_WIDTH**-0.5, size=(HEAVY_WIDTH, HEAVY_WIDTH))
+    nodes = [
+        node("x", "input", dtype="float64", shape=[HEAVY_WIDTH, HEAVY_WIDTH]),
+        node("w", "parameter", value=weight),
+    ]
+    previous = "x"
+    for layer in range(HEAVY_DEPTH):
+        nodes += [node(f"z{layer}", "matmul", previous, "w"), node(f"h{layer}", "tanh", f"z{layer}")]
+        previous = f"h{layer}"
+    nodes.append(node("out", "sum", previous))
+    return graph_pb2.Graph(name="heavy", nodes=nodes)
+
+
+def heavy_forward(stub, graph_id: str, rng: np.random.Generator) -> None:  # type: ignore[no-untyped-def]
+    request = pb.ForwardRequest(graph_id=graph_id, fetches=["out"])
+    request.feeds["x"].CopyFrom(tensors.encode(rng.normal(size=(HEAVY_WIDTH, HEAVY_WIDTH))))
+    response = stub.Forward(request, timeout=RPC_TIMEOUT)
+    if [tuple(output.tensor.shape) for output in response.outputs] != [()]:
+        raise AssertionError("heavy Forward returned the wrong shape")
 
 
 def one_request(stub, method: str, graph_id: str, rng: np.random.Generator) -> None:  # type: ignore[no-untyped-def]
@@ -80,6 +123,32 @@ def one_request(stub, method: str, graph_id: str, rng: np.random.Generator) -> N
         steps = [response.step for response in stub.Train(iter(requests), timeout=RPC_TIMEOUT)]
         if len(steps) != TRAIN_BATCHES or steps != sorted(set(steps)):
             raise AssertionError(f"Train answered steps {steps}")
+
+
+def run_heavy_client(address: str, client: int, graph_id: str, deadline: float, budget: int, seed: int) -> ClientResult:
+    """One client sending heavy Forward calls, one at a time, on the shared heavy graph."""
+    result = ClientResult()
+    rng = np.random.default_rng([seed, client])
+    with grpc.insecure_channel(address) as channel:
+        stub = graph_service_pb2_grpc.GraphServiceStub(channel)
+        for _ in range(budget):
+            if time.monotonic() >= deadline:
+                break
+            started = time.perf_counter()
+            try:
+                heavy_forward(stub, graph_id, rng)
+            except grpc.RpcError as error:
+                if refused_for_capacity(error):
+                    result.refused += 1
+                    time.sleep(REFUSED_BACKOFF)
+                else:
+                    result.errors.append(f"client {client} Forward: {error.code().name}: {error.details()}")
+                continue
+            except AssertionError as error:
+                result.errors.append(f"client {client} Forward: {error}")
+                continue
+            result.latencies["Forward"].append(time.perf_counter() - started)
+    return result
 
 
 def run_client(address: str, client: int, shared: list[str], deadline: float, budget: int, seed: int) -> ClientResult:
@@ -112,15 +181,20 @@ def run_client(address: str, client: int, shared: list[str], deadline: float, bu
     return result
 
 
-def run_worker(address: str, clients: list[int], shared: list[str], seconds: float, budget: int, seed: int) -> dict:
+def run_worker(
+    address: str, clients: list[int], shared: list[str], seconds: float, budget: int, seed: int, mode: str
+) -> dict:
     """A worker process: its clients as threads; returns their merged results (picklable)."""
     deadline = time.monotonic() + seconds
     results: list[ClientResult] = []
+
+    def client_run(client: int) -> ClientResult:
+        if mode == "heavy-forward":
+            return run_heavy_client(address, client, shared[0], deadline, budget, seed)
+        return run_client(address, client, shared, deadline, budget, seed)
+
     threads = [
-        threading.Thread(
-            target=lambda c=client: results.append(run_client(address, c, shared, deadline, budget, seed)),
-            name=f"client-{client}",
-        )
+        threading.Thread(target=lambda c=client: results.append(client_run(c)), name=f"client-{client}")
         for client in clients
     ]
     for thread in threads:
@@ -132,7 +206,8 @@ def run_worker(address: str, clients: list[int], shared: list[str], seconds: flo
         for method in METHODS:
             merged.latencies[method] += result.latencies[method]
         merged.errors += result.errors
-    return {"latencies": merged.latencies, "errors": merged.errors}
+        merged.refused += result.refused
+    return {"latencies": merged.latencies, "errors": merged.errors, "refused": merged.refused}
 
 
 class HealthProbe(threading.Thread):
@@ -152,7 +227,7 @@ class HealthProbe(threading.Thread):
             while not self.halt.is_set():
                 started = time.perf_counter()
                 try:
-                    answer = stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+                    answer = stub.Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_DEADLINE)
                     if answer.status != health_pb2.HealthCheckResponse.SERVING:
                         self.failures.append(health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status))
                 except grpc.RpcError as error:
@@ -174,11 +249,13 @@ def summary(latencies: list[float]) -> dict:
     }
 
 
-def run_load(address: str, *, seconds: float, clients: int, processes: int, max_requests: int, seed: int) -> dict:
+def run_load(
+    address: str, *, seconds: float, clients: int, processes: int, max_requests: int, seed: int, mode: str = "mixed"
+) -> dict:
     setup = graph_service_pb2_grpc.GraphServiceStub(grpc.insecure_channel(address))
+    graphs = [heavy_graph()] if mode == "heavy-forward" else [mlp_graph(), mlp_graph()]
     shared = [
-        setup.CreateGraph(pb.CreateGraphRequest(graph=mlp_graph()), timeout=RPC_TIMEOUT).graph.graph_id
-        for _ in range(2)
+        setup.CreateGraph(pb.CreateGraphRequest(graph=graph), timeout=RPC_TIMEOUT).graph.graph_id for graph in graphs
     ]
     processes = max(1, min(processes, clients))
     groups = [list(range(clients))[index::processes] for index in range(processes)]
@@ -188,7 +265,7 @@ def run_load(address: str, *, seconds: float, clients: int, processes: int, max_
     started = time.monotonic()
     context = multiprocessing.get_context("spawn")
     with context.Pool(processes) as pool:
-        outcomes = pool.starmap(run_worker, [(address, group, shared, seconds, budget, seed) for group in groups])
+        outcomes = pool.starmap(run_worker, [(address, group, shared, seconds, budget, seed, mode) for group in groups])
     elapsed = time.monotonic() - started
     probe.halt.set()
     probe.join()
@@ -201,12 +278,14 @@ def run_load(address: str, *, seconds: float, clients: int, processes: int, max_
     served = sum(len(values) for values in latencies.values())
     health = summary(probe.latencies)
     return {
+        "mode": mode,
         "seconds": round(elapsed, 2),
         "clients": clients,
         "processes": processes,
         "requests_served": served,
         "requests_per_second": round(served / elapsed, 1) if elapsed else None,
         "errors": len(errors),
+        "refused_too_many_calls": sum(outcome["refused"] for outcome in outcomes),
         "error_samples": errors[:20],
         "methods": {method: summary(latencies[method]) for method in METHODS},
         "health": {**health, "not_serving": len(probe.failures), "failure_samples": probe.failures[:20]},
@@ -216,7 +295,8 @@ def run_load(address: str, *, seconds: float, clients: int, processes: int, max_
 def print_report(report: dict) -> None:
     print(
         f"{report['requests_served']} requests served in {report['seconds']} s by {report['clients']} clients "
-        f"({report['requests_per_second']}/s); errors: {report['errors']}"
+        f"({report['requests_per_second']}/s); errors: {report['errors']}; "
+        f"refused for capacity (TOO_MANY_CALLS): {report['refused_too_many_calls']}"
     )
     print(f"{'method':<10}{'count':>8}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}")
     for method, stats in [*report["methods"].items(), ("health", report["health"])]:
@@ -231,6 +311,7 @@ def print_report(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.load.run_load", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=MODES, default="mixed", help="the request mix (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=60.0, help="how long the clients run (default: %(default)s)")
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients (default: %(default)s)")
     parser.add_argument("--processes", type=int, default=2, help="worker processes the clients are spread over")
@@ -256,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                 processes=args.processes,
                 max_requests=args.max_requests,
                 seed=args.seed,
+                mode=args.mode,
             )
         finally:
             if server is not None:
