@@ -56,6 +56,18 @@ class ResourceExhausted(ChainruleError):
     status = "RESOURCE_EXHAUSTED"
 
 
+class FailedPrecondition(ChainruleError):
+    """The request is sound but the system is not in a state to run it (a dataset a job still uses)."""
+
+    status = "FAILED_PRECONDITION"
+
+
+class DataLoss(ChainruleError):
+    """Stored data read back does not match what was written (a checksum differs)."""
+
+    status = "DATA_LOSS"
+
+
 class Unavailable(ChainruleError):
     status = "UNAVAILABLE"
 
