@@ -455,6 +455,7 @@ class TrainConfig(_message.Message):
     CHECKPOINT_EVERY_FIELD_NUMBER: _builtins.int
     STOP_ON_NON_FINITE_LOSS_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    SCHEDULE_FIELD_NUMBER: _builtins.int
     graph_id: _builtins.str
     loss: _builtins.str
     """The scalar node to minimize."""
@@ -484,6 +485,12 @@ class TrainConfig(_message.Message):
         are committed with the parameters.
         """
 
+    @_builtins.property
+    def schedule(self) -> Global___LearningRateSchedule:
+        """How the learning rate changes from step to step, counted from the stream's first batch
+        (0-based); unset keeps the optimizer's learning_rate.
+        """
+
     def __init__(
         self,
         *,
@@ -496,14 +503,106 @@ class TrainConfig(_message.Message):
         checkpoint_every: _builtins.int = ...,
         stop_on_non_finite_loss: _builtins.bool = ...,
         seed: _builtins.int = ...,
+        schedule: Global___LearningRateSchedule | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer", "schedule", b"schedule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_every", b"checkpoint_every", "graph_id", b"graph_id", "loss", b"loss", "optimizer", b"optimizer", "parameters", b"parameters", "seed", b"seed", "stop_on_non_finite_loss", b"stop_on_non_finite_loss", "stream_gradients", b"stream_gradients", "stream_updates", b"stream_updates"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_every", b"checkpoint_every", "graph_id", b"graph_id", "loss", b"loss", "optimizer", b"optimizer", "parameters", b"parameters", "schedule", b"schedule", "seed", b"seed", "stop_on_non_finite_loss", b"stop_on_non_finite_loss", "stream_gradients", b"stream_gradients", "stream_updates", b"stream_updates"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TrainConfig: _TypeAlias = TrainConfig  # noqa: Y015
+
+@_typing.final
+class LearningRateSchedule(_message.Message):
+    """A learning rate that changes with the step `s` (0-based: the step whose update it scales),
+    from the optimizer's learning_rate `lr`: `lr * (s + 1) / warmup_steps` while
+    `s < warmup_steps`; after that, with `t = s - warmup_steps`, step_decay's or cosine's rate
+    of `t`; neither means `lr`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_DECAY_FIELD_NUMBER: _builtins.int
+    COSINE_FIELD_NUMBER: _builtins.int
+    WARMUP_STEPS_FIELD_NUMBER: _builtins.int
+    warmup_steps: _builtins.int
+    """Steps of linear warmup before the decay starts; 0 means none."""
+    @_builtins.property
+    def step_decay(self) -> Global___StepDecay: ...
+    @_builtins.property
+    def cosine(self) -> Global___Cosine: ...
+    def __init__(
+        self,
+        *,
+        step_decay: Global___StepDecay | None = ...,
+        cosine: Global___Cosine | None = ...,
+        warmup_steps: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cosine", b"cosine", "kind", b"kind", "step_decay", b"step_decay"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cosine", b"cosine", "kind", b"kind", "step_decay", b"step_decay", "warmup_steps", b"warmup_steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["step_decay", "cosine"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___LearningRateSchedule: _TypeAlias = LearningRateSchedule  # noqa: Y015
+
+@_typing.final
+class StepDecay(_message.Message):
+    """`lr * gamma ** (t // step_size)`, PyTorch's torch.optim.lr_scheduler.StepLR."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_SIZE_FIELD_NUMBER: _builtins.int
+    GAMMA_FIELD_NUMBER: _builtins.int
+    step_size: _builtins.int
+    """At least 1."""
+    gamma: _builtins.float
+    """Finite and greater than 0."""
+    def __init__(
+        self,
+        *,
+        step_size: _builtins.int = ...,
+        gamma: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gamma", b"gamma", "step_size", b"step_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepDecay: _TypeAlias = StepDecay  # noqa: Y015
+
+@_typing.final
+class Cosine(_message.Message):
+    """`min + (lr - min) * (1 + cos(pi * min(t, period_steps) / period_steps)) / 2`: the closed form of
+    PyTorch's torch.optim.lr_scheduler.CosineAnnealingLR (T_max = period_steps, eta_min = min),
+    holding `min` after the period.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERIOD_STEPS_FIELD_NUMBER: _builtins.int
+    MIN_LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    period_steps: _builtins.int
+    """At least 1."""
+    min_learning_rate: _builtins.float
+    """Finite and not negative."""
+    def __init__(
+        self,
+        *,
+        period_steps: _builtins.int = ...,
+        min_learning_rate: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_learning_rate", b"min_learning_rate", "period_steps", b"period_steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Cosine: _TypeAlias = Cosine  # noqa: Y015
 
 @_typing.final
 class Optimizer(_message.Message):
