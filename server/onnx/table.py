@@ -289,24 +289,6 @@ def _pow(ctx: Importer, node: NodeProto) -> None:
         ctx.emit(out, "cast", [power], {"dtype": ctx.dtype_name(x)})
 
 
-def _reshape(ctx: Importer, node: NodeProto) -> None:
-    """A shape computed at run time, but whose result onnx's shape inference knows but for at most
-    one size, becomes a static shape with -1 there."""
-    x, shape = node.input
-    out = node.output[0]
-    allowzero = int(ctx.attributes(node).get("allowzero", 0))
-    known = ctx.value(shape)
-    if known is not None:
-        ctx.emit(out, "reshape", [ctx.arg(x)], {"shape": known.reshape(-1), "allowzero": allowzero})
-        return
-    result = ctx.type_of(out).shape
-    if result is not None and sum(size is None for size in result) <= 1 and 0 not in result:
-        dims = [-1 if size is None else size for size in result]
-        ctx.emit(out, "reshape", [ctx.arg(x)], {"shape": dims, "allowzero": 1})
-        return
-    ctx.emit(out, "reshape", [ctx.arg(x), ctx.arg(shape)], {"allowzero": allowzero})
-
-
 def _reduce(op: str, then: str | None = None) -> Callable[[Importer, NodeProto], None]:
     """ONNX's Reduce*: axes from the input (or the attribute of older opsets), keepdims 1 by default,
     and noop_with_empty_axes. `then` is applied to the result (ReduceLogSum: log of the sum)."""
@@ -601,7 +583,7 @@ TABLE: dict[str, Rule] = {
         _constant_of_shape, ("expand",), frozenset({0}), describe="a `constant` (shape known) or `expand`"
     ),
     "Identity": Composite(_identity, ("cast",), describe="`cast` to its own dtype"),
-    "Reshape": Composite(_reshape, ("reshape",), frozenset({1})),
+    "Reshape": Native("reshape", shaped={1: "shape"}, defaults={"allowzero": 0}),
     "Transpose": Native("transpose"),
     "Flatten": Native("flatten"),
     "Concat": Native("concat"),
