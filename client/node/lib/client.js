@@ -162,6 +162,17 @@ class Client {
   }
 
   /**
+   * Stores an ONNX model (a Buffer or Uint8Array holding a serialized ModelProto, self-contained)
+   * as a graph whose nodes carry the ONNX value names; resolves to {graph: GraphInfo (basic view),
+   * outputs: the node names of the ONNX graph's outputs}. `frozen` float initializers stay
+   * constants instead of becoming trainable parameters; `name` empty keeps the ONNX graph's name.
+   */
+  async importOnnx(model, { name = '', frozen = [] } = {}) {
+    const response = await this.unary('ImportOnnx', { name, model, frozen });
+    return { graph: graphInfo(response.graph), outputs: response.outputs };
+  }
+
+  /**
    * Resolves to {graph: GraphInfo, definition: Graph | null}; the GraphInfo is 'full' unless
    * `view` is 'basic'. `omitParameterValues` leaves the parameters' initial values out of the
    * definition (getParameters gives their current values).
