@@ -102,7 +102,8 @@ def check_health(args: argparse.Namespace) -> int:
 
 
 def add_client_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add health, graphs, show, render and plot-history to the `chainrule` parser's subcommands."""
+    """Add health, graphs, show, render, import-onnx, export-onnx and plot-history to the `chainrule`
+    parser's subcommands."""
     connection = connection_options()
     health = subparsers.add_parser(
         "health", parents=[connection], help="ask a server's grpc.health.v1 service whether it is serving"
@@ -130,6 +131,26 @@ def add_client_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     render.add_argument("--loss", help="also draw every node's gradient of this scalar node")
     render.add_argument("-o", "--output", type=Path, required=True, help="the file to write: .svg, .png or .dot")
     render.set_defaults(run=_reported(render_graph))
+
+    import_onnx = subparsers.add_parser(
+        "import-onnx", parents=[connection], help="store an ONNX model as a graph and print its id and outputs"
+    )
+    import_onnx.add_argument("model", type=Path, help="the .onnx file (self-contained, no external data)")
+    import_onnx.add_argument("--name", default="", help="the graph's name (default: the ONNX graph's)")
+    import_onnx.add_argument(
+        "--frozen", nargs="+", default=[], metavar="INITIALIZER", help="float initializers to keep fixed"
+    )
+    import_onnx.set_defaults(run=_reported(import_onnx_model))
+
+    export_onnx = subparsers.add_parser(
+        "export-onnx", parents=[connection], help="write a graph with its current parameters as an ONNX model"
+    )
+    export_onnx.add_argument("graph_id")
+    export_onnx.add_argument("-o", "--output", type=Path, required=True, help="the .onnx file to write")
+    export_onnx.add_argument(
+        "--outputs", nargs="+", default=[], metavar="NODE", help="the model's outputs (default: every unread node)"
+    )
+    export_onnx.set_defaults(run=_reported(export_onnx_model))
 
     plot = subparsers.add_parser("plot-history", help="plot a History saved with History.save as a PNG")
     plot.add_argument("history", type=Path, help="the History's JSON file")
@@ -194,6 +215,24 @@ def render_graph(args: argparse.Namespace) -> int:
     else:
         output.write_bytes(render_png(dot))
     print(f"wrote {output}")
+    return 0
+
+
+def import_onnx_model(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        imported = client.import_onnx(args.model, name=args.name, frozen=args.frozen)
+    graph = imported.graph
+    print(f"graph {graph.graph_id}  {graph.name or '-'}")
+    print(f"{graph.node_count} nodes; inputs: {', '.join(graph.inputs) or '-'}")
+    print(f"{len(graph.parameters)} parameters, {len(graph.state)} state")
+    print(f"outputs: {', '.join(imported.outputs)}")
+    return 0
+
+
+def export_onnx_model(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        model = client.export_onnx(args.graph_id, args.output, outputs=args.outputs)
+    print(f"wrote {args.output} ({len(model):,} bytes)")
     return 0
 
 
