@@ -116,6 +116,7 @@ from .builder import (
 )
 from .client import Client, GraphInfo
 from .errors import ChainruleError, Violation
+from .onnx import ImportedModel
 from .render import RenderError, render_png, render_svg, to_dot
 from .streams import GradientStream, TrainStream
 from .training import Adam, History, Optimizer, Sgd, TrainStep
@@ -128,6 +129,7 @@ __all__ = [
     "GraphBuilder",
     "GraphInfo",
     "History",
+    "ImportedModel",
     "Node",
     "Optimizer",
     "RenderError",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from chainrule.v1 import graph_service_pb2 as pb
 from .builder import GraphBuilder
 from .channel import DEFAULT_MAX_MESSAGE_MB, open_channel
 from .errors import rpc_errors
+from .onnx import ImportedModel, OnnxModel, model_bytes, size_refusals, write_model
 from .render import computable_nodes, gradient_nodes, render_svg, to_dot
 from .streams import GradientStream, ParameterStream, TrainStream, decode_named, encode_feeds
 from .training import Batch, History, Optimizer, TrainOptions, plan_batches
@@ -375,6 +377,30 @@ class Client:
                 bar.set_postfix(loss=f"{step.loss:.4g}", refresh=False)
                 bar.update()
         return history
+
+    # ------------------------------------------------------------ ONNX
+    def import_onnx(self, model: OnnxModel, *, name: str = "", frozen: Sequence[str] = ()) -> ImportedModel:
+        """Store an ONNX model (a path, its bytes, or a ModelProto) as a graph whose nodes carry the
+        ONNX value names. Float initializers become trainable parameters, except those in `frozen`;
+        `name` empty keeps the ONNX graph's name. The result's `outputs` name the graph's outputs."""
+        data = model_bytes(model)
+        request = pb.ImportOnnxRequest(name=name, model=data, frozen=_names(frozen))
+        with size_refusals(len(data)), rpc_errors():
+            response = self._stub.ImportOnnx(request, timeout=self.timeout)
+        return ImportedModel(GraphInfo.from_proto(response.graph), tuple(response.outputs))
+
+    def export_onnx(
+        self, graph_id: str, path: str | os.PathLike[str] | None = None, *, outputs: Sequence[str] = ()
+    ) -> bytes:
+        """The graph with its current parameters and state as a serialized ONNX model (opset 21),
+        also written to `path` when given. `outputs` are the nodes the model outputs (empty: every
+        computed node no other node reads)."""
+        request = pb.ExportOnnxRequest(graph_id=graph_id, outputs=_names(outputs))
+        with rpc_errors():
+            model = b"".join(response.chunk for response in self._stub.ExportOnnx(request, timeout=self.timeout))
+        if path is not None:
+            write_model(path, model)
+        return model
 
 
 def _view(view: GraphView) -> graph_pb2.GraphView.ValueType:

@@ -30,6 +30,8 @@ log = logging.getLogger("chainrule.server")
 SERVICE_NAME = graph_service_pb2.DESCRIPTOR.services_by_name["GraphService"].full_name
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
+MESSAGE_SLACK_BYTES = 1 << 20
+"""How far above --max-message-mb gRPC still receives a request (ImportOnnx checks its model against the flag)."""
 GIL_SWITCH_SECONDS = 0.001
 """How long a thread may hold the GIL while another waits (Python's default is 5 ms). A health check
 takes the GIL about five times on its way through gRPC's threads; behind busy compute threads each
@@ -141,14 +143,15 @@ class RunningServer:
             options.max_concurrent_compute or default_compute_slots(),
             options.stream_idle_seconds,
         )
-        self.service = GraphService(self.engine, self.calls)
+        self.service = GraphService(self.engine, self.calls, options.max_request_message_bytes)
         self.health = health.HealthServicer()
         self.executor = futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="rpc")
         self.server = grpc.server(
             self.executor,
             interceptors=[AuthInterceptor(self.tokens)] if self.tokens else [],
             options=[
-                ("grpc.max_receive_message_length", options.max_request_message_bytes),
+                # A little above the flag, so that ImportOnnx can refuse a model just over it by name.
+                ("grpc.max_receive_message_length", options.max_request_message_bytes + MESSAGE_SLACK_BYTES),
                 ("grpc.max_send_message_length", -1),
                 ("grpc.so_reuseport", 0),
             ],

@@ -13,9 +13,10 @@ import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from chainrule import tensors
+from chainrule.server import onnx as onnx_models
 from chainrule.server import optim
 from chainrule.server.engine import Engine, GraphSummary, TrainingSession
-from chainrule.server.errors import DeadlineExceeded, InvalidArgument, NonScalarLoss, Unavailable
+from chainrule.server.errors import DeadlineExceeded, InvalidArgument, NonScalarLoss, ResourceExhausted, Unavailable
 from chainrule.server.ops import STORED_SOURCES
 from chainrule.server.pipeline import StreamIdle, idle_limited, run_ahead
 from chainrule.server.service.calls import Call, CallGate, Servicer, decode_tensor, streaming, unary
@@ -94,9 +95,11 @@ def train_responses(
 class GraphService(Servicer, graph_service_pb2_grpc.GraphServiceServicer):
     """Graphs: create, read, evaluate, differentiate, train."""
 
-    def __init__(self, engine: Engine, calls: CallGate) -> None:
+    def __init__(self, engine: Engine, calls: CallGate, max_model_bytes: int | None = None) -> None:
         super().__init__(calls)
         self.engine = engine
+        self.max_model_bytes = max_model_bytes
+        """--max-message-mb: the largest ONNX model ImportOnnx takes (gRPC's own limit is set a little above)."""
         self.draining = False
         """Set on graceful shutdown: Train streams stop after their current step."""
 
@@ -312,3 +315,34 @@ class GraphService(Servicer, graph_service_pb2_grpc.GraphServiceServicer):
                 )
             values[named.name] = decode_tensor(named.tensor, named.name, self.engine.limits.max_tensor_elements)
         return pb.SetParametersResponse(step=self.engine.set_parameters(request.graph_id, values, call.tenant))
+
+    # ------------------------------------------------------------ ONNX
+    @unary
+    def ImportOnnx(
+        self, request: pb.ImportOnnxRequest, context: grpc.ServicerContext, call: Call
+    ) -> pb.ImportOnnxResponse:
+        size = len(request.model)
+        if self.max_model_bytes is not None and size > self.max_model_bytes:
+            raise ResourceExhausted(
+                f"the model is {size:,} bytes, more than the {self.max_model_bytes:,} bytes this server accepts "
+                "(chainrule serve --max-message-mb)",
+                reason="MODEL_TOO_LARGE",
+                subject="model",
+            )
+        with self.computing(call):
+            imported = onnx_models.import_model(request.model, request.name, list(request.frozen), self.engine.limits)
+            summary = self.engine.create_graph(imported.graph, call.tenant)
+        self.calls.metrics.graphs.inc()
+        return pb.ImportOnnxResponse(graph=graph_info(summary, False), outputs=imported.outputs)
+
+    @streaming
+    def ExportOnnx(
+        self, request: pb.ExportOnnxRequest, context: grpc.ServicerContext, call: Call
+    ) -> Iterator[pb.ExportOnnxResponse]:
+        """The graph's definition with the parameters and state of one step, in chunks of at most 1 MiB."""
+        definition = graph_pb2.Graph.FromString(self.engine.definition(request.graph_id, call.tenant))
+        values, _ = self.engine.get_parameters(request.graph_id, [], call.tenant)
+        with self.computing(call):
+            model = onnx_models.export_model(definition, values, list(request.outputs), self.engine.limits)
+        for start in range(0, len(model), tensors.CHUNK_BYTES):
+            yield pb.ExportOnnxResponse(chunk=model[start : start + tensors.CHUNK_BYTES])
