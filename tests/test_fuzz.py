@@ -193,6 +193,7 @@ SMOOTH_OPS = [
     "softmax_cross_entropy", "sigmoid_cross_entropy",
     "concat", "slice", "split", "squeeze", "unsqueeze", "expand", "tile", "flatten", "pad", "cumsum", "einsum",
     "reduce_prod", "reduce_sum_square",
+    "average_pool", "global_average_pool",
     "erf", "sin", "cos", "reciprocal", "gelu", "silu", "softsign",
 ]  # fmt: skip
 ALL_OPS = sorted(name for name, op in OPS.items() if not op.is_source)
@@ -418,6 +419,27 @@ def _draw_attrs(draw: st.DrawFn, op: str, a: np.ndarray, operands: int = 1) -> d
         attrs.update({bound: pick(draw, EXACT_FLOATS) for bound in ("min", "max") if draw(st.booleans())})
     elif op == "isinf":
         attrs.update(detect_positive=draw(st.booleans()), detect_negative=draw(st.booleans()))
+    elif op in ("max_pool", "average_pool"):
+        return _draw_pool_attrs(draw, op, a)
+    return attrs
+
+
+def _draw_pool_attrs(draw: st.DrawFn, op: str, a: np.ndarray) -> dict[str, Any] | None:
+    """Windows over `a` as (N, C, spatial...) that fit most of the time (the shape rule refuses the rest)."""
+    spatial = a.ndim - 2
+    if spatial < 1:
+        return None
+    attrs: dict[str, Any] = {"kernel_shape": [draw(st.integers(1, 3)) for _ in range(spatial)]}
+    if draw(st.booleans()):
+        attrs["strides"] = [draw(st.integers(1, 3)) for _ in range(spatial)]
+    if draw(st.booleans()):
+        attrs["pads"] = [draw(st.integers(0, 1)) for _ in range(2 * spatial)]
+    if draw(st.booleans()):
+        attrs["ceil_mode"] = True
+    if draw(st.integers(0, 3)) == 0:
+        attrs["auto_pad"] = pick(draw, ["SAME_UPPER", "SAME_LOWER", "VALID"])
+    if op == "average_pool" and draw(st.booleans()):
+        attrs["count_include_pad"] = True
     return attrs
 
 
