@@ -525,130 +525,145 @@ def _hard_swish(ctx: Importer, node: NodeProto) -> None:
 REDUCE_KEEPDIMS = {"keepdims": True}
 POOL_IGNORED = frozenset({"kernel_shape"})
 
-TABLE: dict[str, Rule] = {
-    # elementwise
-    "Abs": Native("abs"),
-    "Neg": Native("neg"),
-    "Exp": Native("exp"),
-    "Log": Native("log"),
-    "Sqrt": Native("sqrt"),
-    "Tanh": Native("tanh"),
-    "Sigmoid": Native("sigmoid"),
-    "Relu": Native("relu"),
-    "Softplus": Native("softplus"),
-    "Erf": Native("erf"),
-    "Sin": Native("sin"),
-    "Cos": Native("cos"),
-    "Reciprocal": Native("reciprocal"),
-    "Floor": Native("floor"),
-    "Ceil": Native("ceil"),
-    "Round": Native("round"),
-    "Sign": Native("sign"),
-    "Selu": Native("selu"),
-    "Softsign": Native("softsign"),
-    "IsNaN": Native("isnan"),
-    "IsInf": Native("isinf"),
-    "LeakyRelu": Native("leaky_relu"),
-    "Elu": Native("elu"),
-    "Gelu": Native("gelu"),
-    "HardSigmoid": Native("hard_sigmoid"),
-    "HardSwish": Composite(_hard_swish, ("hard_sigmoid", "mul"), describe="`mul(x, hard_sigmoid(x, 1/6, 0.5))`"),
-    "PRelu": Native("prelu"),
-    "Clip": Composite(_clip, ("clip",), frozenset({1, 2})),
-    "Add": Native("add"),
-    "Sub": Native("sub"),
-    "Mul": Native("mul"),
-    "Div": Composite(_div, ("div", "cast"), describe="`div` (integers: then `cast`, truncating)"),
-    "Pow": Composite(_pow, ("pow", "cast"), describe="`pow` (`cast` where the dtypes differ)"),
-    "Sum": Composite(_variadic("add"), ("add", "cast"), describe="`add`, chained"),
-    "Mean": Composite(_variadic("add", average=True), ("add", "div"), describe="`add`, chained, then `div`"),
-    "Max": Composite(_variadic("maximum"), ("maximum", "cast"), describe="`maximum`, chained"),
-    "Min": Composite(_variadic("minimum"), ("minimum", "cast"), describe="`minimum`, chained"),
-    # comparison and logic
-    "Equal": Native("equal"),
-    "Greater": Native("greater"),
-    "GreaterOrEqual": Native("greater_equal"),
-    "Less": Native("less"),
-    "LessOrEqual": Native("less_equal"),
-    "And": Native("logical_and"),
-    "Or": Native("logical_or"),
-    "Xor": Native("logical_xor"),
-    "Not": Native("logical_not"),
-    "Where": Native("where"),
-    "Cast": Composite(_cast, ("cast",)),
-    "CastLike": Composite(_cast_like, ("cast",), frozenset({1})),
-    # values and structure
-    "Constant": Composite(_constant, (), describe="a `constant` (computed at import)"),
-    "ConstantOfShape": Composite(
-        _constant_of_shape, ("expand",), frozenset({0}), describe="a `constant` (shape known) or `expand`"
-    ),
-    "Identity": Composite(_identity, ("cast",), describe="`cast` to its own dtype"),
-    "Reshape": Native("reshape", shaped={1: "shape"}, defaults={"allowzero": 0}),
-    "Transpose": Native("transpose"),
-    "Flatten": Native("flatten"),
-    "Concat": Native("concat"),
-    "Split": Composite(_split, ("split",), frozenset({1}), describe="`split`, one node per output"),
-    "Slice": Native("slice", shaped={1: "starts", 2: "ends", 3: "axes", 4: "steps"}),
-    "Gather": Native("gather"),
-    "GatherElements": Native("gather_elements"),
-    "Squeeze": Native("squeeze", shaped={1: "axes"}),
-    "Unsqueeze": Native("unsqueeze", shaped={1: "axes"}),
-    "Expand": Native("expand", shaped={1: "shape"}),
-    "Tile": Native("tile", shaped={1: "repeats"}),
-    "Pad": Composite(
-        _pad, ("pad", "slice", "concat"), frozenset({1, 2, 3}), describe="`pad` (`slice`, `concat` for axes)"
-    ),
-    "Shape": Native("shape"),
-    "OneHot": Composite(_one_hot, ("one_hot", "cast"), frozenset({1, 2}), describe="`one_hot` (a float depth: `cast`)"),
-    "ArgMax": Native("argmax", defaults=REDUCE_KEEPDIMS),
-    "ArgMin": Native("argmin", defaults=REDUCE_KEEPDIMS),
-    "CumSum": Native("cumsum", shaped={1: "axis"}),
-    "Einsum": Native("einsum"),
-    "MatMul": Native("matmul"),
-    "Gemm": Composite(_gemm, ("matmul", "transpose", "mul", "add"), describe="`matmul` (+ `transpose`, `mul`, `add`)"),
-    # reductions
-    "ReduceSum": Composite(_reduce("sum"), ("sum", "cast"), frozenset({1}), describe="`sum`"),
-    "ReduceMean": Composite(_reduce("mean"), ("mean", "cast"), frozenset({1}), describe="`mean`"),
-    "ReduceMax": Composite(_reduce("max"), ("max", "cast"), frozenset({1}), describe="`max`"),
-    "ReduceMin": Composite(_reduce("reduce_min"), ("reduce_min", "cast"), frozenset({1}), describe="`reduce_min`"),
-    "ReduceProd": Composite(_reduce("reduce_prod"), ("reduce_prod", "cast"), frozenset({1}), describe="`reduce_prod`"),
-    "ReduceL1": Composite(_reduce("reduce_l1"), ("reduce_l1", "cast"), frozenset({1}), describe="`reduce_l1`"),
-    "ReduceL2": Composite(_reduce("reduce_l2"), ("reduce_l2", "cast"), frozenset({1}), describe="`reduce_l2`"),
-    "ReduceSumSquare": Composite(
-        _reduce("reduce_sum_square"), ("reduce_sum_square", "cast"), frozenset({1}), describe="`reduce_sum_square`"
-    ),
-    "ReduceLogSumExp": Composite(_reduce("logsumexp"), ("logsumexp", "cast"), frozenset({1}), describe="`logsumexp`"),
-    "ReduceLogSum": Composite(
-        _reduce("sum", then="log"), ("sum", "log", "cast"), frozenset({1}), describe="`sum`, then `log`"
-    ),
-    # neural networks
-    "Conv": Native("conv", ignore=POOL_IGNORED),
-    "ConvTranspose": Native("conv_transpose", ignore=POOL_IGNORED),
-    "MaxPool": Native("max_pool"),
-    "AveragePool": Native("average_pool"),
-    "GlobalAveragePool": Native("global_average_pool"),
-    "GlobalMaxPool": Native("global_max_pool"),
-    "BatchNormalization": Composite(
-        _batch_norm, ("batch_norm",), describe="`batch_norm` (momentum = 1 - ONNX momentum; mean, var: `state`)"
-    ),
-    "LayerNormalization": Composite(
-        _layer_norm,
-        ("layer_norm", "mean", "sub", "square", "add", "sqrt", "reciprocal"),
-        describe="`layer_norm` (Mean, InvStdDev outputs: `mean`, `sub`, `square`, `add`, `sqrt`, `reciprocal`)",
-    ),
-    "InstanceNormalization": Native("instance_norm"),
-    "GroupNormalization": Native("group_norm", ignore=frozenset({"stash_type"})),
-    "LRN": Native("lrn"),
-    "Dropout": Composite(_dropout, ("dropout",), frozenset({1, 2}), describe="`dropout` (mode of the call)"),
-    "Softmax": Native("softmax"),
-    "LogSoftmax": Native("log_softmax"),
-    "SoftmaxCrossEntropyLoss": Composite(
-        _softmax_cross_entropy,
-        ("softmax_cross_entropy", "transpose", "log_softmax"),
-        describe="`softmax_cross_entropy` (integer labels; `transpose` for scores of rank > 2; log_prob: "
-        "`log_softmax`)",
-    ),
+FAMILIES: dict[str, dict[str, Rule]] = {
+    "elementwise": {
+        "Abs": Native("abs"),
+        "Neg": Native("neg"),
+        "Exp": Native("exp"),
+        "Log": Native("log"),
+        "Sqrt": Native("sqrt"),
+        "Tanh": Native("tanh"),
+        "Sigmoid": Native("sigmoid"),
+        "Relu": Native("relu"),
+        "Softplus": Native("softplus"),
+        "Erf": Native("erf"),
+        "Sin": Native("sin"),
+        "Cos": Native("cos"),
+        "Reciprocal": Native("reciprocal"),
+        "Floor": Native("floor"),
+        "Ceil": Native("ceil"),
+        "Round": Native("round"),
+        "Sign": Native("sign"),
+        "Selu": Native("selu"),
+        "Softsign": Native("softsign"),
+        "IsNaN": Native("isnan"),
+        "IsInf": Native("isinf"),
+        "LeakyRelu": Native("leaky_relu"),
+        "Elu": Native("elu"),
+        "Gelu": Native("gelu"),
+        "HardSigmoid": Native("hard_sigmoid"),
+        "HardSwish": Composite(_hard_swish, ("hard_sigmoid", "mul"), describe="`mul(x, hard_sigmoid(x, 1/6, 0.5))`"),
+        "PRelu": Native("prelu"),
+        "Clip": Composite(_clip, ("clip",), frozenset({1, 2})),
+        "Add": Native("add"),
+        "Sub": Native("sub"),
+        "Mul": Native("mul"),
+        "Div": Composite(_div, ("div", "cast"), describe="`div` (integers: then `cast`, truncating)"),
+        "Pow": Composite(_pow, ("pow", "cast"), describe="`pow` (`cast` where the dtypes differ)"),
+        "Sum": Composite(_variadic("add"), ("add", "cast"), describe="`add` (chained)"),
+        "Mean": Composite(_variadic("add", average=True), ("add", "div"), describe="`add` (chained), then `div`"),
+        "Max": Composite(_variadic("maximum"), ("maximum", "cast"), describe="`maximum` (chained)"),
+        "Min": Composite(_variadic("minimum"), ("minimum", "cast"), describe="`minimum` (chained)"),
+    },
+    "comparison and logic": {
+        "Equal": Native("equal"),
+        "Greater": Native("greater"),
+        "GreaterOrEqual": Native("greater_equal"),
+        "Less": Native("less"),
+        "LessOrEqual": Native("less_equal"),
+        "And": Native("logical_and"),
+        "Or": Native("logical_or"),
+        "Xor": Native("logical_xor"),
+        "Not": Native("logical_not"),
+        "Where": Native("where"),
+        "Cast": Composite(_cast, ("cast",)),
+        "CastLike": Composite(_cast_like, ("cast",), frozenset({1})),
+    },
+    "values and structure": {
+        "Constant": Composite(_constant, (), describe="a `constant` (computed at import)"),
+        "ConstantOfShape": Composite(
+            _constant_of_shape, ("expand",), frozenset({0}), describe="a `constant` (shape known) or `expand`"
+        ),
+        "Identity": Composite(_identity, ("cast",), describe="`cast` to its own dtype"),
+        "Reshape": Native("reshape", shaped={1: "shape"}, defaults={"allowzero": 0}),
+        "Transpose": Native("transpose"),
+        "Flatten": Native("flatten"),
+        "Concat": Native("concat"),
+        "Split": Composite(_split, ("split",), frozenset({1}), describe="`split` (a node per output)"),
+        "Slice": Native("slice", shaped={1: "starts", 2: "ends", 3: "axes", 4: "steps"}),
+        "Gather": Native("gather"),
+        "GatherElements": Native("gather_elements"),
+        "Squeeze": Native("squeeze", shaped={1: "axes"}),
+        "Unsqueeze": Native("unsqueeze", shaped={1: "axes"}),
+        "Expand": Native("expand", shaped={1: "shape"}),
+        "Tile": Native("tile", shaped={1: "repeats"}),
+        "Pad": Composite(
+            _pad, ("pad", "slice", "concat"), frozenset({1, 2, 3}), describe="`pad` (`slice`, `concat` for axes)"
+        ),
+        "Shape": Native("shape"),
+        "OneHot": Composite(
+            _one_hot, ("one_hot", "cast"), frozenset({1, 2}), describe="`one_hot` (a float depth: `cast`)"
+        ),
+        "ArgMax": Native("argmax", defaults=REDUCE_KEEPDIMS),
+        "ArgMin": Native("argmin", defaults=REDUCE_KEEPDIMS),
+        "CumSum": Native("cumsum", shaped={1: "axis"}),
+        "Einsum": Native("einsum"),
+        "MatMul": Native("matmul"),
+        "Gemm": Composite(
+            _gemm, ("matmul", "transpose", "mul", "add"), describe="`matmul` (+ `transpose`, `mul`, `add`)"
+        ),
+    },
+    "reductions": {
+        "ReduceSum": Composite(_reduce("sum"), ("sum", "cast"), frozenset({1}), describe="`sum`"),
+        "ReduceMean": Composite(_reduce("mean"), ("mean", "cast"), frozenset({1}), describe="`mean`"),
+        "ReduceMax": Composite(_reduce("max"), ("max", "cast"), frozenset({1}), describe="`max`"),
+        "ReduceMin": Composite(_reduce("reduce_min"), ("reduce_min", "cast"), frozenset({1}), describe="`reduce_min`"),
+        "ReduceProd": Composite(
+            _reduce("reduce_prod"), ("reduce_prod", "cast"), frozenset({1}), describe="`reduce_prod`"
+        ),
+        "ReduceL1": Composite(_reduce("reduce_l1"), ("reduce_l1", "cast"), frozenset({1}), describe="`reduce_l1`"),
+        "ReduceL2": Composite(_reduce("reduce_l2"), ("reduce_l2", "cast"), frozenset({1}), describe="`reduce_l2`"),
+        "ReduceSumSquare": Composite(
+            _reduce("reduce_sum_square"), ("reduce_sum_square", "cast"), frozenset({1}), describe="`reduce_sum_square`"
+        ),
+        "ReduceLogSumExp": Composite(
+            _reduce("logsumexp"), ("logsumexp", "cast"), frozenset({1}), describe="`logsumexp`"
+        ),
+        "ReduceLogSum": Composite(
+            _reduce("sum", then="log"), ("sum", "log", "cast"), frozenset({1}), describe="`sum`, then `log`"
+        ),
+    },
+    "neural networks": {
+        "Conv": Native("conv", ignore=POOL_IGNORED),
+        "ConvTranspose": Native("conv_transpose", ignore=POOL_IGNORED),
+        "MaxPool": Native("max_pool"),
+        "AveragePool": Native("average_pool"),
+        "GlobalAveragePool": Native("global_average_pool"),
+        "GlobalMaxPool": Native("global_max_pool"),
+        "BatchNormalization": Composite(
+            _batch_norm, ("batch_norm",), describe="`batch_norm` (momentum = 1 - ONNX momentum; mean, var: `state`)"
+        ),
+        "LayerNormalization": Composite(
+            _layer_norm,
+            ("layer_norm", "mean", "sub", "square", "add", "sqrt", "reciprocal"),
+            describe="`layer_norm` (Mean, InvStdDev outputs: `mean`, `sub`, `square`, `add`, `sqrt`, `reciprocal`)",
+        ),
+        "InstanceNormalization": Native("instance_norm"),
+        "GroupNormalization": Native("group_norm", ignore=frozenset({"stash_type"})),
+        "LRN": Native("lrn"),
+        "Dropout": Composite(_dropout, ("dropout",), frozenset({1, 2}), describe="`dropout` (mode of the call)"),
+        "Softmax": Native("softmax"),
+        "LogSoftmax": Native("log_softmax"),
+        "SoftmaxCrossEntropyLoss": Composite(
+            _softmax_cross_entropy,
+            ("softmax_cross_entropy", "transpose", "log_softmax"),
+            describe="`softmax_cross_entropy` (integer labels; `transpose` for scores of rank > 2; log_prob: "
+            "`log_softmax`)",
+        ),
+    },
 }
+"""The covered ONNX ops by family, as the README lists them."""
+TABLE: dict[str, Rule] = {op: rule for family in FAMILIES.values() for op, rule in family.items()}
 
 
 def refuse_uncovered_ops(model: ModelProto) -> None:
