@@ -8,6 +8,7 @@ import signal
 import socket
 import sqlite3
 import sys
+import tempfile
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -18,16 +19,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from chainrule.server.auth import AuthInterceptor, TokenFile
+from chainrule.server.datasets import DEFAULT_MAX_DATASET_MB, DatasetManager
 from chainrule.server.engine import DEFAULT_CHECKPOINT_EVERY, DEFAULT_MAX_LIVE_GRAPHS, Engine
 from chainrule.server.graph import Limits
 from chainrule.server.metrics import Metrics
 from chainrule.server.service.calls import DEFAULT_STREAM_IDLE_SECONDS, CallGate, add_to_server, default_compute_slots
+from chainrule.server.service.datasets import DatasetService
 from chainrule.server.service.graphs import GraphService
 from chainrule.server.store import open_store
-from chainrule.v1 import graph_service_pb2
+from chainrule.v1 import dataset_service_pb2, graph_service_pb2
 
 log = logging.getLogger("chainrule.server")
 SERVICE_NAME = graph_service_pb2.DESCRIPTOR.services_by_name["GraphService"].full_name
+DATASET_SERVICE = dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"]
+SERVICE_NAMES = (SERVICE_NAME, DATASET_SERVICE.full_name)
+"""The chainrule services, each with its own health status (besides the whole server's, "")."""
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
 MESSAGE_SLACK_BYTES = 1 << 20
@@ -62,10 +68,18 @@ class ServerOptions:
     max_concurrent_compute: int | None = None
     """None: one per core this process may run on."""
     stream_idle_seconds: float = DEFAULT_STREAM_IDLE_SECONDS
+    dataset_cache: str | None = None
+    """Where datasets jobs read are kept memory-mapped; None: `<db>.cache` beside the database."""
+    max_dataset_bytes: int = DEFAULT_MAX_DATASET_MB << 20
 
 
 class StartupError(Exception):
     """What keeps the server from starting, in one line for the operator (no traceback)."""
+
+
+def default_dataset_cache(db: str) -> str:
+    """`<db>.cache` beside the database file; a temporary directory for an in-memory database."""
+    return tempfile.mkdtemp(prefix="chainrule-datasets-") if db in ("", ":memory:") else f"{db}.cache"
 
 
 def is_loopback(host: str) -> bool:
@@ -145,6 +159,18 @@ class RunningServer:
             options.stream_idle_seconds,
         )
         self.service = GraphService(self.engine, self.calls, options.max_request_message_bytes)
+        cache = options.dataset_cache or default_dataset_cache(options.db)
+        try:
+            self.datasets = DatasetManager(
+                self.store,
+                cache,
+                max_dataset_bytes=options.max_dataset_bytes,
+                max_chunk_bytes=options.max_request_message_bytes,
+                max_name_length=options.limits.max_name_length,
+            )
+        except OSError as error:
+            raise StartupError(f"cannot use the dataset cache {cache}: {error.strerror or error}") from None
+        self.dataset_service = DatasetService(self.datasets, self.calls)
         self.health = health.HealthServicer()
         self.executor = futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="rpc")
         self.server = grpc.server(
@@ -162,9 +188,10 @@ class RunningServer:
             maximum_concurrent_rpcs=None,
         )
         add_to_server(self.service, graph_service_pb2.DESCRIPTOR.services_by_name["GraphService"], self.server)
+        add_to_server(self.dataset_service, DATASET_SERVICE, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if options.reflection:
-            names = (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
+            names = (*SERVICE_NAMES, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, self.server)
         self.port = self._bind()
 
@@ -226,7 +253,7 @@ class RunningServer:
                     f"cannot serve metrics on port {self.options.metrics_port}: {error.strerror or error}"
                 ) from None
         self.server.start()
-        for service in ("", SERVICE_NAME):
+        for service in ("", *SERVICE_NAMES):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self) -> None:

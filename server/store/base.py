@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +48,35 @@ class CreateRequest:
 
     request_id: str
     fingerprint: str
+
+
+DATASET_CHUNK_BYTES = 4 << 20
+"""A dataset column's bytes per stored row: rows few enough to insert quickly, each small enough to
+read on its own, so a dataset is never held in memory whole (nor, later, in one PostgreSQL bytea)."""
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """One column of a dataset: the wire dtype's name (float32, float64, int32, int64, bool) and
+    the shape of one example."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StoredDataset:
+    seq: int
+    dataset_id: str
+    tenant: str
+    name: str
+    columns: tuple[ColumnSpec, ...]
+    num_examples: int
+    size_bytes: int
+    sha256: str
+    """Hex SHA-256 of every column's bytes concatenated in column order; keys the local cache."""
+    created_at: float
 
 
 class RequestIdTaken(Exception):
@@ -119,3 +148,39 @@ class Store(ABC):
     @abstractmethod
     def save_checkpoint(self, graph_id: str, checkpoint: Checkpoint) -> None:
         """Replace the graph's step, parameters and optimizer state in one transaction."""
+
+    @abstractmethod
+    def insert_dataset(
+        self,
+        dataset_id: str,
+        tenant: str,
+        name: str,
+        columns: tuple[ColumnSpec, ...],
+        num_examples: int,
+        size_bytes: int,
+        chunks: Iterable[tuple[int, bytes]],
+        sha256: Callable[[], str],
+    ) -> StoredDataset:
+        """Store a dataset: every chunk row (column index, at most DATASET_CHUNK_BYTES of the column's
+        bytes; each column's rows in order) and its record in one transaction, so it is there whole or
+        not at all. `chunks` is read inside the transaction, and may block while its bytes arrive (an
+        exception from it rolls everything back); `sha256` is asked once `chunks` is exhausted."""
+
+    @abstractmethod
+    def get_dataset(self, dataset_id: str, tenant: str) -> StoredDataset | None: ...
+
+    @abstractmethod
+    def list_datasets(self, tenant: str, after_seq: int, limit: int) -> list[StoredDataset]:
+        """The tenant's datasets with seq > after_seq, oldest first."""
+
+    @abstractmethod
+    def delete_dataset(self, dataset_id: str) -> bool: ...
+
+    @abstractmethod
+    def dataset_chunks(self, dataset_id: str) -> Iterator[tuple[int, bytes]]:
+        """The dataset's chunk rows as (column index, data), columns in order and each column's rows
+        in order, read one at a time. Ends early if the dataset is deleted meanwhile."""
+
+    @abstractmethod
+    def dataset_hashes(self) -> set[str]:
+        """The sha256 of every stored dataset, of every tenant: the cache entries still wanted."""

@@ -6,7 +6,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import numpy as np
@@ -15,10 +15,12 @@ from chainrule.server.errors import Unavailable
 from chainrule.server.store.base import (
     REQUEST_ID_SECONDS,
     Checkpoint,
+    ColumnSpec,
     CreateRequest,
     OptimizerState,
     RequestIdTaken,
     Store,
+    StoredDataset,
     StoredGraph,
     tensor_from_row,
     tensor_row,
@@ -63,9 +65,29 @@ CREATE TABLE IF NOT EXISTS create_requests (
 );
 CREATE INDEX IF NOT EXISTS create_requests_by_graph ON create_requests (graph_id);
 CREATE INDEX IF NOT EXISTS create_requests_by_age ON create_requests (created_at);
+CREATE TABLE IF NOT EXISTS datasets (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    dataset_id TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL DEFAULT '',
+    name TEXT NOT NULL,
+    columns TEXT NOT NULL,
+    num_examples INTEGER NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS datasets_by_tenant ON datasets (tenant, seq);
+CREATE TABLE IF NOT EXISTS dataset_chunks (
+    dataset_id TEXT NOT NULL REFERENCES datasets(dataset_id) ON DELETE CASCADE DEFERRABLE INITIALLY DEFERRED,
+    column_index INTEGER NOT NULL,
+    chunk_index INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (dataset_id, column_index, chunk_index)
+);
 """
 
 GRAPH_COLUMNS = "seq, graph_id, tenant, name, summary, created_at, step"
+DATASET_COLUMNS = "seq, dataset_id, tenant, name, columns, num_examples, size_bytes, sha256, created_at"
 
 
 def graph_columns(with_order: bool, table: str = "graphs") -> str:
@@ -253,3 +275,80 @@ class SqliteStore(Store):
                     for slot, array in arrays.items()
                 ],
             )
+
+    # ------------------------------------------------------------ datasets
+    def insert_dataset(
+        self,
+        dataset_id: str,
+        tenant: str,
+        name: str,
+        columns: tuple[ColumnSpec, ...],
+        num_examples: int,
+        size_bytes: int,
+        chunks: Iterable[tuple[int, bytes]],
+        sha256: Callable[[], str],
+    ) -> StoredDataset:
+        """The record goes in after the rows (their foreign key is checked at commit), once `sha256` is known."""
+        layout = json.dumps([{"name": c.name, "dtype": c.dtype, "shape": list(c.shape)} for c in columns])
+        rows_per_column = [0] * len(columns)
+
+        def numbered() -> Iterator[tuple[str, int, int, bytes]]:
+            for column, data in chunks:
+                yield dataset_id, column, rows_per_column[column], data
+                rows_per_column[column] += 1
+
+        with self._transaction(f"store dataset '{name}'") as db:
+            db.executemany(
+                "INSERT INTO dataset_chunks (dataset_id, column_index, chunk_index, data) VALUES (?, ?, ?, ?)",
+                numbered(),
+            )
+            digest, created_at = sha256(), time.time()
+            cursor = db.execute(
+                f"INSERT INTO datasets ({DATASET_COLUMNS.removeprefix('seq, ')}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (dataset_id, tenant, name, layout, num_examples, size_bytes, digest, created_at),
+            )
+        assert cursor.lastrowid is not None
+        return StoredDataset(
+            cursor.lastrowid, dataset_id, tenant, name, columns, num_examples, size_bytes, digest, created_at
+        )
+
+    def get_dataset(self, dataset_id: str, tenant: str) -> StoredDataset | None:
+        rows = self._read(
+            f"SELECT {DATASET_COLUMNS} FROM datasets WHERE dataset_id = ? AND tenant = ?", (dataset_id, tenant)
+        )
+        return _dataset_from_row(rows[0]) if rows else None
+
+    def list_datasets(self, tenant: str, after_seq: int, limit: int) -> list[StoredDataset]:
+        rows = self._read(
+            f"SELECT {DATASET_COLUMNS} FROM datasets WHERE tenant = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (tenant, after_seq, limit),
+        )
+        return [_dataset_from_row(row) for row in rows]
+
+    def delete_dataset(self, dataset_id: str) -> bool:
+        with self._transaction(f"delete dataset '{dataset_id}'") as db:
+            return db.execute("DELETE FROM datasets WHERE dataset_id = ?", (dataset_id,)).rowcount > 0
+
+    def dataset_chunks(self, dataset_id: str) -> Iterator[tuple[int, bytes]]:
+        keys = self._read(
+            "SELECT column_index, chunk_index FROM dataset_chunks WHERE dataset_id = ? "
+            "ORDER BY column_index, chunk_index",
+            (dataset_id,),
+        )
+        for column, chunk in keys:
+            rows = self._read(
+                "SELECT data FROM dataset_chunks WHERE dataset_id = ? AND column_index = ? AND chunk_index = ?",
+                (dataset_id, column, chunk),
+            )
+            if not rows:
+                return
+            yield column, rows[0][0]
+
+    def dataset_hashes(self) -> set[str]:
+        return {sha256 for (sha256,) in self._read("SELECT DISTINCT sha256 FROM datasets", ())}
+
+
+def _dataset_from_row(row: tuple) -> StoredDataset:
+    seq, dataset_id, tenant, name, layout, num_examples, size_bytes, sha256, created_at = row
+    columns = tuple(ColumnSpec(c["name"], c["dtype"], tuple(c["shape"])) for c in json.loads(layout))
+    return StoredDataset(seq, dataset_id, tenant, name, columns, num_examples, size_bytes, sha256, created_at)
