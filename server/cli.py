@@ -15,6 +15,7 @@ from collections.abc import Callable
 from chainrule.client.commands import add_client_commands
 from chainrule.server import logs
 from chainrule.server.app import RunningServer, ServerOptions, StartupError
+from chainrule.server.datasets import DEFAULT_MAX_DATASET_MB
 from chainrule.server.engine import DEFAULT_MAX_LIVE_GRAPHS
 from chainrule.server.graph import Limits
 from chainrule.server.service.calls import DEFAULT_STREAM_IDLE_SECONDS
@@ -103,6 +104,8 @@ def serve(args: argparse.Namespace) -> int:
         reflection=args.reflection,
         metrics_port=args.metrics_port,
         max_live_graphs=args.max_live_graphs,
+        dataset_cache=args.dataset_cache,
+        max_dataset_bytes=args.max_dataset_mb * MIB,
     )
     try:
         server = RunningServer(options)
@@ -142,6 +145,12 @@ def add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
     network.add_argument("--host", default="127.0.0.1", help="address to bind")
     network.add_argument("--port", type=PORT, default=50051, help="port; 0 picks a free one and prints it")
     network.add_argument("--db", default="chainrule.db", help="SQLite database file")
+    network.add_argument(
+        "--dataset-cache",
+        metavar="DIR",
+        help="directory of the local copies of datasets that jobs memory-map, refilled from the database when "
+        "missing (default: DB.cache beside the database)",
+    )
     network.add_argument("--workers", type=POSITIVE, default=64, help="RPC worker threads")
     network.add_argument(
         "--grace-seconds", type=seconds(0, inclusive=True), default=10.0, help="on SIGTERM, time running calls get"
@@ -195,6 +204,12 @@ def add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
         type=POSITIVE,
         default=DEFAULT_MAX_LIVE_GRAPHS,
         help="graphs kept compiled in memory; idle ones beyond this are recompiled from the store when used",
+    )
+    limits.add_argument(
+        "--max-dataset-mb",
+        type=POSITIVE,
+        default=DEFAULT_MAX_DATASET_MB,
+        help="largest dataset UploadDataset accepts, MiB; larger ones get RESOURCE_EXHAUSTED at their header",
     )
     limits.add_argument(
         "--max-message-mb",
