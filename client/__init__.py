@@ -115,6 +115,7 @@ from .builder import (
     where,
 )
 from .client import Client, GraphInfo
+from .datasets import DatasetColumn, DatasetInfo
 from .errors import ChainruleError, Violation
 from .onnx import ImportedModel
 from .render import RenderError, render_png, render_svg, to_dot
@@ -125,6 +126,8 @@ __all__ = [
     "Adam",
     "ChainruleError",
     "Client",
+    "DatasetColumn",
+    "DatasetInfo",
     "GradientStream",
     "GraphBuilder",
     "GraphInfo",

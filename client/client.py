@@ -16,11 +16,12 @@ import numpy.typing as npt
 from tqdm import tqdm  # type: ignore[import-untyped]
 
 from chainrule import tensors
-from chainrule.v1 import graph_pb2, graph_service_pb2_grpc
+from chainrule.v1 import dataset_service_pb2, dataset_service_pb2_grpc, graph_pb2, graph_service_pb2_grpc
 from chainrule.v1 import graph_service_pb2 as pb
 
 from .builder import GraphBuilder
 from .channel import DEFAULT_MAX_MESSAGE_MB, open_channel
+from .datasets import DatasetInfo, upload_arrays, upload_requests
 from .errors import rpc_errors
 from .onnx import ImportedModel, OnnxModel, model_bytes, size_refusals, write_model
 from .render import computable_nodes, gradient_nodes, render_svg, to_dot
@@ -77,7 +78,8 @@ class Client:
     """A connection to a chainrule server. Every failed call raises `ChainruleError`.
 
     `timeout` (seconds) is the deadline of each call except `train`, whose stream lasts as long
-    as its batches do; stop one with `TrainStream.cancel()`. The channel receives messages of
+    as its batches do (stop one with `TrainStream.cancel()`), and `upload_dataset`, which lasts as
+    long as its bytes take. The channel receives messages of
     up to `max_message_mb` MiB (the server's default --max-message-mb, instead of gRPC's 4 MiB),
     so a Forward of large tensors or a graph's definition arrives whole; parameters and
     gradients stream in chunks whatever the limit.
@@ -112,6 +114,7 @@ class Client:
             max_message_mb=max_message_mb,
         )
         self._stub = graph_service_pb2_grpc.GraphServiceStub(self._channel)
+        self._datasets = dataset_service_pb2_grpc.DatasetServiceStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()
@@ -377,6 +380,51 @@ class Client:
                 bar.set_postfix(loss=f"{step.loss:.4g}", refresh=False)
                 bar.update()
         return history
+
+    # ------------------------------------------------------------ datasets
+    def upload_dataset(
+        self, name: str, columns: Mapping[str, npt.ArrayLike], *, progress: bool | None = None
+    ) -> DatasetInfo:
+        """Store arrays on the server as a dataset that jobs train on: `columns` maps each column's
+        name to an array whose first axis indexes the examples (the same length in every column),
+        e.g. {"x": images, "y": labels}. Dtypes are float32, float64, int32, int64 or bool.
+
+        The bytes stream in 1 MiB chunks, column after column; the dataset is durable when this
+        returns. `progress` None shows a progress bar only when stderr is a terminal."""
+        arrays = upload_arrays(columns)
+        total = sum(array.nbytes for array in arrays.values())
+        show = sys.stderr.isatty() if progress is None else progress
+        with (
+            tqdm(total=total, disable=not show, unit="B", unit_scale=True, dynamic_ncols=True) as bar,
+            rpc_errors(),
+        ):
+            response = self._datasets.UploadDataset(upload_requests(name, arrays, bar.update))
+        return DatasetInfo.from_proto(response)
+
+    def get_dataset(self, dataset_id: str) -> DatasetInfo:
+        request = dataset_service_pb2.GetDatasetRequest(dataset_id=dataset_id)
+        with rpc_errors():
+            return DatasetInfo.from_proto(self._datasets.GetDataset(request, timeout=self.timeout))
+
+    def list_datasets(self, page_size: int = 100) -> list[DatasetInfo]:
+        """Every dataset stored, oldest first; `page_size` only sets how many come per round trip."""
+        datasets: list[DatasetInfo] = []
+        token = ""
+        while True:
+            request = dataset_service_pb2.ListDatasetsRequest(page_size=page_size, page_token=token)
+            with rpc_errors():
+                response = self._datasets.ListDatasets(request, timeout=self.timeout)
+            datasets.extend(DatasetInfo.from_proto(message) for message in response.datasets)
+            token = response.next_page_token
+            if not token:
+                return datasets
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Delete a dataset; refused (FAILED_PRECONDITION) while a queued or running job uses it."""
+        with rpc_errors():
+            self._datasets.DeleteDataset(
+                dataset_service_pb2.DeleteDatasetRequest(dataset_id=dataset_id), timeout=self.timeout
+            )
 
     # ------------------------------------------------------------ ONNX
     def import_onnx(self, model: OnnxModel, *, name: str = "", frozen: Sequence[str] = ()) -> ImportedModel:
