@@ -103,10 +103,6 @@ def _need_rank(x: TensorType, op: str, least: int = 1) -> None:
         raise ShapeError(f"{op} needs a tensor with at least {least} axis, got a scalar")
 
 
-def _axis_of(axis: int, shape: Shape) -> int | None:
-    return None if shape is None else normalize_axis(axis, len(shape))
-
-
 def _index(axis: int, item: slice | Array) -> tuple[slice | Array, ...]:
     """An index that applies `item` to `axis` and takes every other axis whole."""
     return (slice(None),) * axis + (item,)
@@ -404,17 +400,33 @@ def _slices(
     return tuple(index)
 
 
-def slice_(x: Array, *given: Array, starts=None, ends=None, axes=None, steps=None) -> Array:  # type: ignore[no-untyped-def]
+Ints = Sequence[int] | None
+
+
+def slice_(
+    x: Array, *given: Array, starts: Ints = None, ends: Ints = None, axes: Ints = None, steps: Ints = None
+) -> Array:
     return x[_slices(x.shape, given, {"starts": starts, "ends": ends, "axes": axes, "steps": steps})]
 
 
-def _slice_vjp(g: Array, ans: Array, x: Array, *given: Array, starts=None, ends=None, axes=None, steps=None) -> Array:  # type: ignore[no-untyped-def]
+def _slice_vjp(
+    g: Array,
+    ans: Array,
+    x: Array,
+    *given: Array,
+    starts: Ints = None,
+    ends: Ints = None,
+    axes: Ints = None,
+    steps: Ints = None,
+) -> Array:
     out = np.zeros(x.shape, g.dtype)
     out[_slices(x.shape, given, {"starts": starts, "ends": ends, "axes": axes, "steps": steps})] = g
     return out
 
 
-def _slice_type(x: TensorType, *given: TensorType, starts=None, ends=None, axes=None, steps=None) -> TensorType:  # type: ignore[no-untyped-def]
+def _slice_type(
+    x: TensorType, *given: TensorType, starts: Ints = None, ends: Ints = None, axes: Ints = None, steps: Ints = None
+) -> TensorType:
     names = ("starts", "ends", "axes", "steps")
     lengths = [shape_like_length(t, f"slice's {name}") for t, name in zip(given, names, strict=False)]
     if x.shape is None:
@@ -427,7 +439,7 @@ def _slice_type(x: TensorType, *given: TensorType, starts=None, ends=None, axes=
             dim = x.shape[axis]
             out[axis] = None if dim is None else len(range(*_clamped(dim, start, end, step).indices(dim)))
         return TensorType(x.dtype, tuple(out))
-    if len(given) < 2 and (starts if len(given) < 1 else ends) is None:
+    if len(given) == 1 and ends is None:
         raise ShapeError("slice needs 'starts' and 'ends' (attrs or tensor arguments)")
     if len(given) > 2 or axes is None and lengths[0] is None:
         return TensorType(x.dtype, (None,) * rank)
