@@ -26,6 +26,7 @@ from onnx.reference import ReferenceEvaluator
 
 from chainrule.server.errors import InvalidArgument, ResourceExhausted
 from chainrule.server.graph import build_graph
+from chainrule.server.ops import conv as conv_module
 from chainrule.server.plan import Plan
 from tests.gradcheck import (
     Array,
@@ -250,6 +251,28 @@ def test_values_and_gradients_match_pytorch(case: TorchCase) -> None:
         np.testing.assert_allclose(
             result.grads[f"x{i}"], tensor.grad.numpy(), rtol=1e-10, atol=1e-12, err_msg=f"gradient of argument {i}"
         )
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in TORCH_CASES if c.op in ("conv", "conv_transpose") and c.x[0] > 1], ids=lambda c: c.id
+)
+def test_im2col_built_one_sample_at_a_time_gives_the_same_values_and_gradients(
+    case: TorchCase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large convolutions build their im2col matrices piece by piece and keep no residual."""
+    monkeypatch.setattr(conv_module, "PIECE_BYTES", 1)
+    test_values_and_gradients_match_pytorch(case)
+
+
+def test_empty_batches_pass_through_every_op() -> None:
+    for case in [c for c in TORCH_CASES if c.x[0] > 1]:
+        args = tuple(arg[:0] if i == 0 else arg for i, arg in enumerate(case.args()))
+        result = run_op(OpCase(case.id, case.op, args, case.attrs), np.zeros((0, *case_output_shape(case)[1:])))
+        assert result.loss.shape[0] == 0 and result.grads["x0"].shape == args[0].shape, case.id
+
+
+def case_output_shape(case: TorchCase) -> tuple[int, ...]:
+    return OpCase(case.id, case.op, case.args(), case.attrs).output_shape()
 
 
 def test_the_table_covers_what_pytorch_users_compare() -> None:

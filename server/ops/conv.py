@@ -31,6 +31,9 @@ AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 SPATIAL_RANKS = (1, 2, 3)
 MAX_KERNEL_OFFSETS = 1 << 16
 """Kernels loop over their offsets in Python, so a kernel may hold at most this many."""
+PIECE_BYTES = 8 << 20
+"""im2col matrices are built for as many samples at a time as fit in this: a large conv streams
+cache-sized pieces through BLAS instead of writing and rereading one huge matrix."""
 MAX_WINDOW_ELEMENTS = 1 << 31
 """The most elements a padded input or an im2col matrix may hold (a conv or pool beyond it is refused
 as out of memory): the request's memory estimate counts values, not these intermediates, and
@@ -277,11 +280,21 @@ def windows(xp: Array, geometry: Windows) -> Array:
     return as_strided(xp, shape, (batch, channel, *kernel_strides, *out_strides), writeable=False)
 
 
+def grouped(a: Array, group: int) -> Array:
+    """(N, C, spatial...) as (N, group, C / group, prod(spatial)); sizes spelled out, as empty batches need."""
+    return a.reshape(a.shape[0], group, a.shape[1] // group, math.prod(a.shape[2:]))
+
+
+def grouped_weights(w: Array, group: int) -> Array:
+    """A weight (O, I, kernel...) as (group, O / group, I * prod(kernel))."""
+    return w.reshape(group, w.shape[0] // group, math.prod(w.shape[1:]))
+
+
 def im2col(xp: Array, geometry: Windows, group: int) -> Array:
     """The im2col matrices, (N, group, C/group * prod(kernel), prod(outs)), contiguous: column o of
     sample n and group g holds the window behind output position o. One copy of the strided view."""
     cols = np.ascontiguousarray(windows(xp, geometry))
-    return cols.reshape(xp.shape[0], group, -1, math.prod(geometry.outs))
+    return cols.reshape(xp.shape[0], group, xp.shape[1] // group * math.prod(geometry.kernel), math.prod(geometry.outs))
 
 
 def weight_gradient(a: Array, cols: Array) -> Array:
@@ -295,9 +308,38 @@ def weight_gradient(a: Array, cols: Array) -> Array:
     columns = cols.shape[2]
     if batch == 1 or rows * columns <= (rows + columns) * positions:
         return np.matmul(a, cols.swapaxes(2, 3)).sum(axis=0)
-    flat_a = a.transpose(1, 2, 0, 3).reshape(group, rows, -1)
-    flat_cols = cols.transpose(1, 2, 0, 3).reshape(group, columns, -1)
+    flat_a = a.transpose(1, 2, 0, 3).reshape(group, rows, batch * positions)
+    flat_cols = cols.transpose(1, 2, 0, 3).reshape(group, columns, batch * positions)
     return np.matmul(flat_a, flat_cols.swapaxes(1, 2))
+
+
+def pieces(batch: int, per_sample: int) -> list[slice]:
+    """Consecutive runs of samples whose im2col matrices, of `per_sample` bytes each, fit in PIECE_BYTES."""
+    size = max(1, PIECE_BYTES // max(1, per_sample))
+    return [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
+
+
+def windowed_product(a: Array, padded: Array, geometry: Windows, group: int) -> Array:
+    """a (group, P, C/group * prod(kernel)) times the im2col matrices of `padded` (N, C, ...), built piece
+    by piece: (N, group * P, *outs)."""
+    batch = padded.shape[0]
+    rows = a.shape[0] * a.shape[1]
+    out = np.empty((batch, rows, *geometry.outs), dtype=np.result_type(a, padded))
+    per_sample = a.shape[2] * a.shape[0] * math.prod(geometry.outs) * padded.itemsize
+    for part in pieces(batch, per_sample):
+        target = grouped(out[part], group)
+        np.matmul(a, im2col(padded[part], geometry, group), out=target)
+    return out
+
+
+def windowed_weight_gradient(a: Array, padded: Array, geometry: Windows, group: int) -> Array:
+    """weight_gradient(a, im2col(padded)) with the im2col matrices built piece by piece."""
+    per_sample = padded.shape[1] * math.prod(geometry.kernel) * math.prod(geometry.outs) * padded.itemsize
+    first, *rest = pieces(padded.shape[0], per_sample) or [slice(0, 0)]
+    total = weight_gradient(a[first], im2col(padded[first], geometry, group))
+    for part in rest:
+        total += weight_gradient(a[part], im2col(padded[part], geometry, group))
+    return total
 
 
 def col2im(cols: Array, geometry: Windows, lengths: Sequence[int]) -> Array:
@@ -319,7 +361,8 @@ def stacked(xp: Array, geometry: Windows) -> Array:
     every window, so reductions over a window run along axis 0 on contiguous rows."""
     rank = len(geometry.kernel)
     order = (*range(2, 2 + rank), 0, 1, *range(2 + rank, 2 + 2 * rank))
-    return np.ascontiguousarray(windows(xp, geometry).transpose(order)).reshape(math.prod(geometry.kernel), -1)
+    columns = xp.shape[0] * xp.shape[1] * math.prod(geometry.outs)
+    return np.ascontiguousarray(windows(xp, geometry).transpose(order)).reshape(math.prod(geometry.kernel), columns)
 
 
 def unstacked(stack: Array, geometry: Windows, batch_channels: tuple[int, int]) -> Array:
@@ -342,12 +385,12 @@ def transposed_product(weights: Array, y: Array, geometry: Windows, lengths: Seq
     channels = group * weights.shape[1] // math.prod(geometry.kernel)
     outs, rest = geometry.outs, tuple(lengths[1:])
     if any(stride != 1 for stride in geometry.strides) or outs[1:] == rest:
-        cols = np.matmul(weights, y.reshape(batch, group, outputs // group, -1))
+        cols = np.matmul(weights, grouped(y, group))
         return col2im(cols.reshape(batch, channels, *geometry.kernel, *outs), geometry, lengths)
     widened = np.zeros((batch, outputs, outs[0], *rest), dtype=y.dtype)
     widened[(..., *(slice(0, out) for out in outs))] = y
-    cols = np.matmul(weights, widened.reshape(batch, group, outputs // group, -1))
-    cols = cols.reshape(batch, channels, math.prod(geometry.kernel), -1)
+    cols = np.matmul(weights, grouped(widened, group))
+    cols = cols.reshape(batch, channels, math.prod(geometry.kernel), math.prod(widened.shape[2:]))
     run = cols.shape[-1]
     steps = [math.prod(rest[axis:]) for axis in range(len(rest) + 1)]
     flat = np.zeros((batch, channels, (lengths[0] + 1) * steps[0]), dtype=cols.dtype)
@@ -380,7 +423,7 @@ def with_bias(y: Array, b: Array | None, dtype: np.dtype) -> Array:
     if b is None:
         np.copyto(out, y)
     else:
-        np.add(y, b.reshape((1, -1) + (1,) * (y.ndim - 2)), out=out)
+        np.add(y, b.reshape((1, b.shape[0]) + (1,) * (y.ndim - 2)), out=out)
     return out
 
 
@@ -483,32 +526,42 @@ def conv_setup(
     return ConvSetup(geometry, ends, group)
 
 
-def conv(x: Array, w: Array, b: Array | None = None, **attrs: object) -> tuple[Array, Array]:
-    """The convolution (cross-correlation, as in PyTorch) and its im2col matrices, the residual."""
+def conv(x: Array, w: Array, b: Array | None = None, **attrs: object) -> tuple[Array, Array | None]:
+    """The convolution (cross-correlation, as in PyTorch) and, when it fits in one piece, its im2col
+    matrix: the residual the weight's gradient multiplies with. A larger conv keeps nothing and the
+    gradient builds the matrix again, piece by piece, rather than hold kernel-size times the input."""
     setup = conv_setup(x, w, b, **attrs)  # type: ignore[arg-type]
     geometry, group = setup.windows, setup.group
     dtype = np.result_type(x, w, *(() if b is None else (b,)))
-    cols = im2col(pad_input(x.astype(dtype, copy=False), geometry, setup.ends), geometry, group)
-    outputs = w.shape[0]
-    y = np.matmul(w.astype(dtype, copy=False).reshape(group, outputs // group, -1), cols)
-    y = y.reshape(x.shape[0], outputs, *geometry.outs)
+    padded = pad_input(x.astype(dtype, copy=False), geometry, setup.ends)
+    weights = grouped_weights(w.astype(dtype, copy=False), group)
+    per_sample = weights.shape[2] * group * math.prod(geometry.outs) * padded.itemsize
+    if len(pieces(x.shape[0], per_sample)) <= 1:
+        cols = im2col(padded, geometry, group)
+        y = np.matmul(weights, cols).reshape(x.shape[0], w.shape[0], *geometry.outs)
+    else:
+        cols, y = None, windowed_product(weights, padded, geometry, group)
     if b is not None:
-        y += b.reshape(-1, *(1,) * len(geometry.outs))
+        y += b.reshape(b.shape[0], *(1,) * len(geometry.outs))
     return y, cols
 
 
-def _conv_x(g: Array, cols: Array, x: Array, w: Array, b: Array | None = None, **attrs: object) -> Array:
+def _conv_x(g: Array, cols: Array | None, x: Array, w: Array, b: Array | None = None, **attrs: object) -> Array:
     """col2im of w^T g: one product per group, then one add per kernel offset."""
     setup = conv_setup(x, w, b, **attrs)  # type: ignore[arg-type]
     geometry, group = setup.windows, setup.group
-    weights = w.reshape(group, w.shape[0] // group, -1).swapaxes(1, 2)  # (group, C/group * kernel, M/group)
+    weights = grouped_weights(w, group).swapaxes(1, 2)  # (group, C/group * kernel, M/group)
     return unpad(transposed_product(weights, g, geometry, padded_lengths(geometry, setup.ends)), geometry)
 
 
-def _conv_w(g: Array, cols: Array, x: Array, w: Array, b: Array | None = None, **attrs: object) -> Array:
+def _conv_w(g: Array, cols: Array | None, x: Array, w: Array, b: Array | None = None, **attrs: object) -> Array:
     group: int = attrs.get("group", 1)  # type: ignore[assignment]
-    grads = g.reshape(g.shape[0], group, g.shape[1] // group, -1)
-    return weight_gradient(grads, cols).reshape(w.shape)
+    grads = grouped(g, group)
+    if cols is not None:
+        return weight_gradient(grads, cols).reshape(w.shape)
+    setup = conv_setup(x, w, b, **attrs)  # type: ignore[arg-type]
+    padded = pad_input(x, setup.windows, setup.ends)
+    return windowed_weight_gradient(grads, padded, setup.windows, group).reshape(w.shape)
 
 
 def _bias_vjp(g: Array, ans: Array, x: Array, w: Array, b: Array, **attrs: object) -> Array:
@@ -530,7 +583,7 @@ defop(
     _bias_vjp,
     infer=_conv_type,
     attrs=CONV_ATTRS,
-    reads=("y", "ans", ""),
+    reads=("y", "ans x", ""),
     saves=True,
     min_arity=2,
     inputs="x (N, C, spatial...), w (M, C/group, kernel...), b? (M)",
@@ -682,7 +735,7 @@ def conv_transpose(x: Array, w: Array, b: Array | None = None, **attrs: object) 
     setup = transpose_setup(x, w, b, **attrs)  # type: ignore[arg-type]
     group = setup.group
     dtype = np.result_type(x, w, *(() if b is None else (b,)))
-    weights = w.astype(dtype, copy=False).reshape(group, x.shape[1] // group, -1).swapaxes(1, 2)
+    weights = grouped_weights(w.astype(dtype, copy=False), group).swapaxes(1, 2)
     full = transposed_product(weights, x.astype(dtype, copy=False), setup.windows, setup.windows.sizes)
     return with_bias(reframe(full, setup.crops, setup.outs), b, dtype)
 
@@ -691,17 +744,15 @@ def _conv_transpose_x(g: Array, ans: Array, x: Array, w: Array, b: Array | None 
     """A conv of the output gradient with the same weights."""
     setup = transpose_setup(x, w, b, **attrs)  # type: ignore[arg-type]
     group = setup.group
-    channels = x.shape[1]
-    cols = im2col(setup.full_gradient(g), setup.windows, group)
-    return np.matmul(w.reshape(group, channels // group, -1), cols).reshape(x.shape)
+    weights = grouped_weights(w, group)
+    return windowed_product(weights, setup.full_gradient(g), setup.windows, group).reshape(x.shape)
 
 
 def _conv_transpose_w(g: Array, ans: Array, x: Array, w: Array, b: Array | None = None, **attrs: object) -> Array:
     setup = transpose_setup(x, w, b, **attrs)  # type: ignore[arg-type]
     group = setup.group
-    cols = im2col(setup.full_gradient(g), setup.windows, group)
-    inputs = x.reshape(x.shape[0], group, x.shape[1] // group, -1)
-    return weight_gradient(inputs, cols).reshape(w.shape)
+    inputs = grouped(x, group)
+    return windowed_weight_gradient(inputs, setup.full_gradient(g), setup.windows, group).reshape(w.shape)
 
 
 defop(

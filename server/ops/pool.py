@@ -1,9 +1,10 @@
 """Pooling over windows (max_pool, average_pool) and over whole spatial axes (global_*_pool).
 
-Windows come from ops/conv.py's geometry. One strided copy stacks them as (kernel offset, window)
-rows, so a pool is a reduction along axis 0 of a contiguous array, and its gradient goes back
-through col2im (one copy when windows do not overlap). Nothing loops over pixels; picking the
-first maximum loops over kernel offsets with arithmetic on masks (masked writes are far slower).
+Windows come from ops/conv.py's geometry. A pool's value is a running maximum or sum over the
+kernel offsets' strided slices, holding no more than the output. max_pool's gradient copies the
+windows once into contiguous (kernel offset, window) rows, finds each window's first maximum with
+arithmetic on masks (masked writes are far slower) and goes back through col2im (one copy when
+windows do not overlap). Nothing loops over pixels.
 
 Conventions are PyTorch's. max_pool pads with -inf and gives the gradient to the first maximal
 element of each window (the index torch's backward routes to), a NaN winning as in torch;
@@ -127,12 +128,20 @@ def max_pool(
     ceil_mode: bool = False,
     auto_pad: str = "NOTSET",
     storage_order: int = 0,
-) -> tuple[Array, Array]:
-    """The maximum of each window, and which kernel offset holds it (the residual)."""
+) -> Array:
+    """The maximum of each window: a running maximum over the kernel offsets' strided slices, holding
+    no more than the output (which window element won is worked out only when a gradient is wanted)."""
     geometry, ends = _pool_windows("max_pool", x, kernel_shape, strides, pads, dilations, auto_pad, ceil_mode)
-    stack = stacked(pad_input(x, geometry, ends, lowest(x.dtype)), geometry)
-    best = stack.max(axis=0)
-    return best.reshape(*x.shape[:2], *geometry.outs), first_maximum(stack, best)
+    return _running(np.maximum, pad_input(x, geometry, ends, lowest(x.dtype)), geometry)
+
+
+def _running(combine: np.ufunc, xp: Array, geometry: Windows) -> Array:
+    """combine(...combine(slice_0, slice_1)..., slice_last) over the kernel offsets' strided slices."""
+    offsets = list(np.ndindex(*geometry.kernel))
+    total = xp[(..., *geometry.offset(offsets[0]))].copy()
+    for ks in offsets[1:]:
+        combine(total, xp[(..., *geometry.offset(ks))], out=total)
+    return total
 
 
 def first_maximum(stack: Array, best: Array) -> Array:
@@ -155,10 +164,12 @@ def first_maximum(stack: Array, best: Array) -> Array:
     return winner
 
 
-def _max_pool_x(g: Array, winner: Array, x: Array, **attrs: object) -> Array:
+def _max_pool_x(g: Array, ans: Array, x: Array, **attrs: object) -> Array:
     """The output gradient routed to each window's winner, summed back where windows overlap."""
     geometry, ends = _pool_windows("max_pool", x, **_window_attrs(attrs))
-    offsets = np.arange(math.prod(geometry.kernel), dtype=winner.dtype)[:, None]
+    stack = stacked(pad_input(x, geometry, ends, lowest(x.dtype)), geometry)
+    winner = first_maximum(stack, ans.reshape(-1))
+    offsets = np.arange(len(stack), dtype=winner.dtype)[:, None]
     routed = (winner == offsets) * g.reshape(-1)
     dxp = col2im(unstacked(routed, geometry, x.shape[:2]), geometry, padded_lengths(geometry, ends))
     return unpad(dxp, geometry)
@@ -190,8 +201,7 @@ defop(
     _max_pool_x,
     infer=_max_pool_type,
     attrs={**POOL_ATTRS, "storage_order": Attr("i", default=0)},
-    reads=("ans",),
-    saves=True,
+    reads=("x ans",),
     inputs="x (N, C, spatial...)",
     convention="to the first maximum of each window (PyTorch), overlapping windows accumulate; pads are -inf",
 )
@@ -225,9 +235,9 @@ def average_pool(
     auto_pad: str = "NOTSET",
 ) -> Array:
     geometry, ends = _pool_windows("average_pool", x, kernel_shape, strides, pads, dilations, auto_pad, ceil_mode)
-    total = stacked(pad_input(as_float(x), geometry, ends), geometry).sum(axis=0)
-    total = total.reshape(*x.shape[:2], *geometry.outs)
-    return total / _counts(geometry, ends, count_include_pad).astype(total.dtype)  # type: ignore[no-any-return]
+    total = _running(np.add, pad_input(as_float(x), geometry, ends), geometry)
+    total /= _counts(geometry, ends, count_include_pad).astype(total.dtype)
+    return total
 
 
 def _average_pool_x(g: Array, ans: Array, x: Array, **attrs: object) -> Array:
@@ -277,7 +287,7 @@ def _global_average_pool_x(g: Array, ans: Array, x: Array) -> Array:
 def global_max_pool(x: Array) -> tuple[Array, Array]:
     """The maximum over the spatial axes, and where it is: the first maximum, as max_pool's."""
     _global_type("global_max_pool", TensorType(x.dtype, x.shape), None)
-    flat = x.reshape(*x.shape[:2], -1)
+    flat = x.reshape(*x.shape[:2], math.prod(x.shape[2:]))
     winner = np.argmax(flat, axis=-1)[..., None]
     best = np.take_along_axis(flat, winner, axis=-1)
     return best.reshape(*x.shape[:2], *(1,) * (x.ndim - 2)), winner
