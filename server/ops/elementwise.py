@@ -558,8 +558,7 @@ def _clip_type(x: TensorType, *bounds: TensorType, min: float | None = None, max
         shape = broadcast_shapes(shape, bound.shape)
     dtypes = [x.dtype, *(bound.dtype for bound in bounds)]
     dtype = None if any(dtype is None for dtype in dtypes) else np.result_type(*dtypes)
-    low, high = _clip_bounds(bounds, min, max)  # type: ignore[arg-type]
-    if isinstance(low, float) or isinstance(high, float):
+    if (min is not None and not bounds) or (max is not None and len(bounds) < 2):
         dtype = float_result(dtype)
     return TensorType(dtype, shape)
 
