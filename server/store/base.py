@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -77,6 +77,45 @@ class StoredDataset:
     sha256: str
     """Hex SHA-256 of every column's bytes concatenated in column order; keys the local cache."""
     created_at: float
+
+
+JOB_STATES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
+ENDED_JOB_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
+
+
+@dataclass(frozen=True)
+class StoredJob:
+    """A training job's row: its spec (a serialized chainrule.v1.JobSpec) and its progress."""
+
+    job_id: str
+    tenant: str
+    graph_id: str
+    spec: bytes
+    state: str
+    """One of JOB_STATES."""
+    total_steps: int
+    created_at: float
+    step: int = 0
+    epoch: int = 0
+    loss: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+    started_at: float | None = None
+    ended_at: float | None = None
+    start_graph_step: int = 0
+    """The graph's step when the job first started: the graph is at start_graph_step + step."""
+    seq: int = 0
+
+
+@dataclass(frozen=True)
+class JobEventRow:
+    """One step of a job as history keeps it; `metrics` is empty except on evaluation steps."""
+
+    step: int
+    epoch: int
+    loss: float
+    learning_rate: float
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class RequestIdTaken(Exception):
@@ -148,6 +187,35 @@ class Store(ABC):
     @abstractmethod
     def save_checkpoint(self, graph_id: str, checkpoint: Checkpoint) -> None:
         """Replace the graph's step, parameters and optimizer state in one transaction."""
+
+    # ------------------------------------------------------------ jobs
+    @abstractmethod
+    def insert_job(self, job: StoredJob) -> StoredJob:
+        """Store a new job; returns it with its `seq` (creation order)."""
+
+    @abstractmethod
+    def get_job(self, job_id: str, tenant: str) -> StoredJob | None: ...
+
+    @abstractmethod
+    def list_jobs(
+        self, tenant: str, after_seq: int, limit: int, states: tuple[str, ...] = (), graph_id: str = ""
+    ) -> list[StoredJob]:
+        """The tenant's jobs with seq > after_seq, oldest first; empty filters match every job."""
+
+    @abstractmethod
+    def unfinished_jobs(self) -> list[StoredJob]:
+        """Every tenant's QUEUED and RUNNING jobs, oldest first: what a starting server takes up again."""
+
+    @abstractmethod
+    def save_job(
+        self, job: StoredJob, events: tuple[JobEventRow, ...] = (), checkpoint: Checkpoint | None = None
+    ) -> None:
+        """In one transaction: the job's graph checkpoint (when given), the job's row, and its new
+        history events, so history never runs ahead of the parameters it describes."""
+
+    @abstractmethod
+    def job_events(self, job_id: str, from_step: int, limit: int) -> list[JobEventRow]:
+        """The job's stored events with step >= from_step, by step, at most `limit`."""
 
     @abstractmethod
     def insert_dataset(

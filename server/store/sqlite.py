@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 
 import numpy as np
 
@@ -17,11 +19,13 @@ from chainrule.server.store.base import (
     Checkpoint,
     ColumnSpec,
     CreateRequest,
+    JobEventRow,
     OptimizerState,
     RequestIdTaken,
     Store,
     StoredDataset,
     StoredGraph,
+    StoredJob,
     tensor_from_row,
     tensor_row,
 )
@@ -65,6 +69,54 @@ CREATE TABLE IF NOT EXISTS create_requests (
 );
 CREATE INDEX IF NOT EXISTS create_requests_by_graph ON create_requests (graph_id);
 CREATE INDEX IF NOT EXISTS create_requests_by_age ON create_requests (created_at);
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL DEFAULT '',
+    graph_id TEXT NOT NULL,
+    spec BLOB NOT NULL,
+    state TEXT NOT NULL,
+    total_steps INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    step INTEGER NOT NULL DEFAULT 0,
+    epoch INTEGER NOT NULL DEFAULT 0,
+    loss REAL,
+    metrics TEXT NOT NULL DEFAULT '{}',
+    error TEXT NOT NULL DEFAULT '',
+    started_at REAL,
+    ended_at REAL,
+    start_graph_step INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs (tenant, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
+CREATE TABLE IF NOT EXISTS job_events (
+    job_id TEXT NOT NULL REFERENCES jobs(job_id) ON DELETE CASCADE,
+    step INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    loss REAL,
+    learning_rate REAL NOT NULL,
+    metrics TEXT,
+    PRIMARY KEY (job_id, step)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS datasets (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    dataset_id TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL DEFAULT '',
+    name TEXT NOT NULL,
+    columns TEXT NOT NULL,
+    num_examples INTEGER NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS datasets_by_tenant ON datasets (tenant, seq);
+CREATE TABLE IF NOT EXISTS dataset_chunks (
+    dataset_id TEXT NOT NULL REFERENCES datasets(dataset_id) ON DELETE CASCADE DEFERRABLE INITIALLY DEFERRED,
+    column_index INTEGER NOT NULL,
+    chunk_index INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (dataset_id, column_index, chunk_index)
+);
 CREATE TABLE IF NOT EXISTS datasets (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     dataset_id TEXT NOT NULL UNIQUE,
@@ -87,6 +139,10 @@ CREATE TABLE IF NOT EXISTS dataset_chunks (
 """
 
 GRAPH_COLUMNS = "seq, graph_id, tenant, name, summary, created_at, step"
+JOB_COLUMNS = (
+    "job_id, tenant, graph_id, spec, state, total_steps, created_at, step, epoch, loss, metrics, error, "
+    "started_at, ended_at, start_graph_step, seq"
+)
 DATASET_COLUMNS = "seq, dataset_id, tenant, name, columns, num_examples, size_bytes, sha256, created_at"
 
 
@@ -260,21 +316,83 @@ class SqliteStore(Store):
     def save_checkpoint(self, graph_id: str, checkpoint: Checkpoint) -> None:
         """Replace the graph's step, parameters and optimizer state in one transaction."""
         with self._transaction(f"save a checkpoint of graph '{graph_id}'") as db:
-            db.execute("UPDATE graphs SET step = ? WHERE graph_id = ?", (checkpoint.step, graph_id))
-            db.executemany(
-                "INSERT OR REPLACE INTO parameters (graph_id, name, dtype, shape, data) VALUES (?, ?, ?, ?, ?)",
-                [(graph_id, name, *tensor_row(value)) for name, value in checkpoint.parameters.items()],
+            _write_checkpoint(db, graph_id, checkpoint)
+
+    # ------------------------------------------------------------ jobs
+    def insert_job(self, job: StoredJob) -> StoredJob:
+        columns = JOB_COLUMNS.removesuffix(", seq")
+        with self._transaction(f"store job '{job.job_id}'") as db:
+            cursor = db.execute(
+                f"INSERT INTO jobs ({columns}) VALUES ({', '.join('?' * len(columns.split(', ')))})",
+                _job_row(job),
             )
-            db.execute("DELETE FROM optimizer_state WHERE graph_id = ?", (graph_id,))
+        assert cursor.lastrowid is not None
+        return replace(job, seq=cursor.lastrowid)
+
+    def get_job(self, job_id: str, tenant: str) -> StoredJob | None:
+        rows = self._read(f"SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = ? AND tenant = ?", (job_id, tenant))
+        return _job_from_row(rows[0]) if rows else None
+
+    def list_jobs(
+        self, tenant: str, after_seq: int, limit: int, states: tuple[str, ...] = (), graph_id: str = ""
+    ) -> list[StoredJob]:
+        conditions, arguments = ["tenant = ?", "seq > ?"], [tenant, after_seq]
+        if states:
+            conditions.append(f"state IN ({', '.join('?' * len(states))})")
+            arguments += states
+        if graph_id:
+            conditions.append("graph_id = ?")
+            arguments.append(graph_id)
+        rows = self._read(
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE {' AND '.join(conditions)} ORDER BY seq LIMIT ?",
+            (*arguments, limit),
+        )
+        return [_job_from_row(row) for row in rows]
+
+    def unfinished_jobs(self) -> list[StoredJob]:
+        rows = self._read(f"SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ('QUEUED', 'RUNNING') ORDER BY seq", ())
+        return [_job_from_row(row) for row in rows]
+
+    def save_job(
+        self, job: StoredJob, events: tuple[JobEventRow, ...] = (), checkpoint: Checkpoint | None = None
+    ) -> None:
+        with self._transaction(f"save job '{job.job_id}' at step {job.step}") as db:
+            if checkpoint is not None:
+                _write_checkpoint(db, job.graph_id, checkpoint)
+            db.execute(
+                "UPDATE jobs SET state = ?, step = ?, epoch = ?, loss = ?, metrics = ?, error = ?, started_at = ?, "
+                "ended_at = ?, start_graph_step = ? WHERE job_id = ?",
+                (
+                    job.state,
+                    job.step,
+                    job.epoch,
+                    job.loss,
+                    json.dumps(job.metrics),
+                    job.error,
+                    job.started_at,
+                    job.ended_at,
+                    job.start_graph_step,
+                    job.job_id,
+                ),
+            )
             db.executemany(
-                "INSERT INTO optimizer_state (graph_id, name, optimizer, slot, dtype, shape, data) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO job_events (job_id, step, epoch, loss, learning_rate, metrics) VALUES (?, ?, ?, ?, ?, ?)",
                 [
-                    (graph_id, name, optimizer, slot, *tensor_row(array))
-                    for name, (optimizer, arrays) in checkpoint.optimizer_state.items()
-                    for slot, array in arrays.items()
+                    (job.job_id, e.step, e.epoch, e.loss, e.learning_rate, json.dumps(e.metrics) if e.metrics else None)
+                    for e in events
                 ],
             )
+
+    def job_events(self, job_id: str, from_step: int, limit: int) -> list[JobEventRow]:
+        rows = self._read(
+            "SELECT step, epoch, loss, learning_rate, metrics FROM job_events WHERE job_id = ? AND step >= ? "
+            "ORDER BY step LIMIT ?",
+            (job_id, from_step, limit),
+        )
+        return [
+            JobEventRow(step, epoch, math.nan if loss is None else loss, rate, json.loads(metrics) if metrics else {})
+            for step, epoch, loss, rate, metrics in rows
+        ]
 
     # ------------------------------------------------------------ datasets
     def insert_dataset(
@@ -352,3 +470,57 @@ def _dataset_from_row(row: tuple) -> StoredDataset:
     seq, dataset_id, tenant, name, layout, num_examples, size_bytes, sha256, created_at = row
     columns = tuple(ColumnSpec(c["name"], c["dtype"], tuple(c["shape"])) for c in json.loads(layout))
     return StoredDataset(seq, dataset_id, tenant, name, columns, num_examples, size_bytes, sha256, created_at)
+
+
+def _write_checkpoint(db: sqlite3.Connection, graph_id: str, checkpoint: Checkpoint) -> None:
+    """The graph's step, parameters and optimizer state, within the caller's transaction."""
+    db.execute("UPDATE graphs SET step = ? WHERE graph_id = ?", (checkpoint.step, graph_id))
+    db.executemany(
+        "INSERT OR REPLACE INTO parameters (graph_id, name, dtype, shape, data) VALUES (?, ?, ?, ?, ?)",
+        [(graph_id, name, *tensor_row(value)) for name, value in checkpoint.parameters.items()],
+    )
+    db.execute("DELETE FROM optimizer_state WHERE graph_id = ?", (graph_id,))
+    db.executemany(
+        "INSERT INTO optimizer_state (graph_id, name, optimizer, slot, dtype, shape, data) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            (graph_id, name, optimizer, slot, *tensor_row(array))
+            for name, (optimizer, arrays) in checkpoint.optimizer_state.items()
+            for slot, array in arrays.items()
+        ],
+    )
+
+
+def _job_row(job: StoredJob) -> tuple:
+    return (
+        job.job_id,
+        job.tenant,
+        job.graph_id,
+        job.spec,
+        job.state,
+        job.total_steps,
+        job.created_at,
+        job.step,
+        job.epoch,
+        job.loss,
+        json.dumps(job.metrics),
+        job.error,
+        job.started_at,
+        job.ended_at,
+        job.start_graph_step,
+    )
+
+
+def _job_from_row(row: tuple) -> StoredJob:
+    """A NaN loss comes back from SQLite as NULL."""
+    *head, loss, metrics, error, started_at, ended_at, start_graph_step, seq = row
+    return StoredJob(
+        *head,
+        loss=math.nan if loss is None else loss,
+        metrics=json.loads(metrics),
+        error=error,
+        started_at=started_at,
+        ended_at=ended_at,
+        start_graph_step=start_graph_step,
+        seq=seq,
+    )
