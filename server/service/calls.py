@@ -99,8 +99,8 @@ class CallGate:
 
     Compute slots bound how many calls run graphs at once (`Servicer.computing`). The others wait
     blocked, off the GIL, so a health check or a cheap call competes for the GIL with a few busy
-    threads instead of every admitted one (70 computing threads once kept a health check waiting
-    4 s). Numpy releases the GIL in its kernels, so one slot per core keeps every core busy."""
+    threads instead of every admitted one (with sixty computing at once, health checks took up to a
+    second here). Numpy releases the GIL in its kernels, so one slot per core keeps every core busy."""
 
     tokens: TokenFile | None = None
     metrics: Metrics = field(default_factory=Metrics)
