@@ -3,7 +3,8 @@
 For an MLP, a LeNet-5 with batch norm and dropout, a ResNet basic block and a
 TransformerEncoderLayer: Forward equals the module in eval mode, and Backward with a random
 loss_grad gives torch.autograd's gradients for the input and for every parameter, matched by
-name (so these use optimize=False exports, which keep PyTorch's names). The optimized exports,
+name (so these use optimize=False exports, which keep PyTorch's names); and the model ExportOnnx
+writes back gives Forward's outputs in onnxruntime. The optimized exports,
 which fold batch norm and rename weights, must import and run too. The batch axis is exported
 symbolic and fed a batch size other than the traced one.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+import onnxruntime
 import pytest
 import torch
 
@@ -61,6 +63,9 @@ def test_forward_and_gradients_match_pytorch_by_name(name: str, client: cr.Clien
     assert_close(gradients["x"], inputs.grad.numpy(), GRADIENT_RTOL, f"{name}: d/dx")  # type: ignore[union-attr]
     for key, parameter in parameters.items():
         assert_close(gradients[key], parameter.grad.numpy(), GRADIENT_RTOL, f"{name}: d/d{key}")  # type: ignore[union-attr]
+
+    (ran,) = onnxruntime.InferenceSession(client.export_onnx(graph.graph_id)).run([output], {"x": x})
+    assert_close(ran, got, FORWARD_RTOL, f"{name}: onnxruntime on the model ExportOnnx writes")
 
     stored = client.get_parameters(graph.graph_id)
     for key, value in model.state_dict().items():

@@ -20,8 +20,9 @@ import onnx
 import onnx.numpy_helper
 from onnx import TensorProto, helper
 
+from chainrule import tensors
 from chainrule.server.errors import ChainruleError, InvalidArgument, ResourceExhausted
-from chainrule.server.graph import Limits, build_graph
+from chainrule.server.graph import Limits, infer_node, source_type
 from chainrule.server.ops import OPS, SOURCE_OPS
 from chainrule.v1 import graph_pb2
 
@@ -38,7 +39,7 @@ ONNX_ELEMENT = {
 MARK = "#"
 
 Node = Mapping[str, Any]
-"""A node of the built graph: op, inputs, attrs (defaults filled in), value, type."""
+"""A node as the exporter reads it: op, inputs, attrs (defaults filled in), value, type."""
 
 
 def export_model(
@@ -46,10 +47,10 @@ def export_model(
 ) -> bytes:
     """The graph as ONNX; `values` are the current parameters and state, `outputs` the nodes to
     export (empty: every computed node no other node reads)."""
-    graph = build_graph(definition, limits or Limits())
-    wanted = list(outputs) or _unread(graph)
+    fields, graph = _read(definition, limits or Limits())
+    wanted = list(outputs) or _unread(fields, graph)
     for name in wanted:
-        if name not in graph:
+        if name not in fields:
             raise InvalidArgument(f"output '{name}' names no node of the graph", reason="UNKNOWN_NODE", subject=name)
     if len(set(wanted)) != len(wanted):
         repeated = next(name for name in wanted if wanted.count(name) > 1)
@@ -57,8 +58,8 @@ def export_model(
     needed: set[str] = set(wanted)
     for name in wanted:
         needed |= nx.ancestors(graph, name)
-    exporter = Exporter(graph, values)
-    for name in graph.graph["order"]:
+    exporter = Exporter(fields, values)
+    for name in fields:  # in topological order
         if name in needed:
             exporter.node(name)
     exporter.check_size()
@@ -82,27 +83,58 @@ def export_model(
     return model.SerializeToString()
 
 
-def _unread(graph: nx.DiGraph) -> list[str]:
+def _read(definition: graph_pb2.Graph, limits: Limits) -> tuple[dict[str, Node], nx.DiGraph]:
+    """Each node's op, argument names, attrs (defaults filled in), value and statically inferred type,
+    by name in topological order; and the graph's edges. The definition was validated when it was
+    stored, so this only reads it, with the registry's shape rules."""
+    given = {node.name: node for node in definition.nodes}
+    graph = nx.DiGraph()
+    graph.add_nodes_from(given)
+    graph.add_edges_from((argument, node.name) for node in definition.nodes for argument in node.inputs)
+    fields: dict[str, Node] = {}
+    for name in nx.topological_sort(graph):
+        node = given[name]
+        op = OPS[node.op]
+        attrs = {key: _attr_value(node.attrs[key]) for key in node.attrs}
+        attrs.update(
+            {key: spec.default for key, spec in op.attrs.items() if key not in attrs and spec.default is not None}
+        )
+        value = tensors.decode(node.value, name, limits.max_tensor_elements) if node.HasField("value") else None
+        if op.is_source:
+            known = source_type(op.name, attrs, value)
+        else:
+            known = infer_node(name, op.name, [fields[argument]["type"] for argument in node.inputs], attrs)
+        fields[name] = {"op": op.name, "inputs": tuple(node.inputs), "attrs": attrs, "value": value, "type": known}
+    return fields, graph
+
+
+def _attr_value(attr: graph_pb2.AttrValue) -> Any:
+    kind = attr.WhichOneof("value")
+    value = getattr(attr, kind) if kind else None
+    return tuple(value.values) if kind in ("ints", "floats") else value
+
+
+def _unread(fields: Mapping[str, Node], graph: nx.DiGraph) -> list[str]:
     """Every computed node no other node reads (sources nobody reads are not results), in topological order."""
-    unread = [name for name in graph.graph["order"] if graph.out_degree(name) == 0]
-    computed = [name for name in unread if graph.nodes[name]["op"] not in SOURCE_OPS]
+    unread = [name for name in fields if graph.out_degree(name) == 0]
+    computed = [name for name in unread if fields[name]["op"] not in SOURCE_OPS]
     return computed or unread
 
 
 class Exporter:
-    def __init__(self, graph: nx.DiGraph, values: Mapping[str, np.ndarray]) -> None:
-        self.graph = graph
+    def __init__(self, fields: Mapping[str, Node], values: Mapping[str, np.ndarray]) -> None:
+        self.fields = fields
         self.values = values
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.dtypes: dict[str, np.dtype] = {}
-        self.taken: set[str] = set(graph.nodes)
+        self.taken: set[str] = set(fields)
         self.initializer_bytes = 0
 
     # ------------------------------------------------------------ nodes
     def node(self, name: str) -> None:
-        node = self.graph.nodes[name]
+        node = self.fields[name]
         op = node["op"]
         if op == "input":
             self._input(name, node)
@@ -139,7 +171,7 @@ class Exporter:
         self.inputs.append(self.value_info(name))
 
     def value_info(self, name: str) -> onnx.ValueInfoProto:
-        known = self.graph.nodes[name]["type"]
+        known = self.fields[name]["type"]
         shape = None if known.shape is None else list(known.shape)
         return helper.make_tensor_value_info(name, ONNX_ELEMENT[self.dtypes[name]], shape)
 
@@ -287,7 +319,7 @@ def _split(ex: Exporter, name: str, node: Node) -> None:
     attributes: dict[str, Any] = {"axis": attrs["axis"]}
     if sizes:
         inputs.append(sizes[0])
-        known = ex.graph.nodes[sizes[0]]["type"].shape
+        known = ex.fields[sizes[0]]["type"].shape
         if known is None or known[0] is None:
             raise InvalidArgument(
                 f"node '{name}' (split): the number of pieces is not known statically",
@@ -340,14 +372,24 @@ def _clip(ex: Exporter, name: str, node: Node) -> None:
 
 
 def _one_hot(ex: Exporter, name: str, node: Node) -> None:
+    """An int64 OneHot of 0s and 1s (int64 indices, depth and values: the kernel every runtime has;
+    onnxruntime lacks most other type combinations), then Where picks the off and on values."""
     indices, *tensors = node["inputs"]
     attrs = node["attrs"]
     dtype = ex.dtypes[name]
-    depth = tensors[0] if tensors else ex.constant(name, "depth", attrs["depth"], np.int64)
-    values = (
-        tensors[1] if len(tensors) > 1 else ex.constant(name, "values", [attrs["off_value"], attrs["on_value"]], dtype)
-    )
-    ex.add("OneHot", [indices, depth, values], name, dtype, axis=attrs["axis"])
+    whole = np.dtype(np.int64)
+    depth = ex.cast(tensors[0], whole, name) if tensors else ex.constant(name, "depth", attrs["depth"], np.int64)
+    bits = ex.constant(name, "bits", [0, 1], np.int64)
+    hot = ex.step(name, "hot", "OneHot", [ex.cast(indices, whole, name), depth, bits], whole, axis=attrs["axis"])
+    mask = ex.step(name, "mask", "Cast", [hot], np.dtype(np.bool_), to=TensorProto.BOOL)
+    if len(tensors) > 1:
+        values = ex.cast(tensors[1], dtype, name)
+        off = ex.step(name, "off", "Gather", [values, ex.constant(name, "off_index", 0, np.int64)], dtype, axis=0)
+        on = ex.step(name, "on", "Gather", [values, ex.constant(name, "on_index", 1, np.int64)], dtype, axis=0)
+    else:
+        off = ex.constant(name, "off", attrs["off_value"], dtype)
+        on = ex.constant(name, "on", attrs["on_value"], dtype)
+    ex.add("Where", [mask, on, off], name, dtype)
 
 
 def _dropout(ex: Exporter, name: str, node: Node) -> None:
@@ -355,6 +397,36 @@ def _dropout(ex: Exporter, name: str, node: Node) -> None:
     (x,) = node["inputs"]
     ratio = ex.constant(name, "ratio", node["attrs"]["ratio"], np.float32)
     ex.add("Dropout", [x, ratio], name, ex.dtypes[name])
+
+
+def _pool(onnx_op: str) -> Rule:
+    """ceil_mode as PyTorch has it: a last window that would start in the end padding is dropped, which
+    ONNX's opset 21 does not do. Where that leaves the floor's output size, the export says ceil_mode 0."""
+    same = Same(onnx_op)
+
+    def rule(ex: Exporter, name: str, node: Node) -> None:
+        attrs = node["attrs"]
+        if attrs.get("ceil_mode") and attrs.get("auto_pad", "NOTSET") == "NOTSET":
+            size = ex.fields[node["inputs"][0]]["type"].shape
+            out = ex.fields[name]["type"].shape
+            if size is not None and out is not None and None not in size and None not in out:
+                if list(out[2:]) == _floor_sizes(size[2:], attrs):
+                    node = {**node, "attrs": {**attrs, "ceil_mode": False}}
+        same(ex, name, node)
+
+    return rule
+
+
+def _floor_sizes(size: Sequence[int], attrs: Mapping[str, Any]) -> list[int]:
+    rank = len(size)
+    kernel = attrs["kernel_shape"]
+    strides = attrs.get("strides") or [1] * rank
+    dilations = attrs.get("dilations") or [1] * rank
+    pads = attrs.get("pads") or [0] * (2 * rank)
+    return [
+        (size[axis] + pads[axis] + pads[axis + rank] - (kernel[axis] - 1) * dilations[axis] - 1) // strides[axis] + 1
+        for axis in range(rank)
+    ]
 
 
 def _batch_norm(ex: Exporter, name: str, node: Node) -> None:
@@ -375,7 +447,7 @@ def _layer_norm(ex: Exporter, name: str, node: Node) -> None:
     attrs = node["attrs"]
     dtype = ex.dtypes[name]
     if not rest:
-        shape = ex.graph.nodes[x]["type"].shape
+        shape = ex.fields[x]["type"].shape
         axis = attrs["axis"]
         normalized = None if shape is None else shape[axis % len(shape) :]
         if normalized is None or None in normalized:
@@ -392,7 +464,7 @@ def _softmax_cross_entropy(ex: Exporter, name: str, node: Node) -> None:
     logits, labels = node["inputs"]
     dtype = ex.dtypes[name]
     if ex.dtypes[labels].kind in "iu":
-        rank = ex.graph.nodes[logits]["type"].shape
+        rank = ex.fields[logits]["type"].shape
         if rank is None:
             raise InvalidArgument(
                 f"node '{name}' (softmax_cross_entropy): the rank of '{logits}' is not known",
@@ -509,8 +581,8 @@ EXPORTS: dict[str, Rule] = {
     "logsumexp": _reduce("ReduceLogSumExp"),
     "conv": Same("Conv"),
     "conv_transpose": Same("ConvTranspose"),
-    "max_pool": Same("MaxPool"),
-    "average_pool": Same("AveragePool"),
+    "max_pool": _pool("MaxPool"),
+    "average_pool": _pool("AveragePool"),
     "global_average_pool": Same("GlobalAveragePool"),
     "global_max_pool": Same("GlobalMaxPool"),
     "batch_norm": _batch_norm,
