@@ -117,6 +117,7 @@ from .builder import (
 from .client import Client, GraphInfo
 from .datasets import DatasetColumn, DatasetInfo
 from .errors import ChainruleError, Violation
+from .jobs import Cosine, Evaluation, Job, JobEvent, JobFailed, JobInfo, StepDecay, Warmup
 from .onnx import ImportedModel
 from .render import RenderError, render_png, render_svg, to_dot
 from .streams import GradientStream, TrainStream
@@ -126,20 +127,28 @@ __all__ = [
     "Adam",
     "ChainruleError",
     "Client",
+    "Cosine",
     "DatasetColumn",
     "DatasetInfo",
+    "Evaluation",
     "GradientStream",
     "GraphBuilder",
     "GraphInfo",
     "History",
     "ImportedModel",
+    "Job",
+    "JobEvent",
+    "JobFailed",
+    "JobInfo",
     "Node",
     "Optimizer",
     "RenderError",
     "Sgd",
+    "StepDecay",
     "TrainStep",
     "TrainStream",
     "Violation",
+    "Warmup",
     "abs",
     "add",
     "argmax",

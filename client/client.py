@@ -23,6 +23,7 @@ from .builder import GraphBuilder
 from .channel import DEFAULT_MAX_MESSAGE_MB, open_channel
 from .datasets import DatasetInfo, upload_arrays, upload_requests
 from .errors import rpc_errors
+from .jobs import Evaluation, Job, JobInfo, JobState, Schedule, create_job, job_spec, job_stub, list_jobs
 from .onnx import ImportedModel, OnnxModel, model_bytes, size_refusals, write_model
 from .render import computable_nodes, gradient_nodes, render_svg, to_dot
 from .streams import GradientStream, ParameterStream, TrainStream, decode_named, encode_feeds
@@ -114,6 +115,7 @@ class Client:
             max_message_mb=max_message_mb,
         )
         self._stub = graph_service_pb2_grpc.GraphServiceStub(self._channel)
+        self._jobs = job_stub(self._channel)
         self._datasets = dataset_service_pb2_grpc.DatasetServiceStub(self._channel)
 
     def close(self) -> None:
@@ -425,6 +427,66 @@ class Client:
             self._datasets.DeleteDataset(
                 dataset_service_pb2.DeleteDatasetRequest(dataset_id=dataset_id), timeout=self.timeout
             )
+
+    # ------------------------------------------------------------ jobs
+    def create_job(
+        self,
+        graph_id: str,
+        dataset_id: str,
+        *,
+        loss: str,
+        optimizer: Optimizer,
+        feeds: Mapping[str, str],
+        batch_size: int,
+        epochs: int = 0,
+        max_steps: int = 0,
+        parameters: Sequence[str] = (),
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        evaluation: Evaluation | None = None,
+        checkpoint_every: int = 0,
+        stop_on_non_finite_loss: bool = False,
+        schedule: Schedule | None = None,
+    ) -> Job:
+        """Queue a job that trains the graph on a stored dataset on the server, detached from this
+        client, and return its handle (`Job.wait()` follows it with a progress bar).
+
+        `feeds` maps graph inputs to dataset columns. The job makes `epochs` passes (0: 1 unless
+        `max_steps` is set), or stops at `max_steps` steps, in batches of `batch_size` examples,
+        shuffled each epoch by a permutation keyed by (`seed`, epoch) when `shuffle`; `seed` also
+        keys dropout, so the same call on the same graph start gives the same parameters, bit for
+        bit. `evaluation` adds metrics; `schedule` (StepDecay, Cosine, Warmup) varies the
+        learning rate. The other keywords are those of `train`."""
+        spec = job_spec(
+            graph_id,
+            dataset_id,
+            loss=loss,
+            optimizer=optimizer,
+            feeds=feeds,
+            batch_size=batch_size,
+            epochs=epochs,
+            max_steps=max_steps,
+            parameters=parameters,
+            seed=seed,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            evaluation=evaluation,
+            checkpoint_every=checkpoint_every,
+            stop_on_non_finite_loss=stop_on_non_finite_loss,
+            schedule=schedule,
+        )
+        return create_job(self._jobs, spec, self.timeout)
+
+    def get_job(self, job_id: str) -> Job:
+        """A handle on an existing job (checked to exist)."""
+        job = Job(self._jobs, job_id, self.timeout)
+        job.info()
+        return job
+
+    def list_jobs(self, *, states: Sequence[JobState] = (), graph_id: str = "", page_size: int = 100) -> list[JobInfo]:
+        """Every job (in `states`, of `graph_id`, when given), oldest first."""
+        return list_jobs(self._jobs, states, graph_id, page_size, self.timeout)
 
     # ------------------------------------------------------------ ONNX
     def import_onnx(self, model: OnnxModel, *, name: str = "", frozen: Sequence[str] = ()) -> ImportedModel:

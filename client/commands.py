@@ -25,11 +25,13 @@ from chainrule import tensors
 from .channel import DEFAULT_MAX_MESSAGE_MB, MAX_MESSAGE_MB, open_channel
 from .client import Client
 from .errors import ChainruleError
+from .jobs import ENDED, JobEvent
 from .render import RenderError, format_attrs, format_tensor, render_png, render_svg
 from .training import History
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 RENDER_SUFFIXES = (".svg", ".png", ".dot")
+JOB_STATES = ("queued", "running", *ENDED)
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -152,6 +154,31 @@ def add_client_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     )
     export_onnx.set_defaults(run=_reported(export_onnx_model))
 
+    jobs = subparsers.add_parser("jobs", parents=[connection], help="list the server's training jobs, oldest first")
+    jobs.add_argument(
+        "--state", nargs="+", default=[], choices=JOB_STATES, metavar="STATE", help=f"only: {', '.join(JOB_STATES)}"
+    )
+    jobs.add_argument("--graph", default="", metavar="GRAPH_ID", help="only the jobs of this graph")
+    jobs.set_defaults(run=_reported(list_jobs))
+
+    job = subparsers.add_parser("job", parents=[connection], help="print a job's spec, progress and outcome")
+    job.add_argument("job_id")
+    job.set_defaults(run=_reported(show_job))
+
+    watch = subparsers.add_parser(
+        "watch",
+        parents=[connection],
+        help="follow a job to its end; exit 0 if it succeeded",
+        description="Follow a job: a progress bar on a terminal, else one line per step and change of state.",
+    )
+    watch.add_argument("job_id")
+    watch.add_argument("--from-step", type=int, default=0, help="the first step to print (default: 1)")
+    watch.set_defaults(run=_reported(watch_job))
+
+    cancel = subparsers.add_parser("cancel", parents=[connection], help="cancel a queued or running job")
+    cancel.add_argument("job_id")
+    cancel.set_defaults(run=_reported(cancel_job))
+
     plot = subparsers.add_parser("plot-history", help="plot a History saved with History.save as a PNG")
     plot.add_argument("history", type=Path, help="the History's JSON file")
     plot.add_argument("-o", "--output", type=Path, required=True, help="the PNG file to write")
@@ -233,6 +260,83 @@ def export_onnx_model(args: argparse.Namespace) -> int:
     with connect(args) as client:
         model = client.export_onnx(args.graph_id, args.output, outputs=args.outputs)
     print(f"wrote {args.output} ({len(model):,} bytes)")
+    return 0
+
+
+def list_jobs(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        jobs = client.list_jobs(states=args.state, graph_id=args.graph)
+    rows = [["JOB_ID", "STATE", "STEP", "EPOCH", "LOSS", "GRAPH_ID", "CREATED"]]
+    rows += [
+        [
+            info.job_id,
+            info.state,
+            f"{info.step}/{info.total_steps}",
+            str(info.epoch),
+            f"{info.loss:.4g}" if info.step else "-",
+            info.graph_id,
+            _timestamp(info.create_time),
+        ]
+        for info in jobs
+    ]
+    print(_table(rows))
+    return 0
+
+
+def show_job(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        info = client.get_job(args.job_id).info()
+    spec = info.spec
+    print(f"job {info.job_id}  {info.state}")
+    progress = f"step {info.step} of {info.total_steps}, epoch {info.epoch}"
+    print(progress + (f", loss {info.loss:.6g}" if info.step else ""))
+    for name, value in info.metrics.items():
+        print(f"  {name} = {value:.6g}")
+    if info.error:
+        print(f"error: {info.error}")
+    times = [("created", info.create_time), ("started", info.start_time), ("ended", info.end_time)]
+    print(", ".join(f"{label} {_timestamp(moment)}" for label, moment in times if moment is not None))
+    print(f"\ngraph {spec.graph_id}, loss '{spec.loss}', optimizer {spec.optimizer.WhichOneof('kind') or '-'}")
+    feeds = ", ".join(f"{name} <- {column}" for name, column in sorted(spec.feeds.items()))
+    print(f"dataset {spec.dataset_id}: {feeds}")
+    settings = [f"batch_size {spec.batch_size}"]
+    settings += [f"{field} {getattr(spec, field)}" for field in ("epochs", "max_steps") if getattr(spec, field)]
+    settings += [f"seed {spec.seed}", "shuffled" if spec.shuffle else "in order"]
+    settings += ["drop_last"] if spec.drop_last else []
+    print(", ".join(settings))
+    if spec.HasField("evaluation"):
+        evaluation = spec.evaluation
+        every = f"every {evaluation.every_steps} steps and " if evaluation.every_steps else ""
+        print(f"evaluation of {', '.join(evaluation.metrics)} {every}at the end")
+    return 0
+
+
+def watch_job(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        job = client.get_job(args.job_id)
+        if sys.stderr.isatty():
+            info = job.wait(progress=True, raise_on_failure=False)
+        else:
+            with job.watch(args.from_step) as events:
+                for event in events:
+                    print(_event_line(event), flush=True)
+            info = job.info()
+    if info.error:
+        print(f"chainrule: job {info.job_id} {info.state}: {info.error}", file=sys.stderr)
+    return 0 if info.state == "succeeded" else 1
+
+
+def _event_line(event: JobEvent) -> str:
+    if event.state is not None:
+        return f"state {event.state}"
+    metrics = "".join(f"  {name} {value:.6g}" for name, value in event.metrics.items())
+    return f"step {event.step}  epoch {event.epoch}  loss {event.loss:.6g}  lr {event.learning_rate:.6g}{metrics}"
+
+
+def cancel_job(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        info = client.get_job(args.job_id).cancel()
+    print(f"job {info.job_id} {info.state} at step {info.step}" + ("" if info.ended else " (stops after its step)"))
     return 0
 
 

@@ -98,11 +98,15 @@ class TrainStep:
 
 @dataclass
 class History:
-    """What `Client.fit` saw: one step number and loss per batch, and the last TrainStep whole."""
+    """What `Client.fit` saw: one step number and loss per batch, and the last TrainStep whole.
+    A job's history (`Job.history`) also has each step's learning rate and its evaluations' metrics."""
 
     steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     last: TrainStep | None = None
+    learning_rates: list[float] = field(default_factory=list)
+    metrics: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    """Each metric's (step, value) at every evaluation."""
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -112,13 +116,27 @@ class History:
         self.losses.append(step.loss)
         self.last = step
 
+    def record_event(self, step: int, loss: float, learning_rate: float, metrics: Mapping[str, float]) -> None:
+        """One step of a job."""
+        self.steps.append(step)
+        self.losses.append(loss)
+        self.learning_rates.append(learning_rate)
+        for name, value in metrics.items():
+            self.metrics.setdefault(name, []).append((step, value))
+
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write steps and losses as JSON (`last`, with its tensors, is not kept), e.g. for `chainrule plot-history`.
+        """Write steps and losses (and a job's learning rates and metrics) as JSON (`last`, with its
+        tensors, is not kept), e.g. for `chainrule plot-history`.
 
         A diverged run's NaN or infinite losses are written as JSON's NaN/Infinity extension,
         which `load` (Python's json) reads back.
         """
-        Path(path).write_text(json.dumps({"steps": self.steps, "losses": self.losses}) + "\n", encoding="utf-8")
+        document: dict[str, object] = {"steps": self.steps, "losses": self.losses}
+        if self.learning_rates:
+            document["learning_rates"] = self.learning_rates
+        if self.metrics:
+            document["metrics"] = {name: [list(point) for point in points] for name, points in self.metrics.items()}
+        Path(path).write_text(json.dumps(document) + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> History:
@@ -128,7 +146,18 @@ class History:
         steps, losses = document["steps"], document["losses"]
         if not isinstance(steps, list) or not isinstance(losses, list) or len(steps) != len(losses):
             raise ValueError(f"{path}: 'steps' and 'losses' must be lists of the same length")
-        return cls(steps=[int(step) for step in steps], losses=[float(loss) for loss in losses])
+        rates = document.get("learning_rates", [])
+        metrics = document.get("metrics", {})
+        if not isinstance(rates, list) or not isinstance(metrics, dict):
+            raise ValueError(f"{path}: 'learning_rates' must be a list and 'metrics' an object")
+        return cls(
+            steps=[int(step) for step in steps],
+            losses=[float(loss) for loss in losses],
+            learning_rates=[float(rate) for rate in rates],
+            metrics={
+                str(name): [(int(step), float(value)) for step, value in points] for name, points in metrics.items()
+            },
+        )
 
     def plot(self, path: str | os.PathLike[str], *, title: str = "training loss") -> None:
         """Save a PNG of loss against step.
@@ -158,6 +187,12 @@ class History:
         axes.set_ylabel("loss")
         axes.set_title(title)
         axes.grid(True, alpha=0.3)
+        if self.metrics:  # a job's evaluations, on an axis of their own at the right
+            right = axes.twinx()
+            for name, points in self.metrics.items():
+                right.plot([step for step, _ in points], [value for _, value in points], marker="o", label=name)
+            right.set_ylabel("metrics")
+            right.legend(loc="center right")
         figure.savefig(path, format="png", dpi=120)
 
 
