@@ -17,6 +17,7 @@ from pathlib import Path
 import chainrule.client as cr
 from bench import report
 from bench.chain import measure_per_node
+from bench.cnn import measure_lenet_step, measure_resnet_forward
 from bench.machine import blas_threads, describe, limit_threads, load_torch
 from bench.measure import Measurement
 from bench.memory import measure_memory
@@ -41,6 +42,10 @@ class Settings:
     memory_length: int
     memory_width: int
     memory_repeats: int
+    lenet_steps: int
+    resnet_batch: int
+    resnet_image: int
+    resnet_repeats: int
 
 
 FULL = Settings(
@@ -54,6 +59,10 @@ FULL = Settings(
     memory_length=20_000,
     memory_width=1_000,
     memory_repeats=3,
+    lenet_steps=100,
+    resnet_batch=8,
+    resnet_image=224,
+    resnet_repeats=5,
 )
 QUICK = Settings(
     chain_lengths=(250, 1_000, 2_000),
@@ -66,6 +75,10 @@ QUICK = Settings(
     memory_length=2_000,
     memory_width=1_000,
     memory_repeats=1,
+    lenet_steps=10,
+    resnet_batch=1,
+    resnet_image=32,
+    resnet_repeats=2,
 )
 
 
@@ -143,7 +156,17 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
 
-    measurements = [per_node, training, engine, large, memory]
+    lenet = run_one(
+        f"8 LeNet-5 training step in-process, {settings.lenet_steps} steps",
+        lambda: measure_lenet_step(torch, settings.lenet_steps),
+    )
+    resnet = run_one(
+        f"9 ResNet-18 forward in-process, batch {settings.resnet_batch} of {settings.resnet_image}x"
+        f"{settings.resnet_image}, {settings.resnet_repeats} runs",
+        lambda: measure_resnet_forward(torch, settings.resnet_batch, settings.resnet_image, settings.resnet_repeats),
+    )
+
+    measurements = [per_node, training, engine, large, memory, lenet, resnet]
     elapsed, load_after = time.perf_counter() - started, os.getloadavg()
     print()
     print(report.table(measurements))
