@@ -24,6 +24,7 @@ from chainrule import tensors
 
 from .channel import DEFAULT_MAX_MESSAGE_MB, MAX_MESSAGE_MB, open_channel
 from .client import Client
+from .datasets import DatasetColumn
 from .errors import ChainruleError
 from .jobs import ENDED, JobEvent
 from .render import RenderError, format_attrs, format_tensor, render_png, render_svg
@@ -104,8 +105,8 @@ def check_health(args: argparse.Namespace) -> int:
 
 
 def add_client_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add health, graphs, show, render, import-onnx, export-onnx and plot-history to the `chainrule`
-    parser's subcommands."""
+    """Add health, graphs, show, render, import-onnx, export-onnx, datasets, upload-dataset and plot-history
+    (and the job commands) to the `chainrule` parser's subcommands."""
     connection = connection_options()
     health = subparsers.add_parser(
         "health", parents=[connection], help="ask a server's grpc.health.v1 service whether it is serving"
@@ -153,6 +154,20 @@ def add_client_commands(subparsers: argparse._SubParsersAction[argparse.Argument
         "--outputs", nargs="+", default=[], metavar="NODE", help="the model's outputs (default: every unread node)"
     )
     export_onnx.set_defaults(run=_reported(export_onnx_model))
+
+    datasets = subparsers.add_parser("datasets", parents=[connection], help="list the server's datasets, oldest first")
+    datasets.set_defaults(run=_reported(list_datasets))
+
+    upload = subparsers.add_parser(
+        "upload-dataset",
+        parents=[connection],
+        help="store the arrays of an .npz archive on the server as a dataset, one column per array",
+    )
+    upload.add_argument("name", help="the dataset's name")
+    upload.add_argument(
+        "file", type=Path, help="an .npz archive (numpy.savez); every array's first axis indexes examples"
+    )
+    upload.set_defaults(run=_reported(upload_dataset))
 
     jobs = subparsers.add_parser("jobs", parents=[connection], help="list the server's training jobs, oldest first")
     jobs.add_argument(
@@ -338,6 +353,41 @@ def cancel_job(args: argparse.Namespace) -> int:
         info = client.get_job(args.job_id).cancel()
     print(f"job {info.job_id} {info.state} at step {info.step}" + ("" if info.ended else " (stops after its step)"))
     return 0
+
+
+def list_datasets(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        datasets = client.list_datasets()
+    rows = [["DATASET_ID", "NAME", "EXAMPLES", "BYTES", "COLUMNS", "CREATED"]]
+    rows += [
+        [
+            info.dataset_id,
+            info.name,
+            str(info.num_examples),
+            str(info.size_bytes),
+            " ".join(_column(column) for column in info.columns),
+            _timestamp(info.create_time),
+        ]
+        for info in datasets
+    ]
+    print(_table(rows))
+    return 0
+
+
+def upload_dataset(args: argparse.Namespace) -> int:
+    loaded = np.load(args.file, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError(f"{args.file}: upload-dataset takes an .npz archive (numpy.savez), one array per column")
+    with loaded, connect(args) as client:
+        info = client.upload_dataset(args.name, loaded)
+    print(f"dataset {info.dataset_id}  {info.name}")
+    print(f"{info.num_examples} examples, {info.size_bytes:,} bytes, sha256 {info.sha256}")
+    print(f"columns: {' '.join(_column(column) for column in info.columns)}")
+    return 0
+
+
+def _column(column: DatasetColumn) -> str:
+    return f"{column.name}:{column.dtype}[{','.join(map(str, column.shape))}]"
 
 
 def plot_history(args: argparse.Namespace) -> int:

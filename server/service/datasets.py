@@ -17,8 +17,8 @@ from chainrule.server.errors import Cancelled, DeadlineExceeded, InvalidArgument
 from chainrule.server.pipeline import StreamIdle, idle_limited
 from chainrule.server.service.calls import Call, CallGate, Servicer, unary
 from chainrule.server.store.base import StoredDataset
-from chainrule.v1 import dataset_service_pb2_grpc
 from chainrule.v1 import dataset_service_pb2 as pb
+from chainrule.v1 import dataset_service_pb2_grpc
 
 
 def dataset_message(stored: StoredDataset) -> pb.Dataset:

@@ -45,7 +45,10 @@ let cachedPackage = null;
 /** The loaded chainrule.v1 package (message types and the GraphService constructor). */
 function loadPackage() {
   if (cachedPackage === null) {
-    const definition = protoLoader.loadSync('chainrule/v1/graph_service.proto', LOADER_OPTIONS);
+    const definition = protoLoader.loadSync(
+      ['chainrule/v1/graph_service.proto', 'chainrule/v1/dataset_service.proto'],
+      LOADER_OPTIONS,
+    );
     cachedPackage = grpc.loadPackageDefinition(definition).chainrule.v1;
   }
   return cachedPackage;
@@ -58,6 +61,20 @@ function callOptions(deadlineMs) {
 function graphInfo(info) {
   if (!info) return info;
   return { ...info, step: Number(info.step), node_count: Number(info.node_count) };
+}
+
+/** A Dataset message with its int64 fields as numbers and its dtypes by name ('float32', ...). */
+function datasetInfo(dataset) {
+  return {
+    ...dataset,
+    columns: dataset.columns.map((column) => ({
+      name: column.name,
+      dtype: tensors.dtypeName(column.dtype),
+      shape: column.shape.map(Number),
+    })),
+    num_examples: Number(dataset.num_examples),
+    size_bytes: Number(dataset.size_bytes),
+  };
 }
 
 /**
@@ -119,11 +136,14 @@ class Client {
     if (!Number.isInteger(maxMessageMb) || maxMessageMb < 1 || maxMessageMb > 2047) {
       throw new Error(`maxMessageMb must be a whole number from 1 to 2047, got ${maxMessageMb}`);
     }
-    const { GraphService } = loadPackage();
+    const { GraphService, DatasetService } = loadPackage();
     this.address = address;
     this.deadlineMs = deadlineMs;
     const options = { [RECEIVE_LIMIT_OPTION]: maxMessageMb * MIB, ...(channelOptions || {}) };
     this.stub = new GraphService(address, credentials || grpc.credentials.createInsecure(), options);
+    this.datasetStub = new DatasetService(address, credentials || grpc.credentials.createInsecure(), {
+      channelOverride: this.stub.getChannel(),
+    });
   }
 
   close() {
@@ -140,10 +160,13 @@ class Client {
     });
   }
 
-  /** Any unary method by its proto name, with a raw request object; resolves to the raw response. */
-  unary(method, request) {
+  /**
+   * Any unary method by its proto name, with a raw request object; resolves to the raw response.
+   * `stub` is this.stub (GraphService) unless given, e.g. this.datasetStub (DatasetService).
+   */
+  unary(method, request, stub = this.stub) {
     return new Promise((resolve, reject) => {
-      this.stub[method](request, callOptions(this.deadlineMs), (error, response) => {
+      stub[method](request, callOptions(this.deadlineMs), (error, response) => {
         if (error) reject(wrapError(error));
         else resolve(response);
       });
@@ -199,6 +222,76 @@ class Client {
 
   async deleteGraph(graphId) {
     await this.unary('DeleteGraph', { graph_id: graphId });
+  }
+
+  /**
+   * Stores arrays on the server as a dataset that jobs train on. `columns` is {name: value}, each
+   * value anything tensors.encode takes (a nested array, a typed array with its shape as
+   * tensors.encode(data, shape, dtype), ...) whose first dimension indexes the examples, the same
+   * in every column. The bytes stream in 1 MiB chunks, column after column; resolves, once the
+   * dataset is durable, to the Dataset: {dataset_id, name, columns: [{name, dtype, shape}],
+   * num_examples, size_bytes, sha256, create_time}. `onProgress(sentBytes, totalBytes)` is called
+   * as chunks are handed to gRPC.
+   */
+  async uploadDataset(name, columns, { onProgress } = {}) {
+    const encoded = Object.entries(columns).map(([column, value]) => [column, tensors.encode(value)]);
+    if (encoded.length === 0) throw new Error('a dataset needs at least one column');
+    const counts = encoded.map(([column, tensor]) => {
+      if (tensor.shape.length === 0) {
+        throw new Error(`column '${column}' is a scalar; every column needs a first axis, one entry per example`);
+      }
+      return tensor.shape[0];
+    });
+    if (new Set(counts).size > 1) {
+      const listed = encoded.map(([column], index) => `'${column}' ${counts[index]}`).join(', ');
+      throw new Error(`every column needs the same number of examples (first dimension); got ${listed}`);
+    }
+    const header = {
+      name,
+      columns: encoded.map(([column, tensor]) => ({ name: column, dtype: tensor.dtype, shape: tensor.shape.slice(1) })),
+      num_examples: counts[0],
+    };
+    const total = encoded.reduce((sum, [, tensor]) => sum + tensor.data.length, 0);
+    return new Promise((resolve, reject) => {
+      let ended = false;
+      const call = this.datasetStub.UploadDataset(callOptions(0), (error, response) => {
+        ended = true;
+        if (error) reject(wrapError(error));
+        else resolve(datasetInfo(response));
+      });
+      const finished = new Promise((settle) => call.on('status', settle));
+      const send = async () => {
+        let sent = 0;
+        if (!call.write({ header })) await onceOr(call, 'drain', finished);
+        for (const [column, tensor] of encoded) {
+          for (let start = 0; start < tensor.data.length && !ended; start += tensors.CHUNK_BYTES) {
+            const data = tensor.data.subarray(start, start + tensors.CHUNK_BYTES);
+            const more = call.write({ chunk: { column, data } });
+            sent += data.length;
+            if (onProgress) onProgress(sent, total);
+            if (!more) await onceOr(call, 'drain', finished);
+          }
+        }
+        if (!ended) call.end();
+      };
+      send();
+    });
+  }
+
+  /** Resolves to the Dataset (see uploadDataset). */
+  async getDataset(datasetId) {
+    return datasetInfo(await this.unary('GetDataset', { dataset_id: datasetId }, this.datasetStub));
+  }
+
+  /** One page, oldest first: resolves to {datasets, nextPageToken}. */
+  async listDatasets({ pageSize = 0, pageToken = '' } = {}) {
+    const response = await this.unary('ListDatasets', { page_size: pageSize, page_token: pageToken }, this.datasetStub);
+    return { datasets: response.datasets.map(datasetInfo), nextPageToken: response.next_page_token };
+  }
+
+  /** Refused (FAILED_PRECONDITION) while a queued or running job uses the dataset. */
+  async deleteDataset(datasetId) {
+    await this.unary('DeleteDataset', { dataset_id: datasetId }, this.datasetStub);
   }
 
   /** Evaluates `fetches`; feeds is {name: value} (see tensors.encode). Resolves to {name: tensor}. */
