@@ -16,6 +16,7 @@ stored dataset has their hash any more.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import logging
 import os
@@ -32,6 +33,7 @@ import numpy as np
 
 from chainrule import tensors
 from chainrule.server.errors import (
+    ChainruleError,
     DataLoss,
     FailedPrecondition,
     InvalidArgument,
@@ -120,6 +122,7 @@ class DatasetManager:
         self.max_chunk_bytes = max_chunk_bytes
         """--max-message-mb: the largest chunk an upload takes (gRPC itself receives a little more)."""
         self.max_name_length = max_name_length
+        self.store_bytes_per_second = STORE_BYTES_PER_SECOND
         self.in_use: Callable[[str], bool] = never_in_use
         """Whether a queued or running job uses the dataset; the jobs module sets it. Asked while
         holding `usage_lock`."""
@@ -328,7 +331,7 @@ class DatasetManager:
                     raise NotFound(f"dataset '{name}' was deleted", reason="DATASET_NOT_FOUND", subject=name)
                 os.replace(partial, path)
         except OSError as error:
-            raise _cache_unavailable(self.cache_dir, error, "") from None
+            raise _cache_error(self.cache_dir, error, "") from None
         finally:
             partial.unlink(missing_ok=True)
 
@@ -386,7 +389,14 @@ class DatasetUpload:
         try:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as error:
-            raise _cache_unavailable(manager.cache_dir, error) from None
+            raise _cache_error(manager.cache_dir, error) from None
+        try:
+            if self.size:  # the room for every byte, claimed up front; and no block allocation as they arrive
+                os.posix_fallocate(self._fd, 0, self.size)
+        except OSError as error:
+            os.close(self._fd)
+            self.path.unlink(missing_ok=True)
+            raise _cache_error(manager.cache_dir, error) from None
 
     def __enter__(self) -> Self:
         return self
@@ -439,7 +449,7 @@ class DatasetUpload:
         try:
             _write_at(self._fd, data, layout.offset + received)
         except OSError as error:
-            raise _cache_unavailable(self.manager.cache_dir, error) from None
+            raise _cache_error(self.manager.cache_dir, error) from None
         with self._progress:
             self._received[index] = received + len(data)
             self._received_total += len(data)
@@ -471,7 +481,7 @@ class DatasetUpload:
         if self.size < OVERLAP_MIN_BYTES or received < DATASET_CHUNK_BYTES:
             return False
         rate = received / max(time.perf_counter() - self._started, 1e-9)
-        return (self.size - received) / rate <= self.size / STORE_BYTES_PER_SECOND
+        return (self.size - received) / rate <= self.size / self.manager.store_bytes_per_second
 
     def _write(self) -> None:
         """The early store transaction, on its own thread; `finish` reads its outcome."""
@@ -519,6 +529,11 @@ class DatasetUpload:
                 yield index, os.pread(self._fd, length, layout.offset + inserted[index])
                 inserted[index] += length
 
+    @property
+    def complete(self) -> bool:
+        """Whether every column has all its bytes."""
+        return all(received == layout.size for layout, received in zip(self.layouts, self._received, strict=True))
+
     def finish(self) -> StoredDataset:
         """Store the dataset, durably, once every column is complete."""
         for layout, received in zip(self.layouts, self._received, strict=True):
@@ -565,11 +580,12 @@ def _write_at(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _cache_unavailable(cache_dir: Path, error: OSError, outcome: str = "; nothing was stored") -> Unavailable:
-    return Unavailable(
-        f"the dataset cache {cache_dir} could not be written: {error.strerror or error}{outcome}",
-        reason="CACHE_UNAVAILABLE",
-    )
+def _cache_error(cache_dir: Path, error: OSError, outcome: str = "; nothing was stored") -> ChainruleError:
+    """RESOURCE_EXHAUSTED for a full disk, UNAVAILABLE for any other refusal."""
+    message = f"the dataset cache {cache_dir} could not be written: {error.strerror or error}{outcome}"
+    if error.errno == errno.ENOSPC:
+        return ResourceExhausted(message, reason="CACHE_FULL")
+    return Unavailable(message, reason="CACHE_UNAVAILABLE")
 
 
 def _encode_page_token(seq: int) -> str:

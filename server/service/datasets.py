@@ -6,6 +6,7 @@ the per-call plumbing (auth, admission, logging, error statuses) in `calls`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -19,6 +20,18 @@ from chainrule.server.service.calls import Call, CallGate, Servicer, unary
 from chainrule.server.store.base import StoredDataset
 from chainrule.v1 import dataset_service_pb2 as pb
 from chainrule.v1 import dataset_service_pb2_grpc
+
+CANCEL_NOTICE_SECONDS = 0.2
+"""How long after an incomplete request stream ends a cancellation may still come in."""
+
+
+def cancelled(call: Call) -> bool:
+    """Whether the call was cancelled. gRPC ends the request stream of a cancelled call just as a
+    client's half-close does and flags the cancellation a moment later, so this waits that moment."""
+    deadline = time.monotonic() + CANCEL_NOTICE_SECONDS
+    while not call.stop.stopped and time.monotonic() < deadline:
+        time.sleep(CANCEL_NOTICE_SECONDS / 20)
+    return call.stop.stopped
 
 
 def dataset_message(stored: StoredDataset) -> pb.Dataset:
@@ -75,6 +88,8 @@ class DatasetService(Servicer, dataset_service_pb2_grpc.DatasetServiceServicer):
                     data = message.chunk.data
                     call.bytes_in += len(data)
                     upload.append(message.chunk.column, data)
+                if not upload.complete and cancelled(call):
+                    raise Cancelled("the upload was cancelled; nothing was stored", reason="CANCELLED")
                 stored = upload.finish()
         except StreamIdle:
             raise DeadlineExceeded(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
@@ -117,25 +119,6 @@ CREATE TABLE IF NOT EXISTS dataset_chunks (
     data BLOB NOT NULL,
     PRIMARY KEY (dataset_id, column_index, chunk_index)
 );
-CREATE TABLE IF NOT EXISTS datasets (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    dataset_id TEXT NOT NULL UNIQUE,
-    tenant TEXT NOT NULL DEFAULT '',
-    name TEXT NOT NULL,
-    columns TEXT NOT NULL,
-    num_examples INTEGER NOT NULL,
-    size_bytes INTEGER NOT NULL,
-    sha256 TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS datasets_by_tenant ON datasets (tenant, seq);
-CREATE TABLE IF NOT EXISTS dataset_chunks (
-    dataset_id TEXT NOT NULL REFERENCES datasets(dataset_id) ON DELETE CASCADE DEFERRABLE INITIALLY DEFERRED,
-    column_index INTEGER NOT NULL,
-    chunk_index INTEGER NOT NULL,
-    data BLOB NOT NULL,
-    PRIMARY KEY (dataset_id, column_index, chunk_index)
-);
 """
 
 GRAPH_COLUMNS = "seq, graph_id, tenant, name, summary, created_at, step"
@@ -144,6 +127,9 @@ JOB_COLUMNS = (
     "started_at, ended_at, start_graph_step, seq"
 )
 DATASET_COLUMNS = "seq, dataset_id, tenant, name, columns, num_examples, size_bytes, sha256, created_at"
+log = logging.getLogger("chainrule.server.store")
+AUTOCHECKPOINT_PAGES = 1000
+"""SQLite's default: a commit that leaves the WAL longer than this checkpoints it."""
 
 
 def graph_columns(with_order: bool, table: str = "graphs") -> str:
@@ -157,6 +143,9 @@ def graph_columns(with_order: bool, table: str = "graphs") -> str:
 
 class SqliteStore(Store):
     """One SQLite file in WAL mode, fsynced at every commit; one connection, serialized by a lock."""
+
+    _large_writes = 0
+    """Writes under way whose commits leave the checkpoint to a thread of its own (see _checkpoint_after)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -415,7 +404,7 @@ class SqliteStore(Store):
                 yield dataset_id, column, rows_per_column[column], data
                 rows_per_column[column] += 1
 
-        with self._transaction(f"store dataset '{name}'") as db:
+        with self._checkpoint_after(), self._transaction(f"store dataset '{name}'") as db:
             db.executemany(
                 "INSERT INTO dataset_chunks (dataset_id, column_index, chunk_index, data) VALUES (?, ?, ?, ?)",
                 numbered(),
@@ -444,7 +433,7 @@ class SqliteStore(Store):
         return [_dataset_from_row(row) for row in rows]
 
     def delete_dataset(self, dataset_id: str) -> bool:
-        with self._transaction(f"delete dataset '{dataset_id}'") as db:
+        with self._checkpoint_after(), self._transaction(f"delete dataset '{dataset_id}'") as db:
             return db.execute("DELETE FROM datasets WHERE dataset_id = ?", (dataset_id,)).rowcount > 0
 
     def dataset_chunks(self, dataset_id: str) -> Iterator[tuple[int, bytes]]:
@@ -464,6 +453,38 @@ class SqliteStore(Store):
 
     def dataset_hashes(self) -> set[str]:
         return {sha256 for (sha256,) in self._read("SELECT DISTINCT sha256 FROM datasets", ())}
+
+    @contextmanager
+    def _checkpoint_after(self) -> Iterator[None]:
+        """For a write of hundreds of MB (a dataset's bytes): its commit leaves copying them from the WAL
+        into the database to a checkpoint on a connection and thread of their own, instead of SQLite's
+        automatic checkpoint at the commit, which would hold the caller and the store's lock as long
+        again as the write itself."""
+        if self.path in ("", ":memory:"):
+            yield
+            return
+        with self._lock:
+            self._large_writes += 1
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._large_writes -= 1
+                if not self._large_writes:
+                    self._db.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
+            threading.Thread(target=self._checkpoint, name="store-checkpoint", daemon=True).start()
+
+    def _checkpoint(self) -> None:
+        """A passive checkpoint: it copies what it can without waiting for (or blocking) readers and writers."""
+        try:
+            connection = sqlite3.connect(f"file:{urllib.parse.quote(self.path)}?mode=rw", uri=True)  # never creates it
+            try:
+                connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            finally:
+                connection.close()
+        except sqlite3.Error as error:  # the next automatic checkpoint does it instead
+            log.warning("background checkpoint of %s failed: %s", self.path, error)
 
 
 def _dataset_from_row(row: tuple) -> StoredDataset:
