@@ -37,6 +37,15 @@ DTYPES = ("float32", "float64", "int32", "int64", "bool")
 
 
 # ---------------------------------------------------------------- shape-like arguments
+class MissingAttr(ShapeError):
+    """A shape-like attr given neither as an attr nor as a tensor argument: BAD_ATTR, as other missing attrs."""
+
+    reason = "BAD_ATTR"
+
+    def __init__(self, op: str, name: str) -> None:
+        super().__init__(f"{op} needs attr '{name}' (or a tensor argument in its place)")
+
+
 def shape_like_length(given: TensorType, what: str, scalar: bool = False) -> Dim:
     """The number of entries of a shape-like tensor argument, checked as far as its type is known:
     an int32/int64 tensor, 1-D (or, for a `scalar`, one element)."""
@@ -112,7 +121,7 @@ def _index(axis: int, item: slice | Array) -> tuple[slice | Array, ...]:
 def _reshape_target(source: Shape, target: Sequence[int] | None, allowzero: int) -> list[Dim]:
     """ONNX's allowzero=0: a 0 in the target copies the input's size on that axis (None where that is unknown)."""
     if target is None:
-        raise ShapeError("reshape needs the attr 'shape' or a shape tensor argument")
+        raise MissingAttr("reshape", "shape")
     if allowzero not in (0, 1):
         raise ShapeError(f"reshape's allowzero must be 0 or 1, got {allowzero}")
     if allowzero or 0 not in target:
@@ -252,7 +261,7 @@ def _split_piece(dim: int, splits: Sequence[int] | None, num_outputs: int | None
         position = _piece_index(index, len(splits))
         return sum(splits[:position]), splits[position]
     if num_outputs is None:
-        raise ShapeError("split needs sizes ('splits' attr or tensor argument) or 'num_outputs'")
+        raise MissingAttr("split", "splits' or 'num_outputs")
     position = _piece_index(index, num_outputs)
     part = -(-dim // num_outputs)
     last = dim - part * (num_outputs - 1)
@@ -319,7 +328,7 @@ def _split_type(
         if num_outputs is not None:
             raise ShapeError("split takes sizes ('splits') or 'num_outputs', not both")
     elif splits is None and num_outputs is None:
-        raise ShapeError("split needs sizes ('splits' attr or tensor argument) or 'num_outputs'")
+        raise MissingAttr("split", "splits' or 'num_outputs")
     if x.shape is None:
         return x
     along = normalize_axis(axis, len(x.shape))
@@ -363,7 +372,7 @@ def _slice_plan(
 ) -> list[tuple[int, int, int, int]]:
     """(axis, start, end, step) for each sliced axis, checked."""
     if starts is None or ends is None:
-        raise ShapeError("slice needs 'starts' and 'ends' (attrs or tensor arguments)")
+        raise MissingAttr("slice", "starts' and 'ends")
     count = len(starts)
     if count > rank:
         raise ShapeError(f"slice has {count} starts for a tensor of rank {rank}")
@@ -440,7 +449,7 @@ def _slice_type(
             out[axis] = None if dim is None else len(range(*_clamped(dim, start, end, step).indices(dim)))
         return TensorType(x.dtype, tuple(out))
     if len(given) == 1 and ends is None:
-        raise ShapeError("slice needs 'starts' and 'ends' (attrs or tensor arguments)")
+        raise MissingAttr("slice", "starts' and 'ends")
     if len(given) > 2 or axes is None and lengths[0] is None:
         return TensorType(x.dtype, (None,) * rank)
     sliced = normalize_axes(range(lengths[0]) if axes is None else axes, rank)  # type: ignore[arg-type]
@@ -625,7 +634,7 @@ defop(
 
 def _unsqueezed_axes(rank: int, axes: Sequence[int] | None) -> tuple[int, ...]:
     if axes is None:
-        raise ShapeError("unsqueeze needs the attr 'axes' or an axes tensor argument")
+        raise MissingAttr("unsqueeze", "axes")
     return normalize_axes(axes, rank + len(axes))
 
 
@@ -640,7 +649,7 @@ def _unsqueeze_type(x: TensorType, *given: TensorType, axes: Sequence[int] | Non
             return TensorType(x.dtype, None)
         return TensorType(x.dtype, (None,) * (len(x.shape) + length))
     if axes is None:
-        raise ShapeError("unsqueeze needs the attr 'axes' or an axes tensor argument")
+        raise MissingAttr("unsqueeze", "axes")
     if x.shape is None:
         return x
     inserted = _unsqueezed_axes(len(x.shape), axes)
@@ -665,7 +674,7 @@ defop(
 def expand(x: Array, *given: Array, shape: Sequence[int] | None = None) -> Array:
     target = override(given, 0, shape, "expand's shape")
     if target is None:
-        raise ValueError("expand needs the attr 'shape' or a shape tensor argument")
+        raise MissingAttr("expand", "shape")
     if any(dim < 0 for dim in target):
         raise ValueError(f"expand's shape {target} has a negative size")
     out = np.broadcast_shapes(x.shape, tuple(target))
@@ -683,7 +692,7 @@ def _expand_type(x: TensorType, *given: TensorType, shape: Sequence[int] | None 
         padded = (1,) * (rank - len(x.shape)) + x.shape
         return TensorType(x.dtype, tuple(dim if dim not in (None, 1) else None for dim in padded))
     if shape is None:
-        raise ShapeError("expand needs the attr 'shape' or a shape tensor argument")
+        raise MissingAttr("expand", "shape")
     if any(dim < 0 for dim in shape):
         raise ShapeError(f"expand's shape {list(shape)} has a negative size")
     return TensorType(x.dtype, broadcast_shapes(x.shape, tuple(shape)))
@@ -705,7 +714,7 @@ defop(
 
 def _repeats(rank: int, repeats: Sequence[int] | None) -> list[int]:
     if repeats is None:
-        raise ShapeError("tile needs the attr 'repeats' or a repeats tensor argument")
+        raise MissingAttr("tile", "repeats")
     if len(repeats) != rank:
         raise ShapeError(f"tile needs one repeat per axis ({rank}), got {list(repeats)}")
     if any(count < 0 for count in repeats):
@@ -792,7 +801,7 @@ def _pad_geometry(shape: Sequence[int], pads: Sequence[int] | None) -> tuple[tup
     """Negative pads crop first; then the rest is padded: (the crop, the (before, after) widths)."""
     rank = len(shape)
     if pads is None:
-        raise ShapeError("pad needs the attr 'pads' or a pads tensor argument")
+        raise MissingAttr("pad", "pads")
     if len(pads) != 2 * rank:
         raise ShapeError(f"pad needs 2 * rank = {2 * rank} pads (all begins, then all ends), got {list(pads)}")
     crop = []
@@ -881,7 +890,7 @@ def _pad_type(
             raise ShapeError(f"pad needs 2 * rank = {2 * len(x.shape)} pads, got {length}")
         return TensorType(x.dtype, None if x.shape is None else (None,) * len(x.shape))
     if pads is None:
-        raise ShapeError("pad needs the attr 'pads' or a pads tensor argument")
+        raise MissingAttr("pad", "pads")
     if len(pads) % 2 or x.shape is not None and len(pads) != 2 * len(x.shape):
         raise ShapeError(f"pad needs 2 * rank pads (all begins, then all ends), got {list(pads)}")
     rank = len(pads) // 2
@@ -942,7 +951,7 @@ defop(
 def _depth(given: Sequence[Array], depth: int | None) -> int:
     found = tensor_int(given[0], "one_hot's depth") if given else depth
     if found is None:
-        raise ValueError("one_hot needs the attr 'depth' or a depth tensor argument")
+        raise MissingAttr("one_hot", "depth")
     if found < 1:
         raise ValueError(f"one_hot's depth must be at least 1, got {found}")
     return found
@@ -988,7 +997,7 @@ def _one_hot_type(
     if given:
         shape_like_length(given[0], "one_hot's depth", scalar=True)
     elif depth is None:
-        raise ShapeError("one_hot needs the attr 'depth' or a depth tensor argument")
+        raise MissingAttr("one_hot", "depth")
     elif depth < 1:
         raise ShapeError(f"one_hot's depth must be at least 1, got {depth}")
     out_dtype = _dtype(dtype)
