@@ -172,6 +172,7 @@ class RunningServer:
             raise StartupError(f"cannot use the dataset cache {cache}: {error.strerror or error}") from None
         self.dataset_service = DatasetService(self.datasets, self.calls)
         self.health = health.HealthServicer()
+        self.store.on_lost = self._store_lost
         self.executor = futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="rpc")
         self.server = grpc.server(
             self.executor,
@@ -255,6 +256,12 @@ class RunningServer:
         self.server.start()
         for service in ("", *SERVICE_NAMES):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    def _store_lost(self, reason: str) -> None:
+        """Writes can no longer last: every one is refused from now on, and health says so until a restart."""
+        log.error("%s; refusing every write and reporting NOT_SERVING until the server is restarted", reason)
+        for service in ("", *SERVICE_NAMES):
+            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def stop(self) -> None:
         """Turn health NOT_SERVING and refuse new calls; running Train streams stop after their current

@@ -36,11 +36,13 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chainrule import tensors
 from chainrule.server import optim
 from chainrule.server.engine import Engine, StepResult
+from chainrule.server.errors import Unavailable
 from chainrule.server.store import SqliteStore
 from chainrule.v1 import graph_service_pb2 as pb
 from tests.server_process import ServerProcess
@@ -369,3 +371,59 @@ def assert_parameters(stub, graph_id: str, expected: dict[str, np.ndarray], step
     got, got_step = parameters(stub, graph_id)
     assert got_step == step
     assert_same_bits(got, expected)
+
+
+# ---------------------------------------------------------------- the database file deleted under the server
+def test_writes_fail_once_the_database_file_is_deleted_and_health_turns_not_serving(tmp_path: Path) -> None:
+    """SQLite keeps writing to a deleted file it has open, and all of it is gone at the next start:
+    the server must refuse those writes instead of answering OK."""
+    db = tmp_path / "chainrule.db"
+    server = ServerProcess(db).start()
+    try:
+        stub = server.stub()
+        graph_id = stub.CreateGraph(pb.CreateGraphRequest(graph=mlp_graph())).graph.graph_id
+        health = health_pb2_grpc.HealthStub(server.channel())
+        serving = health_pb2.HealthCheckResponse.SERVING
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == serving
+        for suffix in ("", "-wal", "-shm"):  # the database, its WAL and shared-memory index
+            tmp_path.joinpath(f"chainrule.db{suffix}").unlink(missing_ok=True)
+
+        unavailable = grpc.StatusCode.UNAVAILABLE
+        gone = (str(db), "deleted or replaced")
+        expect_error(unavailable, lambda: stub.CreateGraph(pb.CreateGraphRequest(graph=lecture_graph())), *gone)
+        received: list[pb.TrainResponse] = []
+        expect_error(
+            unavailable,
+            lambda: received.extend(stub.Train(iter([training_config(graph_id, checkpoint_every=1), batch(0)]))),
+            *gone,
+        )
+        assert received == []
+        expect_error(unavailable, lambda: stub.DeleteGraph(pb.DeleteGraphRequest(graph_id=graph_id)), *gone)
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == not_serving
+        service = "chainrule.v1.GraphService"
+        assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status == not_serving
+        assert any("deleted or replaced" in line for line in server.log), "the server log says why"
+    finally:
+        server.kill()
+
+    # A new database in its place is a fresh start, not the old one with some writes missing.
+    server = ServerProcess(db).start()
+    try:
+        assert listed_graphs(server.stub()) == []
+    finally:
+        server.kill()
+
+
+def test_a_database_file_replaced_under_the_server_is_detected_too(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "chainrule.db"))
+    lost: list[str] = []
+    store.on_lost = lost.append
+    engine = Engine(store)
+    engine.create_graph(mlp_graph())
+    (tmp_path / "chainrule.db").rename(tmp_path / "moved.db")
+    (tmp_path / "chainrule.db").write_bytes(b"")
+    with pytest.raises(Unavailable) as raised:
+        engine.create_graph(mlp_graph())
+    assert raised.value.reason == "STORE_LOST"
+    assert len(lost) == 1 and "replaced" in lost[0]

@@ -139,6 +139,11 @@ def tensor_from_row(dtype: str, shape: str, data: bytes) -> np.ndarray:
 class Store(ABC):
     """Graphs, their current parameters, optimizer state and step."""
 
+    on_lost: Callable[[str], None] | None = None
+    """Called once, with the reason, when the store finds that what it writes can no longer last
+    (its database file was deleted or replaced); from then on it refuses every write. The server
+    turns its health NOT_SERVING."""
+
     @abstractmethod
     def close(self) -> None: ...
 

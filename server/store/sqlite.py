@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sqlite3
 import threading
 import time
@@ -155,6 +156,10 @@ class SqliteStore(Store):
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        self._file = None if path in ("", ":memory:") else _identity(path)
+        """(device, inode) of the file opened: what `path` must keep naming for writes to last."""
+        self.lost = ""
+        """Why writes are refused for good, once the file was found deleted or replaced."""
 
     def close(self) -> None:
         with self._lock:
@@ -162,8 +167,13 @@ class SqliteStore(Store):
 
     @contextmanager
     def _transaction(self, action: str) -> Iterator[sqlite3.Connection]:
-        """One atomic write; a refused write (read-only file, full disk) becomes UNAVAILABLE."""
+        """One atomic write; a refused write (read-only file, full disk, a deleted database file)
+        becomes UNAVAILABLE."""
         with self._lock:
+            if self._file_gone():
+                raise Unavailable(
+                    f"the graph store could not {action}: {self.lost}; nothing was written", reason="STORE_LOST"
+                )
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
@@ -177,11 +187,26 @@ class SqliteStore(Store):
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise Unavailable(
-                    f"the graph store could not {action}: {error}; nothing was changed", reason="STORE_UNAVAILABLE"
+                    f"the graph store could not {action}: {error}; nothing was written", reason="STORE_UNAVAILABLE"
                 ) from None
 
+    def _file_gone(self) -> bool:
+        """Whether `path` no longer names the file the connection has open. SQLite goes on writing
+        to a deleted file, and a restart would open whatever `path` then names, so every write from
+        now on would be lost; say so once (on_lost) and refuse them."""
+        if self.lost:
+            return True
+        if self._file is None or _identity(self.path) == self._file:
+            return False
+        self.lost = f"the database file '{self.path}' was deleted or replaced while the server runs"
+        if self.on_lost is not None:
+            self.on_lost(self.lost)
+        return True
+
     def _read(self, query: str, arguments: tuple) -> list[tuple]:
+        """Reads go on from the open file once it is gone, but tell on_lost as soon as they notice."""
         with self._lock:
+            self._file_gone()
             try:
                 return self._db.execute(query, arguments).fetchall()
             except sqlite3.Error as error:
@@ -491,6 +516,14 @@ def _dataset_from_row(row: tuple) -> StoredDataset:
     seq, dataset_id, tenant, name, layout, num_examples, size_bytes, sha256, created_at = row
     columns = tuple(ColumnSpec(c["name"], c["dtype"], tuple(c["shape"])) for c in json.loads(layout))
     return StoredDataset(seq, dataset_id, tenant, name, columns, num_examples, size_bytes, sha256, created_at)
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return status.st_dev, status.st_ino
 
 
 def _write_checkpoint(db: sqlite3.Connection, graph_id: str, checkpoint: Checkpoint) -> None:
