@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from chainrule.server import optim
-from chainrule.server.errors import AlreadyExists, InvalidArgument, NotFound
+from chainrule.server.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from chainrule.server.graph import Limits, build_graph
 from chainrule.server.ops import INFERENCE, Mode
 from chainrule.server.plan import Plan, StopFlag
@@ -467,8 +467,7 @@ class TrainingSession:
             step = live.step + 1
             if step - live.committed_step >= self.checkpoint_every:
                 # Commit before publishing: a step whose checkpoint the store refuses is not applied.
-                self.engine.store.save_checkpoint(live.stored.graph_id, Checkpoint(step, new_parameters, new_state))
-                live.committed_step = step
+                self._save(Checkpoint(step, new_parameters, new_state))
             live.parameters, live.optimizer_state, live.step = new_parameters, new_state, step
             return StepResult(step, loss, gradients, updates)
 
@@ -492,9 +491,42 @@ class TrainingSession:
                 self.engine.unpin(live)
 
     def _commit(self) -> None:
-        checkpoint = self.live.checkpoint()
-        self.engine.store.save_checkpoint(self.live.stored.graph_id, checkpoint)
-        self.live.committed_step = checkpoint.step
+        self._save(self.live.checkpoint())
+
+    def _save(self, checkpoint: Checkpoint) -> None:
+        """Write `checkpoint` (under the graph's lock). When the store refuses it, every step since the
+        last committed checkpoint is rolled back in memory too, so what clients read is what is stored."""
+        live = self.live
+        try:
+            self.engine.store.save_checkpoint(live.stored.graph_id, checkpoint)
+        except Unavailable as error:
+            raise self._roll_back(error, checkpoint.step) from None
+        live.committed_step = checkpoint.step
+
+    def _roll_back(self, error: Unavailable, failed_step: int) -> Unavailable:
+        """Put the live graph back to its committed checkpoint, read back from the store (reads go on
+        when writes fail); the error says which step is committed."""
+        live = self.live
+        graph_id = live.stored.graph_id
+        first = live.committed_step + 1
+        lost = f"step {first} is" if failed_step == first else f"steps {first} to {failed_step} are"
+        try:
+            saved = self.engine.store.load_checkpoint(graph_id)
+        except Unavailable as unreadable:
+            return Unavailable(
+                f"{error.message}; reading back the committed checkpoint failed too ({unreadable.message}), so "
+                f"{lost} kept in memory uncommitted: the stored graph is at step {live.committed_step}",
+                reason=error.reason,
+            )
+        if saved is None:
+            return _not_found(graph_id)
+        live.parameters, live.optimizer_state, live.step = saved.parameters, saved.optimizer_state, saved.step
+        live.committed_step = saved.step
+        return Unavailable(
+            f"{error.message}; {lost} not kept either: graph '{graph_id}' is back at step {saved.step}, "
+            "its last committed checkpoint",
+            reason=error.reason,
+        )
 
 
 def _check_parameter(live: LiveGraph, name: str) -> str:
@@ -518,6 +550,10 @@ def _check_stored(live: LiveGraph, name: str) -> str:
 def _mode(live: LiveGraph, training: bool, seed: int) -> Mode:
     """How a Forward or Backward runs: inference unless `training`, then seeded like the graph's next step."""
     return Mode(training=True, seed=seed, step=live.step) if training else INFERENCE
+
+
+def _not_found(graph_id: str) -> NotFound:
+    return NotFound(f"graph '{graph_id}' not found", reason="GRAPH_NOT_FOUND", subject=graph_id)
 
 
 def _check_not_deleted(live: LiveGraph) -> None:

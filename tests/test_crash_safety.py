@@ -17,10 +17,12 @@ guarantee there is for a free-flowing stream is checked:
   parameters must also equal the initial parameters plus the streamed updates.
   The optimizer state (momentum) is recovered too: the next round's updates depend on it.
 
-Disk full as root: chmod does not stop root, and nothing may be mounted, so the server's
-RLIMIT_FSIZE is lowered to 0 with prlimit(2) (allowed on one's own child, root or not; CPython
-ignores SIGXFSZ). Every write then fails with EFBIG, which SQLite reports as a disk I/O error,
-exactly as on a full or failing disk.
+Refused writes in a server process: chmod does not stop root, and nothing may be mounted, so
+the server's RLIMIT_FSIZE is lowered to 0 with prlimit(2) (allowed on one's own child, root or
+not; CPython ignores SIGXFSZ). Every write then fails with EFBIG, which SQLite reports as a disk
+I/O error, as on a failing disk. A full disk proper (SQLITE_FULL, "database or disk is full") is
+tested in-process with SQLite's max_page_count, which makes SQLite refuse any write that needs
+one more page, as it does when the disk has none left.
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ from chainrule.server import optim
 from chainrule.server.engine import Engine, StepResult
 from chainrule.server.errors import Unavailable
 from chainrule.server.store import SqliteStore
+from chainrule.v1 import graph_pb2
 from chainrule.v1 import graph_service_pb2 as pb
+from tests.gradcheck import constant, input_node, make_graph, node, parameter
 from tests.server_process import ServerProcess
 from tests.test_service import expect_error, feeds, lecture_graph, mlp_graph
 from tests.test_training import assert_same_bits, config, decoded, parameters, replay, sgd
@@ -309,31 +313,33 @@ def test_refused_writes_answer_unavailable_keep_the_checkpoint_and_keep_serving_
         assert received == []
         assert_parameters(stub, graph_id, committed, 4)
 
-        # Steps between checkpoints run; the stream's end cannot be committed and says so.
+        # Steps between checkpoints run; the stream's end cannot be committed, so they are rolled back
+        # in memory too (what clients read is what is stored), and the error says which step is committed.
         rarely = training_config(graph_id, checkpoint_every=100)
         expect_error(
             unavailable,
             lambda: received.extend(stub.Train(iter([rarely, *[batch(i) for i in range(3)]]))),
             *REFUSED,
+            "steps 5 to 7 are not kept",
+            "back at step 4, its last committed checkpoint",
         )
         assert [r.step for r in received] == [5, 6, 7]
-        in_memory = replay(committed, received, 3)
-        assert_parameters(stub, graph_id, in_memory, 7)
+        assert_parameters(stub, graph_id, committed, 4)
 
         # A delete that cannot be written changes nothing either.
         expect_error(unavailable, lambda: stub.DeleteGraph(pb.DeleteGraphRequest(graph_id=other_id)), *REFUSED)
         expect_error(unavailable, lambda: stub.DeleteGraph(pb.DeleteGraphRequest(graph_id=graph_id)), *REFUSED)
         assert listed_graphs(stub) == [graph_id, other_id]
-        assert_parameters(stub, graph_id, in_memory, 7)
+        assert_parameters(stub, graph_id, committed, 4)
 
         # Reads keep being served.
         info = stub.GetGraph(pb.GetGraphRequest(graph_id=graph_id, include_definition=True))
-        assert info.definition == mlp_graph() and info.graph.step == 7
+        assert info.definition == mlp_graph() and info.graph.step == 4
         assert stub.GetGraph(pb.GetGraphRequest(graph_id=other_id)).graph.step == 0
         lecture = stub.Forward(pb.ForwardRequest(graph_id=other_id, feeds=feeds(x=1.0, y=2.0, z=3.0), fetches=["f"]))
         assert float(tensors.decode(lecture.outputs[0].tensor)) == 9.0
-        forward = stub.Forward(pb.ForwardRequest(graph_id=graph_id, feeds=x, fetches=["loss"]))
-        assert forward.outputs[0] != before_forward.outputs[0]
+        forward = stub.Forward(pb.ForwardRequest(graph_id=graph_id, feeds=x, fetches=["loss", "out"]))
+        assert forward.outputs == before_forward.outputs, "the committed parameters of step 4"
         gradients = list(stub.Backward(pb.BackwardRequest(graph_id=graph_id, feeds=x, loss="loss")))
         assert sorted(g.name for g in gradients) == ["b1", "w1", "w2"]
         health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.address))
@@ -349,20 +355,20 @@ def test_refused_writes_answer_unavailable_keep_the_checkpoint_and_keep_serving_
         # Once the disk takes writes again, so does the server, without a restart.
         refuse_writes(server, False)
         more = list(stub.Train(iter([training_config(graph_id), batch(7), batch(8)])))
-        assert [r.step for r in more] == [8, 9]
-        final = replay(in_memory, more, 2)
-        assert_parameters(stub, graph_id, final, 9)
+        assert [r.step for r in more] == [5, 6]
+        final = replay(committed, more, 2)
+        assert_parameters(stub, graph_id, final, 6)
         third = stub.CreateGraph(pb.CreateGraphRequest(graph=lecture_graph())).graph.graph_id
 
         # And a crash then recovers exactly that.
         server.kill()
         step, stored = check_database(db, graph_id)
-        assert step == 9
+        assert step == 6
         assert_same_bits(stored, final)
         server = ServerProcess(db).start()
         stub = server.stub()
         assert listed_graphs(stub) == [graph_id, other_id, third]
-        assert_parameters(stub, graph_id, final, 9)
+        assert_parameters(stub, graph_id, final, 6)
     finally:
         server.kill()
 
@@ -427,3 +433,67 @@ def test_a_database_file_replaced_under_the_server_is_detected_too(tmp_path: Pat
         engine.create_graph(mlp_graph())
     assert raised.value.reason == "STORE_LOST"
     assert len(lost) == 1 and "replaced" in lost[0]
+
+
+# ---------------------------------------------------------------- a full disk
+def test_a_checkpoint_the_full_disk_refuses_rolls_the_graph_back_to_what_is_stored(tmp_path: Path) -> None:
+    """SQLITE_FULL for real: SQLite's max_page_count caps the database at its current size, and SQLite
+    then refuses a write that needs another page exactly as it refuses one on a full disk ("database
+    or disk is full"). Unlike a small filesystem, this needs no mount and no root, so CI runs it."""
+    db = tmp_path / "chainrule.db"
+    store = SqliteStore(str(db))
+    engine = Engine(store)
+    graph_id = engine.create_graph(wide_graph()).graph_id
+    initial, _ = engine.get_parameters(graph_id, [])
+    session = engine.start_training(graph_id, "loss", optim.Adam(0.01), checkpoint_every=100)
+    for _ in range(3):
+        session.step({"x": WIDE_X})
+    assert engine.get_parameters(graph_id, [])[1] == 3
+    full = _cap_at_current_size(store)
+    with pytest.raises(Unavailable) as raised:
+        session.finish()  # the end of the stream commits Adam's new moments: more pages than the disk has
+    assert "database or disk is full" in raised.value.message
+    assert "steps 1 to 3 are not kept" in raised.value.message
+    assert "back at step 0, its last committed checkpoint" in raised.value.message
+    parameters, step = engine.get_parameters(graph_id, [])
+    assert step == 0, "what clients read is what is stored"
+    assert_same_bits(parameters, initial)
+    assert engine.live(graph_id).optimizer_state == {}
+    # A restart reads the same from the file.
+    assert Engine(SqliteStore(str(db))).get_parameters(graph_id, [])[1] == 0
+
+    # With room again, training goes on from the committed step.
+    _cap(store, full * 100)
+    session = engine.start_training(graph_id, "loss", optim.Adam(0.01), checkpoint_every=100)
+    assert session.step({"x": WIDE_X}).step == 1
+    session.finish()
+    assert Engine(SqliteStore(str(db))).get_parameters(graph_id, [])[1] == 1
+
+
+WIDE = 50_000
+WIDE_X = np.linspace(-1, 1, 2 * WIDE).reshape(2, WIDE)
+
+
+def wide_graph() -> graph_pb2.Graph:
+    """loss = mean((x w - 1)^2) with a parameter of 400 KB, whose Adam moments need new pages."""
+    nodes = [input_node("x", "float64", [-1, WIDE]), parameter("w", np.zeros(WIDE)), node("xw", "mul", "x", "w")]
+    nodes += [
+        constant("one", 1.0),
+        node("d", "sub", "xw", "one"),
+        node("sq", "square", "d"),
+        node("loss", "mean", "sq"),
+    ]
+    return make_graph(nodes, "wide")
+
+
+def _cap_at_current_size(store: SqliteStore) -> int:
+    with store._lock:
+        (pages,) = store._db.execute("PRAGMA page_count").fetchone()
+    _cap(store, pages)
+    return int(pages)
+
+
+def _cap(store: SqliteStore, pages: int) -> None:
+    """PRAGMA max_page_count holds for one connection: set it on the store's own."""
+    with store._lock:
+        store._db.execute(f"PRAGMA max_page_count = {pages}")

@@ -750,7 +750,9 @@ class TrainResponse(_message.Message):
     UPDATES_FIELD_NUMBER: _builtins.int
     MORE_IN_STEP_FIELD_NUMBER: _builtins.int
     step: _builtins.int
-    """The graph's global step after this batch's update."""
+    """The graph's global step after this batch's update. It is committed at the next checkpoint
+    (TrainConfig.checkpoint_every) or when the stream ends, whichever comes first.
+    """
     loss: _builtins.float
     """The loss of this batch, computed before the update."""
     more_in_step: _builtins.bool

@@ -144,6 +144,13 @@ class GraphServiceServicer:
 
     def Train(self, request_iterator, context):
         """The first request carries a TrainConfig, every later one a Batch; one response per batch.
+        However the stream ends (the client half-closes, cancels or disconnects, or the deadline
+        passes), every step the server applied is committed before it ends. The server computes
+        steps ahead of what gRPC has sent (up to three; more may be in flight), so a client that
+        cancels may have had more steps applied and committed than it received responses for:
+        afterwards, the step of GetParameters (or GetGraph) is the committed one. When the store
+        refuses a checkpoint (a full disk), the stream ends with UNAVAILABLE and the graph is back
+        at its last committed checkpoint, in memory too; the error message names that step.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

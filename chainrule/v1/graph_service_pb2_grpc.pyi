@@ -46,7 +46,15 @@ class GraphServiceStub:
     its gradient is final, which is in reverse topological order.
     """
     Train: _grpc.StreamStreamMultiCallable[_graph_service_pb2.TrainRequest, _graph_service_pb2.TrainResponse]
-    """The first request carries a TrainConfig, every later one a Batch; one response per batch."""
+    """The first request carries a TrainConfig, every later one a Batch; one response per batch.
+    However the stream ends (the client half-closes, cancels or disconnects, or the deadline
+    passes), every step the server applied is committed before it ends. The server computes
+    steps ahead of what gRPC has sent (up to three; more may be in flight), so a client that
+    cancels may have had more steps applied and committed than it received responses for:
+    afterwards, the step of GetParameters (or GetGraph) is the committed one. When the store
+    refuses a checkpoint (a full disk), the stream ends with UNAVAILABLE and the graph is back
+    at its last committed checkpoint, in memory too; the error message names that step.
+    """
     GetParameters: _grpc.UnaryUnaryMultiCallable[_graph_service_pb2.GetParametersRequest, _graph_service_pb2.GetParametersResponse]
     """The current values of the graph's parameters and of its "state" nodes (running statistics)."""
     StreamParameters: _grpc.UnaryStreamMultiCallable[_graph_service_pb2.StreamParametersRequest, _graph_service_pb2.StreamParametersResponse]
@@ -80,7 +88,15 @@ class GraphServiceAsyncStub(GraphServiceStub):
     its gradient is final, which is in reverse topological order.
     """
     Train: _aio.StreamStreamMultiCallable[_graph_service_pb2.TrainRequest, _graph_service_pb2.TrainResponse]  # type: ignore[assignment]
-    """The first request carries a TrainConfig, every later one a Batch; one response per batch."""
+    """The first request carries a TrainConfig, every later one a Batch; one response per batch.
+    However the stream ends (the client half-closes, cancels or disconnects, or the deadline
+    passes), every step the server applied is committed before it ends. The server computes
+    steps ahead of what gRPC has sent (up to three; more may be in flight), so a client that
+    cancels may have had more steps applied and committed than it received responses for:
+    afterwards, the step of GetParameters (or GetGraph) is the committed one. When the store
+    refuses a checkpoint (a full disk), the stream ends with UNAVAILABLE and the graph is back
+    at its last committed checkpoint, in memory too; the error message names that step.
+    """
     GetParameters: _aio.UnaryUnaryMultiCallable[_graph_service_pb2.GetParametersRequest, _graph_service_pb2.GetParametersResponse]  # type: ignore[assignment]
     """The current values of the graph's parameters and of its "state" nodes (running statistics)."""
     StreamParameters: _aio.UnaryStreamMultiCallable[_graph_service_pb2.StreamParametersRequest, _graph_service_pb2.StreamParametersResponse]  # type: ignore[assignment]
@@ -153,7 +169,15 @@ class GraphServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_graph_service_pb2.TrainRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_graph_service_pb2.TrainResponse], _abc.AsyncIterator[_graph_service_pb2.TrainResponse]]:
-        """The first request carries a TrainConfig, every later one a Batch; one response per batch."""
+        """The first request carries a TrainConfig, every later one a Batch; one response per batch.
+        However the stream ends (the client half-closes, cancels or disconnects, or the deadline
+        passes), every step the server applied is committed before it ends. The server computes
+        steps ahead of what gRPC has sent (up to three; more may be in flight), so a client that
+        cancels may have had more steps applied and committed than it received responses for:
+        afterwards, the step of GetParameters (or GetGraph) is the committed one. When the store
+        refuses a checkpoint (a full disk), the stream ends with UNAVAILABLE and the graph is back
+        at its last committed checkpoint, in memory too; the error message names that step.
+        """
 
     @_abc_1.abstractmethod
     def GetParameters(
