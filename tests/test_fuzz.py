@@ -292,7 +292,7 @@ def valid_graphs(
     state: dict[str, np.ndarray] = {}
 
     def fresh(prefix: str) -> str:
-        label = draw(st.text(min_size=1, max_size=4)) if fancy_names else prefix
+        label = draw(st.text(PRINTABLE, min_size=1, max_size=4)) if fancy_names else prefix
         return f"{label}_{len(nodes)}"
 
     def shape() -> tuple[int, ...]:
@@ -375,7 +375,7 @@ def valid_graphs(
             break
 
     order = draw(st.permutations(range(len(nodes))))
-    graph = graph_pb2.Graph(name=draw(st.text(max_size=12)), nodes=[nodes[i] for i in order])
+    graph = graph_pb2.Graph(name=draw(st.text(PRINTABLE, max_size=12)), nodes=[nodes[i] for i in order])
     return Built(graph, feeds, parameters, values, parents, state)
 
 
@@ -619,6 +619,8 @@ def test_nan_and_inf_feeds_are_computed_not_refused(wire: Wire, built: Built, da
 
 # ---------------------------------------------------------------- (b) mutated graphs
 NAMES = st.text(max_size=6)
+PRINTABLE = st.characters(exclude_categories=("Cc", "Cs"))
+"""Valid names hold no control characters (the server refuses them)."""
 ABSURD_SHAPES = st.sampled_from(
     [[-1], [-5, 2], [2**62, 2**62], [0, 2**62, 2**62], [0, 2**63 - 1], [1] * 65, [1] * 70, [2**31], [3, -1, 0]]
 )
