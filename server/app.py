@@ -20,7 +20,12 @@ from grpc_reflection.v1alpha import reflection
 
 from chainrule.server.auth import AuthInterceptor, TokenFile
 from chainrule.server.datasets import DEFAULT_MAX_DATASET_MB, DatasetManager
-from chainrule.server.engine import DEFAULT_CHECKPOINT_EVERY, DEFAULT_MAX_LIVE_GRAPHS, Engine
+from chainrule.server.engine import (
+    DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_MAX_LIVE_GRAPHS,
+    DEFAULT_MAX_LIVE_MEMORY_MB,
+    Engine,
+)
 from chainrule.server.graph import Limits
 from chainrule.server.metrics import Metrics
 from chainrule.server.service.calls import DEFAULT_STREAM_IDLE_SECONDS, CallGate, add_to_server, default_compute_slots
@@ -63,6 +68,7 @@ class ServerOptions:
     reflection: bool = True
     metrics_port: int | None = None
     max_live_graphs: int = DEFAULT_MAX_LIVE_GRAPHS
+    max_live_memory_bytes: int = DEFAULT_MAX_LIVE_MEMORY_MB << 20
     max_concurrent_rpcs_per_tenant: int | None = None
     """None: half of max_concurrent_rpcs when there are tenants (auth_tokens), else no limit of its own."""
     max_concurrent_compute: int | None = None
@@ -143,7 +149,13 @@ class RunningServer:
 
     def _assemble(self) -> None:
         options = self.options
-        self.engine = Engine(self.store, options.limits, options.checkpoint_every, options.max_live_graphs)
+        self.engine = Engine(
+            self.store,
+            options.limits,
+            options.checkpoint_every,
+            options.max_live_graphs,
+            options.max_live_memory_bytes,
+        )
         self.metrics = Metrics()
         self.metrics.graphs.set(self.store.count_graphs())
         per_tenant = options.max_concurrent_rpcs_per_tenant

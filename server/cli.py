@@ -16,7 +16,7 @@ from chainrule.client.commands import add_client_commands
 from chainrule.server import logs
 from chainrule.server.app import RunningServer, ServerOptions, StartupError
 from chainrule.server.datasets import DEFAULT_MAX_DATASET_MB
-from chainrule.server.engine import DEFAULT_MAX_LIVE_GRAPHS
+from chainrule.server.engine import DEFAULT_MAX_LIVE_GRAPHS, DEFAULT_MAX_LIVE_MEMORY_MB
 from chainrule.server.graph import Limits
 from chainrule.server.service.calls import DEFAULT_STREAM_IDLE_SECONDS
 
@@ -104,6 +104,7 @@ def serve(args: argparse.Namespace) -> int:
         reflection=args.reflection,
         metrics_port=args.metrics_port,
         max_live_graphs=args.max_live_graphs,
+        max_live_memory_bytes=args.max_live_memory_mb * MIB,
         dataset_cache=args.dataset_cache,
         max_dataset_bytes=args.max_dataset_mb * MIB,
     )
@@ -210,6 +211,13 @@ def add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
         type=POSITIVE,
         default=DEFAULT_MAX_DATASET_MB,
         help="largest dataset UploadDataset accepts, MiB; larger ones get RESOURCE_EXHAUSTED at their header",
+    )
+    limits.add_argument(
+        "--max-live-memory-mb",
+        type=POSITIVE,
+        default=DEFAULT_MAX_LIVE_MEMORY_MB,
+        help="estimated MiB the graphs kept compiled may hold with their cached schedules and parameters; "
+        "the least recently used idle ones beyond it are recompiled from the store when used",
     )
     limits.add_argument(
         "--max-message-mb",

@@ -8,29 +8,42 @@ two training streams on one graph never interleave half-steps. No gRPC here.
 from __future__ import annotations
 
 import base64
+import ctypes
+import ctypes.util
 import hashlib
+import logging
 import math
 import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from chainrule.server import optim
-from chainrule.server.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from chainrule.server.errors import AlreadyExists, Cancelled, InvalidArgument, NotFound, Unavailable
 from chainrule.server.graph import Limits, build_graph
 from chainrule.server.ops import INFERENCE, Mode
 from chainrule.server.plan import Plan, StopFlag
 from chainrule.server.store import Checkpoint, OptimizerState, Store, StoredGraph
 from chainrule.server.store.base import CreateRequest, RequestIdTaken
+from chainrule.server.work import SharedWork
 from chainrule.v1 import graph_pb2
 
 Array = np.ndarray
 DEFAULT_CHECKPOINT_EVERY = 100
 DEFAULT_MAX_LIVE_GRAPHS = 256
+DEFAULT_MAX_LIVE_MEMORY_MB = 2048
+"""What the graphs kept compiled may hold, with their cached schedules and live parameters. A
+million-node graph compiles to a few hundred MB and each kind of pass over it plans a few
+hundred MB more, so this keeps such a graph warm with a handful of request kinds, or thousands
+of small graphs; it is half of what one request may compute by default (--max-request-memory-mb),
+as a cache should leave requests most of the memory."""
+TRIM_MIN_NODES = 10_000
+"""Compiling a graph this large leaves enough freed memory behind to hand it back to the system."""
+log = logging.getLogger("chainrule.server.engine")
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -52,6 +65,14 @@ class LiveGraph:
 
     def checkpoint(self) -> Checkpoint:
         return Checkpoint(self.step, self.parameters, self.optimizer_state)
+
+    @property
+    def bytes(self) -> int:
+        """What keeping the graph live costs: its compiled plan with cached schedules, its parameters
+        and their optimizer state (an estimate; see Plan.bytes)."""
+        arrays = sum(value.nbytes for value in self.parameters.values())
+        arrays += sum(array.nbytes for _, state in self.optimizer_state.values() for array in state.values())
+        return self.plan.bytes + arrays
 
 
 @dataclass(frozen=True)
@@ -85,13 +106,17 @@ class Engine:
         limits: Limits | None = None,
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
         max_live_graphs: int = DEFAULT_MAX_LIVE_GRAPHS,
+        max_live_bytes: int = DEFAULT_MAX_LIVE_MEMORY_MB << 20,
     ) -> None:
         self.store = store
         self.limits = limits or Limits()
         self.checkpoint_every = checkpoint_every
         self.max_live_graphs = max_live_graphs
+        self.max_live_bytes = max_live_bytes
         self._live: dict[str, LiveGraph] = {}
+        self._compiling: dict[str, SharedWork[LiveGraph]] = {}
         self._live_lock = threading.Lock()
+        """Guards `_live` and `_compiling` only, never held while a graph compiles or the store works."""
 
     # ------------------------------------------------------------ graphs
     def create_graph(self, message: graph_pb2.Graph, tenant: str = "", request_id: str = "") -> GraphSummary:
@@ -107,15 +132,16 @@ class Engine:
                 return self._retried(request, *earlier)
         graph = build_graph(message, self.limits)
         plan = Plan(graph, max_request_bytes=self.limits.max_request_bytes)
-        order = graph.graph["order"]
+        values = graph.graph["nodes"].values
+        initial = {name: values[slot] for name, slot in plan.stored.items()}
+        del graph, values  # the plan keeps what it needs: free the rest before it is counted
         summary = {
-            "topological_order": order,
+            "topological_order": plan.names,
             "inputs": list(plan.inputs),
             "parameters": list(plan.parameters),
             "state": list(plan.state),
-            "node_count": len(order),
+            "node_count": len(plan.names),
         }
-        initial = {name: plan.sources[slot].value for name, slot in plan.stored.items()}
         try:
             stored = self.store.insert_graph(
                 uuid.uuid4().hex,
@@ -129,9 +155,7 @@ class Engine:
         except RequestIdTaken as taken:  # a concurrent call with the same request_id stored its graph first
             assert request is not None
             return self._retried(request, taken.graph, taken.fingerprint)
-        with self._live_lock:
-            self._live[stored.graph_id] = LiveGraph(stored, plan, initial, {}, 0, 0)  # type: ignore[arg-type]
-            self._evict_idle()
+        self._keep(LiveGraph(replace(stored, summary={}), plan, initial, {}, 0, 0))  # type: ignore[arg-type]
         return self._summary(stored, 0)
 
     def _check_request_id(self, request_id: str) -> None:
@@ -204,6 +228,9 @@ class Engine:
                 live.deleted = True
         with self._live_lock:
             self._live.pop(graph_id, None)
+            compiling = self._compiling.pop(graph_id, None)
+        if compiling is not None:
+            compiling.abandon(_not_found(graph_id))
 
     def _stored(self, graph_id: str, tenant: str, with_order: bool = True) -> StoredGraph:
         stored = self.store.get_graph(graph_id, tenant, with_order) if graph_id else None
@@ -228,39 +255,116 @@ class Engine:
     def live_graph_count(self) -> int:
         return len(self._live)
 
-    def _evict_idle(self) -> None:
-        """Beyond max_live_graphs, forget the least recently used graphs no stream is training;
-        everything about them is committed, so the next use compiles them again from the store."""
-        excess = len(self._live) - self.max_live_graphs
-        if excess <= 0:
-            return
-        idle = [live for live in self._live.values() if live.sessions == 0 and live.step == live.committed_step]
-        for live in sorted(idle, key=lambda live: live.last_used)[:excess]:
-            del self._live[live.stored.graph_id]
+    @property
+    def live_bytes(self) -> int:
+        """The estimated memory of every live graph, caches and parameters included."""
+        with self._live_lock:
+            graphs = list(self._live.values())
+        return sum(live.bytes for live in graphs)
 
-    def live(self, graph_id: str, tenant: str = "") -> LiveGraph:
-        """The graph's compiled plan and live state, compiled from the store on first use."""
+    @property
+    def compiling(self) -> list[str]:
+        """The graphs being compiled now."""
+        with self._live_lock:
+            return list(self._compiling)
+
+    def waiting_for(self, graph_id: str) -> int:
+        """How many callers wait for the graph's compilation (0 when it is not compiling)."""
+        with self._live_lock:
+            work = self._compiling.get(graph_id)
+        return 0 if work is None else work.waiters
+
+    def _keep(self, live: LiveGraph) -> None:
+        """Make `live` a live graph, within the limits; its plan reports when its caches change."""
+        live.plan.max_cache_bytes = self.max_live_bytes // 2  # one graph's kinds of request never crowd out all others
+        live.plan.on_cache_change = lambda: self._evict(live)
+        with self._live_lock:
+            self._live[live.stored.graph_id] = live
+        self._evict(live)
+        if len(live.plan.names) >= TRIM_MIN_NODES:
+            _release_freed_memory()
+
+    def _evict(self, used: LiveGraph) -> None:
+        """Beyond max_live_graphs graphs or max_live_bytes, forget the least recently used graphs no
+        stream is training, never `used` (the graph in hand, which may alone exceed the budget);
+        everything about them is committed, so the next use compiles them again from the store."""
+        with self._live_lock:
+            graphs = list(self._live.values())
+        sizes = {id(live): live.bytes for live in graphs}
+        total = sum(sizes.values())
+        excess = len(graphs) - self.max_live_graphs
+        if excess <= 0 and total <= self.max_live_bytes:
+            return
+        idle = [live for live in graphs if live.sessions == 0 and live.step == live.committed_step and live is not used]
+        with self._live_lock:
+            for live in sorted(idle, key=lambda live: live.last_used):
+                if excess <= 0 and total <= self.max_live_bytes:
+                    break
+                if self._live.get(live.stored.graph_id) is live and live.sessions == 0:
+                    del self._live[live.stored.graph_id]
+                    excess -= 1
+                    total -= sizes[id(live)]
+
+    def live(self, graph_id: str, tenant: str = "", stop: StopFlag | None = None) -> LiveGraph:
+        """The graph's compiled plan and live state, compiled from the store on first use.
+
+        Concurrent first calls share one compilation, on a thread of its own and under no lock
+        other calls need; each caller stops waiting when its `stop` is raised, and the compilation
+        stops once no caller waits."""
         live = self._live.get(graph_id)
         if live is not None and live.stored.tenant == tenant:
             live.last_used = time.monotonic()
             return live
+        stored = self._stored(graph_id, tenant, with_order=False)
         with self._live_lock:
             live = self._live.get(graph_id)
             if live is None:
-                stored = self._stored(graph_id, tenant)
-                definition = self.definition(graph_id, tenant)
-                plan = Plan(
-                    build_graph(graph_pb2.Graph.FromString(definition), self.limits),
-                    max_request_bytes=self.limits.max_request_bytes,
-                )
-                saved = self.store.load_checkpoint(graph_id)
-                if saved is None:
-                    raise NotFound(f"graph '{graph_id}' not found", reason="GRAPH_NOT_FOUND", subject=graph_id)
-                live = LiveGraph(stored, plan, saved.parameters, saved.optimizer_state, saved.step, saved.step)
-                self._live[graph_id] = live
-                self._evict_idle()
-        if live.stored.tenant != tenant:
-            raise NotFound(f"graph '{graph_id}' not found", reason="GRAPH_NOT_FOUND", subject=graph_id)
+                work = self._compiling.get(graph_id)
+                if work is None or not work.join():
+                    work = SharedWork(lambda flag: self._compile(stored, flag), f"compile-{graph_id}")
+                    self._compiling[graph_id] = work
+                    work.join()
+        if live is None:
+            live = work.wait(stop, f"compiling graph '{graph_id}' for this call")
+        live.last_used = time.monotonic()
+        return live
+
+    def _compile(self, stored: StoredGraph, stop: StopFlag) -> LiveGraph:
+        """Compile a stored graph with its committed checkpoint and make it live (SharedWork's work)."""
+        graph_id = stored.graph_id
+        started = time.perf_counter()
+        try:
+            definition = self.store.definition(graph_id)
+            if definition is None:
+                raise _not_found(graph_id)
+            log.info("compiling graph '%s' (%s bytes)", graph_id, f"{len(definition):,}")
+            graph = build_graph(graph_pb2.Graph.FromString(definition), self.limits, stop)
+            plan = Plan(graph, max_request_bytes=self.limits.max_request_bytes, stop=stop)
+            del graph
+            saved = self.store.load_checkpoint(graph_id)
+            if saved is None:
+                raise _not_found(graph_id)
+        except Cancelled:
+            log.info(
+                "stopped compiling graph '%s' after %.1f s: no caller waits for it",
+                graph_id,
+                time.perf_counter() - started,
+            )
+            raise
+        finally:
+            with self._live_lock:
+                current = self._compiling.get(graph_id)
+                if current is not None and current.stop is stop:
+                    del self._compiling[graph_id]
+                    compiled = True
+                else:
+                    compiled = False  # deleted meanwhile: the deletion answers the waiters
+        live = LiveGraph(stored, plan, saved.parameters, saved.optimizer_state, saved.step, saved.step)
+        if compiled:
+            self._keep(live)
+        log.info(
+            "compiled graph '%s' (%s nodes) in %.1f s", graph_id, f"{len(plan.names):,}", time.perf_counter() - started
+        )
         return live
 
     # ------------------------------------------------------------ evaluation
@@ -278,7 +382,7 @@ class Engine:
         changing the graph's state; only Train does that."""
         if not fetches:
             raise InvalidArgument("fetches is empty; name at least one node", subject="fetches")
-        live = self.live(graph_id, tenant)
+        live = self.live(graph_id, tenant, stop)
         live.plan.check_feeds(feeds)
         parameters, mode = live.parameters, _mode(live, training, seed)
         return live.plan.forward(feeds, parameters, fetches, stop, mode)
@@ -296,7 +400,7 @@ class Engine:
         seed: int = 0,
     ) -> tuple[Array, Iterator[tuple[str, Array]]]:
         """`training` as for `forward`; an empty `wrt` means every trainable parameter."""
-        live = self.live(graph_id, tenant)
+        live = self.live(graph_id, tenant, stop)
         live.plan.check_feeds(feeds)
         targets = list(wrt) or list(live.plan.parameters)
         parameters, mode = live.parameters, _mode(live, training, seed)
@@ -550,6 +654,25 @@ def _check_stored(live: LiveGraph, name: str) -> str:
 def _mode(live: LiveGraph, training: bool, seed: int) -> Mode:
     """How a Forward or Backward runs: inference unless `training`, then seeded like the graph's next step."""
     return Mode(training=True, seed=seed, step=live.step) if training else INFERENCE
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+def _release_freed_memory() -> None:
+    """Hand memory that is free but kept in the allocator's heaps back to the system. A compile
+    frees most of what it allocates (the DiGraph, the message), scattered among what it keeps,
+    and glibc returns such memory only when asked: at a million nodes that is over half of the
+    server's growth. A few milliseconds; glibc only."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _not_found(graph_id: str) -> NotFound:

@@ -1,14 +1,20 @@
 """A `chainrule.v1.Graph` message -> a validated, shape-checked `networkx.DiGraph`.
 
-Nodes are keyed by name and carry `op`, `inputs` (argument order, repeats kept), `attrs`
-(Python values with defaults filled in), `value` (parameters and constants) and `type`
-(the statically inferred TensorType). Edges run from each argument to its consumer.
+The DiGraph's nodes are the node names, its edges run from each argument to its consumer, and
+each node carries `type`, its statically inferred TensorType. Everything else about the nodes
+is kept column by column in `graph.graph["nodes"]`, a `NodeTable` in topological order
+(`graph.graph["order"]` is its list of names): a dict per node and per field would cost more
+than the rest of the server at a million nodes. Nodes with equal attrs share one read-only
+mapping and nodes with equal types one TensorType, which also lets the shape rules run once per
+distinct (op, attrs, argument types) instead of once per node.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
+from types import MappingProxyType
 from typing import Any
 
 import networkx as nx
@@ -16,8 +22,9 @@ import numpy as np
 
 from chainrule import tensors
 from chainrule.server.errors import CONTROL_CHARACTER, InvalidArgument, ResourceExhausted, check_name, shown
-from chainrule.server.ops import OPS, STORED_SOURCES, Attr
+from chainrule.server.ops import OPS, STORED_SOURCES, Attr, Op
 from chainrule.server.shapes import ShapeError, TensorType
+from chainrule.server.work import StopFlag, stopped
 from chainrule.v1 import graph_pb2
 
 VALUED_SOURCES = (*STORED_SOURCES, "constant")
@@ -38,8 +45,45 @@ class Limits:
     max_request_bytes: int = 4 << 30
 
 
-def build_graph(message: graph_pb2.Graph, limits: Limits | None = None) -> nx.DiGraph:
+@dataclass(frozen=True)
+class NodeTable:
+    """The nodes in topological order, one list per field; a node's index here is its slot."""
+
+    names: list[str]
+    slot_of: dict[str, int]
+    ops: list[str]
+    """The registry's own name string of each node's op: one object per op, not per node."""
+    args: list[tuple[int, ...]]
+    """Each node's argument slots, in argument order, repeats kept."""
+    attrs: list[Mapping[str, Any]]
+    """Validated, defaults filled in; nodes of one op with equal attrs share one read-only mapping."""
+    values: dict[int, np.ndarray]
+    """The values of parameter, state and constant nodes."""
+    types: list[TensorType]
+    """Statically inferred; equal types are one shared object."""
+
+
+class Dag(nx.DiGraph):
+    """A DiGraph whose edges carry no data: every edge shares one empty dict, as networkx's own
+    docs show for thin graphs, which spares a dict per edge (and a third of the time to add one).
+    Nothing may write edge attributes."""
+
+    _no_edge_data: dict[str, Any] = {}
+
+    def _edge_data(self) -> dict[str, Any]:
+        return self._no_edge_data
+
+    edge_attr_dict_factory = _edge_data  # type: ignore[assignment]
+
+
+EDGES_PER_STOP_CHECK = 1 << 16
+"""NetworkX adds edges in batches this large, so a stopped build stops within one batch."""
+
+
+def build_graph(message: graph_pb2.Graph, limits: Limits | None = None, stop: StopFlag | None = None) -> nx.DiGraph:
+    """Validate and shape-check `message`; `stop` ends the build between two nodes with Cancelled."""
     limits = limits or Limits()
+    stop = stop or StopFlag()
     if not message.nodes:
         raise InvalidArgument("graph has no nodes", reason="EMPTY_GRAPH", subject="graph.nodes")
     if len(message.nodes) > limits.max_nodes:
@@ -49,55 +93,185 @@ def build_graph(message: graph_pb2.Graph, limits: Limits | None = None) -> nx.Di
             subject="graph.nodes",
         )
     check_name(message.name, "graph.name", limits.max_name_length)
-    graph = nx.DiGraph(name=message.name)
-    for node in message.nodes:
-        name, attributes = _check_node(node, limits)
-        if name in graph:
-            raise InvalidArgument(f"node '{name}' is defined twice", reason="DUPLICATE_NODE", subject=name)
-        graph.add_node(name, **attributes)
-    edges = []
-    for name, inputs in graph.nodes(data="inputs"):
-        for argument in inputs:
-            if argument not in graph:
-                check_name(argument, f"node '{shown(name)}' input", limits.max_name_length, subject=name)
-                raise InvalidArgument(
-                    f"node '{name}' names input '{shown(argument)}', which is not a node of the graph",
-                    reason="UNKNOWN_INPUT",
-                    subject=name,
-                )
-            edges.append((argument, name))
-    graph.add_edges_from(edges)
-    _check_acyclic(graph)
-    order = list(nx.topological_sort(graph))
-    graph.graph["order"] = order
-    _infer_types(graph, order, limits)
+    names, ops, args, later, attrs, values, slot_of = _read_nodes(message.nodes, limits, stop)
+    if later:
+        _resolve_later(names, args, later, slot_of, limits)
+    graph = Dag(name=message.name)
+    graph.add_nodes_from(names)
+    edges = ((names[argument], name) for name, slots in zip(names, args, strict=True) for argument in slots)
+    while batch := list(islice(edges, EDGES_PER_STOP_CHECK)):
+        if stop.stopped:
+            raise stopped("adding the graph's edges")
+        graph.add_edges_from(batch)
+    del edges
+    if later:  # the message lists some node before an argument of it: sort the columns topologically
+        names, ops, args, attrs, values, slot_of = _sorted(graph, names, ops, args, attrs, values, slot_of, stop)
+    types = _infer_types(names, ops, args, attrs, values, limits, stop)
+    node_data = graph.nodes
+    for name, known in zip(names, types, strict=True):
+        node_data[name]["type"] = known
+    graph.graph["order"] = names
+    graph.graph["nodes"] = NodeTable(names, slot_of, ops, args, attrs, values, types)
     return graph
 
 
-def _check_node(node: graph_pb2.Node, limits: Limits) -> tuple[str, dict[str, Any]]:
-    name = node.name
+def _read_nodes(
+    nodes: Sequence[graph_pb2.Node], limits: Limits, stop: StopFlag
+) -> tuple[
+    list[str],
+    list[str],
+    list[tuple[int, ...]],
+    dict[int, list[str]],
+    list[Mapping[str, Any]],
+    dict[int, np.ndarray],
+    dict[str, int],
+]:
+    """Each node checked on its own, in message order: name, op, arity, attrs and value; and its
+    arguments' slots (message order for now) when the message lists them before it, else its
+    arguments' names in `later`.
+
+    What depends only on the op, the arity or the attrs' bytes is checked once per distinct
+    combination; names are searched for control characters all at once at the end."""
+    names: list[str] = []
+    ops: list[str] = []
+    args: list[tuple[int, ...]] = []
+    later: dict[int, list[str]] = {}
+    attrs: list[Mapping[str, Any]] = []
+    values: dict[int, np.ndarray] = {}
+    slot_of: dict[str, int] = {}
+    slot = slot_of.__getitem__
+    checked_ops: dict[tuple[str, int], tuple[Op, bool, Mapping[str, Any] | None]] = {}
+    checked_attrs: dict[tuple, Mapping[str, Any]] = {}
+    max_name_length = limits.max_name_length
+    for index, node in enumerate(nodes):
+        if stop.stopped:
+            raise stopped(f"checking node {index:,} of {len(nodes):,}")
+        name = node.name
+        if not name or len(name) > max_name_length:
+            _check_node_name(name, node.op, limits)
+        arguments = node.inputs
+        try:
+            slots = tuple(map(slot, arguments))
+        except KeyError:  # an argument listed after this node (or not at all)
+            later[index] = arguments[:]
+            slots = ()
+        op_name = node.op
+        checked = checked_ops.get((op_name, len(arguments)))
+        if checked is None:
+            op = _check_op(name, op_name, len(arguments))
+            checked = checked_ops[op_name, len(arguments)] = (op, op.name in VALUED_SOURCES, None)
+        op, valued, node_attrs = checked
+        if node.attrs:
+            node_attrs = _checked_attrs(name, op, node.attrs, limits, checked_attrs)
+        elif node_attrs is None:
+            node_attrs = _checked_attrs(name, op, {}, limits, checked_attrs)
+            checked_ops[op_name, len(arguments)] = (op, valued, node_attrs)
+        if valued or node.HasField("value"):
+            value = _check_value(name, op.name, node, limits)
+            if value is not None:
+                values[index] = value
+        if slot_of.setdefault(name, index) != index:
+            raise InvalidArgument(f"node '{name}' is defined twice", reason="DUPLICATE_NODE", subject=name)
+        names.append(name)
+        ops.append(op.name)
+        args.append(slots)
+        attrs.append(node_attrs)
+    if CONTROL_CHARACTER.search("".join(names)):
+        for name in names:
+            _check_node_name(name, "", limits)
+    return names, ops, args, later, attrs, values, slot_of
+
+
+def _check_node_name(name: str, op: str, limits: Limits) -> None:
     if not name:
-        raise InvalidArgument(f"a node with op '{node.op}' has an empty name", reason="EMPTY_NAME", subject="name")
-    if len(name) > limits.max_name_length or CONTROL_CHARACTER.search(name):
-        check_name(name, "node name", limits.max_name_length, subject=shown(name))
-    op = OPS.get(node.op)
+        raise InvalidArgument(f"a node with op '{shown(op)}' has an empty name", reason="EMPTY_NAME", subject="name")
+    check_name(name, "node name", limits.max_name_length, subject=shown(name))
+
+
+def _check_op(name: str, op_name: str, arity: int) -> Op:
+    op = OPS.get(op_name)
     if op is None:
-        raise InvalidArgument(f"node '{name}' has unknown op '{shown(node.op)}'", reason="UNKNOWN_OP", subject=name)
-    if not op.takes(len(node.inputs)):
+        raise InvalidArgument(f"node '{name}' has unknown op '{shown(op_name)}'", reason="UNKNOWN_OP", subject=name)
+    if not op.takes(arity):
         raise InvalidArgument(
-            f"node '{name}' ({op.name}) takes {op.arity_text()} input(s), got {len(node.inputs)}",
+            f"node '{name}' ({op.name}) takes {op.arity_text()} input(s), got {arity}",
             reason="WRONG_ARITY",
             subject=name,
         )
-    if len(node.attrs) > limits.max_attrs_per_node:
+    return op
+
+
+def _checked_attrs(
+    name: str,
+    op: Op,
+    given: Mapping[str, graph_pb2.AttrValue],
+    limits: Limits,
+    checked: dict[tuple, Mapping[str, Any]],
+) -> Mapping[str, Any]:
+    """The node's attrs, checked and shared with every earlier node of the same op whose attrs
+    have the same bytes."""
+    if len(given) > limits.max_attrs_per_node:
         raise InvalidArgument(
-            f"node '{name}' has {len(node.attrs)} attrs, more than the limit of {limits.max_attrs_per_node}",
+            f"node '{name}' has {len(given)} attrs, more than the limit of {limits.max_attrs_per_node}",
             reason="TOO_MANY_ATTRS",
             subject=name,
         )
-    attrs = _check_attrs(name, op.name, op.attrs, node.attrs, limits)
-    value = _check_value(name, op.name, node, limits)
-    return name, {"op": op.name, "inputs": tuple(node.inputs), "attrs": attrs, "value": value}
+    key = (op.name, *sorted((key, value.SerializeToString()) for key, value in given.items()))
+    shared = checked.get(key)
+    if shared is None:
+        shared = checked[key] = MappingProxyType(_check_attrs(name, op.name, op.attrs, given, limits))
+    return shared
+
+
+def _resolve_later(
+    names: list[str], args: list[tuple[int, ...]], later: dict[int, list[str]], slot_of: dict[str, int], limits: Limits
+) -> None:
+    """The argument slots of nodes listed before some argument of theirs; an unknown name is refused."""
+    for index, arguments in later.items():
+        unknown = next((argument for argument in arguments if argument not in slot_of), None)
+        if unknown is not None:
+            name = names[index]
+            check_name(unknown, f"node '{shown(name)}' input", limits.max_name_length, subject=name)
+            raise InvalidArgument(
+                f"node '{name}' names input '{shown(unknown)}', which is not a node of the graph",
+                reason="UNKNOWN_INPUT",
+                subject=name,
+            )
+        args[index] = tuple(slot_of[argument] for argument in arguments)
+
+
+def _sorted(
+    graph: nx.DiGraph,
+    names: list[str],
+    ops: list[str],
+    args: list[tuple[int, ...]],
+    attrs: list[Mapping[str, Any]],
+    values: dict[int, np.ndarray],
+    slot_of: dict[str, int],
+    stop: StopFlag,
+) -> tuple[list[str], list[str], list[tuple[int, ...]], list[Mapping[str, Any]], dict[int, np.ndarray], dict[str, int]]:
+    """The columns in a topological order of `graph`; a cycle is refused, naming some of its nodes."""
+    order: list[int] = []
+    try:
+        for name in nx.topological_sort(graph):
+            if stop.stopped:
+                raise stopped(f"sorting the graph's nodes, {len(order):,} of {len(names):,} done")
+            order.append(slot_of[name])
+    except nx.NetworkXUnfeasible:
+        _check_acyclic(graph)
+        raise
+    new_slot = [0] * len(order)
+    for slot, old in enumerate(order):
+        new_slot[old] = slot
+    sorted_names = [names[old] for old in order]
+    return (
+        sorted_names,
+        [ops[old] for old in order],
+        [tuple(new_slot[argument] for argument in args[old]) for old in order],
+        [attrs[old] for old in order],
+        {new_slot[old]: value for old, value in values.items()},
+        {name: slot for slot, name in enumerate(sorted_names)},
+    )
 
 
 def _check_attrs(
@@ -212,29 +386,57 @@ def source_type(op: str, attrs: Mapping[str, Any], value: np.ndarray | None) -> 
     )
 
 
-def _infer_types(graph: nx.DiGraph, order: list[str], limits: Limits) -> None:
-    """Give every node its static type; refuse a node whose known shape exceeds the element limit."""
-    nodes = graph.nodes
-    for name in order:
-        node = nodes[name]
-        op = OPS[node["op"]]
-        if op.infer is None:
-            node["type"] = source_type(node["op"], node["attrs"], node["value"])
+def _infer_types(
+    names: list[str],
+    ops: list[str],
+    args: list[tuple[int, ...]],
+    attrs: list[Mapping[str, Any]],
+    values: dict[int, np.ndarray],
+    limits: Limits,
+    stop: StopFlag,
+) -> list[TensorType]:
+    """Every node's static type, in topological order; a node whose known shape exceeds the element
+    limit is refused. A shape rule is a function of the op, its attrs and its argument types, all
+    shared objects here, so it runs once per distinct combination of them."""
+    types: list[TensorType] = []
+    shared: dict[TensorType, TensorType] = {}
+    inferred: dict[tuple, TensorType] = {}
+    for slot, op in enumerate(ops):
+        if stop.stopped:
+            raise stopped(f"inferring the shape of node {slot:,} of {len(ops):,}")
+        value = values.get(slot)
+        if value is not None:
+            known = TensorType(value.dtype, value.shape)
+            types.append(shared.setdefault(known, known))
             continue
-        arguments = [nodes[argument]["type"] for argument in node["inputs"]]
-        known = infer_node(name, node["op"], arguments, node["attrs"])
-        node["type"] = known
-        if known.is_known:
-            elements = 1
-            for dim in known.shape:  # type: ignore[union-attr]
-                elements *= dim  # type: ignore[operator]
-            if elements > limits.max_tensor_elements:
-                raise ResourceExhausted(
-                    f"node '{name}' ({node['op']}) would hold {elements:,} elements, more than the limit of "
-                    f"{limits.max_tensor_elements:,}",
-                    reason="TENSOR_TOO_LARGE",
-                    subject=name,
-                )
+        arguments = args[slot]
+        key = (op, id(attrs[slot]), *[id(types[argument]) for argument in arguments])
+        known = inferred.get(key)  # type: ignore[assignment]
+        if known is None:
+            known = _infer_type(names[slot], op, [types[argument] for argument in arguments], attrs[slot], limits)
+            known = inferred[key] = shared.setdefault(known, known)
+        types.append(known)
+    return types
+
+
+def _infer_type(
+    name: str, op: str, arguments: list[TensorType], attrs: Mapping[str, Any], limits: Limits
+) -> TensorType:
+    if OPS[op].infer is None:
+        return source_type(op, attrs, None)
+    known = infer_node(name, op, arguments, attrs)
+    if known.is_known:
+        elements = 1
+        for dim in known.shape:  # type: ignore[union-attr]
+            elements *= dim  # type: ignore[operator]
+        if elements > limits.max_tensor_elements:
+            raise ResourceExhausted(
+                f"node '{name}' ({op}) would hold {elements:,} elements, more than the limit of "
+                f"{limits.max_tensor_elements:,}",
+                reason="TENSOR_TOO_LARGE",
+                subject=name,
+            )
+    return known
 
 
 def infer_node(name: str, op: str, arguments: list[TensorType], attrs: Mapping[str, Any]) -> TensorType:

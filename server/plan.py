@@ -8,7 +8,9 @@ Contributions are summed out of place, so no gradient a VJP returned is ever mod
 What a request runs depends only on its targets (fetches, or loss and wrt), so that part is
 worked out once per kind of request and cached as a `Schedule`: the slots to evaluate, the
 values to release once the forward pass is done with them, and the reverse steps with only
-the VJPs whose argument needs a gradient.
+the VJPs whose argument needs a gradient. Concurrent first calls of one kind share one
+planning run, which stops once none of them waits; what a plan and its schedules hold is
+estimated in bytes (`Plan.bytes`), so the engine can bound the memory of its live graphs.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ import networkx as nx
 import numpy as np
 
 from chainrule.server.errors import Cancelled, InvalidArgument, NonScalarLoss, ResourceExhausted
-from chainrule.server.graph import infer_node
+from chainrule.server.graph import NodeTable, infer_node
 from chainrule.server.ops import ANS, INFERENCE, OPS, STORED_SOURCES, Mode, NodeContext
 from chainrule.server.shapes import ShapeError, TensorType, describe
+from chainrule.server.work import SharedWork, StopFlag, stopped
 
 Array = np.ndarray
 SCHEDULE_CACHE_SIZE = 64
@@ -36,19 +39,13 @@ RELEASE_MIN_BYTES = 1 << 12
 """Released values smaller than this are kept: a stand-in would cost more than it frees."""
 
 
-class StopFlag:
-    """Set from another thread (a cancelled RPC) to stop a running pass between two steps."""
-
-    stopped = False
-
-
 @dataclass(frozen=True)
-class Step:
-    """One non-source node: its forward function and one VJP per argument (None: the argument
-    takes no gradient), attrs already bound."""
+class BoundOp:
+    """What every node of one op with equal attrs, arity and type runs: its forward function and
+    one VJP per argument (None: the argument takes no gradient), attrs already bound. Shared, so
+    a node of a large graph costs a pointer to one instead of a copy."""
 
     forward: Callable[..., Array]
-    args: tuple[int, ...]
     vjps: tuple[Callable[..., Array] | None, ...]
     reads: tuple[frozenset[int], ...]
     saves: bool
@@ -82,8 +79,14 @@ class Schedule:
     inputs: tuple[tuple[int, str], ...]
     forward: tuple[ForwardStep, ...]
     reverse: tuple[ReverseStep, ...]
+    built_bytes: int = 0
+    """An estimate of what the schedule itself holds."""
     checked_feed_shapes: OrderedDict[tuple, None] = field(default_factory=OrderedDict)
     """Feed shapes whose allocation estimate already passed, so a repeated request skips it."""
+
+    @property
+    def bytes(self) -> int:
+        return self.built_bytes + len(self.checked_feed_shapes) * CHECKED_SHAPES_BYTES
 
 
 def _bind(function: Callable[..., Array], attrs: Mapping[str, object]) -> Callable[..., Array]:
@@ -121,51 +124,109 @@ def _type_of(fed: Array | None) -> TensorType | None:
     return None if fed is None else TensorType(fed.dtype, fed.shape)
 
 
+def _value_bytes(known: TensorType) -> int:
+    """The bytes of a value of type `known`; 0 when its shape is not known."""
+    if not known.is_known:
+        return 0
+    itemsize = 8 if known.dtype is None else known.dtype.itemsize
+    return math.prod(known.shape) * itemsize  # type: ignore[arg-type]
+
+
+# What compiled graphs and schedules hold, estimated from how many of each Python object they
+# keep (CPython 3.11, 64-bit, with the allocator's rounding and the GC header); test_engine_memory
+# holds these estimates to what tracemalloc measures.
+POINTER_BYTES = 8
+TUPLE_BYTES = 56
+"""A tuple without its items."""
+CLOSURE_BYTES = 200
+"""A `_value_only` wrapper: a function object and its cell."""
+CHECKED_SHAPES_BYTES = 256
+"""One checked feed-shape key: a tuple of a few TensorTypes."""
+NAME_BYTES = 56
+"""A node name's str object without its characters (ASCII); each character adds one byte."""
+SLOT_BYTES = 32 + 3 * POINTER_BYTES
+"""A slot number's int object, and its share of the name -> slot dict."""
+NODE_BYTES = 6 * POINTER_BYTES
+"""A node's entry in each per-node list: names, ops, types, attrs, args, bound."""
+
+
+def _tuple_bytes(items: int) -> int:
+    return TUPLE_BYTES + POINTER_BYTES * items
+
+
+def _base_bytes(table: NodeTable) -> int:
+    """An estimate of a compiled graph before any schedule: its per-node columns, names and the
+    argument tuples (attrs, types and bound ops are shared, so they count little), and its constants."""
+    nodes = len(table.names)
+    edges = sum(map(len, table.args))
+    characters = sum(map(len, table.names))
+    per_node = NODE_BYTES + NAME_BYTES + SLOT_BYTES + TUPLE_BYTES
+    constants = sum(value.nbytes for slot, value in table.values.items() if table.ops[slot] == "constant")
+    return nodes * per_node + characters + edges * POINTER_BYTES + constants
+
+
 class Plan:
+    """A graph compiled for evaluation: the graph's columns (shared, not copied) and one BoundOp per node."""
+
     def __init__(
         self,
         graph: nx.DiGraph,
         release_min_bytes: int = RELEASE_MIN_BYTES,
         max_request_bytes: int | None = None,
+        stop: StopFlag | None = None,
     ) -> None:
+        stop = stop or StopFlag()
         self.release_min_bytes = release_min_bytes
         self.max_request_bytes = max_request_bytes
-        self.names: list[str] = list(graph.graph["order"])
-        self.slot_of: dict[str, int] = {name: slot for slot, name in enumerate(self.names)}
-        self.ops: list[str] = []
-        self.types: list[TensorType] = [graph.nodes[name]["type"] for name in self.names]
-        self.attrs: list[Mapping[str, object]] = [graph.nodes[name]["attrs"] for name in self.names]
-        self.steps: list[Step | None] = []
+        table: NodeTable = graph.graph["nodes"]
+        self.names = table.names
+        self.slot_of = table.slot_of
+        self.ops = table.ops
+        self.types = table.types
+        self.attrs = table.attrs
+        self.args = table.args
+        """Each node's argument slots; a source node's are ()."""
+        self.bound: list[BoundOp | None] = []
+        """None for source nodes."""
         self.sources: dict[int, Source] = {}
-        for slot, name in enumerate(self.names):
-            node = graph.nodes[name]
-            op = OPS[node["op"]]
-            self.ops.append(op.name)
+        shared: dict[tuple, BoundOp] = {}
+        for slot, op_name in enumerate(self.ops):
+            if stop.stopped:
+                raise stopped(f"compiling node {slot:,} of {len(self.ops):,}")
+            op = OPS[op_name]
             if op.forward is None:
-                self.sources[slot] = Source(op.name, node["type"], node["value"])
-                self.steps.append(None)
+                value = table.values.get(slot) if op_name == "constant" else None
+                self.sources[slot] = Source(op_name, self.types[slot], value)
+                self.bound.append(None)
                 continue
-            attrs = node["attrs"]
-            count = len(node["inputs"])
-            dtype = node["type"].dtype
-            self.steps.append(
-                Step(
+            attrs, count, known = self.attrs[slot], len(self.args[slot]), self.types[slot]
+            key = (op_name, id(attrs), count, id(known))
+            bound = shared.get(key)
+            if bound is None:
+                bound = shared[key] = BoundOp(
                     _bind(op.forward, attrs),
-                    tuple(self.slot_of[a] for a in node["inputs"]),
                     tuple(None if vjp is None else _bind(vjp, attrs) for vjp in op.vjps_for(count)),
                     op.reads_for(count),
                     op.saves,
                     op.modal,
-                    dtype is None or dtype.kind == "f",
+                    known.dtype is None or known.dtype.kind == "f",
                 )
-            )
+            self.bound.append(bound)
         self.inputs = {self.names[s]: s for s, src in self.sources.items() if src.op == "input"}
         self.parameters = {self.names[s]: s for s, src in self.sources.items() if src.op == "parameter"}
-        """Trainable parameters; `state` nodes (running statistics) are kept with them but never trained."""
+        """Trainable parameters; `state` nodes (running statistics) are kept with them but never trained.
+        Their values live with the graph's live state, not here."""
         self.state = {self.names[s]: s for s, src in self.sources.items() if src.op == "state"}
         self.stored = {self.names[s]: s for s, src in self.sources.items() if src.op in STORED_SOURCES}
+        self.base_bytes = _base_bytes(table)
+        """An estimate of what the compiled graph holds, before any schedule."""
         self._schedules: OrderedDict[tuple, Schedule] = OrderedDict()
+        self._building: dict[tuple, SharedWork[Schedule]] = {}
         self._schedules_lock = threading.Lock()
+        self.max_cache_bytes: int | None = None
+        """Bound on the bytes of cached schedules (and their checked feed shapes); the engine sets it."""
+        self.on_cache_change: Callable[[], None] | None = None
+        """Called after a schedule or a checked feed shape was cached or dropped; the engine counts them."""
 
     # ------------------------------------------------------------ lookups
     def slot(self, name: str, role: str) -> int:
@@ -174,56 +235,123 @@ class Plan:
             raise InvalidArgument(f"{role} '{name}' names no node of the graph", reason="UNKNOWN_NODE", subject=name)
         return slot
 
-    def needed(self, targets: Sequence[int]) -> list[int]:
+    def needed(self, targets: Sequence[int], stop: StopFlag | None = None) -> list[int]:
         """The targets and every slot they depend on, in topological order."""
+        stop = stop or StopFlag()
+        args = self.args
         seen = set(targets)
         stack = list(targets)
         while stack:
-            step = self.steps[stack.pop()]
-            if step is not None:
-                for argument in step.args:
-                    if argument not in seen:
-                        seen.add(argument)
-                        stack.append(argument)
+            if stop.stopped:
+                raise stopped(f"finding what the request needs, {len(seen):,} nodes found")
+            for argument in args[stack.pop()]:
+                if argument not in seen:
+                    seen.add(argument)
+                    stack.append(argument)
         return sorted(seen)
 
     # ------------------------------------------------------------ schedules
-    def _schedule(self, key: tuple, build: Callable[[], Schedule]) -> Schedule:
+    def _schedule(self, key: tuple, build: Callable[[StopFlag], Schedule], stop: StopFlag | None) -> Schedule:
+        """The cached schedule of `key`, or one `build` run shared by every caller that asks for it
+        meanwhile; it stops once none of them waits any longer."""
         with self._schedules_lock:
             schedule = self._schedules.get(key)
             if schedule is not None:
                 self._schedules.move_to_end(key)
                 return schedule
-        schedule = build()
-        with self._schedules_lock:
-            self._schedules[key] = schedule
-            if len(self._schedules) > SCHEDULE_CACHE_SIZE:
-                self._schedules.popitem(last=False)
+            work = self._building.get(key)
+            if work is None or not work.join():
+                work = self._building[key] = SharedWork(lambda flag: self._build(key, build, flag), "schedule")
+                work.join()
+        return work.wait(stop, f"planning the pass over {len(self.names):,} nodes")
+
+    def _build(self, key: tuple, build: Callable[[StopFlag], Schedule], stop: StopFlag) -> Schedule:
+        try:
+            schedule = build(stop)
+            with self._schedules_lock:
+                self._schedules[key] = schedule
+                self._trim_cache()
+        finally:
+            with self._schedules_lock:
+                if self._building.get(key) is not None and self._building[key].stop is stop:
+                    del self._building[key]
+        if self.on_cache_change is not None:
+            self.on_cache_change()
         return schedule
 
+    def _trim_cache(self) -> None:
+        """Drop least recently used schedules beyond SCHEDULE_CACHE_SIZE or max_cache_bytes (keeping the newest)."""
+        while len(self._schedules) > SCHEDULE_CACHE_SIZE or (
+            self.max_cache_bytes is not None
+            and len(self._schedules) > 1
+            and self._cached_bytes() > self.max_cache_bytes
+        ):
+            self._schedules.popitem(last=False)
+
+    def _cached_bytes(self) -> int:
+        return sum(schedule.bytes for schedule in self._schedules.values())
+
+    @property
+    def building(self) -> list[tuple]:
+        """The kinds of request whose schedules are being planned now."""
+        with self._schedules_lock:
+            return list(self._building)
+
+    @property
+    def cache_bytes(self) -> int:
+        """An estimate of what the cached schedules and their checked feed shapes hold."""
+        with self._schedules_lock:
+            return self._cached_bytes()
+
+    @property
+    def bytes(self) -> int:
+        """An estimate of the compiled graph with its caches, for the engine's memory budget."""
+        return self.base_bytes + self.cache_bytes
+
     def _forward_schedule(
-        self, targets: tuple[int, ...], order: list[int], keep: set[int], reverse: tuple[ReverseStep, ...]
+        self,
+        targets: tuple[int, ...],
+        order: list[int],
+        keep: set[int],
+        reverse: tuple[ReverseStep, ...],
+        stop: StopFlag,
+        reverse_bytes: int = 0,
     ) -> Schedule:
         """Release each computed value that is not kept right after its last consumer has run."""
+        bound, args = self.bound, self.args
         last_consumer: dict[int, int] = {}
         for slot in order:
-            step = self.steps[slot]
-            if step is not None:
-                for argument in step.args:
-                    last_consumer[argument] = slot
+            if stop.stopped:
+                raise stopped("planning when to release values")
+            for argument in args[slot]:
+                last_consumer[argument] = slot
         releases: dict[int, list[int]] = {}
         for value, consumer in last_consumer.items():
-            if value not in keep and self.steps[value] is not None:
+            if value not in keep and bound[value] is not None:
                 releases.setdefault(consumer, []).append(value)
+        released_tuples = {consumer: tuple(released) for consumer, released in releases.items()}
         residuals_used = {slot for slot, _, pairs, _, saves in reverse if saves}
         forward = []
+        append = forward.append
+        sources = []
+        value_only = 0
         for slot in order:
-            step = self.steps[slot]
-            if step is not None:
-                saves = slot in residuals_used
-                function = _value_only(step.forward) if step.saves and not saves else step.forward
-                forward.append((slot, function, step.args, tuple(releases.get(slot, ())), saves, step.modal))
-        sources = [(slot, self.sources[slot]) for slot in order if self.steps[slot] is None]
+            if stop.stopped:
+                raise stopped(f"planning the forward pass, {len(forward):,} of {len(order):,} nodes done")
+            kind = bound[slot]
+            if kind is None:
+                sources.append((slot, self.sources[slot]))
+                continue
+            saves = slot in residuals_used
+            function = kind.forward
+            if kind.saves and not saves:
+                function = _value_only(function)
+                value_only += 1
+            append((slot, function, args[slot], released_tuples.get(slot, ()), saves, kind.modal))
+        size = reverse_bytes + value_only * CLOSURE_BYTES + len(forward) * _tuple_bytes(6)
+        size += sum(_tuple_bytes(len(released)) for released in releases.values())
+        size += _tuple_bytes(len(forward)) + _tuple_bytes(len(reverse)) + 3 * _tuple_bytes(len(sources))
+        size += len(sources) * _tuple_bytes(2)
         return Schedule(
             targets,
             constants=tuple((slot, source.value) for slot, source in sources if source.op == "constant"),
@@ -231,9 +359,10 @@ class Plan:
             inputs=tuple((slot, self.names[slot]) for slot, source in sources if source.op == "input"),
             forward=tuple(forward),
             reverse=reverse,
+            built_bytes=size,
         )
 
-    def _backward_schedule(self, loss_name: str, wrt_names: Sequence[str]) -> Schedule:
+    def _backward_schedule(self, loss_name: str, wrt_names: Sequence[str], stop: StopFlag) -> Schedule:
         loss = self.slot(loss_name, "loss")
         wrt = tuple(self.slot(name, "wrt") for name in wrt_names)
         if not wrt:
@@ -241,38 +370,47 @@ class Plan:
         if len(set(wrt)) != len(wrt):
             repeated = next(name for name in wrt_names if list(wrt_names).count(name) > 1)
             raise InvalidArgument(f"wrt names '{repeated}' more than once", reason="DUPLICATE_WRT", subject=repeated)
-        order = self.needed([loss, *wrt])
+        bound, args = self.bound, self.args
+        loss_order = self.needed([loss], stop)
+        feeds_loss = set(loss_order)
+        order = loss_order if feeds_loss.issuperset(wrt) else self.needed([loss, *wrt], stop)
         requires_grad = [False] * len(self.names)
         for slot in wrt:
             requires_grad[slot] = True
         for slot in order:
-            step = self.steps[slot]
-            if step is not None and not requires_grad[slot] and step.differentiable:
+            if stop.stopped:
+                raise stopped("finding which nodes need a gradient")
+            kind = bound[slot]
+            if kind is not None and not requires_grad[slot] and kind.differentiable:
                 requires_grad[slot] = any(
-                    requires_grad[a] and vjp is not None for vjp, a in zip(step.vjps, step.args, strict=True)
+                    requires_grad[a] and vjp is not None for vjp, a in zip(kind.vjps, args[slot], strict=True)
                 )
-        feeds_loss = set(self.needed([loss]))
         wanted = set(wrt)
         lowest_wanted = min(wanted)
         keep = {loss, *wrt}
         reverse: list[ReverseStep] = []
+        pair_count = 0
         for slot in reversed(order):
             if slot < lowest_wanted:
                 break
+            if stop.stopped:
+                raise stopped(f"planning the reverse pass, {len(reverse):,} nodes done")
             if not requires_grad[slot]:
                 continue
-            step = self.steps[slot]
+            kind = bound[slot]
+            arguments = args[slot]
             pairs: list[tuple[Callable[..., Array], int]] = []
-            if step is not None and slot in feeds_loss:
-                for position, (vjp, argument) in enumerate(zip(step.vjps, step.args, strict=True)):
+            if kind is not None and slot in feeds_loss:
+                for position, (vjp, argument) in enumerate(zip(kind.vjps, arguments, strict=True)):
                     if requires_grad[argument] and vjp is not None:
                         pairs.append((vjp, argument))
-                        for read in step.reads[position]:
-                            keep.add(slot if read == ANS else step.args[read])
-            arguments = step.args if step is not None else ()
-            saves = step is not None and step.saves and bool(pairs)
+                        for read in kind.reads[position]:
+                            keep.add(slot if read == ANS else arguments[read])
+            saves = kind is not None and kind.saves and bool(pairs)
             reverse.append((slot, arguments, tuple(pairs), slot in wanted, saves))
-        return self._forward_schedule((loss, *wrt), order, keep, tuple(reverse))
+            pair_count += len(pairs)
+        size = len(reverse) * (_tuple_bytes(5) + TUPLE_BYTES) + pair_count * (POINTER_BYTES + _tuple_bytes(2))
+        return self._forward_schedule((loss, *wrt), order, keep, tuple(reverse), stop, size)
 
     # ------------------------------------------------------------ passes
     def forward(
@@ -286,14 +424,14 @@ class Plan:
     ) -> list[Array]:
         """`state_updates`, when given, receives the new values of `state` nodes that modal ops
         computed (running statistics in training mode)."""
-        schedule = self._schedule(("forward", *fetches), lambda: self._fetch_schedule(fetches))
-        self.check_allocation(schedule, feeds)
+        schedule = self._schedule(("forward", *fetches), lambda flag: self._fetch_schedule(fetches, flag), stop)
+        self.check_allocation(schedule, feeds, stop)
         values, _ = self._evaluate(schedule, feeds, parameters, stop, mode, state_updates)
         return [values[slot] for slot in schedule.targets]  # type: ignore[misc]
 
-    def _fetch_schedule(self, fetches: Sequence[str]) -> Schedule:
+    def _fetch_schedule(self, fetches: Sequence[str], stop: StopFlag) -> Schedule:
         slots = tuple(self.slot(name, "fetch") for name in fetches)
-        return self._forward_schedule(slots, self.needed(slots), set(slots), ())
+        return self._forward_schedule(slots, self.needed(slots, stop), set(slots), (), stop)
 
     def backward(
         self,
@@ -312,8 +450,8 @@ class Plan:
         each as soon as it is final, releasing values and gradients it no longer needs.
         `state_updates` is filled by the forward pass, so it is complete when this returns.
         """
-        schedule = self._schedule(("backward", loss, *wrt), lambda: self._backward_schedule(loss, wrt))
-        self.check_allocation(schedule, feeds)
+        schedule = self._schedule(("backward", loss, *wrt), lambda flag: self._backward_schedule(loss, wrt, flag), stop)
+        self.check_allocation(schedule, feeds, stop)
         values, residuals = self._evaluate(schedule, feeds, parameters, stop, mode, state_updates)
         loss_slot, *wrt_slots = schedule.targets
         for slot in wrt_slots:
@@ -412,17 +550,19 @@ class Plan:
         state_names = [self.names[a] if self.ops[a] == "state" else None for a in arguments]
         return NodeContext(mode, self.names[slot], state_names, {} if state_updates is None else state_updates)
 
-    def check_allocation(self, schedule: Schedule, feeds: Mapping[str, Array]) -> None:
+    def check_allocation(self, schedule: Schedule, feeds: Mapping[str, Array], stop: StopFlag | None = None) -> None:
         """Refuse, before anything is allocated, a request whose values would exceed max_request_bytes.
 
         Shapes come from the shape rules applied to the fed shapes, so a bad shape is reported
         here too, naming its node. When every input is fed exactly the dtype and shape it
         declares, the types inferred when the graph was built already are those, and are reused.
         The estimate adds up every value the request computes, an upper bound on what is alive
-        at once.
+        at once. As when the graph was built, a shape rule runs once per distinct (op, attrs,
+        argument types).
         """
         if self.max_request_bytes is None:
             return
+        stop = stop or StopFlag()
         fed_types = {slot: _type_of(feeds.get(name)) for slot, name in schedule.inputs}
         key = tuple(fed_types.values())
         if key in schedule.checked_feed_shapes:
@@ -431,19 +571,29 @@ class Plan:
         types = {slot: self.types[slot] if fed is None else fed for slot, fed in fed_types.items()}
         for slot, _ in (*schedule.constants, *schedule.parameters):
             types[slot] = self.types[slot]
+        shared: dict[TensorType, TensorType] = {}
+        inferred: dict[tuple, TensorType] = {}
+        sizes: dict[int, int] = {}
         total = 0
-        for slot, _, arguments, _, _, _ in schedule.forward:
-            name = self.names[slot]
+        for done, (slot, _, arguments, _, _, _) in enumerate(schedule.forward):
+            if stop.stopped:
+                raise stopped(f"estimating the request's memory, {done:,} of {len(schedule.forward):,} nodes done")
             if static:
                 known = self.types[slot]
             else:
-                known = infer_node(name, self.ops[slot], [types[a] for a in arguments], self.attrs[slot])
+                inference = (self.ops[slot], id(self.attrs[slot]), *[id(types[a]) for a in arguments])
+                known = inferred.get(inference)  # type: ignore[assignment]
+                if known is None:
+                    arguments_types = [types[a] for a in arguments]
+                    known = infer_node(self.names[slot], self.ops[slot], arguments_types, self.attrs[slot])
+                    known = inferred[inference] = shared.setdefault(known, known)
                 types[slot] = known
-            if not known.is_known:
-                continue
-            itemsize = 8 if known.dtype is None else known.dtype.itemsize
-            total += math.prod(known.shape) * itemsize  # type: ignore[arg-type]
+            size = sizes.get(id(known))
+            if size is None:
+                size = sizes[id(known)] = _value_bytes(known)
+            total += size
             if total > self.max_request_bytes:
+                name = self.names[slot]
                 raise ResourceExhausted(
                     f"node '{name}' ({self.ops[slot]}) of shape {describe(known.shape)} brings this request to "
                     f"about {total:,} bytes of values, more than the limit of {self.max_request_bytes:,}",
@@ -454,6 +604,8 @@ class Plan:
             schedule.checked_feed_shapes[key] = None
             if len(schedule.checked_feed_shapes) > SCHEDULE_CACHE_SIZE:
                 schedule.checked_feed_shapes.popitem(last=False)
+        if self.on_cache_change is not None:
+            self.on_cache_change()
 
     def check_feeds(self, feeds: Mapping[str, Array]) -> None:
         """Refuse feeds that name no input, or whose dtype or shape the input does not declare."""
