@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--out PATH] [--chart PATH] [--threads N]`: run the five measurements, report them.
+"""`python -m bench [--quick] [--out PATH] [--chart PATH] [--threads N]`: run the measurements, report them.
 
 Exit status 0 means the bench ran, whatever the results: the pass/fail column is information
 for whoever optimizes, not a gate (a shared, noisy machine would make it a flaky one).
@@ -18,6 +18,7 @@ import chainrule.client as cr
 from bench import report
 from bench.chain import measure_per_node
 from bench.cnn import measure_lenet_step, measure_resnet_forward
+from bench.graph_cost import measure_graph_cost
 from bench.machine import blas_threads, describe, limit_threads, load_torch
 from bench.measure import Measurement
 from bench.memory import measure_memory
@@ -42,6 +43,7 @@ class Settings:
     memory_length: int
     memory_width: int
     memory_repeats: int
+    graph_sizes: tuple[int, ...]
     lenet_steps: int
     resnet_batch: int
     resnet_image: int
@@ -59,6 +61,7 @@ FULL = Settings(
     memory_length=20_000,
     memory_width=1_000,
     memory_repeats=3,
+    graph_sizes=(100_000, 1_000_000),
     lenet_steps=100,
     resnet_batch=8,
     resnet_image=224,
@@ -75,6 +78,7 @@ QUICK = Settings(
     memory_length=2_000,
     memory_width=1_000,
     memory_repeats=1,
+    graph_sizes=(5_000, 20_000),
     lenet_steps=10,
     resnet_batch=1,
     resnet_image=32,
@@ -114,6 +118,15 @@ def run_one(label: str, measure: Callable[[], Measurement]) -> Measurement:
     measurement = measure()
     measurement.details["elapsed_seconds"] = time.perf_counter() - start
     return measurement
+
+
+def run_both(label: str, measure: Callable[[], tuple[Measurement, Measurement]]) -> tuple[Measurement, Measurement]:
+    """As run_one, for a measurement that makes two rows (they share their details)."""
+    progress(label)
+    start = time.perf_counter()
+    first, second = measure()
+    first.details["elapsed_seconds"] = time.perf_counter() - start
+    return first, second
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
 
+    graph_create, graph_memory = run_both(
+        f"6-7 graph cost, chains of {settings.graph_sizes} nodes, fresh servers",
+        lambda: measure_graph_cost(settings.graph_sizes),
+    )
+
     lenet = run_one(
         f"8 LeNet-5 training step in-process, {settings.lenet_steps} steps",
         lambda: measure_lenet_step(torch, settings.lenet_steps),
@@ -166,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         lambda: measure_resnet_forward(torch, settings.resnet_batch, settings.resnet_image, settings.resnet_repeats),
     )
 
-    measurements = [per_node, training, engine, large, memory, lenet, resnet]
+    measurements = [per_node, training, engine, large, memory, graph_create, graph_memory, lenet, resnet]
     elapsed, load_after = time.perf_counter() - started, os.getloadavg()
     print()
     print(report.table(measurements))

@@ -9,7 +9,13 @@ from typing import Any
 
 from bench.measure import Measurement
 
-BASELINE_LABELS = {"pytorch": "PyTorch", "numpy": "numpy", "raw_grpc": "raw gRPC", "activations": "activations"}
+BASELINE_LABELS = {
+    "pytorch": "PyTorch",
+    "numpy": "numpy",
+    "raw_grpc": "raw gRPC",
+    "activations": "activations",
+    "networkx": "NetworkX",
+}
 HEADERS = ("measurement", "unit", "chainrule", "baselines", "ratio", "target", "result")
 
 

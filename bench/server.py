@@ -99,6 +99,12 @@ class ChainruleServer(ChildServer):
         serve = ["serve", "--host", "127.0.0.1", "--port", "0", "--db", str(database)]
         super().__init__([sys.executable, "-m", "chainrule.server.cli", *serve])
 
+    def restart(self) -> Self:
+        """Kill the server and start a new one on the same database, as after a crash."""
+        super().stop()
+        self.log.clear()
+        return self.start()
+
     def stop(self) -> None:
         super().stop()
         self._directory.cleanup()
