@@ -21,7 +21,7 @@ from chainrule.v1 import graph_service_pb2 as pb
 
 from .builder import GraphBuilder
 from .channel import DEFAULT_MAX_MESSAGE_MB, open_channel
-from .datasets import DatasetInfo, upload_arrays, upload_requests
+from .datasets import UPLOAD_METHOD, DatasetInfo, upload_arrays, upload_requests
 from .errors import rpc_errors
 from .jobs import Evaluation, Job, JobInfo, JobState, Schedule, create_job, job_spec, job_stub, list_jobs
 from .onnx import ImportedModel, OnnxModel, model_bytes, size_refusals, write_model
@@ -117,6 +117,9 @@ class Client:
         self._stub = graph_service_pb2_grpc.GraphServiceStub(self._channel)
         self._jobs = job_stub(self._channel)
         self._datasets = dataset_service_pb2_grpc.DatasetServiceStub(self._channel)
+        self._upload = self._channel.stream_unary(  # its requests come serialized (see upload_requests)
+            UPLOAD_METHOD, request_serializer=None, response_deserializer=dataset_service_pb2.Dataset.FromString
+        )
 
     def close(self) -> None:
         self._channel.close()
@@ -400,7 +403,7 @@ class Client:
             tqdm(total=total, disable=not show, unit="B", unit_scale=True, dynamic_ncols=True) as bar,
             rpc_errors(),
         ):
-            response = self._datasets.UploadDataset(upload_requests(name, arrays, bar.update))
+            response = self._upload(upload_requests(name, arrays, bar.update))
         return DatasetInfo.from_proto(response)
 
     def get_dataset(self, dataset_id: str) -> DatasetInfo:

@@ -78,9 +78,9 @@ def upload_arrays(columns: Mapping[str, npt.ArrayLike]) -> dict[str, np.ndarray]
 
 def upload_requests(
     name: str, arrays: Mapping[str, np.ndarray], sent: Callable[[int], object] = lambda size: None
-) -> Iterator[pb.UploadDatasetRequest]:
-    """The header, then every column's bytes in CHUNK_BYTES chunks, column after column; `sent` is
-    told each chunk's size as gRPC takes it."""
+) -> Iterator[bytes]:
+    """The serialized UploadDatasetRequests: the header, then every column's bytes in CHUNK_BYTES
+    chunks, column after column; `sent` is told each chunk's size as gRPC takes it."""
     header = pb.DatasetHeader(
         name=name,
         columns=[
@@ -89,10 +89,36 @@ def upload_requests(
         ],
         num_examples=len(next(iter(arrays.values()))),
     )
-    yield pb.UploadDatasetRequest(header=header)
+    yield pb.UploadDatasetRequest(header=header).SerializeToString()
     for column, array in arrays.items():
         raw = array.reshape(-1).view(np.uint8).data
         for start in range(0, len(raw), CHUNK_BYTES):
             data = raw[start : start + CHUNK_BYTES]
-            yield pb.UploadDatasetRequest(chunk=pb.DatasetChunk(column=column, data=data.tobytes()))
+            yield chunk_request(column, data)
             sent(len(data))
+
+
+def chunk_request(column: str, data: memoryview) -> bytes:
+    """The serialized UploadDatasetRequest of one DatasetChunk, written around `data` in one copy
+    (building the message and serializing it copies a chunk three times, a tenth of a second per
+    256 MiB). Protobuf's canonical encoding: fields in number order, lengths as varints."""
+    name = column.encode()
+    head = _length_delimited(COLUMN_FIELD, len(name)) + name + _length_delimited(DATA_FIELD, len(data))
+    return b"".join((_length_delimited(CHUNK_FIELD, len(head) + len(data)), head, data))
+
+
+CHUNK_FIELD = pb.UploadDatasetRequest.DESCRIPTOR.fields_by_name["chunk"].number
+COLUMN_FIELD = pb.DatasetChunk.DESCRIPTOR.fields_by_name["column"].number
+DATA_FIELD = pb.DatasetChunk.DESCRIPTOR.fields_by_name["data"].number
+UPLOAD_METHOD = f"/{pb.DESCRIPTOR.services_by_name['DatasetService'].full_name}/UploadDataset"
+
+
+def _length_delimited(field_number: int, length: int) -> bytes:
+    """The tag (wire type 2) and varint length of a bytes, string or message field."""
+    encoded = bytearray()
+    for value in (field_number << 3 | 2, length):
+        while value > 0x7F:
+            encoded.append(value & 0x7F | 0x80)
+            value >>= 7
+        encoded.append(value)
+    return bytes(encoded)

