@@ -146,6 +146,20 @@ def test_malformed_bytes_are_invalid_argument_and_the_server_keeps_serving(
     assert server.process is not None and server.process.poll() is None
 
 
+def test_a_model_that_crashes_onnx_is_refused_and_the_server_keeps_serving(
+    client: cr.Client, server: ServerProcess
+) -> None:
+    """onnx's version converter fails a C++ assertion (SIGABRT) on this opset 18 Split, which the checker
+    passes; it runs in a worker process, so only the worker dies."""
+    split = helper.make_node("Split", ["x"], ["a", "b", "c", "d"], num_outputs=1)
+    outputs = [tensor(name, [2]) for name in "abcd"]
+    model = onnx_model([split], [tensor("x", [7])], outputs, opset=18)
+    error = refused(client, model, "onnx itself crashed")
+    assert error.reason == "BAD_ONNX_MODEL"
+    assert client.import_onnx(linear(np.ones((3, 2), np.float32))).outputs == ("y",)
+    assert server.process is not None and server.process.poll() is None
+
+
 def test_models_over_max_message_mb_are_resource_exhausted_naming_the_flag(tmp_path: Path) -> None:
     """Just over the limit the server's own check answers; far over it gRPC's, which the client names."""
     process = ServerProcess(tmp_path / "chainrule.db", ["--max-message-mb", "1"]).start()

@@ -35,15 +35,8 @@ from onnx import ModelProto, NodeProto, TensorProto
 from chainrule import tensors
 from chainrule.server.errors import InvalidArgument, ResourceExhausted
 from chainrule.server.graph import Limits
-from chainrule.server.onnx.model import (
-    MODEL_SUBJECT,
-    ONNX_DOMAINS,
-    convert_opset,
-    infer_types,
-    load_model,
-    onnx_opset,
-    unsupported,
-)
+from chainrule.server.onnx.model import MODEL_SUBJECT, ONNX_DOMAINS, element_type_name, onnx_opset, unsupported
+from chainrule.server.onnx.worker import prepare_model
 from chainrule.server.ops import OPS
 from chainrule.v1 import graph_pb2
 
@@ -97,17 +90,17 @@ class Imported:
 
 
 def import_model(data: bytes, name: str = "", frozen: Sequence[str] = (), limits: Limits | None = None) -> Imported:
-    """Parse, check and map a serialized ONNX model; the caller stores the graph."""
-    from chainrule.server.onnx.table import refuse_uncovered_ops  # the table imports this module
-
-    model = load_model(data)
+    """Parse, check and map a serialized ONNX model (onnx's C++ parts run in a worker process, see
+    `worker`); the caller stores the graph."""
+    model = prepare_model(data)
     try:
-        model = convert_opset(model)
-    except InvalidArgument:
-        refuse_uncovered_ops(model)  # a clearer answer than the converter's, when it applies
-        raise
-    model = infer_types(model)
-    return Importer(model, frozen, limits or Limits()).run(name)
+        return Importer(model, frozen, limits or Limits()).run(name)
+    except UnicodeDecodeError as error:  # protobuf parses proto2 strings lazily: a bad one fails when read
+        raise InvalidArgument(
+            f"the model holds a string that is not valid UTF-8 ({error.reason} at byte {error.start})",
+            reason="BAD_ONNX_MODEL",
+            subject=MODEL_SUBJECT,
+        ) from None
 
 
 def value_type(value: onnx.ValueInfoProto) -> ValueType:
@@ -234,9 +227,8 @@ class Importer:
         elem_type = value.type.tensor_type.elem_type
         dtype = WIRE_DTYPE_OF_ONNX.get(elem_type)
         if dtype is None:
-            what = TensorProto.DataType.Name(elem_type) if elem_type in TensorProto.DataType.values() else elem_type
             raise unsupported(
-                f"graph input '{value.name}' has element type {what}; chainrule inputs are "
+                f"graph input '{value.name}' has element type {element_type_name(elem_type)}; chainrule inputs are "
                 f"{', '.join(WIRE_DTYPE_OF_ONNX.values())}",
                 value.name,
             )

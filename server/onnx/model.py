@@ -50,6 +50,11 @@ DTYPE_ATTRS = ("to", "dtype")
 MODEL_SUBJECT = "model"
 
 
+def element_type_name(elem_type: int) -> str:
+    """TensorProto.DataType's name of an element type, or the number when it names none."""
+    return TensorProto.DataType.Name(elem_type) if elem_type in TensorProto.DataType.values() else str(elem_type)
+
+
 def unsupported(message: str, subject: str = MODEL_SUBJECT) -> InvalidArgument:
     return InvalidArgument(message, reason="UNSUPPORTED_ONNX_FEATURE", subject=subject)
 

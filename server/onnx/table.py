@@ -17,7 +17,7 @@ import onnx.numpy_helper
 from onnx import ModelProto, NodeProto
 
 from chainrule.server.onnx.importer import WIRE_DTYPE_OF_ONNX, Importer, node_label, unsupported_ops
-from chainrule.server.onnx.model import ONNX_DOMAINS
+from chainrule.server.onnx.model import ONNX_DOMAINS, element_type_name
 from chainrule.server.ops import OPS
 
 
@@ -202,7 +202,7 @@ def _cast(ctx: Importer, node: NodeProto) -> None:
     to = ctx.attributes(node)["to"]
     dtype = WIRE_DTYPE_OF_ONNX.get(to)
     if dtype is None:
-        raise ctx.refuse(f"casting to {onnx.TensorProto.DataType.Name(to)} is not supported")
+        raise ctx.refuse(f"casting to {element_type_name(to)} is not supported")
     ctx.emit(node.output[0], "cast", [ctx.arg(node.input[0])], {"dtype": dtype})
 
 
