@@ -66,13 +66,18 @@ class LiveGraph:
     def checkpoint(self) -> Checkpoint:
         return Checkpoint(self.step, self.parameters, self.optimizer_state)
 
+    parameter_bytes: int = -1
+    """Computed once: parameters and state nodes keep their shapes and dtypes for good."""
+
     @property
     def bytes(self) -> int:
         """What keeping the graph live costs: its compiled plan with cached schedules, its parameters
         and their optimizer state (an estimate; see Plan.bytes)."""
-        arrays = sum(value.nbytes for value in self.parameters.values())
-        arrays += sum(array.nbytes for _, state in self.optimizer_state.values() for array in state.values())
-        return self.plan.bytes + arrays
+        if self.parameter_bytes < 0:
+            self.parameter_bytes = sum(value.nbytes for value in self.parameters.values())
+        state = self.optimizer_state
+        optimizer_bytes = sum(array.nbytes for _, arrays in state.values() for array in arrays.values()) if state else 0
+        return self.plan.bytes + self.parameter_bytes + optimizer_bytes
 
 
 @dataclass(frozen=True)

@@ -223,6 +223,8 @@ class Plan:
         self._schedules: OrderedDict[tuple, Schedule] = OrderedDict()
         self._building: dict[tuple, SharedWork[Schedule]] = {}
         self._schedules_lock = threading.Lock()
+        self.cache_bytes = 0
+        """An estimate of what the cached schedules and their checked feed shapes hold."""
         self.max_cache_bytes: int | None = None
         """Bound on the bytes of cached schedules (and their checked feed shapes); the engine sets it."""
         self.on_cache_change: Callable[[], None] | None = None
@@ -269,8 +271,10 @@ class Plan:
         try:
             schedule = build(stop)
             with self._schedules_lock:
-                self._schedules[key] = schedule
-                self._trim_cache()
+                if key not in self._schedules:
+                    self._schedules[key] = schedule
+                    self.cache_bytes += schedule.bytes
+                    self._trim_cache()
         finally:
             with self._schedules_lock:
                 if self._building.get(key) is not None and self._building[key].stop is stop:
@@ -282,26 +286,16 @@ class Plan:
     def _trim_cache(self) -> None:
         """Drop least recently used schedules beyond SCHEDULE_CACHE_SIZE or max_cache_bytes (keeping the newest)."""
         while len(self._schedules) > SCHEDULE_CACHE_SIZE or (
-            self.max_cache_bytes is not None
-            and len(self._schedules) > 1
-            and self._cached_bytes() > self.max_cache_bytes
+            self.max_cache_bytes is not None and len(self._schedules) > 1 and self.cache_bytes > self.max_cache_bytes
         ):
-            self._schedules.popitem(last=False)
-
-    def _cached_bytes(self) -> int:
-        return sum(schedule.bytes for schedule in self._schedules.values())
+            _, dropped = self._schedules.popitem(last=False)
+            self.cache_bytes -= dropped.bytes
 
     @property
     def building(self) -> list[tuple]:
         """The kinds of request whose schedules are being planned now."""
         with self._schedules_lock:
             return list(self._building)
-
-    @property
-    def cache_bytes(self) -> int:
-        """An estimate of what the cached schedules and their checked feed shapes hold."""
-        with self._schedules_lock:
-            return self._cached_bytes()
 
     @property
     def bytes(self) -> int:
@@ -601,9 +595,13 @@ class Plan:
                     subject=name,
                 )
         with self._schedules_lock:
+            counted = any(cached is schedule for cached in self._schedules.values())
+            before = schedule.bytes
             schedule.checked_feed_shapes[key] = None
             if len(schedule.checked_feed_shapes) > SCHEDULE_CACHE_SIZE:
                 schedule.checked_feed_shapes.popitem(last=False)
+            if counted:
+                self.cache_bytes += schedule.bytes - before
         if self.on_cache_change is not None:
             self.on_cache_change()
 
