@@ -203,6 +203,37 @@ def test_frozen_initializers_are_constants_and_unknown_ones_are_refused(client: 
     assert error.metadata.get("subject") == "nowhere"
 
 
+def test_sources_inputs_parameters_and_configuration_constants(client: cr.Client) -> None:
+    """Inputs keep their dtype and shape (symbolic sizes -1); float initializers read as data are
+    parameters, those read only as configuration (clip bounds, a dropout ratio, a shape) constants."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["xw"]),
+        helper.make_node("Clip", ["xw", "low", "high"], ["clipped"]),
+        helper.make_node("Dropout", ["clipped", "ratio"], ["dropped"]),
+        helper.make_node("Reshape", ["dropped", "shape"], ["y"]),
+    ]
+    initializers = [
+        numpy_helper.from_array(np.ones((3, 4), np.float32), "w"),
+        numpy_helper.from_array(np.array(-1.0, np.float32), "low"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "high"),
+        numpy_helper.from_array(np.array(0.25, np.float32), "ratio"),
+        numpy_helper.from_array(np.array([-1, 2, 2], np.int64), "shape"),
+    ]
+    model = onnx_model(nodes, [tensor("x", ["batch", 3])], [tensor("y", ["batch", 2, 2])], initializers)
+    imported = client.import_onnx(model)
+    assert imported.graph.parameters == ("w",) and imported.graph.inputs == ("x",)
+    definition = client.get_graph(imported.graph_id, include_definition=True).definition
+    assert definition is not None
+    nodes_by_name = {node.name: node for node in definition.nodes}
+    assert nodes_by_name["x"].attrs["dtype"].s == "float32"
+    assert list(nodes_by_name["x"].attrs["shape"].ints.values) == [-1, 3]
+    assert {name: nodes_by_name[name].op for name in ("low", "high", "ratio", "shape")} == dict.fromkeys(
+        ("low", "high", "ratio", "shape"), "constant"
+    )
+    y = client.forward(imported.graph_id, {"x": np.full((5, 3), 0.2, np.float32)}, ["y"])["y"]
+    np.testing.assert_allclose(y, np.full((5, 2, 2), 0.6), rtol=1e-6)
+
+
 def test_importer_names_never_clash_with_onnx_names(client: cr.Client) -> None:
     """A Gemm with transB becomes transpose, matmul and add; their names hold '#' and avoid any the model has."""
     weight = np.arange(6, dtype=np.float32).reshape(2, 3)
