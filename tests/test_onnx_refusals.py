@@ -177,6 +177,15 @@ def test_models_over_max_message_mb_are_resource_exhausted_naming_the_flag(tmp_p
         process.kill()
 
 
+def test_a_constant_too_large_to_compute_at_import_is_resource_exhausted(client: cr.Client) -> None:
+    shape = numpy_helper.from_array(np.array([1 << 20, 1 << 20], np.int64), "shape")
+    fill = helper.make_node("ConstantOfShape", ["shape"], ["huge"], name="fill")
+    model = onnx_model([fill], [], [tensor("huge", [1 << 20, 1 << 20])], [shape])
+    with pytest.raises(cr.ChainruleError) as raised:
+        client.import_onnx(model)
+    assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "'fill'" in raised.value.message
+
+
 def test_export_refuses_a_node_with_no_onnx_equivalent(client: cr.Client) -> None:
     """layer_norm without a scale over sizes not known statically: ONNX's LayerNormalization needs a scale of
     the normalized shape."""

@@ -57,7 +57,8 @@ NEVER_FOLDED = frozenset(
 )
 """Ops whose value depends on the call (training mode, random draws): never computed at import."""
 SIZED_BY_INPUT = {"ConstantOfShape": 0, "Expand": 1, "Tile": 1}
-"""Ops whose output size a (known) input sets: checked against --max-tensor-elements before folding."""
+"""Ops whose output size a known input sets (Tile's with its data): checked against --max-tensor-elements
+before they are computed at import time."""
 WIRE_DTYPE_OF_ONNX = {
     TensorProto.FLOAT: "float32",
     TensorProto.DOUBLE: "float64",
@@ -272,7 +273,7 @@ class Importer:
         if node.op_type in ("Shape", "Size") and node.input[0] not in self.known:
             return self._fold_shape(node)
         if not all(name in self.known for name in node.input if name):
-            return node.op_type == "ConstantOfShape" and self._fold_static_fill(node)
+            return False
         self._check_fold_size(node)
         try:
             evaluator = onnx.reference.ReferenceEvaluator(node, opsets={"": self.opset})
@@ -297,24 +298,16 @@ class Importer:
         self.known[node.output[0]] = shape[start:end]
         return True
 
-    def _fold_static_fill(self, node: NodeProto) -> bool:
-        """ConstantOfShape whose output shape onnx infers fully: its value is known though its shape input is not."""
-        known = self.type_of(node.output[0])
-        if not known.is_static:
-            return False
-        fill = self.attributes(node).get("value")
-        value = np.zeros(1, np.float32) if fill is None else onnx.numpy_helper.to_array(fill)
-        self._check_elements(int(np.prod(known.shape)))  # type: ignore[arg-type]
-        self.known[node.output[0]] = np.full(known.shape, value.reshape(-1)[0], dtype=value.dtype)  # type: ignore[arg-type]
-        return True
-
     def _check_fold_size(self, node: NodeProto) -> None:
         position = SIZED_BY_INPUT.get(node.op_type)
         if position is None or position >= len(node.input):
             return
         sizes = self.known[node.input[position]]
         if sizes.dtype.kind in "iu" and sizes.size:
-            self._check_elements(int(np.prod(np.abs(sizes.astype(np.float64)))))
+            elements = float(np.prod(np.abs(sizes.astype(np.float64))))
+            if node.op_type == "Tile":
+                elements *= self.known[node.input[0]].size
+            self._check_elements(int(min(elements, 2.0**62)))
 
     def _check_elements(self, elements: int) -> None:
         if elements > self.limits.max_tensor_elements:
