@@ -251,7 +251,7 @@ class Same:
         arguments = list(node["inputs"])
         data_count = len(arguments) if not self.inputs else op.min_arity
         data, trailing = arguments[:data_count], arguments[data_count:]
-        data = _promoted(ex, name, node, data, self.promote, self.promoted)
+        data = _promoted(ex, name, data, self.promote, self.promoted)
         onnx_inputs = list(data)
         attrs = node["attrs"]
         for index, key in enumerate(self.inputs):
@@ -274,9 +274,8 @@ class Same:
         ex.add(self.onnx_op, onnx_inputs, name, ex.dtypes[name], **attributes)
 
 
-def _promoted(
-    ex: Exporter, name: str, node: Node, data: list[str], promote: str, positions: tuple[int, ...] | None
-) -> list[str]:
+def _promoted(ex: Exporter, name: str, data: list[str], promote: str, positions: tuple[int, ...] | None) -> list[str]:
+    """`data` with the chosen positions cast to the node's dtype ("out") or to their common dtype ("joint")."""
     if not promote:
         return data
     chosen = range(len(data)) if positions is None else [p for p in positions if p < len(data)]
@@ -502,7 +501,7 @@ def _sigmoid_cross_entropy(ex: Exporter, name: str, node: Node) -> None:
 
 def _not_equal(ex: Exporter, name: str, node: Node) -> None:
     boolean = np.dtype(np.bool_)
-    operands = _promoted(ex, name, node, list(node["inputs"]), "joint", None)
+    operands = _promoted(ex, name, list(node["inputs"]), "joint", None)
     ex.add("Not", [ex.step(name, "equal", "Equal", operands, boolean)], name, boolean)
 
 

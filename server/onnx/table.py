@@ -68,9 +68,10 @@ def attr_from_array(ctx: Importer, name: str, value: np.ndarray, kind: str) -> A
     return {"i": int, "f": float, "b": bool}[kind](scalar)
 
 
-def check_unused_outputs(ctx: Importer, node: NodeProto, produced: int = 1) -> None:
+def check_unused_outputs(ctx: Importer, node: NodeProto) -> None:
+    """Refuse a node whose optional outputs beyond the first are read: those are not computed."""
     for position, output in enumerate(node.output):
-        if position >= produced and ctx.is_used(output):
+        if position > 0 and ctx.is_used(output):
             raise ctx.refuse(f"output {position} ('{output}') is not supported; only the first output is computed")
 
 
@@ -79,10 +80,8 @@ def native_node(
     node: NodeProto,
     op: str,
     shaped: Mapping[int, str] = {},  # noqa: B006 (read only)
-    rename: Mapping[str, str] = {},  # noqa: B006
     ignore: frozenset[str] = frozenset(),
     defaults: Mapping[str, Any] = {},  # noqa: B006
-    output: str | None = None,
     check_outputs: bool = True,
 ) -> str:
     """Emit `node` as one native op: data inputs in order, attributes by name, shape-like inputs
@@ -92,11 +91,10 @@ def native_node(
     for name, value in ctx.attributes(node).items():
         if name in ignore:
             continue
-        key = rename.get(name, name)
-        spec = accepted.get(key)
+        spec = accepted.get(name)
         if spec is None:
             raise ctx.refuse(f"attribute '{name}' is not supported")
-        attrs[key] = attr_from_onnx(ctx, name, value, spec.kind)
+        attrs[name] = attr_from_onnx(ctx, name, value, spec.kind)
     inputs = list(node.input)
     data = [name for position, name in enumerate(inputs) if position not in shaped]
     while data and not data[-1]:
@@ -127,7 +125,7 @@ def native_node(
             arguments.append(ctx.arg(name))
     if check_outputs:
         check_unused_outputs(ctx, node)
-    return ctx.emit(output or node.output[0], op, arguments, attrs)
+    return ctx.emit(node.output[0], op, arguments, attrs)
 
 
 # ---------------------------------------------------------------- rule kinds
@@ -138,7 +136,6 @@ class Native:
     op: str
     shaped: Mapping[int, str] = field(default_factory=dict)
     """ONNX input position -> the native attr it becomes when known at import time."""
-    rename: Mapping[str, str] = field(default_factory=dict)
     ignore: frozenset[str] = frozenset()
     """ONNX attributes with nothing to do here (a conv's kernel_shape, which the weight's shape gives)."""
     defaults: Mapping[str, Any] = field(default_factory=dict)
@@ -152,7 +149,7 @@ class Native:
         return self.op in OPS
 
     def apply(self, ctx: Importer, node: NodeProto) -> None:
-        native_node(ctx, node, self.op, self.shaped, self.rename, self.ignore, self.defaults)
+        native_node(ctx, node, self.op, self.shaped, self.ignore, self.defaults)
 
     def chainrule_ops(self) -> str:
         return f"`{self.op}`"
@@ -189,8 +186,8 @@ def _outputs(node: NodeProto, count: int) -> list[str]:
     return [*node.output, *[""] * (count - len(node.output))][:count]
 
 
-def _identity(ctx: Importer, node: NodeProto, source: str | None = None) -> None:
-    x = source if source is not None else node.input[0]
+def _identity(ctx: Importer, node: NodeProto) -> None:
+    x = node.input[0]
     ctx.emit(node.output[0], "cast", [ctx.arg(x)], {"dtype": ctx.dtype_name(x)})
 
 
