@@ -110,7 +110,9 @@ def _read(definition: graph_pb2.Graph, limits: Limits) -> tuple[dict[str, Node],
 
 def _attr_value(attr: graph_pb2.AttrValue) -> Any:
     kind = attr.WhichOneof("value")
-    value = getattr(attr, kind) if kind else None
+    if kind is None:
+        return None
+    value = getattr(attr, kind)
     return tuple(value.values) if kind in ("ints", "floats") else value
 
 

@@ -59,7 +59,7 @@ NEVER_FOLDED = frozenset(
 SIZED_BY_INPUT = {"ConstantOfShape": 0, "Expand": 1, "Tile": 1}
 """Ops whose output size a known input sets (Tile's with its data): checked against --max-tensor-elements
 before they are computed at import time."""
-WIRE_DTYPE_OF_ONNX = {
+WIRE_DTYPE_OF_ONNX: dict[int, str] = {
     TensorProto.FLOAT: "float32",
     TensorProto.DOUBLE: "float64",
     TensorProto.INT32: "int32",
@@ -212,16 +212,15 @@ class Importer:
             if value.name not in self.initializers:
                 self._input(value)
         for tensor in self.graph.initializer:
-            value = onnx.numpy_helper.to_array(tensor)
-            floating = value.dtype.kind == "f"
-            if tensor.name in self.frozen or not floating:
-                self.known[tensor.name] = value
+            array = onnx.numpy_helper.to_array(tensor)
+            if tensor.name in self.frozen or array.dtype.kind != "f":
+                self.known[tensor.name] = array
             elif tensor.name in running_statistics:
-                self._emit_source(tensor.name, "state", value)
+                self._emit_source(tensor.name, "state", array)
             elif config_only.get(tensor.name, False) and tensor.name not in self.graph_outputs:
-                self.known[tensor.name] = value
+                self.known[tensor.name] = array
             else:
-                self._emit_source(tensor.name, "parameter", value)
+                self._emit_source(tensor.name, "parameter", array)
 
     def _input(self, value: onnx.ValueInfoProto) -> None:
         known = self.types[value.name]

@@ -37,7 +37,7 @@ SEQUENCE_OPS = (
     "OptionalGetElement",
     "OptionalHasElement",
 )
-REDUCED_FLOATS = {
+REDUCED_FLOATS: dict[int, str] = {
     TensorProto.FLOAT16: "float16",
     TensorProto.BFLOAT16: "bfloat16",
     TensorProto.FLOAT8E4M3FN: "float8e4m3fn",

@@ -22,9 +22,10 @@ from chainrule.server.ops import OPS
 
 
 class Rule(Protocol):
-    config: frozenset[int]
-    """Input positions read as configuration (shapes, axes, ratios), not as data: an initializer
-    read only there is a constant, never a trainable parameter."""
+    @property
+    def config(self) -> frozenset[int]:
+        """Input positions read as configuration (shapes, axes, ratios), not as data: an initializer
+        read only there is a constant, never a trainable parameter."""
 
     def available(self) -> bool: ...
 
