@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ from .training import History
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 RENDER_SUFFIXES = (".svg", ".png", ".dot")
 JOB_STATES = ("queued", "running", *ENDED)
+DASHBOARD_LIBRARIES = ("starlette", "uvicorn", "jinja2")
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -106,7 +108,7 @@ def check_health(args: argparse.Namespace) -> int:
 
 def add_client_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add health, graphs, show, render, import-onnx, export-onnx, datasets, upload-dataset and plot-history
-    (and the job commands) to the `chainrule` parser's subcommands."""
+    (and the job commands, and dashboard) to the `chainrule` parser's subcommands."""
     connection = connection_options()
     health = subparsers.add_parser(
         "health", parents=[connection], help="ask a server's grpc.health.v1 service whether it is serving"
@@ -193,6 +195,18 @@ def add_client_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     cancel = subparsers.add_parser("cancel", parents=[connection], help="cancel a queued or running job")
     cancel.add_argument("job_id")
     cancel.set_defaults(run=_reported(cancel_job))
+
+    dashboard = subparsers.add_parser(
+        "dashboard",
+        parents=[connection],
+        help="serve a web dashboard of the server's graphs, datasets and jobs",
+        description="A web app, a client of the server like any other; needs pip install 'chainrule[dashboard]'.",
+    )
+    dashboard.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    dashboard.add_argument(
+        "--port", type=int, default=8080, help="port to listen on; 0 picks a free one (default: %(default)s)"
+    )
+    dashboard.set_defaults(run=run_dashboard)
 
     plot = subparsers.add_parser("plot-history", help="plot a History saved with History.save as a PNG")
     plot.add_argument("history", type=Path, help="the History's JSON file")
@@ -388,6 +402,18 @@ def upload_dataset(args: argparse.Namespace) -> int:
 
 def _column(column: DatasetColumn) -> str:
     return f"{column.name}:{column.dtype}[{','.join(map(str, column.shape))}]"
+
+
+def run_dashboard(args: argparse.Namespace) -> int:
+    """Imported only here: the dashboard's web libraries are an optional extra."""
+    try:
+        dashboard = importlib.import_module("chainrule.dashboard.serve")
+    except ImportError as error:
+        if error.name not in DASHBOARD_LIBRARIES:
+            raise
+        print(f"chainrule: the dashboard needs {error.name}: pip install 'chainrule[dashboard]'", file=sys.stderr)
+        return 1
+    return int(dashboard.serve(args, connect(args)))
 
 
 def plot_history(args: argparse.Namespace) -> int:
