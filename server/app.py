@@ -27,17 +27,20 @@ from chainrule.server.engine import (
     Engine,
 )
 from chainrule.server.graph import Limits
+from chainrule.server.jobs import DEFAULT_JOB_WORKERS, JobManager
 from chainrule.server.metrics import Metrics
 from chainrule.server.service.calls import DEFAULT_STREAM_IDLE_SECONDS, CallGate, add_to_server, default_compute_slots
 from chainrule.server.service.datasets import DatasetService
 from chainrule.server.service.graphs import GraphService
+from chainrule.server.service.jobs import JobService
 from chainrule.server.store import open_store
-from chainrule.v1 import dataset_service_pb2, graph_service_pb2
+from chainrule.v1 import dataset_service_pb2, graph_service_pb2, job_service_pb2
 
 log = logging.getLogger("chainrule.server")
 SERVICE_NAME = graph_service_pb2.DESCRIPTOR.services_by_name["GraphService"].full_name
 DATASET_SERVICE = dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"]
-SERVICE_NAMES = (SERVICE_NAME, DATASET_SERVICE.full_name)
+JOB_SERVICE = job_service_pb2.DESCRIPTOR.services_by_name["JobService"]
+SERVICE_NAMES = (SERVICE_NAME, DATASET_SERVICE.full_name, JOB_SERVICE.full_name)
 """The chainrule services, each with its own health status (besides the whole server's, "")."""
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
@@ -77,6 +80,7 @@ class ServerOptions:
     dataset_cache: str | None = None
     """Where datasets jobs read are kept memory-mapped; None: `<db>.cache` beside the database."""
     max_dataset_bytes: int = DEFAULT_MAX_DATASET_MB << 20
+    job_workers: int = DEFAULT_JOB_WORKERS
 
 
 class StartupError(Exception):
@@ -183,6 +187,10 @@ class RunningServer:
         except OSError as error:
             raise StartupError(f"cannot use the dataset cache {cache}: {error.strerror or error}") from None
         self.dataset_service = DatasetService(self.datasets, self.calls)
+        self.jobs = JobManager(
+            self.engine, self.datasets, options.job_workers, self.calls.computing, self.metrics.training_steps.inc
+        )
+        self.job_service = JobService(self.jobs, self.calls)
         self.health = health.HealthServicer()
         self.store.on_lost = self._store_lost
         self.executor = futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="rpc")
@@ -202,6 +210,7 @@ class RunningServer:
         )
         add_to_server(self.service, graph_service_pb2.DESCRIPTOR.services_by_name["GraphService"], self.server)
         add_to_server(self.dataset_service, DATASET_SERVICE, self.server)
+        add_to_server(self.job_service, JOB_SERVICE, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if options.reflection:
             names = (*SERVICE_NAMES, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
@@ -265,6 +274,7 @@ class RunningServer:
                 raise StartupError(
                     f"cannot serve metrics on port {self.options.metrics_port}: {error.strerror or error}"
                 ) from None
+        self.jobs.start()  # jobs a previous run left running take their graphs back before any call comes
         self.server.start()
         for service in ("", *SERVICE_NAMES):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -276,12 +286,14 @@ class RunningServer:
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def stop(self) -> None:
-        """Turn health NOT_SERVING and refuse new calls; running Train streams stop after their current
-        step and commit; other calls get the grace period to finish; then the store is closed."""
+        """Turn health NOT_SERVING and refuse new calls; running Train streams and jobs stop after their
+        current step and commit (the jobs resume at the next start); other calls get the grace period
+        to finish; then the store is closed."""
         if self._stopping.is_set():
             return
         self._stopping.set()
         self.service.draining = True
+        self.jobs.stop()
         self.health.enter_graceful_shutdown()
         self.server.stop(self.options.grace_seconds).wait()
         self.executor.shutdown(wait=True)

@@ -18,6 +18,7 @@ from chainrule.server.app import RunningServer, ServerOptions, StartupError
 from chainrule.server.datasets import DEFAULT_MAX_DATASET_MB
 from chainrule.server.engine import DEFAULT_MAX_LIVE_GRAPHS, DEFAULT_MAX_LIVE_MEMORY_MB
 from chainrule.server.graph import Limits
+from chainrule.server.jobs import DEFAULT_JOB_WORKERS
 from chainrule.server.service.calls import DEFAULT_STREAM_IDLE_SECONDS
 
 MIB = 1024 * 1024
@@ -107,6 +108,7 @@ def serve(args: argparse.Namespace) -> int:
         max_live_memory_bytes=args.max_live_memory_mb * MIB,
         dataset_cache=args.dataset_cache,
         max_dataset_bytes=args.max_dataset_mb * MIB,
+        job_workers=args.job_workers,
     )
     try:
         server = RunningServer(options)
@@ -256,6 +258,12 @@ def add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
         type=POSITIVE,
         default=100,
         help="steps between checkpoints when a stream asks for the default",
+    )
+    training.add_argument(
+        "--job-workers",
+        type=POSITIVE,
+        default=DEFAULT_JOB_WORKERS,
+        help="training jobs run at once; the others wait in creation order",
     )
     add_log_options(serve_parser.add_argument_group("logging"), argparse.SUPPRESS)
     serve_parser.set_defaults(run=serve)

@@ -23,7 +23,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from chainrule.server import optim
-from chainrule.server.errors import AlreadyExists, Cancelled, InvalidArgument, NotFound, Unavailable
+from chainrule.server.errors import (
+    AlreadyExists,
+    Cancelled,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from chainrule.server.graph import Limits, build_graph
 from chainrule.server.ops import INFERENCE, Mode
 from chainrule.server.plan import Plan, StopFlag
@@ -121,7 +128,11 @@ class Engine:
         self._live: dict[str, LiveGraph] = {}
         self._compiling: dict[str, SharedWork[LiveGraph]] = {}
         self._live_lock = threading.Lock()
-        """Guards `_live` and `_compiling` only, never held while a graph compiles or the store works."""
+        """Guards `_live`, `_compiling` and `_trainers` only, never held while a graph compiles or the store works."""
+        self._trainers: dict[str, str] = {}
+        """Graph id -> the job training it, the graph's only trainer until `release` (see `reserve`)."""
+        self.on_graph_free: Callable[[], None] | None = None
+        """Called when a Train stream ends, so that jobs waiting for its graph look again."""
 
     # ------------------------------------------------------------ graphs
     def create_graph(self, message: graph_pb2.Graph, tenant: str = "", request_id: str = "") -> GraphSummary:
@@ -430,6 +441,7 @@ class Engine:
                     reason="SHAPE_MISMATCH",
                     subject=name,
                 )
+        self._check_untrained(graph_id)
         with live.lock:
             _check_not_deleted(live)
             parameters = {**live.parameters, **values}
@@ -450,11 +462,12 @@ class Engine:
         tenant: str = "",
         keep_updates: bool = True,
         seed: int = 0,
+        trainer: str = "",
     ) -> TrainingSession:
         """`keep_updates` False (the updates are not streamed) lets each step build the new
         parameter values in the update's own buffer. `seed` keys dropout's masks (with the step
-        and the node's name)."""
-        live = self._pin(graph_id, tenant)
+        and the node's name). `trainer` is the job that reserved the graph; a Train stream passes none."""
+        live = self._pin(graph_id, tenant, trainer=trainer)
         try:
             return self._open_session(
                 live,
@@ -471,11 +484,13 @@ class Engine:
             self.unpin(live)
             raise
 
-    def _pin(self, graph_id: str, tenant: str) -> LiveGraph:
-        """The live graph, counted as trained so it stays in memory until `unpin`."""
+    def _pin(self, graph_id: str, tenant: str, trainer: str = "") -> LiveGraph:
+        """The live graph, counted as trained so it stays in memory until `unpin`; refused while a job
+        other than `trainer` has reserved it."""
         while True:
             live = self.live(graph_id, tenant)
             with self._live_lock:
+                self._check_untrained(graph_id, trainer)
                 if self._live.get(graph_id) is live:  # not evicted since the lookup
                     live.sessions += 1
                     return live
@@ -483,6 +498,38 @@ class Engine:
     def unpin(self, live: LiveGraph) -> None:
         with self._live_lock:
             live.sessions -= 1
+            free = live.sessions == 0
+        if free and self.on_graph_free is not None:
+            self.on_graph_free()
+
+    def reserve(self, graph_id: str, job: str) -> bool:
+        """Make `job` the graph's only trainer until `release`, unless a Train stream or another job
+        trains it now. While reserved, Train streams and SetParameters on the graph are refused
+        (GRAPH_BUSY); Forward and Backward go on."""
+        with self._live_lock:
+            holder = self._trainers.get(graph_id)
+            if holder is not None:
+                return holder == job
+            live = self._live.get(graph_id)
+            if live is not None and live.sessions > 0:
+                return False
+            self._trainers[graph_id] = job
+            return True
+
+    def release(self, graph_id: str, job: str) -> None:
+        with self._live_lock:
+            if self._trainers.get(graph_id) == job:
+                del self._trainers[graph_id]
+
+    def _check_untrained(self, graph_id: str, trainer: str = "") -> None:
+        holder = self._trainers.get(graph_id)
+        if holder is not None and holder != trainer:
+            raise FailedPrecondition(
+                f"graph '{graph_id}' is being trained by job '{holder}'; a graph has one trainer at a time: "
+                "wait for the job to end, or cancel it",
+                reason="GRAPH_BUSY",
+                subject=graph_id,
+            )
 
     def _open_session(
         self,
@@ -543,15 +590,24 @@ class TrainingSession:
         self.seed = seed
         self.finished = False
 
-    def step(self, feeds: Mapping[str, Array], stop: StopFlag | None = None) -> StepResult:
+    def step(
+        self,
+        feeds: Mapping[str, Array],
+        stop: StopFlag | None = None,
+        learning_rate: float | None = None,
+        dropout_step: int | None = None,
+    ) -> StepResult:
+        """`learning_rate` replaces the optimizer's for this step (a schedule's); `dropout_step`
+        replaces the graph's step in dropout's key (a job keys it by its own step)."""
         live = self.live
         live.plan.check_feeds(feeds)
+        optimizer = self.optimizer if learning_rate is None else replace(self.optimizer, learning_rate=learning_rate)
         with live.lock:
             _check_not_deleted(live)
             parameters = live.parameters
             # Training mode: batch statistics, dropout keyed by (seed, step before the update, node name),
             # and new running statistics for the `state` nodes, committed with the step's parameters.
-            mode = Mode(training=True, seed=self.seed, step=live.step)
+            mode = Mode(training=True, seed=self.seed, step=live.step if dropout_step is None else dropout_step)
             state_updates: dict[str, Array] = {}
             loss_value, reverse = live.plan.backward(
                 feeds, parameters, self.loss, self.names, None, stop, mode, state_updates
@@ -567,7 +623,7 @@ class TrainingSession:
             updates = {}
             for name in self.names:
                 update, new_state_of_name = optim.step(
-                    self.optimizer, parameters[name], gradients[name], self._state_to_continue(name)
+                    optimizer, parameters[name], gradients[name], self._state_to_continue(name)
                 )
                 new_parameters[name] = optim.apply(parameters[name], update, keep_update=self.keep_updates)
                 new_state[name] = (self.kind, new_state_of_name)
@@ -602,15 +658,29 @@ class TrainingSession:
     def _commit(self) -> None:
         self._save(self.live.checkpoint())
 
-    def _save(self, checkpoint: Checkpoint) -> None:
+    def commit(self, write: Callable[[Checkpoint | None], None]) -> None:
+        """Commit through `write`, which stores the checkpoint it is given (None when every step is
+        committed already) with whatever else must go in the same transaction (a job's row and history)."""
+        with self.live.lock:
+            _check_not_deleted(self.live)
+            live = self.live
+            self._save(live.checkpoint() if live.step != live.committed_step else None, write)
+
+    def _save(self, checkpoint: Checkpoint | None, write: Callable[[Checkpoint | None], None] | None = None) -> None:
         """Write `checkpoint` (under the graph's lock). When the store refuses it, every step since the
         last committed checkpoint is rolled back in memory too, so what clients read is what is stored."""
         live = self.live
         try:
-            self.engine.store.save_checkpoint(live.stored.graph_id, checkpoint)
+            if write is not None:
+                write(checkpoint)
+            elif checkpoint is not None:
+                self.engine.store.save_checkpoint(live.stored.graph_id, checkpoint)
         except Unavailable as error:
+            if checkpoint is None:
+                raise  # every step was committed: nothing to roll back
             raise self._roll_back(error, checkpoint.step) from None
-        live.committed_step = checkpoint.step
+        if checkpoint is not None:
+            live.committed_step = checkpoint.step
 
     def _roll_back(self, error: Unavailable, failed_step: int) -> Unavailable:
         """Put the live graph back to its committed checkpoint, read back from the store (reads go on

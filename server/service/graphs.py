@@ -14,12 +14,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from chainrule import tensors
 from chainrule.server import onnx as onnx_models
-from chainrule.server import optim
 from chainrule.server.engine import Engine, GraphSummary, TrainingSession
 from chainrule.server.errors import DeadlineExceeded, InvalidArgument, NonScalarLoss, ResourceExhausted, Unavailable
 from chainrule.server.ops import STORED_SOURCES
 from chainrule.server.pipeline import StreamIdle, idle_limited, run_ahead
 from chainrule.server.service.calls import Call, CallGate, Servicer, decode_tensor, streaming, unary
+from chainrule.server.specs import Schedule, optimizer_from_proto, schedule_from_proto
 from chainrule.v1 import graph_pb2, graph_service_pb2_grpc, tensor_pb2
 from chainrule.v1 import graph_service_pb2 as pb
 
@@ -54,23 +54,6 @@ def graph_info(summary: GraphSummary, full: bool) -> graph_pb2.GraphInfo:
         node_count=summary.node_count,
         create_time=created,
     )
-
-
-def optimizer_from_proto(message: pb.Optimizer) -> optim.Optimizer:
-    kind = message.WhichOneof("kind")
-    if kind == "sgd":
-        sgd = message.sgd
-        return optim.Sgd(sgd.learning_rate, sgd.momentum, sgd.nesterov, sgd.weight_decay)
-    if kind == "adam":
-        adam = message.adam
-        return optim.Adam(
-            adam.learning_rate,
-            adam.beta1 or 0.9,
-            adam.beta2 or 0.999,
-            adam.epsilon or 1e-8,
-            adam.weight_decay,
-        )
-    raise InvalidArgument("config.optimizer is unset; choose sgd or adam", reason="BAD_OPTIMIZER", subject="optimizer")
 
 
 def train_responses(
@@ -214,10 +197,12 @@ class GraphService(Servicer, graph_service_pb2_grpc.GraphServiceServicer):
                 subject="config",
             )
         config = first.config
+        optimizer = optimizer_from_proto(config.optimizer)
+        schedule = schedule_from_proto(config.schedule, optimizer)
         session = self.engine.start_training(
             config.graph_id,
             config.loss,
-            optimizer_from_proto(config.optimizer),
+            optimizer,
             list(config.parameters),
             config.checkpoint_every,
             config.stop_on_non_finite_loss,
@@ -226,7 +211,7 @@ class GraphService(Servicer, graph_service_pb2_grpc.GraphServiceServicer):
             seed=config.seed,
         )
         try:
-            steps = self._train_steps(session, config, requests, call)
+            steps = self._train_steps(session, config, schedule, requests, call)
             yield from run_ahead(steps, TRAIN_RESPONSES_AHEAD, call.stop, f"train-{call.request_id}")
         except StreamIdle:
             session.finish()
@@ -239,9 +224,15 @@ class GraphService(Servicer, graph_service_pb2_grpc.GraphServiceServicer):
             session.finish()
 
     def _train_steps(
-        self, session: TrainingSession, config: pb.TrainConfig, requests: Iterator[pb.TrainRequest], call: Call
+        self,
+        session: TrainingSession,
+        config: pb.TrainConfig,
+        schedule: Schedule | None,
+        requests: Iterator[pb.TrainRequest],
+        call: Call,
     ) -> Generator[pb.TrainResponse, None, None]:
-        """One step per batch, on a thread of its own (see pipeline); the caller finishes the session."""
+        """One step per batch, on a thread of its own (see pipeline); the caller finishes the session.
+        The schedule counts steps from the stream's first batch."""
         for index, request in enumerate(requests):
             if request.WhichOneof("item") != "batch":
                 raise InvalidArgument(
@@ -252,7 +243,8 @@ class GraphService(Servicer, graph_service_pb2_grpc.GraphServiceServicer):
             call.bytes_in += request.ByteSize()
             try:
                 with self.computing(call):
-                    result = session.step(self.decode_feeds(request.batch.feeds), call.stop)
+                    rate = None if schedule is None else schedule.rate(index)
+                    result = session.step(self.decode_feeds(request.batch.feeds), call.stop, learning_rate=rate)
             except NonScalarLoss as error:
                 raise InvalidArgument(
                     f"batch {index}: loss '{error.loss}' has shape {error.shape}; Train needs a scalar loss: "

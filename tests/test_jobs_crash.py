@@ -1,0 +1,122 @@
+"""A job survives SIGKILL: killed at random moments, several rounds, restarted each time, it ends
+with the parameters and the history of the same job run without interruption, bit for bit.
+
+The job exercises everything a step depends on: Adam's state, dropout (keyed by the seed and the
+job's step), a shuffled order (keyed by the seed and the epoch), a schedule (of the job's step)
+and evaluations. After each kill the database file, read on its own, must hold the job's row,
+its graph's checkpoint and its history at one and the same step: no committed step lost, no
+history ahead of the parameters.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import time
+from pathlib import Path
+
+import numpy as np
+
+import chainrule.client as cr
+from tests.server_process import ServerProcess
+
+SEED = 20261130
+ROUNDS = 6
+TOTAL_STEPS = 2500
+CHECKPOINT_EVERY = 23
+
+
+def network() -> cr.GraphBuilder:
+    rng = np.random.default_rng(0)
+    g = cr.GraphBuilder("crash-tested mlp")
+    x, y = g.input("x", dtype="float64", shape=[-1, 6]), g.input("y", dtype="float64", shape=[-1, 1])
+    w1 = g.parameter("w1", rng.normal(scale=0.5, size=(6, 16)))
+    b1 = g.parameter("b1", np.zeros(16))
+    w2 = g.parameter("w2", rng.normal(scale=0.5, size=(16, 1)))
+    b2 = g.parameter("b2", np.zeros(1))
+    hidden = cr.dropout(cr.tanh(x @ w1 + b1), 0.2, name="dropped")
+    logits = (hidden @ w2 + b2).named("logits")
+    cr.sigmoid_cross_entropy(logits, y, name="loss")
+    cr.mean(cr.cast(cr.equal(cr.greater(logits, 0.0), cr.greater(y, 0.5)), "float64"), name="accuracy")
+    return g
+
+
+def start_job(client: cr.Client, graph_id: str, dataset_id: str) -> cr.Job:
+    return client.create_job(
+        graph_id,
+        dataset_id,
+        loss="loss",
+        optimizer=cr.Adam(0.01),
+        feeds={"x": "x", "y": "y"},
+        batch_size=16,
+        max_steps=TOTAL_STEPS,
+        seed=SEED,
+        shuffle=True,
+        checkpoint_every=CHECKPOINT_EVERY,
+        evaluation=cr.Evaluation(["accuracy", "loss"], every_steps=200, batch_size=64),
+        schedule=cr.Cosine(period_steps=2000, min_learning_rate=0.001, warmup_steps=50),
+    )
+
+
+def committed(db: Path, job_id: str) -> tuple[str, int, int, int, int]:
+    """(state, job step, graph step - start_graph_step, events stored, highest stored step), read from the file."""
+    connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        state, step, graph_id, start = connection.execute(
+            "SELECT state, step, graph_id, start_graph_step FROM jobs WHERE job_id = ?", (job_id,)
+        ).fetchone()
+        (graph_step,) = connection.execute("SELECT step FROM graphs WHERE graph_id = ?", (graph_id,)).fetchone()
+        count, highest = connection.execute(
+            "SELECT COUNT(*), COALESCE(MAX(step), 0) FROM job_events WHERE job_id = ?", (job_id,)
+        ).fetchone()
+    finally:
+        connection.close()
+    return state, step, graph_step - start, count, highest
+
+
+def test_a_job_killed_at_random_moments_ends_as_if_never_interrupted(tmp_path: Path) -> None:
+    rng = random.Random(SEED)
+    db = tmp_path / "chainrule.db"
+    data = np.random.default_rng(1)
+    x = data.normal(size=(200, 6))
+    y = (np.sin(x[:, :1] * 2) + x[:, 1:2] > 0).astype(np.float64)
+    server = ServerProcess(db).start()
+    try:
+        with cr.Client(server.address, timeout=60) as client:
+            graph_id = client.create_graph(network()).graph_id
+            twin_id = client.create_graph(network()).graph_id
+            dataset_id = client.upload_dataset("crash data", {"x": x, "y": y}, progress=False).dataset_id
+            job_id = start_job(client, graph_id, dataset_id).job_id
+        steps_at_kills = []
+        for _ in range(ROUNDS):
+            time.sleep(rng.uniform(0.05, 0.6))
+            server.kill()
+            state, step, graph_step, count, highest = committed(db, job_id)
+            assert step == graph_step == count == highest, (step, graph_step, count, highest)
+            steps_at_kills.append(step)
+            if state in ("SUCCEEDED", "FAILED", "CANCELLED"):
+                break
+            server = ServerProcess(db).start()
+            with cr.Client(server.address, timeout=60) as client:
+                assert client.get_job(job_id).info().step >= step  # resumed from its last commit, not from 0
+        assert len(set(steps_at_kills)) > 2, f"the kills hit too few distinct steps: {steps_at_kills}"
+        if server.process is None or server.process.poll() is not None:
+            server = ServerProcess(db).start()
+        with cr.Client(server.address, timeout=60) as client:
+            survivor = client.get_job(job_id)
+            assert survivor.wait(progress=False).state == "succeeded"
+            twin = start_job(client, twin_id, dataset_id)
+            assert twin.wait(progress=False).state == "succeeded"
+            survived, uninterrupted = survivor.history(), twin.history()
+            assert survived.steps == uninterrupted.steps == list(range(1, TOTAL_STEPS + 1))
+            assert survived.losses == uninterrupted.losses
+            assert survived.learning_rates == uninterrupted.learning_rates
+            assert survived.metrics == uninterrupted.metrics and len(survived.metrics["accuracy"]) == 13
+            parameters, step = client.get_parameters_with_step(graph_id)
+            twin_parameters, twin_step = client.get_parameters_with_step(twin_id)
+            assert step == twin_step == TOTAL_STEPS
+            for name, value in twin_parameters.items():
+                assert parameters[name].tobytes() == value.tobytes(), name
+    finally:
+        server.kill()
