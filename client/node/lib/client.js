@@ -46,7 +46,11 @@ let cachedPackage = null;
 function loadPackage() {
   if (cachedPackage === null) {
     const definition = protoLoader.loadSync(
-      ['chainrule/v1/graph_service.proto', 'chainrule/v1/dataset_service.proto'],
+      [
+        'chainrule/v1/graph_service.proto',
+        'chainrule/v1/dataset_service.proto',
+        'chainrule/v1/job_service.proto',
+      ],
       LOADER_OPTIONS,
     );
     cachedPackage = grpc.loadPackageDefinition(definition).chainrule.v1;
@@ -74,6 +78,38 @@ function datasetInfo(dataset) {
     })),
     num_examples: Number(dataset.num_examples),
     size_bytes: Number(dataset.size_bytes),
+  };
+}
+
+const JOB_STATE_PREFIX = 'JOB_STATE_';
+
+/** A job's state by its short name ('queued', 'running', 'succeeded', 'failed', 'cancelled'). */
+function jobState(state) {
+  return state === 'JOB_STATE_UNSPECIFIED' ? null : state.slice(JOB_STATE_PREFIX.length).toLowerCase();
+}
+
+/** A Job message with its int64 fields as numbers and its state by its short name. */
+function jobInfo(job) {
+  return {
+    ...job,
+    state: jobState(job.state),
+    step: Number(job.step),
+    total_steps: Number(job.total_steps),
+    epoch: Number(job.epoch),
+  };
+}
+
+/** A JobEvent: a step ({step, epoch, loss, learning_rate, metrics}, state null) or a change of state (state set). */
+function jobEvent(event) {
+  const state = jobState(event.state);
+  if (state !== null) return { state };
+  return {
+    step: Number(event.step),
+    epoch: Number(event.epoch),
+    loss: event.loss,
+    learning_rate: event.learning_rate,
+    metrics: event.metrics,
+    state: null,
   };
 }
 
@@ -136,12 +172,15 @@ class Client {
     if (!Number.isInteger(maxMessageMb) || maxMessageMb < 1 || maxMessageMb > 2047) {
       throw new Error(`maxMessageMb must be a whole number from 1 to 2047, got ${maxMessageMb}`);
     }
-    const { GraphService, DatasetService } = loadPackage();
+    const { GraphService, DatasetService, JobService } = loadPackage();
     this.address = address;
     this.deadlineMs = deadlineMs;
     const options = { [RECEIVE_LIMIT_OPTION]: maxMessageMb * MIB, ...(channelOptions || {}) };
     this.stub = new GraphService(address, credentials || grpc.credentials.createInsecure(), options);
     this.datasetStub = new DatasetService(address, credentials || grpc.credentials.createInsecure(), {
+      channelOverride: this.stub.getChannel(),
+    });
+    this.jobStub = new JobService(address, credentials || grpc.credentials.createInsecure(), {
       channelOverride: this.stub.getChannel(),
     });
   }
@@ -292,6 +331,75 @@ class Client {
   /** Refused (FAILED_PRECONDITION) while a queued or running job uses the dataset. */
   async deleteDataset(datasetId) {
     await this.unary('DeleteDataset', { dataset_id: datasetId }, this.datasetStub);
+  }
+
+  /**
+   * Queues a training job on the server, detached from this client. `spec` is a JobSpec in its
+   * proto field names: {graph_id, loss, optimizer: {sgd: {...}} or {adam: {...}}, dataset_id,
+   * feeds: {input: column}, batch_size, epochs, max_steps, seed, shuffle, drop_last,
+   * evaluation: {metrics, every_steps, ...}, schedule: {cosine: {...}, warmup_steps}, ...}.
+   * Resolves to the Job: {job_id, spec, state ('queued', 'running', 'succeeded', 'failed',
+   * 'cancelled'), step, total_steps, epoch, loss, metrics, error, create_time, start_time, end_time}.
+   */
+  async createJob(spec) {
+    return jobInfo(await this.unary('CreateJob', { spec }, this.jobStub));
+  }
+
+  /** Resolves to the Job (see createJob). */
+  async getJob(jobId) {
+    return jobInfo(await this.unary('GetJob', { job_id: jobId }, this.jobStub));
+  }
+
+  /** One page, oldest first: resolves to {jobs, nextPageToken}; `states` ('running', ...) and `graphId` filter. */
+  async listJobs({ pageSize = 0, pageToken = '', states = [], graphId = '' } = {}) {
+    const request = {
+      page_size: pageSize,
+      page_token: pageToken,
+      states: states.map((state) => JOB_STATE_PREFIX + state.toUpperCase()),
+      graph_id: graphId,
+    };
+    const response = await this.unary('ListJobs', request, this.jobStub);
+    return { jobs: response.jobs.map(jobInfo), nextPageToken: response.next_page_token };
+  }
+
+  /** A queued job ends cancelled at once, a running one after its current step; resolves to the Job. */
+  async cancelJob(jobId) {
+    return jobInfo(await this.unary('CancelJob', { job_id: jobId }, this.jobStub));
+  }
+
+  /**
+   * Follows a job (WatchJob): resolves, when the job has ended and the stream with it, to every
+   * event received, in order: its state first, then one per step from `fromStep` (history, then
+   * live), with a state event at each change of state; the last is the final state. `onEvent(event)`
+   * is called as each arrives (see jobEvent for its form). An AbortSignal `signal` stops watching:
+   * the promise then resolves to the events received so far.
+   */
+  watchJob(jobId, { fromStep = 0, onEvent, signal } = {}) {
+    return new Promise((resolve, reject) => {
+      const call = this.jobStub.WatchJob({ job_id: jobId, from_step: fromStep }, callOptions(this.deadlineMs));
+      const events = [];
+      let aborted = false;
+      if (signal) {
+        const abort = () => {
+          aborted = true;
+          call.cancel();
+        };
+        if (signal.aborted) abort();
+        else signal.addEventListener('abort', abort, { once: true });
+      }
+      followStream(
+        call,
+        (message) => {
+          const event = jobEvent(message);
+          events.push(event);
+          if (onEvent) onEvent(event);
+        },
+        (error) => {
+          if (error !== null && !(aborted && error.code === grpc.status.CANCELLED)) reject(wrapError(error));
+          else resolve(events);
+        },
+      );
+    });
   }
 
   /** Evaluates `fetches`; feeds is {name: value} (see tensors.encode). Resolves to {name: tensor}. */
