@@ -42,3 +42,13 @@ def test_train_mlp_reaches_the_stated_accuracy(server: ServerProcess) -> None:
     losses = [float(value) for value in re.findall(r"loss ([\d.]+)", output)]
     seed_losses = losses[:8]
     assert seed_losses == sorted(seed_losses, reverse=True), output
+
+
+def test_train_job_reaches_the_stated_accuracy_and_plots_its_curves(server: ServerProcess, tmp_path: Path) -> None:
+    plot = tmp_path / "job.png"
+    output = run_example("train_job.py", server, "--plot", str(plot))
+    evaluations = [int(step) for step in re.findall(r"step +(\d+) .*held-out loss", output)]
+    assert evaluations == list(range(100, 1000, 100)), output
+    (accuracy,) = re.findall(r"succeeded at step 900: held-out accuracy ([\d.]+)%", output)
+    assert float(accuracy) >= 95.0, output
+    assert plot.read_bytes().startswith(b"\x89PNG")
