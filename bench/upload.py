@@ -5,7 +5,8 @@ The client sends a 256 MiB float32 array (32 MiB in quick mode) as `client.uploa
 durable: hashed, in the store in one committed transaction, and in the server's local cache.
 The baseline streams the same bytes in the same 1 MiB messages to a bare gRPC server that only
 counts them (`python -m bench.upload` runs it): no protobuf, no hashing, no disk. Each run
-deletes its dataset, so every upload stores the same bytes into the same database.
+deletes its dataset and lets the server settle, so every upload stores the same bytes into the same
+database on a quiet server.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from bench.measure import Measurement, Target, interleaved, median
 from bench.server import ChildServer
 from chainrule.client.datasets import CHUNK_BYTES
 
+SETTLE_SECONDS = 1.0
+"""Untimed, after each upload's delete: the server checkpoints a large write and its delete on a thread
+of its own after answering, which would otherwise share the cores with the next run."""
 SERVICE = "bench.RawUpload"
 METHOD = f"/{SERVICE}/Bytes"
 
@@ -67,6 +71,7 @@ def measure_upload(address: str, size: int, repeats: int) -> Measurement:
             elapsed = time.perf_counter() - start
             assert info.size_bytes == size and info.sha256 == expected, "wrong dataset"
             client.delete_dataset(info.dataset_id)
+            time.sleep(SETTLE_SECONDS)
             return elapsed
 
         def bare_grpc() -> float:
