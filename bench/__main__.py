@@ -26,7 +26,6 @@ from bench.mlp import Workload, measure_engine_step, measure_remote_training
 from bench.server import ChainruleServer
 from bench.transfer import measure_large_gradient
 from bench.upload import measure_upload
-from bench.upload import measure_upload
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -42,8 +41,6 @@ class Settings:
     engine_steps: int
     large_elements: int
     large_repeats: int
-    upload_bytes: int
-    upload_repeats: int
     upload_bytes: int
     upload_repeats: int
     memory_length: int
@@ -66,8 +63,6 @@ FULL = Settings(
     large_repeats=5,
     upload_bytes=256 * 2**20,
     upload_repeats=5,
-    upload_bytes=256 * 2**20,
-    upload_repeats=3,
     memory_length=20_000,
     memory_width=1_000,
     memory_repeats=3,
@@ -85,8 +80,6 @@ QUICK = Settings(
     engine_steps=30,
     large_elements=2 * 2**20,  # 16 MiB of float64
     large_repeats=3,
-    upload_bytes=32 * 2**20,
-    upload_repeats=2,
     upload_bytes=32 * 2**20,
     upload_repeats=2,
     memory_length=2_000,
@@ -180,10 +173,6 @@ def main(argv: list[str] | None = None) -> int:
             f"10 dataset upload, {settings.upload_bytes / 2**20:g} MiB x {settings.upload_repeats}",
             lambda: measure_upload(server.address, settings.upload_bytes, settings.upload_repeats),
         )
-        upload = run_one(
-            f"10 dataset upload, {settings.upload_bytes / 2**20:g} MiB x {settings.upload_repeats}",
-            lambda: measure_upload(server.address, settings.upload_bytes, settings.upload_repeats),
-        )
     memory = run_one(
         f"5/5 memory, chain {settings.memory_length:,} x {settings.memory_width:,}, fresh processes",
         lambda: measure_memory(
@@ -206,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         lambda: measure_resnet_forward(torch, settings.resnet_batch, settings.resnet_image, settings.resnet_repeats),
     )
 
-    measurements = [per_node, training, engine, large, memory, graph_create, graph_memory, lenet, resnet, upload, upload]
+    measurements = [per_node, training, engine, large, memory, graph_create, graph_memory, lenet, resnet, upload]
     elapsed, load_after = time.perf_counter() - started, os.getloadavg()
     print()
     print(report.table(measurements))
