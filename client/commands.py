@@ -409,9 +409,10 @@ def run_dashboard(args: argparse.Namespace) -> int:
     try:
         dashboard = importlib.import_module("chainrule.dashboard.serve")
     except ImportError as error:
-        if error.name not in DASHBOARD_LIBRARIES:
+        library = (error.name or "").split(".")[0]
+        if library not in DASHBOARD_LIBRARIES:
             raise
-        print(f"chainrule: the dashboard needs {error.name}: pip install 'chainrule[dashboard]'", file=sys.stderr)
+        print(f"chainrule: the dashboard needs {library}: pip install 'chainrule[dashboard]'", file=sys.stderr)
         return 1
     return int(dashboard.serve(args, connect(args)))
 
