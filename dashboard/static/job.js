@@ -88,9 +88,9 @@
     rateDrawn = performance.now();
     const container = document.getElementById("lr-chart");
     if (!rateChart) {
-      rateChart = cr.lineChart(container, [cr.series("planned", 4), cr.series("applied", 3, { width: 0, points: { show: true, size: 3 } })], { yLabel: "learning rate", height: 200 });
+      rateChart = cr.lineChart(container, [cr.series("applied", 3, { width: 3 }), cr.series("planned", 4, { dash: [6, 4] })], { yLabel: "learning rate", height: 200 });
     }
-    rateChart.update(uPlot.join([[schedule.steps, schedule.learning_rates], [steps, rates]]));
+    rateChart.update(uPlot.join([[steps, rates], [schedule.steps, schedule.learning_rates]]));
   }
 
   function onEvents(events) {
