@@ -3,8 +3,9 @@ memory-mapped cache. No gRPC here.
 
 An upload writes each chunk straight to its column's place in one temporary file inside the
 cache directory and hashes it on the way, so a dataset of any size passes through memory one
-chunk at a time. When every column is complete, the store gets the record and the bytes (in
-rows of DATASET_CHUNK_BYTES) in one transaction, and the temporary file becomes the cache entry.
+chunk at a time. The store gets the record and the bytes (in rows of DATASET_CHUNK_BYTES) in one
+transaction, which for a large upload from a fast client begins while the bytes still arrive (see
+DatasetUpload), and once it commits the temporary file becomes the cache entry.
 
 The cache is content-addressed: `<sha256>.data` holds every column's bytes concatenated in
 column order, exactly the bytes `sha256` hashes, and `open` maps each column out of it
@@ -60,7 +61,7 @@ PAGE_TOKEN_PREFIX = "datasets-after"
 OVERLAP_MIN_BYTES = 16 << 20
 """Smaller uploads are stored after their stream ends: overlapping would save too little to matter."""
 STORE_BYTES_PER_SECOND = 300e6
-"""About how fast the store takes a dataset's bytes (SQLite, with the commit's fsync and checkpoint):
+"""About how fast the store takes a dataset's bytes (SQLite with its fsyncs, on a loaded machine):
 how early an upload's transaction may start to end with its stream."""
 STALL_SECONDS = 0.25
 """How long an upload's early transaction waits for the stream's next bytes before it gives up."""
@@ -123,6 +124,7 @@ class DatasetManager:
         """--max-message-mb: the largest chunk an upload takes (gRPC itself receives a little more)."""
         self.max_name_length = max_name_length
         self.store_bytes_per_second = STORE_BYTES_PER_SECOND
+        """STORE_BYTES_PER_SECOND; a test sets it low to start every large upload's transaction early."""
         self.in_use: Callable[[str], bool] = never_in_use
         """Whether a queued or running job uses the dataset; the jobs module sets it. Asked while
         holding `usage_lock`."""
