@@ -5,7 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.postgres import PostgresServer, running_postgres
 from tests.server_process import ServerProcess
+
+BACKENDS = ("sqlite", "postgres")
 
 
 @pytest.fixture(scope="module")
@@ -22,3 +25,17 @@ def fresh_server(tmp_path: Path) -> Iterator[ServerProcess]:
     process = ServerProcess(tmp_path / "chainrule.db").start()
     yield process
     process.kill()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL for the whole session, started on first use (tests/postgres.py)."""
+    yield from running_postgres()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new database of each backend, as `--db` takes it: a SQLite file, or a PostgreSQL URL."""
+    if request.param == "postgres":
+        return str(request.getfixturevalue("postgres").database())
+    return str(tmp_path / "chainrule.db")

@@ -14,14 +14,17 @@ from pathlib import Path
 import grpc
 
 from chainrule.v1 import graph_service_pb2_grpc
+from tests import postgres
 
 ADDRESS_LINE = re.compile(r"chainrule serving on (\S+)")
 
 
 class ServerProcess:
+    """`db` is the database file, or a PostgreSQL URL (tests/postgres.py gives each test its own)."""
+
     def __init__(
         self,
-        db: Path,
+        db: Path | str,
         extra_args: Sequence[str] = (),
         *,
         tls_ca: Path | None = None,
@@ -42,6 +45,8 @@ class ServerProcess:
     def start(self, timeout: float = 30.0) -> ServerProcess:
         command = [sys.executable, "-m", "chainrule.server.cli", *self.global_args, "serve", "--port", "0"]
         command += ["--db", str(self.db)]
+        if str(self.db).startswith("postgresql://") and "--dataset-cache" not in self.extra_args:
+            command += ["--dataset-cache", str(postgres.dataset_cache(str(self.db)))]
         self.process = subprocess.Popen(
             [*command, *self.extra_args],
             stdout=subprocess.PIPE,
