@@ -33,7 +33,7 @@ from chainrule.server.service.calls import DEFAULT_STREAM_IDLE_SECONDS, CallGate
 from chainrule.server.service.datasets import DatasetService
 from chainrule.server.service.graphs import GraphService
 from chainrule.server.service.jobs import JobService
-from chainrule.server.store import open_store
+from chainrule.server.store import DatabaseUnusable, location, open_store
 from chainrule.v1 import dataset_service_pb2, graph_service_pb2, job_service_pb2
 
 log = logging.getLogger("chainrule.server")
@@ -88,7 +88,10 @@ class StartupError(Exception):
 
 
 def default_dataset_cache(db: str) -> str:
-    """`<db>.cache` beside the database file; a temporary directory for an in-memory database."""
+    """`<db>.cache` beside the database file; a directory of the database's own in the user's cache
+    for a PostgreSQL database; a temporary directory for an in-memory database."""
+    if location.is_postgres_url(db):
+        return str(location.user_cache(db))
     return tempfile.mkdtemp(prefix="chainrule-datasets-") if db in ("", ":memory:") else f"{db}.cache"
 
 
@@ -140,6 +143,8 @@ class RunningServer:
             self.store = open_store(options.db)
         except sqlite3.Error as error:
             raise database_trouble(options.db, error) from None
+        except DatabaseUnusable as error:
+            raise StartupError(str(error)) from None
         try:
             self._assemble()
         except BaseException as error:

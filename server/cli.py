@@ -20,6 +20,7 @@ from chainrule.server.engine import DEFAULT_MAX_LIVE_GRAPHS, DEFAULT_MAX_LIVE_ME
 from chainrule.server.graph import Limits
 from chainrule.server.jobs import DEFAULT_JOB_WORKERS
 from chainrule.server.service.calls import DEFAULT_STREAM_IDLE_SECONDS
+from chainrule.server.store import POSTGRES_EXTRA, location
 
 MIB = 1024 * 1024
 MAX_PORT = 65535
@@ -118,7 +119,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     if server.metrics_port is not None:
         print(f"chainrule metrics on port {server.metrics_port} (/metrics)", flush=True)
-    print(f"chainrule serving on {server.address} (database {options.db})", flush=True)
+    print(f"chainrule serving on {server.address} (database {location.shown(options.db)})", flush=True)
     logging.getLogger("chainrule.server").info("listening on %s", server.address)
     server.serve_until_signalled()
     return 0
@@ -147,7 +148,12 @@ def add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
     network = serve_parser.add_argument_group("network")
     network.add_argument("--host", default="127.0.0.1", help="address to bind")
     network.add_argument("--port", type=PORT, default=50051, help="port; 0 picks a free one and prints it")
-    network.add_argument("--db", default="chainrule.db", help="SQLite database file")
+    network.add_argument(
+        "--db",
+        default="chainrule.db",
+        help="SQLite database file, or a postgresql://USER@HOST:PORT/DATABASE URL shared by any number of servers "
+        f"(needs {POSTGRES_EXTRA}; give the password through PGPASSWORD or ~/.pgpass rather than the URL)",
+    )
     network.add_argument(
         "--dataset-cache",
         metavar="DIR",

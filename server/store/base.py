@@ -127,6 +127,11 @@ class RequestIdTaken(Exception):
         self.fingerprint = fingerprint
 
 
+class DatabaseUnusable(Exception):
+    """The database `--db` names cannot be used at all (unreachable or refusing us at startup, a schema
+    newer than this server knows, a driver not installed): one line saying why, for the operator."""
+
+
 def tensor_row(array: np.ndarray) -> tuple[str, str, bytes]:
     little = np.asarray(array, dtype=array.dtype.newbyteorder("<"))
     return little.dtype.str, json.dumps(list(little.shape)), little.tobytes()

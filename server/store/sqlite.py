@@ -32,95 +32,7 @@ from chainrule.server.store.base import (
     tensor_from_row,
     tensor_row,
 )
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS graphs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    graph_id TEXT NOT NULL UNIQUE,
-    tenant TEXT NOT NULL DEFAULT '',
-    name TEXT NOT NULL,
-    definition BLOB NOT NULL,
-    summary TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    step INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS parameters (
-    graph_id TEXT NOT NULL REFERENCES graphs(graph_id) ON DELETE CASCADE,
-    name TEXT NOT NULL,
-    dtype TEXT NOT NULL,
-    shape TEXT NOT NULL,
-    data BLOB NOT NULL,
-    PRIMARY KEY (graph_id, name)
-);
-CREATE TABLE IF NOT EXISTS optimizer_state (
-    graph_id TEXT NOT NULL REFERENCES graphs(graph_id) ON DELETE CASCADE,
-    name TEXT NOT NULL,
-    optimizer TEXT NOT NULL,
-    slot TEXT NOT NULL,
-    dtype TEXT NOT NULL,
-    shape TEXT NOT NULL,
-    data BLOB NOT NULL,
-    PRIMARY KEY (graph_id, name, slot)
-);
-CREATE TABLE IF NOT EXISTS create_requests (
-    tenant TEXT NOT NULL,
-    request_id TEXT NOT NULL,
-    graph_id TEXT NOT NULL REFERENCES graphs(graph_id) ON DELETE CASCADE,
-    fingerprint TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (tenant, request_id)
-);
-CREATE INDEX IF NOT EXISTS create_requests_by_graph ON create_requests (graph_id);
-CREATE INDEX IF NOT EXISTS create_requests_by_age ON create_requests (created_at);
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id TEXT NOT NULL UNIQUE,
-    tenant TEXT NOT NULL DEFAULT '',
-    graph_id TEXT NOT NULL,
-    spec BLOB NOT NULL,
-    state TEXT NOT NULL,
-    total_steps INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    step INTEGER NOT NULL DEFAULT 0,
-    epoch INTEGER NOT NULL DEFAULT 0,
-    loss REAL,
-    metrics TEXT NOT NULL DEFAULT '{}',
-    error TEXT NOT NULL DEFAULT '',
-    started_at REAL,
-    ended_at REAL,
-    start_graph_step INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs (tenant, seq);
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
-CREATE TABLE IF NOT EXISTS job_events (
-    job_id TEXT NOT NULL REFERENCES jobs(job_id) ON DELETE CASCADE,
-    step INTEGER NOT NULL,
-    epoch INTEGER NOT NULL,
-    loss REAL,
-    learning_rate REAL NOT NULL,
-    metrics TEXT,
-    PRIMARY KEY (job_id, step)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS datasets (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    dataset_id TEXT NOT NULL UNIQUE,
-    tenant TEXT NOT NULL DEFAULT '',
-    name TEXT NOT NULL,
-    columns TEXT NOT NULL,
-    num_examples INTEGER NOT NULL,
-    size_bytes INTEGER NOT NULL,
-    sha256 TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS datasets_by_tenant ON datasets (tenant, seq);
-CREATE TABLE IF NOT EXISTS dataset_chunks (
-    dataset_id TEXT NOT NULL REFERENCES datasets(dataset_id) ON DELETE CASCADE DEFERRABLE INITIALLY DEFERRED,
-    column_index INTEGER NOT NULL,
-    chunk_index INTEGER NOT NULL,
-    data BLOB NOT NULL,
-    PRIMARY KEY (dataset_id, column_index, chunk_index)
-);
-"""
+from chainrule.server.store.migrations import migrate_sqlite
 
 GRAPH_COLUMNS = "seq, graph_id, tenant, name, summary, created_at, step"
 JOB_COLUMNS = (
@@ -162,7 +74,11 @@ class SqliteStore(Store):
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
+        try:
+            migrate_sqlite(self._db, path)  # the tables are in migrations.py
+        except BaseException:
+            self._db.close()
+            raise
         self._file = None if path in ("", ":memory:") else _identity(path)
         """(device, inode) of the file opened: what `path` must keep naming for writes to last."""
         self.lost = ""
