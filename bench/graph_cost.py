@@ -16,6 +16,7 @@ many bare NetworkX graphs one stored chainrule graph costs, in time and in memor
 from __future__ import annotations
 
 import gc
+import os
 import time
 import tracemalloc
 from collections.abc import Sequence
@@ -66,8 +67,8 @@ def check_message() -> None:
         assert chain_message(length) == chain_graph(length).to_proto(), f"chain_message({length}) differs"
 
 
-def networkx_baseline(message: graph_pb2.Graph) -> tuple[float, float]:
-    """Seconds and bytes per node of a bare NetworkX DiGraph of the message's nodes and edges."""
+def networkx_baseline(message: graph_pb2.Graph) -> tuple[float, float, float]:
+    """Seconds, CPU seconds and bytes per node of a bare NetworkX DiGraph of the message's nodes and edges."""
     names = [node.name for node in message.nodes]
     edges = [(argument, node.name) for node in message.nodes for argument in node.inputs]
 
@@ -78,9 +79,10 @@ def networkx_baseline(message: graph_pb2.Graph) -> tuple[float, float]:
         return graph
 
     gc.collect()
-    start = time.perf_counter()
+    cpu, start = time.process_time(), time.perf_counter()
     graph = build()
     seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu
     del graph
     gc.collect()
     tracemalloc.start()
@@ -88,7 +90,14 @@ def networkx_baseline(message: graph_pb2.Graph) -> tuple[float, float]:
     size = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     del graph
-    return seconds / len(names), size / len(names)
+    return seconds / len(names), cpu_seconds / len(names), size / len(names)
+
+
+def cpu_seconds(process: Path) -> float:
+    """User and system CPU time of every thread of `process` so far (/proc/PID/stat, in clock ticks).
+    On a machine other work shares, a call's CPU time says more than its wall time."""
+    fields = (process / "stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _stub(address: str) -> tuple[grpc.Channel, graph_service_pb2_grpc.GraphServiceStub]:
@@ -110,16 +119,17 @@ def measure_size(nodes: int) -> dict[str, Any]:
     """One size in fresh servers: create, first call, restart, first call again; times and RSS per node.
     The chain is 3 nodes shorter than `nodes`, for its input and two constants."""
     message = chain_message(nodes - 3)
-    baseline_seconds, baseline_bytes = networkx_baseline(message)
+    baseline_seconds, baseline_cpu_seconds, baseline_bytes = networkx_baseline(message)
     request = pb.CreateGraphRequest(graph=message, view=graph_pb2.GRAPH_VIEW_BASIC)
     with ChainruleServer().start() as server:
         process = Path(f"/proc/{server.pid}")
         channel, stub = _stub(server.address)
         with channel:
             before = status_bytes(process, "VmRSS")
-            start = time.perf_counter()
+            cpu, start = cpu_seconds(process), time.perf_counter()
             graph_id = stub.CreateGraph(request, timeout=CALL_TIMEOUT).graph.graph_id
             create_seconds = time.perf_counter() - start
+            create_cpu_seconds = cpu_seconds(process) - cpu
             created = status_bytes(process, "VmRSS")
             first_call_seconds = _backward(stub, graph_id)
             called = status_bytes(process, "VmRSS")
@@ -134,12 +144,14 @@ def measure_size(nodes: int) -> dict[str, Any]:
         "nodes": nodes,
         "message_bytes": message.ByteSize(),
         "create_us_per_node": create_seconds * 1e6 / nodes,
+        "create_server_cpu_us_per_node": create_cpu_seconds * 1e6 / nodes,
         "first_call_us_per_node": first_call_seconds * 1e6 / nodes,
         "first_call_after_restart_us_per_node": recompile_seconds * 1e6 / nodes,
         "rss_after_create_kb_per_node": (created - before) / 1e3 / nodes,
         "rss_after_first_call_kb_per_node": (called - before) / 1e3 / nodes,
         "rss_after_restart_and_first_call_kb_per_node": (recompiled - restarted) / 1e3 / nodes,
         "networkx_us_per_node": baseline_seconds * 1e6,
+        "networkx_cpu_us_per_node": baseline_cpu_seconds * 1e6,
         "networkx_kb_per_node": baseline_bytes / 1e3,
     }
 
