@@ -19,6 +19,7 @@ from bench import report
 from bench.chain import measure_per_node
 from bench.cnn import measure_lenet_step, measure_resnet_forward
 from bench.graph_cost import measure_graph_cost
+from bench.jobs import WATCHERS, measure_job_throughput, measure_watchers
 from bench.machine import blas_threads, describe, limit_threads, load_torch
 from bench.measure import Measurement
 from bench.memory import measure_memory
@@ -173,6 +174,14 @@ def main(argv: list[str] | None = None) -> int:
             f"10 dataset upload, {settings.upload_bytes / 2**20:g} MiB x {settings.upload_repeats}",
             lambda: measure_upload(server.address, settings.upload_bytes, settings.upload_repeats),
         )
+        job_vs_engine, job_vs_torch = run_both(
+            f"11 training job, {settings.train_steps} steps x {settings.train_repeats}",
+            lambda: measure_job_throughput(client, torch, workload, settings.train_steps, settings.train_repeats),
+        )
+        watched = run_one(
+            f"12 a job and {WATCHERS} watchers, {settings.train_steps} steps x {settings.train_repeats}",
+            lambda: measure_watchers(client, workload, settings.train_steps, settings.train_repeats),
+        )
     memory = run_one(
         f"5/5 memory, chain {settings.memory_length:,} x {settings.memory_width:,}, fresh processes",
         lambda: measure_memory(
@@ -196,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     measurements = [per_node, training, engine, large, memory, graph_create, graph_memory, lenet, resnet, upload]
+    measurements += [job_vs_engine, job_vs_torch, watched]
     elapsed, load_after = time.perf_counter() - started, os.getloadavg()
     print()
     print(report.table(measurements))

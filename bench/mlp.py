@@ -26,6 +26,11 @@ BATCH = 128
 LEARNING_RATE = 0.1
 DISTINCT_BATCHES = 8
 """Batches are drawn once and cycled: generating data must not be part of the step time."""
+SETTLE_SECONDS = 0.3
+"""Pause before each timed run of a training comparison. The other contender's threads do not stop
+when its run ends: the server's OpenBLAS workers spin for up to ~0.1 s after its last step, PyTorch's
+OpenMP workers briefly too. A run started inside that window shares the cores with them, which cost
+the PyTorch baseline most (its two threads meet at a barrier after every op)."""
 PARAMETER_NAMES = ("w1", "b1", "w2", "b2")
 
 Parameters = dict[str, np.ndarray]
@@ -116,7 +121,8 @@ class EngineTrainer:
 
 # ---------------------------------------------------------------- PyTorch in-process
 class TorchTrainer:
-    """The same model and update rule in PyTorch eager mode with torch.optim.SGD."""
+    """The same model and update rule in PyTorch eager mode with torch.optim.SGD, written as plain
+    PyTorch code is: a log_softmax cross-entropy on the one-hot labels, zero_grad, backward, step."""
 
     def __init__(self, torch: ModuleType, workload: Workload) -> None:
         self.torch = torch
@@ -136,9 +142,9 @@ class TorchTrainer:
         losses = []
         for step in range(steps):
             x, y = self.batches[step % len(self.batches)]
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad()
             logits = torch.sigmoid(x @ w1 + b1) @ w2 + b2
-            loss = torch.nn.functional.cross_entropy(logits, y)
+            loss = -(y * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
             loss.backward()
             self.optimizer.step()
             losses.append(loss.item())
@@ -156,6 +162,7 @@ def measure_remote_training(
 
     def remote() -> float:
         client.set_parameters(graph.graph_id, workload.initial)
+        time.sleep(SETTLE_SECONDS)
         start = time.perf_counter()
         with client.train(graph.graph_id, batches, loss="loss", optimizer=cr.Sgd(LEARNING_RATE)) as stream:
             losses = [step.loss for step in stream]
@@ -169,6 +176,7 @@ def measure_remote_training(
     def local_torch() -> float:
         assert trainer is not None
         trainer.reset(workload.initial)
+        time.sleep(SETTLE_SECONDS)
         start = time.perf_counter()
         losses = trainer.train(steps)
         elapsed = time.perf_counter() - start
@@ -176,6 +184,7 @@ def measure_remote_training(
         return elapsed
 
     runs = {"chainrule": remote, "pytorch": local_torch if trainer is not None else None}
+    interleaved(runs, 1)  # warm-up: the server plans the step, PyTorch initializes its kernels lazily
     samples = interleaved(runs, repeats)
     client.delete_graph(graph.graph_id)
     seconds = {name: median(samples.get(name)) for name in runs}

@@ -15,6 +15,8 @@ BASELINE_LABELS = {
     "raw_grpc": "raw gRPC",
     "activations": "activations",
     "networkx": "NetworkX",
+    "engine": "engine in-process",
+    "unwatched": "no watchers",
 }
 HEADERS = ("measurement", "unit", "chainrule", "baselines", "ratio", "target", "result")
 

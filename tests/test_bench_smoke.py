@@ -24,6 +24,9 @@ MEASUREMENTS = (
     "memory",
     "lenet_step",
     "resnet_forward",
+    "job_throughput",
+    "job_vs_pytorch",
+    "job_watchers",
 )
 
 
