@@ -19,6 +19,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import chainrule.client as cr
 from chainrule.client.errors import from_rpc_error
@@ -342,6 +344,21 @@ def test_a_chunk_over_the_message_limit_is_refused(limited: ServerProcess) -> No
     with cr.Client(limited.address) as client:  # exactly the limit is fine, in 1 MiB chunks
         info = client.upload_dataset("at-the-limit", {"x": np.zeros(2 * MIB // 8)})
         assert info.size_bytes == 2 * MIB
+
+
+def test_the_service_is_in_health_and_reflection_and_its_calls_logged(server: ServerProcess) -> None:
+    channel = server.channel()
+    health = health_pb2_grpc.HealthStub(channel)
+    answer = health.Check(health_pb2.HealthCheckRequest(service="chainrule.v1.DatasetService"), timeout=10)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    responses = reflection.ServerReflectionInfo(iter([request]), timeout=10)
+    listed = [service.name for response in responses for service in response.list_services_response.service]
+    assert "chainrule.v1.DatasetService" in listed
+    with cr.Client(server.address) as client:
+        client.list_datasets()
+    wait_until(lambda: any("ListDatasets OK" in line for line in server.log), "the call is logged")
 
 
 # ------------------------------------------------------------ durability, the command line
