@@ -688,7 +688,8 @@ class JobManager:
 
     def _train(self, job: Job, session: TrainingSession, train: LocalDataset, evaluation: LocalDataset | None) -> None:
         plan = job.plan
-        columns = {name: train.columns[column] for name, column in plan.feeds.items()}
+        # Plain views of the mapped columns: slicing a np.memmap runs Python code for every batch.
+        columns = {name: np.asarray(train.columns[column]) for name, column in plan.feeds.items()}
         schedule = plan.schedule
         step = job.step
         epoch, order = -1, None
@@ -701,7 +702,7 @@ class JobManager:
                     epoch = step // plan.batches_per_epoch
                     order = plan.epoch_order(epoch)
                 rows = plan.batch_rows(step, order)
-                feeds = {name: np.asarray(column[rows]) for name, column in columns.items()}
+                feeds = {name: column[rows] for name, column in columns.items()}
                 rate = plan.optimizer.learning_rate if schedule is None else schedule.rate(step)
                 with self.computing(flag):
                     result = session.step(feeds, learning_rate=rate, dropout_step=step)
@@ -749,12 +750,12 @@ class JobManager:
         """Each metric over the whole evaluation set in inference mode, averaged by example."""
         plan = job.plan.evaluation
         assert plan is not None
-        columns = {name: data.columns[column] for name, column in plan.feeds.items()}
+        columns = {name: np.asarray(data.columns[column]) for name, column in plan.feeds.items()}
         totals = [0.0] * len(plan.metrics)
         count = data.num_examples
         for start in range(0, count, plan.batch_size):
             stop = min(start + plan.batch_size, count)
-            feeds = {name: np.asarray(column[start:stop]) for name, column in columns.items()}
+            feeds = {name: column[start:stop] for name, column in columns.items()}
             with self.computing(flag):
                 try:
                     values = self.engine.forward(job.stored.graph_id, feeds, plan.metrics, job.stored.tenant)

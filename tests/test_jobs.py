@@ -353,6 +353,29 @@ def test_a_shape_only_the_data_reveals_fails_the_first_step(client: cr.Client) -
     assert client.get_parameters_with_step(graph_id)[1] == 0
 
 
+def test_deleting_a_graph_under_a_running_job_fails_the_job_and_keeps_its_history(client: cr.Client) -> None:
+    x, y = data(20)
+    graph_id = client.create_graph(logistic_graph()).graph_id
+    dataset = client.upload_dataset("deleted graph", {"x": x, "y": y}, progress=False)
+    job = client.create_job(
+        graph_id,
+        dataset.dataset_id,
+        loss="loss",
+        optimizer=cr.Sgd(0.01),
+        feeds={"x": "x", "y": "y"},
+        batch_size=4,
+        max_steps=10**9,
+        checkpoint_every=5,
+    )
+    wait_running(job, past_step=3)
+    client.delete_graph(graph_id)
+    wait_for(lambda: job.info().ended, "the job to end")
+    info = job.info()
+    assert info.state == "failed" and f"graph '{graph_id}' was deleted" in info.error
+    assert info.error.startswith(f"step {info.step + 1}: ")
+    assert job.history().steps == list(range(1, info.step + 1))
+
+
 # ---------------------------------------------------------------- one trainer per graph
 def test_while_a_job_trains_a_graph_train_streams_and_set_parameters_are_refused_and_forward_answers(
     client: cr.Client, endless: Callable[..., cr.Job]
