@@ -18,6 +18,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import chainrule.client as cr
 from chainrule.client.errors import from_rpc_error
@@ -155,6 +157,20 @@ def endless(client: cr.Client) -> Iterator[Callable[..., cr.Job]]:
     for job in started:
         job.cancel()
         wait_for(lambda job=job: job.info().ended, "a cancelled job to end")  # type: ignore[misc]
+
+
+def test_the_service_is_in_health_and_reflection_and_its_calls_logged(server: ServerProcess, client: cr.Client) -> None:
+    channel = server.channel()
+    health = health_pb2_grpc.HealthStub(channel)
+    answer = health.Check(health_pb2.HealthCheckRequest(service="chainrule.v1.JobService"), timeout=10)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    responses = reflection.ServerReflectionInfo(iter([request]), timeout=10)
+    listed = [service.name for response in responses for service in response.list_services_response.service]
+    assert "chainrule.v1.JobService" in listed
+    client.list_jobs()
+    wait_for(lambda: any("ListJobs OK" in line for line in server.log), "the call to be logged")
 
 
 # ---------------------------------------------------------------- what a job computes
