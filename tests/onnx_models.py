@@ -100,7 +100,7 @@ def module(name: str) -> nn.Module:
     inference-mode batch norm is not the identity."""
     build, _ = MODULES[name]
     torch.manual_seed(SEED)
-    built = build()
+    built = build().float()  # float32 whatever torch's default dtype is (another test module may change it)
     with torch.no_grad():
         for layer in built.modules():
             if isinstance(layer, nn.BatchNorm2d):
