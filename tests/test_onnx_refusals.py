@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import chainrule.client as cr
 from chainrule.v1 import graph_pb2
+from chainrule.v1 import graph_service_pb2 as pb
 from tests.server_process import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,6 +159,18 @@ def test_a_model_that_crashes_onnx_is_refused_and_the_server_keeps_serving(
     assert error.reason == "BAD_ONNX_MODEL"
     assert client.import_onnx(linear(np.ones((3, 2), np.float32))).outputs == ("y",)
     assert server.process is not None and server.process.poll() is None
+
+
+def test_models_over_grpcs_default_4_mib_go_in_whole_and_come_out_in_1_mib_chunks(
+    client: cr.Client, server: ServerProcess
+) -> None:
+    model = linear(np.arange(1024 * 2048, dtype=np.float32).reshape(1024, 2048))
+    imported = client.import_onnx(model)
+    chunks = [response.chunk for response in server.stub().ExportOnnx(pb.ExportOnnxRequest(graph_id=imported.graph_id))]
+    assert len(chunks) > 4 and all(len(chunk) <= MIB for chunk in chunks)
+    exported = onnx.load_from_string(b"".join(chunks))
+    weight = next(tensor for tensor in exported.graph.initializer if tensor.name == "w")
+    np.testing.assert_array_equal(numpy_helper.to_array(weight), numpy_helper.to_array(model.graph.initializer[0]))
 
 
 def test_models_over_max_message_mb_are_resource_exhausted_naming_the_flag(tmp_path: Path) -> None:
