@@ -159,6 +159,9 @@ def test_the_job_page_s_curves_gain_points_while_the_job_runs(
     # Every point the page drew is a step the server reports, in order and without gaps.
     drawn = page.evaluate("document.querySelector('#points').textContent")
     assert int(drawn.split()[0]) <= job.info().step
+    page.check("#log-scale")  # the loss chart is drawn again, on a log scale, with every point so far
+    poll(page, lambda: page.locator("#loss-chart .uplot").count() == 1 and points(page) > seen, "the log-scale chart")
+    page.uncheck("#log-scale")
     page.wait_for_timeout(1500)  # let the curves grow a little more for the picture
     screenshot = tmp_path / "dashboard-job.png"
     page.screenshot(path=screenshot, full_page=False)

@@ -60,7 +60,11 @@
   function drawLoss() {
     const container = document.getElementById("loss-chart");
     if (!lossChart) {
-      lossChart = cr.lineChart(container, [cr.series("loss", 0, { stroke: "#1f77b455", width: 1 }), cr.series("smoothed", 0, { width: 2 })], { yLabel: "loss" });
+      const logScale = document.getElementById("log-scale").checked;
+      lossChart = cr.lineChart(container, [cr.series("loss", 0, { stroke: "#1f77b455", width: 1 }), cr.series("smoothed", 0, { width: 2 })], {
+        yLabel: "loss",
+        scales: logScale ? { y: { distr: 3 } } : {},
+      });
     }
     lossChart.update([steps, losses, smoothed]);
     container.dataset.points = String(steps.length);
@@ -123,6 +127,13 @@
     if (job && job.ended) return;
     setTimeout(poll, 1000);
   }
+
+  document.getElementById("log-scale").addEventListener("change", () => {
+    lossChart.destroy();
+    lossChart = null;
+    document.getElementById("loss-chart").replaceChildren();
+    drawLoss();
+  });
 
   document.getElementById("cancel").addEventListener("click", async () => {
     if (!window.confirm(`Cancel job ${jobId}? A running job stops after its current step.`)) return;
