@@ -16,7 +16,7 @@ from chainrule import tensors
 from chainrule.server.datasets import DatasetManager
 from chainrule.server.errors import Cancelled, DeadlineExceeded, InvalidArgument
 from chainrule.server.pipeline import StreamIdle, idle_limited
-from chainrule.server.service.calls import Call, CallGate, Servicer, unary
+from chainrule.server.service.calls import Call, CallGate, Servicer, parsed, unary
 from chainrule.server.store.base import StoredDataset
 from chainrule.v1 import dataset_service_pb2 as pb
 from chainrule.v1 import dataset_service_pb2_grpc
@@ -63,9 +63,9 @@ class DatasetService(Servicer, dataset_service_pb2_grpc.DatasetServiceServicer):
         self, requests: Iterator[pb.UploadDatasetRequest], context: grpc.ServicerContext, call: Call
     ) -> pb.Dataset:
         idle_seconds = self.calls.stream_idle_seconds
-        messages = idle_limited(
-            (self.checked(request) for request in requests), idle_seconds, f"upload-{call.request_id}"
-        )
+        # Chunks are only parsed: a chunk's column name either is one the header declared, whose names
+        # are checked, or is refused as unknown (quoted safely); walking a chunk would copy its bytes.
+        messages = idle_limited((parsed(request) for request in requests), idle_seconds, f"upload-{call.request_id}")
         try:
             first = next(messages, None)
             if first is None or first.WhichOneof("item") != "header":
@@ -75,7 +75,7 @@ class DatasetService(Servicer, dataset_service_pb2_grpc.DatasetServiceServicer):
                     reason="HEADER_FIRST",
                     subject="header",
                 )
-            call.bytes_in += first.ByteSize()
+            call.bytes_in += self.checked(first).ByteSize()
             with self.datasets.upload(first.header, call.tenant) as upload:
                 for index, message in enumerate(messages, start=1):
                     if message.WhichOneof("item") != "chunk":
