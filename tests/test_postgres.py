@@ -1,5 +1,6 @@
-"""`--db postgresql://...`: what `chainrule serve` says when it cannot use the database, and that a
-URL's password is never shown; servers starting at once on one new database."""
+"""`--db`: what `chainrule serve` says when it cannot use its database (PostgreSQL unreachable or
+refusing it, its driver missing, a schema newer than this server knows), that a URL's password is
+never shown, and servers starting at once on one new PostgreSQL database."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import subprocess
 import sys
 import threading
 import urllib.parse
+from pathlib import Path
 
 import psycopg
 import pytest
 
-from chainrule.server.store import location, open_store
+from chainrule.server.store import DatabaseUnusable, location, open_store
 from chainrule.server.store.migrations import MIGRATIONS, SCHEMA_VERSION
 from tests.postgres import PostgresServer, free_port
 from tests.server_process import ServerProcess
@@ -53,35 +55,34 @@ def assert_refused(finished: subprocess.CompletedProcess[str], db: str, *fragmen
     return line
 
 
-def test_serve_names_what_keeps_it_from_using_a_postgresql_database(postgres: PostgresServer) -> None:
-    port = postgres.port
+def test_a_postgresql_database_that_cannot_be_used_is_named_with_the_reason(postgres: PostgresServer) -> None:
     password = urllib.parse.quote(postgres.password, safe="")
-    nobody_listens = f"postgresql://chainrule:{password}@127.0.0.1:{free_port()}/chainrule"
-    assert_refused(serve(nobody_listens), nobody_listens, "cannot use the database", "Connection refused")
-    wrong_password = f"postgresql://chainrule:not-{password}@127.0.0.1:{port}/postgres"
-    assert_refused(serve(wrong_password), wrong_password, "password authentication failed")
-    no_database = postgres.url("missing_database")
-    assert_refused(serve(no_database), no_database, 'database "missing_database" does not exist')
-    unknown_option = postgres.url("postgres") + "?colour=blue"
-    assert_refused(serve(unknown_option), unknown_option, "is not a PostgreSQL URL libpq accepts", "colour")
+    cases = [
+        (f"postgresql://chainrule:{password}@127.0.0.1:{free_port()}/chainrule", "Connection refused"),
+        (f"postgresql://chainrule:not-{password}@127.0.0.1:{postgres.port}/postgres", "password authentication failed"),
+        (postgres.url("missing_database"), 'database "missing_database" does not exist'),
+        (
+            postgres.url("postgres") + "?colour=blue",
+            'is not a PostgreSQL URL libpq accepts: invalid URI query parameter: "colour"',
+        ),
+    ]
+    for url, reason in cases:
+        with pytest.raises(DatabaseUnusable) as raised:
+            open_store(url)
+        message = str(raised.value)
+        assert reason in message and location.shown(url) in message and "\n" not in message
+        assert all(secret not in message for secret in location.secrets(url))
+
+
+def test_serve_exits_2_with_one_line_when_it_cannot_use_its_database(postgres: PostgresServer) -> None:
+    unreachable = f"postgresql://chainrule:{urllib.parse.quote(postgres.password, safe='')}@127.0.0.1:{free_port()}/x"
+    assert_refused(serve(unreachable), unreachable, "cannot use the database", "Connection refused")
 
 
 def test_serve_without_the_postgres_extra_says_what_to_install(postgres: PostgresServer) -> None:
     url = postgres.url("postgres")
     finished = serve(url, python_prelude="import sys; sys.modules['psycopg'] = None; ")
     assert_refused(finished, url, "needs PostgreSQL support", "pip install 'chainrule[postgres]'")
-
-
-def test_serve_refuses_a_database_a_newer_chainrule_migrated(backend_db: str) -> None:
-    open_store(backend_db).close()
-    if backend_db.startswith("postgresql://"):
-        with psycopg.connect(backend_db, autocommit=True) as connection:
-            connection.execute("INSERT INTO schema_version VALUES (%s, 'newer', 0)", (SCHEMA_VERSION + 5,))
-    else:
-        connection = sqlite3.connect(backend_db)
-        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 5}")
-        connection.close()
-    assert_refused(serve(backend_db), backend_db, f"schema version {SCHEMA_VERSION + 5}", "newer")
 
 
 def test_a_server_shows_its_database_without_the_password(postgres: PostgresServer) -> None:
@@ -116,3 +117,12 @@ def test_servers_starting_at_once_on_a_new_database_migrate_it_once(postgres: Po
     with psycopg.connect(url) as connection:
         versions = [version for (version,) in connection.execute("SELECT version FROM schema_version ORDER BY 1")]
     assert versions == list(range(1, len(MIGRATIONS) + 1))
+
+
+def test_serve_refuses_a_sqlite_file_a_newer_chainrule_migrated(tmp_path: Path) -> None:
+    db = str(tmp_path / "chainrule.db")
+    open_store(db).close()
+    connection = sqlite3.connect(db)
+    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    connection.close()
+    assert_refused(serve(db), db, f"schema version {SCHEMA_VERSION + 1}, newer than version {SCHEMA_VERSION}")
