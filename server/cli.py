@@ -215,17 +215,17 @@ def add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
         help="graphs kept compiled in memory; idle ones beyond this are recompiled from the store when used",
     )
     limits.add_argument(
-        "--max-dataset-mb",
-        type=POSITIVE,
-        default=DEFAULT_MAX_DATASET_MB,
-        help="largest dataset UploadDataset accepts, MiB; larger ones get RESOURCE_EXHAUSTED at their header",
-    )
-    limits.add_argument(
         "--max-live-memory-mb",
         type=POSITIVE,
         default=DEFAULT_MAX_LIVE_MEMORY_MB,
         help="estimated MiB the graphs kept compiled may hold with their cached schedules and parameters; "
         "the least recently used idle ones beyond it are recompiled from the store when used",
+    )
+    limits.add_argument(
+        "--max-dataset-mb",
+        type=POSITIVE,
+        default=DEFAULT_MAX_DATASET_MB,
+        help="largest dataset UploadDataset accepts, MiB; larger ones get RESOURCE_EXHAUSTED at their header",
     )
     limits.add_argument(
         "--max-message-mb",
