@@ -403,7 +403,6 @@ class JobManager:
         """Jobs that have not ended, in creation order; guarded by `_lock`."""
         self._threads: list[threading.Thread] = []
         self.draining = False
-        self._stop = StopFlag()
         datasets.in_use = self.uses_dataset
         engine.on_graph_free = self._wake
 
@@ -431,7 +430,6 @@ class JobManager:
         """Running jobs stop after their current step and commit; they stay RUNNING in the store and
         resume when the server starts again. Watches end with UNAVAILABLE."""
         self.draining = True
-        self._stop.stopped = True
         self._wake()
         for job in list(self._jobs.values()):
             with job.condition:
@@ -581,8 +579,7 @@ class JobManager:
                 seen += 1
             if ended and not transitions and next_step > last_step:
                 return
-            if events:
-                time.sleep(WATCH_BATCH_SECONDS)
+            time.sleep(WATCH_BATCH_SECONDS)
 
     def _stored_events(self, job_id: str, next_step: int, last_step: int, stop: StopFlag) -> Iterator[JobEventRow]:
         while next_step <= last_step and not stop.stopped:
@@ -819,6 +816,8 @@ class JobManager:
                 job.ended_at = time.time()
         with job.condition:
             job.change_state(state)
+        if session is None:  # it never trained (a resumed job cancelled before a worker took it holds its graph)
+            self.engine.release(job.stored.graph_id, job.job_id)
         with self._lock:
             self._jobs.pop(job.job_id, None)
             self._wakeup.notify_all()

@@ -1,5 +1,6 @@
 """A job survives SIGKILL: killed at random moments, several rounds, restarted each time, it ends
-with the parameters and the history of the same job run without interruption, bit for bit.
+with the parameters and the history of the same job run without interruption, bit for bit; and
+SIGTERM stops jobs after their step, to resume at the next start.
 
 The job exercises everything a step depends on: Adam's state, dropout (keyed by the seed and the
 job's step), a shuffled order (keyed by the seed and the epoch), a schedule (of the job's step)
@@ -11,11 +12,15 @@ history ahead of the parameters.
 from __future__ import annotations
 
 import random
+import signal
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import numpy as np
+import pytest
 
 import chainrule.client as cr
 from tests.server_process import ServerProcess
@@ -118,5 +123,69 @@ def test_a_job_killed_at_random_moments_ends_as_if_never_interrupted(tmp_path: P
             assert step == twin_step == TOTAL_STEPS
             for name, value in twin_parameters.items():
                 assert parameters[name].tobytes() == value.tobytes(), name
+    finally:
+        server.kill()
+
+
+def endless_job(client: cr.Client, graph_id: str, dataset_id: str) -> cr.Job:
+    return client.create_job(
+        graph_id,
+        dataset_id,
+        loss="loss",
+        optimizer=cr.Sgd(0.01),
+        feeds={"x": "x", "y": "y"},
+        batch_size=16,
+        max_steps=10**9,
+        checkpoint_every=10,
+    )
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_sigterm_stops_running_jobs_after_their_step_and_they_resume_at_the_next_start(tmp_path: Path) -> None:
+    """Watchers get UNAVAILABLE and watch again; a restart with fewer workers than running jobs keeps
+    each one's graph reserved until it resumes, and cancelling one that waits frees its graph."""
+    db = tmp_path / "chainrule.db"
+    x = np.random.default_rng(2).normal(size=(64, 6))
+    y = (x[:, :1] > 0).astype(np.float64)
+    server = ServerProcess(db, ["--job-workers", "2"]).start()
+    try:
+        with cr.Client(server.address, timeout=60) as client:
+            graphs = [client.create_graph(network()).graph_id for _ in range(2)]
+            dataset_id = client.upload_dataset("sigterm", {"x": x, "y": y}, progress=False).dataset_id
+            jobs = [endless_job(client, graph_id, dataset_id) for graph_id in graphs]
+            wait_until(lambda: all(job.info().step > 3 for job in jobs), "both jobs to run")
+            events: list[cr.JobEvent] = []
+            with pytest.raises(cr.ChainruleError) as stopped:
+                for event in jobs[0].watch():
+                    events.append(event)
+                    if len(events) == 5:
+                        server.signal(signal.SIGTERM)
+            assert stopped.value.code == grpc.StatusCode.UNAVAILABLE and "watch it again" in stopped.value.message
+        assert server.process is not None and server.process.wait(timeout=60) == 0
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as connection:
+            rows = connection.execute("SELECT state, step FROM jobs ORDER BY seq").fetchall()
+        assert [state for state, _ in rows] == ["RUNNING", "RUNNING"] and all(step > 3 for _, step in rows)
+
+        server = ServerProcess(db, ["--job-workers", "1"]).start()
+        with cr.Client(server.address, timeout=60) as client:
+            first, second = (client.get_job(job.job_id) for job in jobs)
+            wait_until(lambda: first.info().step > rows[0][1], "the first job to resume")
+            waiting = second.info()
+            assert waiting.state == "running" and waiting.step == rows[1][1]  # reserved, not yet resumed
+            with pytest.raises(cr.ChainruleError) as busy:
+                client.set_parameters(graphs[1], {"b2": np.zeros(1)})
+            assert busy.value.reason == "GRAPH_BUSY"
+            assert second.cancel().state == "cancelled"
+            client.set_parameters(graphs[1], {"b2": np.zeros(1)})  # its graph is free again
+            first.cancel()
+            wait_until(lambda: first.info().ended, "the first job to stop")
+            steps = [event.step for event in first.watch() if event.state is None]
+            assert steps == list(range(1, first.info().step + 1))
     finally:
         server.kill()
