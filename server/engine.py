@@ -36,7 +36,7 @@ from chainrule.server.ops import INFERENCE, Mode
 from chainrule.server.plan import Plan, StopFlag
 from chainrule.server.store import Checkpoint, OptimizerState, Store, StoredGraph
 from chainrule.server.store.base import CreateRequest, RequestIdTaken
-from chainrule.server.work import SharedWork
+from chainrule.server.work import SharedWork, stopped
 from chainrule.v1 import graph_pb2
 
 Array = np.ndarray
@@ -332,6 +332,8 @@ class Engine:
             live.last_used = time.monotonic()
             return live
         stored = self._stored(graph_id, tenant, with_order=False)
+        if stop is not None and stop.stopped:  # a call already given up starts no compilation
+            raise stopped(f"compiling graph '{graph_id}' for this call")
         with self._live_lock:
             live = self._live.get(graph_id)
             if live is None:

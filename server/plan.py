@@ -256,16 +256,19 @@ class Plan:
     def _schedule(self, key: tuple, build: Callable[[StopFlag], Schedule], stop: StopFlag | None) -> Schedule:
         """The cached schedule of `key`, or one `build` run shared by every caller that asks for it
         meanwhile; it stops once none of them waits any longer."""
+        doing = f"planning the pass over {len(self.names):,} nodes"
         with self._schedules_lock:
             schedule = self._schedules.get(key)
             if schedule is not None:
                 self._schedules.move_to_end(key)
                 return schedule
+            if stop is not None and stop.stopped:  # a call already given up starts nothing
+                raise stopped(doing)
             work = self._building.get(key)
             if work is None or not work.join():
                 work = self._building[key] = SharedWork(lambda flag: self._build(key, build, flag), "schedule")
                 work.join()
-        return work.wait(stop, f"planning the pass over {len(self.names):,} nodes")
+        return work.wait(stop, doing)
 
     def _build(self, key: tuple, build: Callable[[StopFlag], Schedule], stop: StopFlag) -> Schedule:
         try:

@@ -79,9 +79,11 @@ class SharedWork(Generic[T]):
         """The work's result (or its exception) for a caller that joined; raises Cancelled as soon
         as the caller's own `stop` is raised, and stops the work if no other caller waits."""
         try:
-            while not self._done.wait(WAIT_POLL_SECONDS):
-                if stop is not None and stop.stopped:
-                    raise stopped(doing)
+            while not (stop is not None and stop.stopped):
+                if self._done.wait(WAIT_POLL_SECONDS):
+                    break
+            else:
+                raise stopped(doing)
         finally:
             with self._lock:
                 self._waiters -= 1
