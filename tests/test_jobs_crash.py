@@ -93,19 +93,29 @@ def test_a_job_killed_at_random_moments_ends_as_if_never_interrupted(tmp_path: P
             twin_id = client.create_graph(network()).graph_id
             dataset_id = client.upload_dataset("crash data", {"x": x, "y": y}, progress=False).dataset_id
             job_id = start_job(client, graph_id, dataset_id).job_id
-        steps_at_kills = []
-        for _ in range(ROUNDS):
-            time.sleep(rng.uniform(0.05, 0.6))
+        steps_at_kills: list[int] = []
+        reached = 0
+        for round_index in range(ROUNDS):
+            if round_index != ROUNDS // 2:  # that round kills the restarted server as soon as it answers
+                # Somewhere in the next share of the steps left, at least a checkpoint on, and a moment later:
+                # mid-step, mid-commit or mid-evaluation, whatever the machine's speed.
+                share = (TOTAL_STEPS - reached) // (ROUNDS - round_index + 1)
+                target = reached + rng.randint(CHECKPOINT_EVERY, max(CHECKPOINT_EVERY, share))
+                with cr.Client(server.address, timeout=60) as client:
+                    job = client.get_job(job_id)
+                    while job.info().step < target:
+                        time.sleep(0.005)
+                time.sleep(rng.uniform(0, 0.02))
             server.kill()
             state, step, graph_step, count, highest = committed(db, job_id)
             assert step == graph_step == count == highest, (step, graph_step, count, highest)
+            assert state == "RUNNING", f"the job ended ({state}) before the kills did"
             steps_at_kills.append(step)
-            if state in ("SUCCEEDED", "FAILED", "CANCELLED"):
-                break
             server = ServerProcess(db).start()
             with cr.Client(server.address, timeout=60) as client:
-                assert client.get_job(job_id).info().step >= step  # resumed from its last commit, not from 0
-        assert len(set(steps_at_kills)) > 2, f"the kills hit too few distinct steps: {steps_at_kills}"
+                reached = client.get_job(job_id).info().step
+                assert reached >= step  # resumed from its last commit, not from 0
+        assert len(set(steps_at_kills)) >= ROUNDS - 1, f"the kills hit too few distinct steps: {steps_at_kills}"
         if server.process is None or server.process.poll() is not None:
             server = ServerProcess(db).start()
         with cr.Client(server.address, timeout=60) as client:
