@@ -1,0 +1,263 @@
+"""The loop of one job's steps: its batches, learning rates and evaluations, each step computed by
+a StepExecutor, and its commits and ending (see the package's docstring)."""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+
+from chainrule.server.datasets import DatasetManager, LocalDataset
+from chainrule.server.engine import Engine, TrainingSession
+from chainrule.server.errors import ChainruleError, FailedPrecondition, InvalidArgument, Unavailable, shown
+from chainrule.server.jobs.executor import (
+    Computing,
+    ExecutorContext,
+    ExecutorFactory,
+    InProcessExecutor,
+    StepExecutor,
+)
+from chainrule.server.jobs.job import Job, event_step
+from chainrule.server.jobs.planning import JobPlan
+from chainrule.server.store.base import JobEventRow
+from chainrule.server.work import StopFlag
+
+log = logging.getLogger("chainrule.server.jobs")
+NO_AUTOMATIC_COMMITS = sys.maxsize
+"""A job's session commits only when the job says so, with the job's row and history."""
+
+
+class JobRunner:
+    """Runs the jobs the manager's workers claim, one call of `run` per job."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        datasets: DatasetManager,
+        computing: Computing,
+        on_step: Callable[[], None] | None,
+        draining: Callable[[], bool],
+        finished: Callable[[Job], None],
+        executors: ExecutorFactory = InProcessExecutor,
+    ) -> None:
+        self.engine = engine
+        self.store = engine.store
+        self.datasets = datasets
+        self.computing = computing
+        """Held around each step and each evaluation, as calls hold a compute slot."""
+        self.on_step = on_step
+        self.draining = draining
+        """Whether the server is stopping: running jobs commit after their step, to resume at the next start."""
+        self.finished = finished
+        """Told when a job has ended, its end committed (or refused) and its watchers woken."""
+        self.executors = executors
+
+    def run(self, job: Job) -> None:
+        """Run a job a worker claimed until it ends, or until the server stops (it then commits and
+        resumes at the next start)."""
+        plan, stored = job.plan, job.stored
+        if job.cancelling:
+            self.end(job, "CANCELLED")
+            return
+        try:
+            train = self.datasets.open(plan.dataset_id, stored.tenant)
+            evaluation = None
+            if plan.evaluation is not None:
+                evaluation = self.datasets.open(plan.evaluation.dataset_id, stored.tenant)
+            session = self.engine.start_training(
+                stored.graph_id,
+                plan.loss,
+                plan.optimizer,
+                plan.parameters,
+                NO_AUTOMATIC_COMMITS,
+                plan.stop_on_non_finite_loss,
+                stored.tenant,
+                keep_updates=False,
+                seed=plan.seed,
+                trainer=stored.job_id,
+            )
+        except ChainruleError as error:
+            with job.condition:
+                job.error = f"the job could not start: {error.message}"
+            self.end(job, "FAILED")
+            return
+        try:
+            try:
+                self._start(job, session)
+                executor = self.executors(
+                    ExecutorContext(job.job_id, job.stored.spec, plan, session, train, self.computing)
+                )
+            except ChainruleError as error:
+                with job.condition:
+                    job.error = f"the job could not start: {error.message}"
+                self.end(job, "FAILED")
+                return
+            try:
+                self._train(job, session, executor, evaluation)
+            finally:
+                executor.close()
+        finally:
+            try:
+                session.finish()
+            except ChainruleError as error:  # the job's end is settled; what the store refused is logged
+                log.error("job %s: %s", job.job_id, error.message)
+
+    def _start(self, job: Job, session: TrainingSession) -> None:
+        """Mark the job RUNNING; a resumed one must find its graph where its last commit left it."""
+        graph_step = session.live.step
+        with job.condition:
+            if job.started_at is None:
+                job.started_at = time.time()
+                job.start_graph_step = graph_step
+            elif graph_step != job.start_graph_step + job.step:
+                raise FailedPrecondition(
+                    f"graph '{job.stored.graph_id}' is at step {graph_step}, not at {job.start_graph_step + job.step} "
+                    f"where job step {job.step} left it",
+                    reason="GRAPH_MOVED",
+                )
+            resumed = job.state == "RUNNING"
+            if not resumed:
+                job.change_state("RUNNING")
+            record = job.snapshot()
+        if not resumed:
+            self.store.save_job(record)
+
+    def _train(
+        self, job: Job, session: TrainingSession, executor: StepExecutor, evaluation: LocalDataset | None
+    ) -> None:
+        plan = job.plan
+        schedule = plan.schedule
+        step = job.step
+        epoch, order = -1, None
+        flag = StopFlag()  # never raised: a job waits for its compute slot whatever happens
+        try:
+            while step < plan.total_steps:
+                if job.cancelling or self.draining():
+                    break
+                if step // plan.batches_per_epoch != epoch:
+                    epoch = step // plan.batches_per_epoch
+                    order = plan.epoch_order(epoch)
+                rate = plan.optimizer.learning_rate if schedule is None else schedule.rate(step)
+                result = executor.step(plan.batch_rows(step, order), step, rate)
+                step += 1
+                if self.on_step is not None:
+                    self.on_step()
+                metrics: dict[str, float] = {}
+                failure = None
+                if evaluation is not None and self._evaluates_after(plan, step):
+                    try:
+                        metrics = self._evaluate(job, evaluation, flag)
+                    except ChainruleError as error:  # the step stands, with its event; the job fails after it
+                        failure = error
+                event = JobEventRow(step, epoch + 1, result.loss, rate, metrics)
+                with job.condition:
+                    job.step, job.epoch, job.loss = step, epoch + 1, result.loss
+                    if metrics:
+                        job.metrics = metrics
+                    job.tail.append(event)
+                    job.condition.notify_all()
+                if failure is not None:
+                    step -= 1  # the failing step's number is the one just taken
+                    raise failure
+                if step - job.committed >= plan.checkpoint_every and step < plan.total_steps:
+                    self._commit(job, session)
+        except ChainruleError as error:
+            with job.condition:
+                job.error = f"step {step + 1}: {error.message}"
+            self.end(job, "FAILED", session)
+            return
+        if step >= plan.total_steps:
+            self.end(job, "SUCCEEDED", session)
+        elif job.cancelling:
+            self.end(job, "CANCELLED", session)
+        else:  # the server is stopping: commit, and resume at the next start
+            self._commit(job, session)
+
+    @staticmethod
+    def _evaluates_after(plan: JobPlan, step: int) -> bool:
+        assert plan.evaluation is not None
+        every = plan.evaluation.every_steps
+        return step == plan.total_steps or (every > 0 and step % every == 0)
+
+    def _evaluate(self, job: Job, data: LocalDataset, flag: StopFlag) -> dict[str, float]:
+        """Each metric over the whole evaluation set in inference mode, averaged by example."""
+        plan = job.plan.evaluation
+        assert plan is not None
+        columns = {name: np.asarray(data.columns[column]) for name, column in plan.feeds.items()}
+        totals = [0.0] * len(plan.metrics)
+        count = data.num_examples
+        for start in range(0, count, plan.batch_size):
+            stop = min(start + plan.batch_size, count)
+            feeds = {name: column[start:stop] for name, column in columns.items()}
+            with self.computing(flag):
+                try:
+                    values = self.engine.forward(job.stored.graph_id, feeds, plan.metrics, job.stored.tenant)
+                except ChainruleError as error:
+                    raise type(error)(
+                        f"evaluation: {error.message}", reason=error.reason, subject=error.subject
+                    ) from None
+            for index, (metric, value) in enumerate(zip(plan.metrics, values, strict=True)):
+                if np.size(value) != 1:
+                    raise InvalidArgument(
+                        f"evaluation: metric '{shown(metric)}' has shape {list(np.shape(value))}; a metric must be a "
+                        "scalar: reduce it with mean",
+                        reason="SHAPE_MISMATCH",
+                        subject=metric,
+                    )
+                totals[index] += float(np.asarray(value).reshape(())) * (stop - start)
+        return {metric: total / count for metric, total in zip(plan.metrics, totals, strict=True)}
+
+    # ------------------------------------------------------------ commits and endings
+    def _commit(self, job: Job, session: TrainingSession, state: str | None = None) -> None:
+        """The graph's checkpoint, the job's row (in `state` when given) and the events since the last
+        commit, in one transaction; then the job's in-memory history drops what two commits cover."""
+        with job.condition:
+            record = job.snapshot()
+            if state is not None:
+                record = replace(record, state=state, ended_at=time.time())
+            start = bisect.bisect_right(job.tail, job.committed, key=event_step)
+            events = tuple(job.tail[start:])
+        if session.live.deleted:  # the job's row and history are all there is left to keep
+            self.store.save_job(record, events)
+        else:
+            session.commit(lambda checkpoint: self.store.save_job(record, events, checkpoint))
+        with job.condition:
+            job.tail = job.tail[bisect.bisect_right(job.tail, job.committed, key=event_step) :]
+            job.committed = record.step
+            if state is not None:
+                job.ended_at = record.ended_at
+
+    def end(self, job: Job, state: str, session: TrainingSession | None = None) -> None:
+        """Commit the job's end (with its last good step's parameters, when it ran), then let watchers
+        and the queue know. When the store refuses, the job still ends in memory, and a restart finds
+        it as its last commit left it."""
+        try:
+            if session is None:
+                with job.condition:
+                    record = replace(job.snapshot(), state=state, ended_at=time.time())
+                self.store.save_job(record)
+                with job.condition:
+                    job.ended_at = record.ended_at
+            else:
+                self._commit(job, session, state)
+        except ChainruleError as error:
+            log.error("job %s: could not commit its end (%s): %s", job.job_id, state, error.message)
+            with job.condition:
+                if isinstance(error, Unavailable) and session is not None:
+                    job.step = job.committed = session.live.committed_step - job.start_graph_step
+                    job.tail = [event for event in job.tail if event.step <= job.step]
+                if state != "FAILED" or not job.error:
+                    job.error = f"step {job.step + 1}: {error.message}"
+                state = "FAILED"
+                job.ended_at = time.time()
+        with job.condition:
+            job.change_state(state)
+        if session is None:  # it never trained (a resumed job cancelled before a worker took it holds its graph)
+            self.engine.release(job.stored.graph_id, job.job_id)
+        self.finished(job)
+        log.info("job %s %s at step %d of %d", job.job_id, state.lower(), job.step, job.plan.total_steps)
