@@ -614,29 +614,47 @@ class TrainingSession:
             loss_value, reverse = live.plan.backward(
                 feeds, parameters, self.loss, self.names, None, stop, mode, state_updates
             )
-            gradients = dict(reverse)
-            loss = float(loss_value)
-            if self.stop_on_non_finite_loss and not math.isfinite(loss):
-                raise InvalidArgument(
-                    f"loss '{self.loss}' is {loss}; the step was not applied", reason="NON_FINITE_LOSS"
-                )
-            new_parameters = {**parameters, **state_updates}
-            new_state = dict(live.optimizer_state)
-            updates = {}
-            for name in self.names:
-                update, new_state_of_name = optim.step(
-                    optimizer, parameters[name], gradients[name], self._state_to_continue(name)
-                )
-                new_parameters[name] = optim.apply(parameters[name], update, keep_update=self.keep_updates)
-                new_state[name] = (self.kind, new_state_of_name)
-                if self.keep_updates:
-                    updates[name] = update
-            step = live.step + 1
-            if step - live.committed_step >= self.checkpoint_every:
-                # Commit before publishing: a step whose checkpoint the store refuses is not applied.
-                self._save(Checkpoint(step, new_parameters, new_state))
-            live.parameters, live.optimizer_state, live.step = new_parameters, new_state, step
-            return StepResult(step, loss, gradients, updates)
+            return self._update(float(loss_value), dict(reverse), state_updates, optimizer)
+
+    def apply(
+        self,
+        loss: float,
+        gradients: dict[str, Array],
+        state_updates: dict[str, Array],
+        learning_rate: float | None = None,
+    ) -> StepResult:
+        """One optimizer step from a loss, gradients and state updates computed elsewhere on the
+        parameters the live graph holds now (a job's replicas): the same update `step` applies."""
+        optimizer = self.optimizer if learning_rate is None else replace(self.optimizer, learning_rate=learning_rate)
+        with self.live.lock:
+            _check_not_deleted(self.live)
+            return self._update(loss, gradients, state_updates, optimizer)
+
+    def _update(
+        self, loss: float, gradients: dict[str, Array], state_updates: dict[str, Array], optimizer: optim.Optimizer
+    ) -> StepResult:
+        """Under the graph's lock: apply the step, commit it when a checkpoint is due, publish it."""
+        live = self.live
+        parameters = live.parameters
+        if self.stop_on_non_finite_loss and not math.isfinite(loss):
+            raise InvalidArgument(f"loss '{self.loss}' is {loss}; the step was not applied", reason="NON_FINITE_LOSS")
+        new_parameters = {**parameters, **state_updates}
+        new_state = dict(live.optimizer_state)
+        updates = {}
+        for name in self.names:
+            update, new_state_of_name = optim.step(
+                optimizer, parameters[name], gradients[name], self._state_to_continue(name)
+            )
+            new_parameters[name] = optim.apply(parameters[name], update, keep_update=self.keep_updates)
+            new_state[name] = (self.kind, new_state_of_name)
+            if self.keep_updates:
+                updates[name] = update
+        step = live.step + 1
+        if step - live.committed_step >= self.checkpoint_every:
+            # Commit before publishing: a step whose checkpoint the store refuses is not applied.
+            self._save(Checkpoint(step, new_parameters, new_state))
+        live.parameters, live.optimizer_state, live.step = new_parameters, new_state, step
+        return StepResult(step, loss, gradients, updates)
 
     def _state_to_continue(self, name: str) -> optim.State:
         """The parameter's saved state if this optimizer can continue it; otherwise a fresh start."""
@@ -644,6 +662,20 @@ class TrainingSession:
         if kind != self.kind or set(state) != set(optim.state_keys(self.optimizer)):
             return {}
         return state
+
+    def roll_back(self) -> int:
+        """Forget the steps since the last commit: the live graph goes back to its committed checkpoint,
+        read from the store (a job whose replicas were lost redoes those steps). Returns its step."""
+        live = self.live
+        with live.lock:
+            _check_not_deleted(live)
+            if live.step != live.committed_step:
+                saved = self.engine.store.load_checkpoint(live.stored.graph_id)
+                if saved is None:
+                    raise _not_found(live.stored.graph_id)
+                live.parameters, live.optimizer_state, live.step = saved.parameters, saved.optimizer_state, saved.step
+                live.committed_step = saved.step
+            return live.step
 
     def finish(self) -> None:
         """Commit what the stream changed; the stream may report success only after this returns."""
