@@ -451,6 +451,7 @@ class Client:
         checkpoint_every: int = 0,
         stop_on_non_finite_loss: bool = False,
         schedule: Schedule | None = None,
+        replicas: int = 1,
     ) -> Job:
         """Queue a job that trains the graph on a stored dataset on the server, detached from this
         client, and return its handle (`Job.wait()` follows it with a progress bar).
@@ -460,7 +461,8 @@ class Client:
         shuffled each epoch by a permutation keyed by (`seed`, epoch) when `shuffle`; `seed` also
         keys dropout, so the same call on the same graph start gives the same parameters, bit for
         bit. `evaluation` adds metrics; `schedule` (StepDecay, Cosine, Warmup) varies the
-        learning rate. The other keywords are those of `train`."""
+        learning rate. `replicas` > 1 splits each batch among that many data-parallel replicas on the
+        server's Ray cluster. The other keywords are those of `train`."""
         spec = job_spec(
             graph_id,
             dataset_id,
@@ -478,6 +480,7 @@ class Client:
             checkpoint_every=checkpoint_every,
             stop_on_non_finite_loss=stop_on_non_finite_loss,
             schedule=schedule,
+            replicas=replicas,
         )
         return create_job(self._jobs, spec, self.timeout)
 

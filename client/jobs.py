@@ -303,6 +303,7 @@ def job_spec(
     checkpoint_every: int = 0,
     stop_on_non_finite_loss: bool = False,
     schedule: Schedule | None = None,
+    replicas: int = 1,
 ) -> pb.JobSpec:
     return pb.JobSpec(
         graph_id=graph_id,
@@ -321,6 +322,7 @@ def job_spec(
         checkpoint_every=checkpoint_every,
         stop_on_non_finite_loss=stop_on_non_finite_loss,
         schedule=None if schedule is None else schedule.to_proto(),
+        replicas=replicas,
     )
 
 

@@ -28,6 +28,10 @@ from chainrule.server.engine import (
 )
 from chainrule.server.graph import Limits
 from chainrule.server.jobs import DEFAULT_JOB_WORKERS, JobManager
+from chainrule.server.jobs.executor import ExecutorFactory, InProcessExecutor
+from chainrule.server.jobs.ray_cluster import RayCluster, RayUnavailable
+from chainrule.server.jobs.ray_executor import DEFAULT_REPLICA_CPUS, RayExecutors
+from chainrule.server.jobs.runner import DEFAULT_JOB_MAX_RESTARTS
 from chainrule.server.metrics import Metrics
 from chainrule.server.service.calls import DEFAULT_STREAM_IDLE_SECONDS, CallGate, add_to_server, default_compute_slots
 from chainrule.server.service.datasets import DatasetService
@@ -81,6 +85,10 @@ class ServerOptions:
     """Where datasets jobs read are kept memory-mapped; None: `<db>.cache` beside the database."""
     max_dataset_bytes: int = DEFAULT_MAX_DATASET_MB << 20
     job_workers: int = DEFAULT_JOB_WORKERS
+    job_max_restarts: int = DEFAULT_JOB_MAX_RESTARTS
+    ray_address: str | None = None
+    """Run job steps on this Ray cluster (see server/jobs/ray_cluster.py); None: in this process."""
+    ray_replica_cpus: float = DEFAULT_REPLICA_CPUS
 
 
 class StartupError(Exception):
@@ -192,9 +200,23 @@ class RunningServer:
         except OSError as error:
             raise StartupError(f"cannot use the dataset cache {cache}: {error.strerror or error}") from None
         self.dataset_service = DatasetService(self.datasets, self.calls)
+        self.ray: RayCluster | None = None
+        executors: ExecutorFactory = InProcessExecutor
+        if options.ray_address is not None:
+            try:
+                self.ray = RayCluster.at(options.ray_address)
+            except RayUnavailable as error:
+                raise StartupError(str(error)) from None
+            executors = RayExecutors(self.ray, options.limits, options.ray_replica_cpus)
         self.jobs = JobManager(
-            self.engine, self.datasets, options.job_workers, self.calls.computing, self.metrics.training_steps.inc
+            self.engine,
+            self.datasets,
+            options.job_workers,
+            self.calls.computing,
+            self.metrics.training_steps.inc,
+            executors=executors,
         )
+        self.jobs.runner.max_restarts = options.job_max_restarts
         self.job_service = JobService(self.jobs, self.calls)
         self.health = health.HealthServicer()
         self.store.on_lost = self._store_lost
@@ -279,6 +301,11 @@ class RunningServer:
                 raise StartupError(
                     f"cannot serve metrics on port {self.options.metrics_port}: {error.strerror or error}"
                 ) from None
+        if self.ray is not None:
+            try:
+                self.ray.start()
+            except RayUnavailable as error:
+                raise StartupError(str(error)) from None
         self.jobs.start()  # jobs a previous run left running take their graphs back before any call comes
         self.server.start()
         for service in ("", *SERVICE_NAMES):
@@ -299,6 +326,8 @@ class RunningServer:
         self._stopping.set()
         self.service.draining = True
         self.jobs.stop()
+        if self.ray is not None:
+            self.ray.stop()
         self.health.enter_graceful_shutdown()
         self.server.stop(self.options.grace_seconds).wait()
         self.executor.shutdown(wait=True)

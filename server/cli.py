@@ -19,6 +19,9 @@ from chainrule.server.datasets import DEFAULT_MAX_DATASET_MB
 from chainrule.server.engine import DEFAULT_MAX_LIVE_GRAPHS, DEFAULT_MAX_LIVE_MEMORY_MB
 from chainrule.server.graph import Limits
 from chainrule.server.jobs import DEFAULT_JOB_WORKERS
+from chainrule.server.jobs.ray_cluster import RAY_EXTRA
+from chainrule.server.jobs.ray_executor import DEFAULT_REPLICA_CPUS
+from chainrule.server.jobs.runner import DEFAULT_JOB_MAX_RESTARTS
 from chainrule.server.service.calls import DEFAULT_STREAM_IDLE_SECONDS
 from chainrule.server.store import POSTGRES_EXTRA, location
 
@@ -61,6 +64,17 @@ def seconds(low: float, inclusive: bool) -> Callable[[str], float]:
 
     parse.__name__ = "seconds"
     return parse
+
+
+def cpus(text: str) -> float:
+    """An argparse type: a finite number of CPUs, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of CPUs") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: it must be at least 0")
+    return value
 
 
 PORT = integer(0, MAX_PORT)
@@ -110,6 +124,9 @@ def serve(args: argparse.Namespace) -> int:
         dataset_cache=args.dataset_cache,
         max_dataset_bytes=args.max_dataset_mb * MIB,
         job_workers=args.job_workers,
+        job_max_restarts=args.job_max_restarts,
+        ray_address=args.ray_address,
+        ray_replica_cpus=args.ray_replica_cpus,
     )
     try:
         server = RunningServer(options)
@@ -270,6 +287,27 @@ def add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
         type=POSITIVE,
         default=DEFAULT_JOB_WORKERS,
         help="training jobs run at once; the others wait in creation order",
+    )
+    training.add_argument(
+        "--job-max-restarts",
+        type=NOT_NEGATIVE,
+        default=DEFAULT_JOB_MAX_RESTARTS,
+        help="times a job on Ray starts again from its last commit after losing a replica before it fails "
+        "(a Ray cluster out of reach is waited for, not counted)",
+    )
+    ray = serve_parser.add_argument_group("ray")
+    ray.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="run job steps on a Ray cluster: auto, HOST:PORT of its head, ray://HOST:PORT, or local to start a "
+        f"private one on 127.0.0.1 (needs {RAY_EXTRA}); a cluster with token authentication needs "
+        "RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token",
+    )
+    ray.add_argument(
+        "--ray-replica-cpus",
+        type=cpus,
+        default=DEFAULT_REPLICA_CPUS,
+        help="CPUs each replica of a job reserves on the Ray cluster (0: none reserved)",
     )
     add_log_options(serve_parser.add_argument_group("logging"), argparse.SUPPRESS)
     serve_parser.set_defaults(run=serve)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.postgres import PostgresServer, running_postgres
+from tests.ray_cluster import RayHeadFixture, running_ray
 from tests.server_process import ServerProcess
 
 BACKENDS = ("sqlite", "postgres")
@@ -39,3 +40,9 @@ def backend_db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "postgres":
         return str(request.getfixturevalue("postgres").database())
     return str(tmp_path / "chainrule.db")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[RayHeadFixture]:
+    """One real Ray head for the whole session, started on first use (tests/ray_cluster.py)."""
+    yield from running_ray()

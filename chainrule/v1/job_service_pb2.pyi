@@ -114,6 +114,7 @@ class JobSpec(_message.Message):
     CHECKPOINT_EVERY_FIELD_NUMBER: _builtins.int
     STOP_ON_NON_FINITE_LOSS_FIELD_NUMBER: _builtins.int
     SCHEDULE_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
     graph_id: _builtins.str
     loss: _builtins.str
     """The scalar node to minimize."""
@@ -145,6 +146,17 @@ class JobSpec(_message.Message):
     """
     stop_on_non_finite_loss: _builtins.bool
     """End the job FAILED when a step's loss is NaN or infinite; that step is not applied."""
+    replicas: _builtins.int
+    """Data-parallel replicas of the graph, each on a Ray actor (needs a server started with
+    --ray-address); 0 means 1. Each step's batch is split into this many contiguous shards (sizes
+    differing by at most one example, the first ones larger), every replica computes its shard's
+    loss and gradients, and the gradients are combined as the loss's reduction requires (a mean
+    loss weighs each shard by the examples it averages over, a sum adds them) before one optimizer
+    step; in float64 the parameters match one replica's to rounding. The loss must be
+    softmax_cross_entropy, sigmoid_cross_entropy, a mean over every axis, or a sum. batch_norm
+    computes batch statistics per replica (running statistics: replica 0's); dropout draws per
+    replica. At most batch_size.
+    """
     @_builtins.property
     def optimizer(self) -> _graph_service_pb2.Optimizer: ...
     @_builtins.property
@@ -187,10 +199,11 @@ class JobSpec(_message.Message):
         checkpoint_every: _builtins.int = ...,
         stop_on_non_finite_loss: _builtins.bool = ...,
         schedule: _graph_service_pb2.LearningRateSchedule | None = ...,
+        replicas: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "optimizer", b"optimizer", "schedule", b"schedule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "checkpoint_every", b"checkpoint_every", "dataset_id", b"dataset_id", "drop_last", b"drop_last", "epochs", b"epochs", "evaluation", b"evaluation", "feeds", b"feeds", "graph_id", b"graph_id", "loss", b"loss", "max_steps", b"max_steps", "optimizer", b"optimizer", "parameters", b"parameters", "schedule", b"schedule", "seed", b"seed", "shuffle", b"shuffle", "stop_on_non_finite_loss", b"stop_on_non_finite_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "checkpoint_every", b"checkpoint_every", "dataset_id", b"dataset_id", "drop_last", b"drop_last", "epochs", b"epochs", "evaluation", b"evaluation", "feeds", b"feeds", "graph_id", b"graph_id", "loss", b"loss", "max_steps", b"max_steps", "optimizer", b"optimizer", "parameters", b"parameters", "replicas", b"replicas", "schedule", b"schedule", "seed", b"seed", "shuffle", b"shuffle", "stop_on_non_finite_loss", b"stop_on_non_finite_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -39,6 +39,14 @@ def not_computing(stop: StopFlag) -> contextlib.AbstractContextManager[None]:
 class ExecutorLost(Unavailable):
     """What computed the job's steps is gone; the step that raised it was not applied."""
 
+    counts = True
+    """Whether this counts against the job's restarts (--job-max-restarts); False when the cluster
+    itself is out of reach, which the job waits out."""
+
+
+def never() -> bool:
+    return False
+
 
 @dataclass(frozen=True)
 class ExecutorContext:
@@ -51,6 +59,9 @@ class ExecutorContext:
     session: TrainingSession
     train: LocalDataset
     computing: Computing
+    stopping: Callable[[], bool] = never
+    """Whether to give up starting (the job is cancelled or the server stops): an executor that waits
+    for its cluster looks at it."""
 
 
 class StepExecutor(Protocol):

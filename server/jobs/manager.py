@@ -114,6 +114,12 @@ class JobManager:
                 evaluation = self.datasets.get_dataset(spec.evaluation.dataset_id or spec.dataset_id, tenant)
             plan = plan_job(spec, train, evaluation, self.engine.checkpoint_every)
             check_against_graph(plan, graph.plan, train, evaluation, spec.graph_id)
+            if plan.replicas > 1 and self.runner.executors is InProcessExecutor:
+                raise invalid(
+                    f"spec.replicas is {plan.replicas}; replicas run on a Ray cluster, and this server runs jobs "
+                    "in its own process: start it with --ray-address",
+                    "spec.replicas",
+                )
             stored = StoredJob(
                 job_id=uuid.uuid4().hex,
                 tenant=tenant,

@@ -11,6 +11,7 @@ import numpy as np
 
 from chainrule.server import optim
 from chainrule.server.errors import InvalidArgument, shown
+from chainrule.server.jobs.replicas import check_replicable
 from chainrule.server.plan import Plan
 from chainrule.server.shapes import describe
 from chainrule.server.specs import Schedule, optimizer_from_proto, schedule_from_proto
@@ -50,6 +51,8 @@ class JobPlan:
     num_examples: int
     batches_per_epoch: int
     total_steps: int
+    replicas: int = 1
+    """Data-parallel replicas of the graph computing each step (see replicas.py)."""
 
     @property
     def datasets(self) -> set[str]:
@@ -94,6 +97,13 @@ def plan_job(spec: pb.JobSpec, train: StoredDataset, evaluation: StoredDataset |
         raise invalid("spec.batch_size is 0; batches need at least one example", "spec.batch_size")
     if not spec.feeds:
         raise invalid("spec.feeds is empty; map the graph's inputs to columns of the dataset", "spec.feeds")
+    replicas = spec.replicas or 1
+    if replicas < 0 or replicas > spec.batch_size:
+        raise invalid(
+            f"spec.replicas is {spec.replicas}; it must be from 1 to batch_size ({spec.batch_size}): each replica "
+            "computes a shard of every batch",
+            "spec.replicas",
+        )
     count, size = train.num_examples, spec.batch_size
     batches = count // size if spec.drop_last else -(-count // size)
     if batches == 0:
@@ -149,6 +159,7 @@ def plan_job(spec: pb.JobSpec, train: StoredDataset, evaluation: StoredDataset |
         num_examples=count,
         batches_per_epoch=batches,
         total_steps=total,
+        replicas=replicas,
     )
 
 
@@ -170,6 +181,7 @@ def check_against_graph(
             raise invalid(f"spec.parameters names '{shown(name)}', {kind}", name, "UNKNOWN_PARAMETER")
     _check_feeds(graph, job.feeds, train, [loss], "spec.feeds", "the loss")
     _check_batch_dimension(graph, job.feeds, job.batch_size, job.num_examples, job.drop_last, "spec.feeds")
+    check_replicable(graph, job.loss, job.feeds, job.replicas)
     if job.evaluation is not None and evaluation is not None:
         plan = job.evaluation
         slots = [_node(graph, metric, "spec.evaluation.metrics", "metric") for metric in plan.metrics]

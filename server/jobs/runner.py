@@ -19,6 +19,7 @@ from chainrule.server.jobs.executor import (
     Computing,
     ExecutorContext,
     ExecutorFactory,
+    ExecutorLost,
     InProcessExecutor,
     StepExecutor,
 )
@@ -29,6 +30,10 @@ from chainrule.server.work import StopFlag
 
 log = logging.getLogger("chainrule.server.jobs")
 NO_AUTOMATIC_COMMITS = sys.maxsize
+DEFAULT_JOB_MAX_RESTARTS = 3
+RETRY_FIRST_SECONDS = 1.0
+RETRY_MAX_SECONDS = 10.0
+"""A job waiting for its cluster tries again after 1 s, then twice as long each time, up to this."""
 """A job's session commits only when the job says so, with the job's row and history."""
 
 
@@ -56,6 +61,8 @@ class JobRunner:
         self.finished = finished
         """Told when a job has ended, its end committed (or refused) and its watchers woken."""
         self.executors = executors
+        self.max_restarts = DEFAULT_JOB_MAX_RESTARTS
+        """How often a job starts again from its last commit after losing a replica, before it fails."""
 
     def run(self, job: Job) -> None:
         """Run a job a worker claimed until it ends, or until the server stops (it then commits and
@@ -89,18 +96,12 @@ class JobRunner:
         try:
             try:
                 self._start(job, session)
-                executor = self.executors(
-                    ExecutorContext(job.job_id, job.stored.spec, plan, session, train, self.computing)
-                )
             except ChainruleError as error:
                 with job.condition:
                     job.error = f"the job could not start: {error.message}"
                 self.end(job, "FAILED")
                 return
-            try:
-                self._train(job, session, executor, evaluation)
-            finally:
-                executor.close()
+            self._train_on_executors(job, session, train, evaluation)
         finally:
             try:
                 session.finish()
@@ -126,6 +127,75 @@ class JobRunner:
             record = job.snapshot()
         if not resumed:
             self.store.save_job(record)
+
+    def _train_on_executors(
+        self, job: Job, session: TrainingSession, train: LocalDataset, evaluation: LocalDataset | None
+    ) -> None:
+        """Train until the job ends or the server stops. When its executor is lost (ExecutorLost: a
+        replica died, or the Ray cluster is out of reach), the job goes back to its last commit and
+        goes on with a fresh executor, redoing the same steps: a lost replica counts against
+        `max_restarts`, a cluster out of reach is waited for as long as it takes."""
+        stopping = lambda: job.cancelling or self.draining()  # noqa: E731
+        context = ExecutorContext(job.job_id, job.stored.spec, job.plan, session, train, self.computing, stopping)
+        restarts, pause = 0, RETRY_FIRST_SECONDS
+        while True:
+            try:
+                try:
+                    executor = self.executors(context)
+                except ExecutorLost:
+                    raise
+                except ChainruleError as error:
+                    with job.condition:
+                        job.error = f"the job could not start: {error.message}"
+                    self.end(job, "FAILED")
+                    return
+                try:
+                    self._train(job, session, executor, evaluation)
+                    return
+                finally:
+                    executor.close()
+            except ExecutorLost as lost:
+                restarts += lost.counts
+                try:
+                    self._go_back(job, session)
+                except ChainruleError as error:
+                    with job.condition:
+                        job.error = f"step {job.step + 1}: {lost.message}; then: {error.message}"
+                    self.end(job, "FAILED")
+                    return
+                if restarts > self.max_restarts:
+                    with job.condition:
+                        job.error = (
+                            f"step {job.step + 1}: {lost.message}; given up after {self.max_restarts} restarts "
+                            "(--job-max-restarts)"
+                        )
+                    self.end(job, "FAILED", session)
+                    return
+                log.warning("job %s: %s; going on from its last commit, step %d", job.job_id, lost.message, job.step)
+                if lost.counts:
+                    pause = RETRY_FIRST_SECONDS
+                else:
+                    deadline = time.monotonic() + pause
+                    while time.monotonic() < deadline and not stopping():
+                        time.sleep(0.1)
+                    pause = min(2 * pause, RETRY_MAX_SECONDS)
+                if job.cancelling:
+                    self.end(job, "CANCELLED", session)
+                    return
+                if self.draining():
+                    return
+
+    def _go_back(self, job: Job, session: TrainingSession) -> None:
+        """Put the job and its graph back to the job's last commit, to redo the steps since."""
+        session.roll_back()
+        with job.condition:
+            job.step = job.committed
+            job.tail = [event for event in job.tail if event.step <= job.committed]
+            if job.tail and job.tail[-1].step == job.committed:
+                job.epoch, job.loss = job.tail[-1].epoch, job.tail[-1].loss
+            if hasattr(job, "resumes"):
+                job.resumes += 1
+            job.condition.notify_all()
 
     def _train(
         self, job: Job, session: TrainingSession, executor: StepExecutor, evaluation: LocalDataset | None
@@ -166,6 +236,8 @@ class JobRunner:
                     raise failure
                 if step - job.committed >= plan.checkpoint_every and step < plan.total_steps:
                     self._commit(job, session)
+        except ExecutorLost:
+            raise
         except ChainruleError as error:
             with job.condition:
                 job.error = f"step {step + 1}: {error.message}"

@@ -1,0 +1,256 @@
+"""A job's Ray driver: a process of its own, started by the server for each run of a replicated job
+(`python -m chainrule.server.jobs.ray_driver FD`), talking to it over the socket FD.
+
+Why a process of its own: a Ray driver that loses the cluster's head exits once it has not reached
+it for a while (Ray ends the process), and the server must outlive its Ray cluster. So the server
+keeps the job and its parameters, and the driver holds only what Ray needs: the connection, the
+job's replicas (actors, each with its own compiled copy of the graph), the training set in Ray's
+object store (put there once per run) and the latest parameters (put once per step, read by every
+replica). Each step the server sends the rows of each shard and the parameters its last step
+changed; the driver has each replica compute its shard, combines their results (replicas.py) and
+sends back one loss, one set of gradients and replica 0's state updates. When the driver goes,
+Ray ends its actors with it.
+
+Messages (pickled through multiprocessing's Connection): the server sends an `Opening`, then
+("step", step, shards, updates) or ("close",); the driver answers each with ("ready",) or
+("result", loss, gradients, state_updates), or with ("lost", counts, message) when a replica or
+the cluster is gone, or ("error", kind, message, reason, subject) when the computation itself
+failed (the error a replica's graph raised).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from chainrule.server.errors import ChainruleError
+from chainrule.server.graph import Limits, build_graph
+from chainrule.server.jobs.replicas import Reduction, ShardResult, combine, compute_shard, replica_seed
+from chainrule.server.ops import Mode
+from chainrule.server.plan import Plan
+from chainrule.v1 import graph_pb2
+
+Array = np.ndarray
+PARENT_POLL_SECONDS = 1.0
+"""How often a waiting driver looks whether its server is still there."""
+CLUSTER_TIMEOUT_SECONDS = 15
+"""How long a driver's connection to the head may stay broken before Ray ends the driver (Ray's
+default is 60 s); the server then reconnects when the cluster is back."""
+
+
+@dataclass(frozen=True)
+class MappedColumn:
+    """A column of the dataset cache, mapped read-only in the driver as the server maps it."""
+
+    path: str
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Opening:
+    address: str
+    job_id: str
+    definition: bytes
+    limits: Limits
+    loss: str
+    names: tuple[str, ...]
+    reduction: Reduction
+    seed: int
+    replicas: int
+    replica_cpus: float
+    columns: dict[str, MappedColumn | Array]
+    """Input name -> its column of the training set."""
+    parameters: dict[str, Array]
+    """Every parameter and state node's value when the run starts."""
+
+
+class Replica:
+    """One replica of a job's graph, on a Ray actor: compiled from the stored definition, with the
+    job's training set from the object store and the parameters it was last sent."""
+
+    def __init__(
+        self,
+        index: int,
+        definition: bytes,
+        limits: Limits,
+        columns: dict[str, Array],
+        parameters: dict[str, Array],
+        training: tuple[str, tuple[str, ...], Reduction, int],
+    ) -> None:
+        self.index = index
+        self.graph = Plan(build_graph(graph_pb2.Graph.FromString(definition), limits))
+        self.columns = columns
+        self.parameters = dict(parameters)
+        self.loss, self.names, self.reduction, seed = training
+        self.seed = replica_seed(seed, index)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def step(self, step: int, rows: slice | Array, updates: Mapping[str, Array]) -> ShardResult | tuple | None:
+        """The shard's result (None for an empty shard), or ("error", ...) for what the graph raised."""
+        self.parameters.update(updates)
+        feeds = {name: column[rows] for name, column in self.columns.items()}
+        if not len(next(iter(feeds.values()))):
+            return None
+        mode = Mode(training=True, seed=self.seed, step=step)
+        try:
+            return compute_shard(self.graph, self.parameters, feeds, self.loss, self.names, self.reduction, mode)
+        except ChainruleError as error:
+            return ("error", type(error).__name__, error.message, error.reason, error.subject)
+
+
+class Driver:
+    def __init__(self, connection: Connection, opening: Opening) -> None:
+        import ray
+
+        self.ray = ray
+        self.connection = connection
+        self.opening = opening
+        self.parent = os.getppid()
+        self.actors: list[Any] = []
+        self.parameters_ref: Any = None
+
+    def open(self) -> tuple:
+        ray, opening = self.ray, self.opening
+        try:
+            ray.init(
+                address=opening.address,
+                logging_level="ERROR",
+                log_to_driver=False,
+                configure_logging=True,
+                namespace=f"chainrule-{opening.job_id}",
+            )
+        except Exception as error:  # noqa: BLE001 - whatever Ray raises, the cluster cannot be joined now
+            return ("lost", False, f"the Ray cluster at {opening.address} cannot be joined: {_first_line(error)}")
+        columns = {name: _mapped(column) for name, column in opening.columns.items()}
+        data = ray.put(columns)
+        del columns
+        parameters = ray.put(opening.parameters)
+        actor = ray.remote(Replica)
+        training = (opening.loss, opening.names, opening.reduction, opening.seed)
+        options: dict[str, Any] = {"num_cpus": opening.replica_cpus, "max_restarts": 0, "max_task_retries": 0}
+        if opening.replica_cpus > 0:
+            from ray.util.placement_group import placement_group
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            group = placement_group([{"CPU": opening.replica_cpus}] * opening.replicas, strategy="SPREAD")
+            if not self._wait(group.ready()):
+                return ("lost", False, "the server went away")
+            strategies = [PlacementGroupSchedulingStrategy(group, index) for index in range(opening.replicas)]
+        else:
+            strategies = [None] * opening.replicas
+        for index, strategy in enumerate(strategies):
+            placed = {**options, "scheduling_strategy": strategy} if strategy is not None else options
+            self.actors.append(
+                actor.options(**placed).remote(index, opening.definition, opening.limits, data, parameters, training)
+            )
+        return self._gather([actor.pid.remote() for actor in self.actors], lambda pids: ("ready", pids))
+
+    def step(self, step: int, shards: list[slice | Array], updates: dict[str, Array]) -> tuple:
+        ref = self.ray.put(updates)
+        refs = [actor.step.remote(step, rows, ref) for actor, rows in zip(self.actors, shards, strict=True)]
+        return self._gather(refs, self._combine)
+
+    def _combine(self, results: list[Any]) -> tuple:
+        for result in results:
+            if isinstance(result, tuple):
+                return result
+        loss, gradients, state_updates = combine([r for r in results if r is not None], self.opening.reduction)
+        return ("result", loss, gradients, state_updates)
+
+    def _wait(self, ref: Any) -> bool:
+        """Wait for `ref` while the server is there; False when it is gone."""
+        while True:
+            ready, _ = self.ray.wait([ref], timeout=PARENT_POLL_SECONDS)
+            if ready:
+                return True
+            if os.getppid() != self.parent:
+                return False
+
+    def _gather(self, refs: list[Any], answer: Any) -> tuple:
+        ray = self.ray
+        try:
+            pending = list(refs)
+            while pending:
+                _, pending = ray.wait(pending, num_returns=len(pending), timeout=PARENT_POLL_SECONDS)
+                if pending and os.getppid() != self.parent:
+                    return ("lost", False, "the server went away")
+            return answer(ray.get(refs))
+        except ray.exceptions.ActorUnavailableError as error:
+            return ("lost", False, f"a replica cannot be reached: {_first_line(error)}")
+        except ray.exceptions.RayActorError as error:
+            return ("lost", True, f"a replica died: {_first_line(error)}")
+        except ray.exceptions.RayError as error:
+            return ("lost", False, f"the Ray cluster failed: {_first_line(error)}")
+
+    def serve(self) -> None:
+        connection = self.connection
+        while True:
+            while not connection.poll(PARENT_POLL_SECONDS):
+                if os.getppid() != self.parent:
+                    return
+            message = connection.recv()
+            if message[0] == "close":
+                return
+            answer = self.step(*message[1:])
+            connection.send(answer)
+            if answer[0] == "lost":
+                return
+
+
+def _mapped(column: MappedColumn | Array) -> Array:
+    if isinstance(column, MappedColumn):
+        return np.asarray(np.memmap(column.path, np.dtype(column.dtype), "r", column.offset, column.shape))
+    return column
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _die_with_parent() -> None:
+    """Linux: end this process when the server's process ends, however it ends."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def main(argv: list[str]) -> int:
+    _die_with_parent()
+    os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", str(CLUSTER_TIMEOUT_SECONDS))
+    connection = Connection(int(argv[1]))
+    opening: Opening = connection.recv()
+    driver = Driver(connection, opening)
+    started = time.monotonic()
+    answer = driver.open()
+    connection.send(answer)
+    if answer[0] == "ready":
+        print(f"job {opening.job_id}: {opening.replicas} replicas ready in {time.monotonic() - started:.1f} s")
+        driver.serve()
+    try:
+        driver.ray.shutdown()
+    except Exception:  # noqa: BLE001 - leaving anyway; Ray ends a gone driver's actors
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    # Through the module's own name, so that Ray pickles Replica by reference, not by value.
+    from chainrule.server.jobs import ray_driver
+
+    sys.exit(ray_driver.main(sys.argv))

@@ -1,0 +1,75 @@
+"""A real Ray cluster for the tests: one head (`ray start --head --block`, 2 CPUs) in a temporary
+directory, on 127.0.0.1 only and a free port, with token authentication on, shared by the whole
+session (Ray takes seconds to start) and stopped at its end. The servers the tests start join it
+through the environment this sets (the token's file, loopback only), as a deployment's would.
+
+A test that loses the head (`RayHeadFixture.lose`) starts a new one on the same address before it
+ends, so later tests find a cluster there again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from chainrule.server.jobs.ray_cluster import LOOPBACK_ENVIRONMENT, LocalRayHead
+
+NUM_CPUS = 2
+
+
+class RayHeadFixture:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.head = LocalRayHead(directory, num_cpus=NUM_CPUS)
+        self.environment = {**LOOPBACK_ENVIRONMENT, **self.head.environment}
+
+    @property
+    def address(self) -> str:
+        return self.head.address
+
+    def start(self) -> None:
+        self.head.start()
+
+    def lose(self) -> None:
+        """The head and everything on it gone at once: SIGKILL, no chance to clean up."""
+        self.head.stop(kill=True)
+
+    def restart(self) -> None:
+        """A new head on the same address (the lost one's port)."""
+        self.head = LocalRayHead(self.directory, num_cpus=NUM_CPUS, port=self.head.port)
+        self.head.start()
+
+    def stop(self) -> None:
+        self.head.stop()
+
+    def client(self) -> Any:
+        """This process as a Ray driver of the cluster (to kill actors), until `ray.shutdown()`."""
+        import ray
+
+        saved = {name: os.environ.get(name) for name in self.environment}
+        os.environ.update(self.environment)
+        try:
+            ray.init(address=self.address, logging_level="ERROR", log_to_driver=False)
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+        return ray
+
+
+def running_ray() -> Iterator[RayHeadFixture]:
+    # A short directory: Ray's Unix sockets live under it, and their paths may not exceed 107 bytes.
+    directory = Path(tempfile.mkdtemp(prefix="cr-ray-"))
+    cluster = RayHeadFixture(directory)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(directory, ignore_errors=True)
