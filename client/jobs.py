@@ -238,7 +238,7 @@ class Job:
         info = self.info()
         show = sys.stderr.isatty() if progress is None else progress
         with tqdm(total=info.total_steps, initial=info.step, disable=not show, unit="step", dynamic_ncols=True) as bar:
-            self._follow(info.step + 1, lambda event: _show(bar, event))
+            self._follow(info.step + 1, _Progress(bar, info).show)
         info = self.info()
         if info.state == "failed" and raise_on_failure:
             raise JobFailed(info)
@@ -275,14 +275,30 @@ class Job:
         return history
 
 
-def _show(bar: tqdm, event: JobEvent) -> None:
-    if event.state is not None:
-        bar.set_description(event.state)
-        return
-    bar.update(event.step - bar.n)
-    shown = {"epoch": event.epoch, "loss": f"{event.loss:.4g}"}
-    shown.update({name: f"{value:.4g}" for name, value in event.metrics.items()})
-    bar.set_postfix(shown, refresh=False)
+class _Progress:
+    """Job.wait's bar: the state as its description; the epoch, the loss and the latest value of
+    each metric (evaluations come every few steps, and stay shown until the next) as its suffix."""
+
+    def __init__(self, bar: tqdm, info: JobInfo) -> None:
+        self.bar = bar
+        self.epoch, self.loss, self.metrics = info.epoch, info.loss, dict(info.metrics)
+        bar.set_description(info.state)
+        if info.step:
+            self._suffix()
+
+    def show(self, event: JobEvent) -> None:
+        if event.state is not None:
+            self.bar.set_description(event.state)
+            return
+        self.epoch, self.loss = event.epoch, event.loss
+        self.metrics.update(event.metrics)
+        self.bar.update(event.step - self.bar.n)
+        self._suffix()
+
+    def _suffix(self) -> None:
+        shown = {"epoch": self.epoch, "loss": f"{self.loss:.4g}"}
+        shown.update({name: f"{value:.4g}" for name, value in self.metrics.items()})
+        self.bar.set_postfix(shown, refresh=False)
 
 
 def job_spec(

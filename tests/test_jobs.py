@@ -691,3 +691,52 @@ def test_watching_an_unknown_job_or_from_a_negative_step_is_refused(client: cr.C
         list(job.watch(-1))
     assert negative.value.code == grpc.StatusCode.INVALID_ARGUMENT
     job.wait(progress=False)
+
+
+# ---------------------------------------------------------------- progress bars
+def last_bar(stderr: str) -> str:
+    """The bar as it was last drawn: tqdm redraws it in place after a carriage return."""
+    return stderr.replace("\n", "\r").rstrip("\r").rsplit("\r", 1)[-1]
+
+
+def test_wait_s_bar_shows_epoch_step_loss_the_latest_metrics_and_steps_per_second(
+    client: cr.Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The job fails at its 4th step, so its last event (step 3) carries no metrics: the bar still
+    shows those of step 2, the latest evaluation."""
+    x, y = data(24)
+    y[13] = np.nan
+    graph_id = client.create_graph(logistic_graph()).graph_id
+    dataset = client.upload_dataset("bar", {"x": x, "y": y}, progress=False)
+    job = client.create_job(
+        graph_id,
+        dataset.dataset_id,
+        loss="loss",
+        optimizer=cr.Sgd(0.3),
+        feeds={"x": "x", "y": "y"},
+        batch_size=4,
+        epochs=1,
+        shuffle=False,
+        stop_on_non_finite_loss=True,
+        evaluation=cr.Evaluation(["accuracy"], every_steps=2),
+    )
+    capsys.readouterr()
+    info = job.wait(progress=True, raise_on_failure=False)
+    bar = last_bar(capsys.readouterr().err)
+    history = job.history()
+    assert info.state == "failed" and history.steps == [1, 2, 3]
+    accuracy = dict(history.metrics["accuracy"])[2]
+    assert bar.startswith("failed: ") and " 3/6 " in bar and "step/s" in bar, bar
+    assert f"epoch=1, loss={history.losses[-1]:.4g}, accuracy={accuracy:.4g}" in bar, bar
+
+
+def test_upload_dataset_s_bar_counts_the_bytes_sent(client: cr.Client, capsys: pytest.CaptureFixture[str]) -> None:
+    from tqdm import tqdm
+
+    columns = {"x": np.zeros((3 * 2**17, 2)), "y": np.ones(3 * 2**17, np.float32)}  # 6 MiB and 1.5 MiB
+    total = sum(column.nbytes for column in columns.values())
+    capsys.readouterr()
+    client.upload_dataset("with a bar", columns, progress=True)
+    bar = last_bar(capsys.readouterr().err)
+    size = tqdm.format_sizeof(total)
+    assert bar.startswith("100%|") and f" {size}/{size} " in bar and "B/s" in bar, bar
