@@ -413,14 +413,7 @@ def _rows() -> list[OpCase]:
 
 
 ROWS = _rows()
-DISAGREEMENTS: list[tuple[Callable[[OpCase], bool], str]] = [
-    (
-        lambda row: row.id.split(":")[0] in ("conv[2d,group2]", "conv[2d,depthwise]") and ":x1=" in row.id,
-        "conv's input gradient on its stride-1 path (transposed_product) multiplies the zeros it widens g's rows "
-        "with by the weights, so a NaN or infinite weight makes x's gradient NaN at inputs that weight never "
-        "touches; PyTorch's stays finite there (widen after the product, or add only the valid columns)",
-    ),
-]
+DISAGREEMENTS: list[tuple[Callable[[OpCase], bool], str]] = []
 """Rows where another family's op still differs from PyTorch, and what its owner must change. They run and
 must still fail (strict xfail), so a fix shows up as an unexpected pass that asks to delete the entry."""
 KNOWN_DISAGREEMENTS = {row.id: why for row in ROWS for matches, why in DISAGREEMENTS if matches(row)}

@@ -1,6 +1,10 @@
 """conv, conv_transpose and the pools: VJPs against finite differences, values and VJPs against PyTorch,
 auto_pad against ONNX's reference evaluator, shape rules and refusals.
 
+A conv keeps wide channels innermost in memory and narrow ones first (conv.WIDE), with copies, products
+and col2im of their own for each; the table's few channels are all narrow, so the tests that check
+values and gradients run each row twice, once with every count taken as wide.
+
 PyTorch pads symmetrically, so asymmetric pads go through F.pad (-inf for max pools, zeros otherwise)
 and conv_transpose's through cropping its unpadded output; average pools that leave the padding out
 of the count divide a sum pool of x by a sum pool of ones. PyTorch has no dilated average pool and no
@@ -39,6 +43,7 @@ from tests.gradcheck import (
     input_node,
     make_graph,
     node,
+    run_backward,
     run_op,
 )
 from tests.op_tables.conv import CASES
@@ -46,14 +51,25 @@ from tests.op_tables.conv import CASES
 Shape = tuple[int, ...]
 
 
+LAYOUTS = {"channels-first": 1 << 62, "channels-last": 1}
+"""conv.WIDE for each layout: no channel count is wide, or every one is."""
+
+
+@pytest.fixture(params=list(LAYOUTS))
+def layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The test runs with every conv in one layout (see the module docstring)."""
+    monkeypatch.setattr(conv_module, "WIDE", LAYOUTS[request.param])
+    return str(request.param)
+
+
 # ---------------------------------------------------------------- finite differences
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
-def test_gradient_matches_finite_differences(case: OpCase) -> None:
+def test_gradient_matches_finite_differences(case: OpCase, layout: str) -> None:
     check_op(case)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
-def test_gradient_with_released_intermediates(case: OpCase) -> None:
+def test_gradient_with_released_intermediates(case: OpCase, layout: str) -> None:
     """Operands and output computed, not fed, so the plan releases what the op's `reads` leave out
     (a conv's x and w: its weight gradient reads only the im2col residual)."""
     feeds = case.feeds()
@@ -80,7 +96,7 @@ def _one_case_per_op() -> list[OpCase]:
 
 
 @pytest.mark.parametrize("case", _one_case_per_op(), ids=lambda case: case.id)
-def test_float32_stays_float32(case: OpCase) -> None:
+def test_float32_stays_float32(case: OpCase, layout: str) -> None:
     cotangent = case.cotangent()
     single = run_op(case, cotangent, dtype=np.float32)
     double = run_op(case, cotangent, dtype=np.float64)
@@ -141,6 +157,7 @@ TORCH_CASES = [
     conv_config("2d,depthwise,stride2,pads-asymmetric", (1, 4, 7, 7), (8, 1, 3, 3), group=4, strides=[2, 2],
                 pads=[0, 1, 2, 1]),
     conv_config("2d,1x1,stride2,no-bias", (2, 5, 6, 6), (3, 5, 1, 1), False, strides=[2, 2]),
+    conv_config("2d,1x1", (2, 5, 4, 3), (3, 5, 1, 1)),
     conv_config("3d,strides,pads-asymmetric,dilations", (1, 2, 5, 6, 5), (3, 2, 3, 2, 3), strides=[2, 1, 2],
                 pads=[1, 0, 1, 1, 1, 0], dilations=[1, 2, 1]),
     transpose_config("1d,stride2,pads1,output_padding1", (2, 3, 5), (3, 2, 3), strides=[2], pads=[1, 1],
@@ -238,7 +255,11 @@ def torch_reference(case: TorchCase, x: Any, w: Any = None, b: Any = None) -> An
 
 
 @pytest.mark.parametrize("case", TORCH_CASES, ids=lambda case: case.id)
-def test_values_and_gradients_match_pytorch(case: TorchCase) -> None:
+def test_values_and_gradients_match_pytorch(case: TorchCase, layout: str) -> None:
+    check_against_pytorch(case)
+
+
+def check_against_pytorch(case: TorchCase) -> None:
     args = case.args()
     tensors = [torch.tensor(arg, requires_grad=True) for arg in args]
     expected = torch_reference(case, *tensors)
@@ -257,14 +278,14 @@ def test_values_and_gradients_match_pytorch(case: TorchCase) -> None:
     "case", [c for c in TORCH_CASES if c.op in ("conv", "conv_transpose") and c.x[0] > 1], ids=lambda c: c.id
 )
 def test_im2col_built_one_sample_at_a_time_gives_the_same_values_and_gradients(
-    case: TorchCase, monkeypatch: pytest.MonkeyPatch
+    case: TorchCase, layout: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Large convolutions build their im2col matrices piece by piece and keep no residual."""
     monkeypatch.setattr(conv_module, "PIECE_BYTES", 1)
-    test_values_and_gradients_match_pytorch(case)
+    check_against_pytorch(case)
 
 
-def test_empty_batches_pass_through_every_op() -> None:
+def test_empty_batches_pass_through_every_op(layout: str) -> None:
     for case in [c for c in TORCH_CASES if c.x[0] > 1]:
         args = tuple(arg[:0] if i == 0 else arg for i, arg in enumerate(case.args()))
         result = run_op(OpCase(case.id, case.op, args, case.attrs), np.zeros((0, *case_output_shape(case)[1:])))
@@ -273,6 +294,63 @@ def test_empty_batches_pass_through_every_op() -> None:
 
 def case_output_shape(case: TorchCase) -> tuple[int, ...]:
     return OpCase(case.id, case.op, case.args(), case.attrs).output_shape()
+
+
+@pytest.mark.parametrize(("weights", "group"), [((4, 2, 3, 3), 1), ((4, 1, 3, 3), 2)], ids=["conv", "depthwise"])
+def test_a_nan_weight_reaches_only_the_inputs_it_reads(weights: Shape, group: int, layout: str) -> None:
+    """x's gradient is NaN exactly where PyTorch's is: col2im adds only what each window reads, and nothing
+    multiplies the padding's zeros by the weights."""
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal((2, 2, 6, 5)), rng.standard_normal(weights)
+    w[1, 0, 0, 2] = np.nan
+    attrs: dict[str, AttrLike] = {"pads": [1, 1, 1, 1], "group": group}
+    cotangent = rng.standard_normal((2, 4, 6, 5))
+    tensors = [torch.tensor(x, requires_grad=True), torch.tensor(w)]
+    F.conv2d(*tensors, padding=1, groups=group).backward(torch.from_numpy(cotangent))
+    assert tensors[0].grad is not None
+    expected = tensors[0].grad.numpy()
+    result = run_op(OpCase("conv[nan weight]", "conv", (x, w), attrs), cotangent)
+    np.testing.assert_array_equal(np.isfinite(result.grads["x0"]), np.isfinite(expected))
+    finite = np.isfinite(expected)
+    assert finite.any() and not finite.all()
+    np.testing.assert_allclose(result.grads["x0"][finite], expected[finite], rtol=1e-10, atol=1e-12)
+
+
+def test_a_network_mixing_wide_and_narrow_convs_matches_pytorch() -> None:
+    """Channel counts on both sides of conv.WIDE, as they come: arrays in both layouts meet in relus, pools,
+    adds, a depthwise conv, a 1x1 conv and a conv_transpose, and values and every gradient still equal
+    PyTorch's."""
+    wide = conv_module.WIDE
+    rng = np.random.default_rng(7)
+    shapes = {
+        "x": (2, 3, 9, 9), "w1": (wide, 3, 3, 3), "b1": (wide,), "w2": (wide, wide, 3, 3), "b2": (wide,),
+        "wd": (wide, 1, 3, 3), "w3": (4, wide, 1, 1), "wt": (wide, 4, 2, 2),
+    }  # fmt: skip
+    feeds = {name: rng.standard_normal(shape) for name, shape in shapes.items()}
+    nodes = [
+        *declared_inputs(feeds),
+        node("c1", "conv", "x", "w1", "b1", pads=[1, 1, 1, 1]),
+        node("r1", "relu", "c1"),
+        node("p1", "max_pool", "r1", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        node("c2", "conv", "p1", "w2", "b2", pads=[1, 1, 1, 1]),
+        node("d", "conv", "c2", "wd", group=wide, pads=[1, 1, 1, 1]),
+        node("s", "add", "d", "p1"),
+        node("c3", "conv", "s", "w3"),
+        node("t", "conv_transpose", "s", "wt", strides=[2, 2]),
+        node("a", "average_pool", "t", kernel_shape=[2, 2], strides=[2, 2]),
+        node("out", "add", "c3", "a"),
+    ]
+    tensors = {name: torch.tensor(value, requires_grad=True) for name, value in feeds.items()}
+    p1 = F.max_pool2d(F.relu(F.conv2d(tensors["x"], tensors["w1"], tensors["b1"], padding=1)), 3, 2, 1)
+    s = F.conv2d(F.conv2d(p1, tensors["w2"], tensors["b2"], padding=1), tensors["wd"], padding=1, groups=wide) + p1
+    expected = F.conv2d(s, tensors["w3"]) + F.avg_pool2d(F.conv_transpose2d(s, tensors["wt"], stride=2), 2, 2)
+    cotangent = rng.standard_normal(tuple(expected.shape))
+    expected.backward(torch.from_numpy(cotangent))
+    result = run_backward(nodes, feeds, loss="out", wrt=list(feeds), loss_grad=cotangent)
+    np.testing.assert_allclose(result.loss, expected.detach().numpy(), rtol=1e-10, atol=1e-12, err_msg="value")
+    for name, tensor in tensors.items():
+        assert tensor.grad is not None
+        np.testing.assert_allclose(result.grads[name], tensor.grad.numpy(), rtol=1e-10, atol=1e-12, err_msg=name)
 
 
 def test_the_table_covers_what_pytorch_users_compare() -> None:

@@ -1,10 +1,11 @@
 """Pooling over windows (max_pool, average_pool) and over whole spatial axes (global_*_pool).
 
 Windows come from ops/conv.py's geometry. A pool's value is a running maximum or sum over the
-kernel offsets' strided slices, holding no more than the output. max_pool's gradient copies the
-windows once into contiguous (kernel offset, window) rows, finds each window's first maximum with
-arithmetic on masks (masked writes are far slower) and goes back through col2im (one copy when
-windows do not overlap). Nothing loops over pixels.
+kernel offsets' strided slices, holding no more than the output and keeping the input's layout
+(channels innermost in memory after a wide conv, or first). Gradients go back offset by offset onto
+the positions each offset reads: max_pool's to each window's first maximum, found with arithmetic
+on masks (masked writes are far slower), average_pool's share to every element; an assignment when
+windows do not overlap. Nothing copies the windows, and nothing loops over pixels.
 
 Conventions are PyTorch's. max_pool pads with -inf and gives the gradient to the first maximal
 element of each window (the index torch's backward routes to), a NaN winning as in torch;
@@ -23,15 +24,13 @@ import numpy as np
 from chainrule.server.ops.conv import (
     Ints,
     Windows,
-    col2im,
     int_list,
+    is_channels_last,
     pad_input,
     padded_lengths,
     sliding_axes,
     spatial_rank,
-    stacked,
     unpad,
-    unstacked,
     windows_of,
 )
 from chainrule.server.ops.elementwise import as_float
@@ -136,42 +135,54 @@ def max_pool(
 
 
 def _running(combine: np.ufunc, xp: Array, geometry: Windows) -> Array:
-    """combine(...combine(slice_0, slice_1)..., slice_last) over the kernel offsets' strided slices."""
+    """combine(...combine(slice_0, slice_1)..., slice_last) over the kernel offsets' strided slices, in xp's layout."""
     offsets = list(np.ndindex(*geometry.kernel))
-    total = xp[(..., *geometry.offset(offsets[0]))].copy()
+    total = xp[(..., *geometry.offset(offsets[0]))].copy(order="K")
     for ks in offsets[1:]:
         combine(total, xp[(..., *geometry.offset(ks))], out=total)
     return total
 
 
-def first_maximum(stack: Array, best: Array) -> Array:
-    """The row of `stack` holding each column's maximum `best`: the first such row, or for a NaN the last
-    NaN, as torch's kernel decides (a later element wins when greater, or when NaN)."""
-    dtype = np.dtype(np.uint8 if len(stack) <= 256 else np.int32)
-    winner = np.zeros(best.shape, dtype=dtype)
-    unclaimed = np.ones(best.shape, dtype=bool)
-    for k in range(len(stack)):
-        hit = stack[k] == best
-        hit &= unclaimed
-        unclaimed ^= hit
-        if k:
-            winner += hit * dtype.type(k)
-    if best.dtype.kind == "f":
-        nan = np.isnan(best)
-        if nan.any():
-            for k in range(len(stack)):
-                winner[nan & np.isnan(stack[k])] = k
-    return winner
-
-
 def _max_pool_x(g: Array, ans: Array, x: Array, **attrs: object) -> Array:
-    """The output gradient routed to each window's winner, summed back where windows overlap."""
+    """The output gradient routed to each window's winner, summed back where windows overlap.
+
+    Kernel offset by kernel offset, each window's winner is its first element equal to its maximum, as
+    torch's kernel decides (a later element wins only when greater); in a window whose maximum is NaN,
+    its last NaN (a later element wins when NaN). No copy of the windows is made."""
     geometry, ends = _pool_windows("max_pool", x, **_window_attrs(attrs))
-    stack = stacked(pad_input(x, geometry, ends, lowest(x.dtype)), geometry)
-    winner = first_maximum(stack, ans.reshape(-1))
-    offsets = np.arange(len(stack), dtype=winner.dtype)[:, None]
-    routed = (winner == offsets) * g.reshape(-1)
-    dxp = col2im(unstacked(routed, geometry, x.shape[:2]), geometry, padded_lengths(geometry, ends))
+    xp = pad_input(x, geometry, ends, lowest(x.dtype))
+    dxp = np.zeros_like(xp, dtype=g.dtype)
+    offsets = list(np.ndindex(*geometry.kernel))
+    hit = np.empty_like(ans, dtype=bool)
+    routed = np.empty_like(ans, dtype=g.dtype)
+
+    def send(ks: tuple[int, ...], alone: bool) -> None:
+        """g where `hit`, onto the positions kernel offset ks reads; assigned when no other offset reaches them."""
+        target = dxp[(..., *geometry.offset(ks))]
+        if alone:
+            np.multiply(g, hit, out=target)
+        else:
+            np.multiply(g, hit, out=routed)
+            target += routed
+
+    unclaimed = np.ones_like(ans, dtype=bool)
+    nan = np.isnan(ans) if ans.dtype.kind == "f" else None
+    if nan is not None and nan.any():
+        unclaimed ^= nan
+    else:
+        nan = None
+    for index, ks in enumerate(offsets):
+        np.equal(xp[(..., *geometry.offset(ks))], ans, out=hit)
+        hit &= unclaimed
+        if index + 1 < len(offsets):
+            unclaimed ^= hit
+        send(ks, geometry.disjoint)
+    if nan is not None:
+        for ks in reversed(offsets):
+            np.isnan(xp[(..., *geometry.offset(ks))], out=hit)
+            hit &= nan
+            nan ^= hit
+            send(ks, alone=False)
     return unpad(dxp, geometry)
 
 
@@ -241,10 +252,19 @@ def average_pool(
 
 
 def _average_pool_x(g: Array, ans: Array, x: Array, **attrs: object) -> Array:
+    """Each window's share of the output gradient, added back offset by offset (assigned when windows are disjoint)."""
     geometry, ends = _pool_windows("average_pool", x, **_window_attrs(attrs))
     share = g / _counts(geometry, ends, bool(attrs.get("count_include_pad", False))).astype(g.dtype)
-    spread = np.broadcast_to(share.reshape(1, -1), (math.prod(geometry.kernel), share.size))
-    dxp = col2im(unstacked(spread, geometry, x.shape[:2]), geometry, padded_lengths(geometry, ends))
+    lengths = padded_lengths(geometry, ends)
+    dxp = np.zeros((*x.shape[:2], *lengths), dtype=share.dtype)
+    if is_channels_last(share):
+        dxp = np.moveaxis(np.zeros((x.shape[0], *lengths, x.shape[1]), dtype=share.dtype), -1, 1)
+    for ks in np.ndindex(*geometry.kernel):
+        target = dxp[(..., *geometry.offset(ks))]
+        if geometry.disjoint:
+            target[...] = share
+        else:
+            target += share
     return unpad(dxp, geometry)
 
 
