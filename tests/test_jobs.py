@@ -296,6 +296,45 @@ def test_evaluation_metrics_are_averaged_by_example_over_the_whole_set(client: c
     assert info.metrics == {name: points[-1][1] for name, points in history.metrics.items()}
 
 
+def test_evaluation_runs_in_inference_mode_where_dropout_is_the_identity(client: cr.Client) -> None:
+    """A graph that drops half its features while training: its job's steps match the engine's
+    (the same masks, keyed by seed and step), and its metrics are those of the whole features,
+    computed by numpy on the parameters of the evaluated step."""
+    x, y = data(32, seed=4)
+    graph = logistic_graph(dropout=0.5)
+    graph_id = client.create_graph(graph).graph_id
+    dataset = client.upload_dataset("dropped", {"x": x, "y": y}, progress=False)
+    seed = 77
+    job = client.create_job(
+        graph_id,
+        dataset.dataset_id,
+        loss="loss",
+        optimizer=cr.Sgd(0.4),
+        feeds={"x": "x", "y": "y"},
+        batch_size=8,
+        epochs=2,
+        seed=seed,
+        evaluation=cr.Evaluation(["accuracy", "loss"], every_steps=3),
+    )
+    assert job.wait(progress=False).state == "succeeded"
+    history = job.history()
+    rows = [indices for _, indices in expected_batches(32, 8, 2, 0, seed, True, False)]
+    reference = Reference(graph, optim.Sgd(0.4), seed=seed)
+    reference.run(lambda indices: {"x": x[indices], "y": y[indices]}, rows, 0.4)
+    undropped = Reference(logistic_graph(), optim.Sgd(0.4), seed=seed)
+    undropped.run(lambda indices: {"x": x[indices], "y": y[indices]}, rows, 0.4)
+    assert history.losses == reference.losses and history.losses != undropped.losses  # dropout trained
+    assert [step for step, _ in history.metrics["loss"]] == [3, 6, 8]
+    for step in (3, 6, 8):
+        w, b = reference.parameters[step]["w"], reference.parameters[step]["b"]
+        logits = x @ w + b
+        accuracy = np.mean((logits > 0) == (y > 0.5))
+        loss = np.mean(np.maximum(logits, 0) - logits * y + np.log1p(np.exp(-np.abs(logits))))
+        got = {name: dict(points)[step] for name, points in history.metrics.items()}
+        assert got["accuracy"] == pytest.approx(accuracy, rel=1e-12)
+        assert got["loss"] == pytest.approx(loss, rel=1e-12)
+
+
 # ---------------------------------------------------------------- cancel, failure
 def test_cancel_ends_a_queued_job_at_once_and_a_running_one_after_its_step(
     client: cr.Client, endless: Callable[..., cr.Job]
