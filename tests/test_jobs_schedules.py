@@ -21,6 +21,7 @@ from chainrule.client.jobs import Cosine, StepDecay, Warmup
 from chainrule.server.specs import Schedule
 from chainrule.v1 import graph_service_pb2 as pb
 from tests.server_process import ServerProcess
+from tests.test_jobs import data, logistic_graph
 from tests.test_service import expect_error, feeds, mlp_graph
 from tests.test_training import config, decoded, sgd
 
@@ -162,3 +163,44 @@ def test_a_jobs_steps_take_the_scheduled_rates(server: ServerProcess, schedule, 
     expected = torch_rates(scheduler, 11, 0.1)
     assert history.steps == list(range(1, 12))
     np.testing.assert_allclose(history.learning_rates, expected, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "scheduler"),
+    [
+        (StepDecay(step_size=3, gamma=0.5, warmup_steps=2), with_warmup(2, step_lr(3, 0.5))),
+        (Cosine(period_steps=8, min_learning_rate=0.05, warmup_steps=3), with_warmup(3, cosine_lr(8, 0.05))),
+        (Warmup(5), with_warmup(5, constant_lr())),
+    ],
+    ids=["step decay", "cosine", "warmup"],
+)
+def test_a_jobs_parameters_are_those_of_sgd_at_the_scheduled_rates(server: ServerProcess, schedule, scheduler) -> None:  # type: ignore[no-untyped-def]
+    """Logistic regression trained by a job against the same SGD written in numpy, each step at
+    the rate PyTorch's scheduler gives it: a job that reported one rate and applied another, or
+    applied the schedule one step off, ends with other parameters."""
+    x, y = data(40, seed=8)
+    steps, batch, base = 11, 8, 0.5
+    with cr.Client(server.address, timeout=60) as client:
+        graph_id = client.create_graph(logistic_graph()).graph_id
+        dataset = client.upload_dataset("scheduled sgd", {"x": x, "y": y}, progress=False)
+        job = client.create_job(
+            graph_id,
+            dataset.dataset_id,
+            loss="loss",
+            optimizer=cr.Sgd(base),
+            feeds={"x": "x", "y": "y"},
+            batch_size=batch,
+            max_steps=steps,
+            shuffle=False,
+            schedule=schedule,
+        )
+        assert job.wait(progress=False).state == "succeeded"
+        got = client.get_parameters(graph_id)
+    w, b = np.array([[0.1], [0.2], [-0.3]]), np.zeros(1)  # logistic_graph's initial values
+    for step, rate in enumerate(torch_rates(scheduler, steps, base)):
+        rows = slice(step % 5 * batch, step % 5 * batch + batch)
+        logits = x[rows] @ w + b
+        dlogits = (1 / (1 + np.exp(-logits)) - y[rows]) / batch  # d mean(sigmoid cross-entropy) / d logits
+        w, b = w - rate * (x[rows].T @ dlogits), b - rate * dlogits.sum(axis=0)
+    np.testing.assert_allclose(got["w"], w, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(got["b"], b, rtol=1e-12, atol=1e-15)
