@@ -18,6 +18,10 @@ convs (the first layer of an image network, LeNet's) keep channels first: im2col
 image rows into contiguous columns, the product runs per sample, and col2im puts the batch
 innermost so its adds run along an output row of samples.
 
+Depthwise convs (a group per input channel, MobileNet's) skip im2col, whose products would each
+have one column: one einsum over the strided windows view with wide channels, elementwise sums
+over the kernel offsets with narrow ones.
+
 Padding and cropping are one operation, `reframe`, a window onto the spatial axes that fills
 what lies outside the array; its adjoint is the opposite window, which is how gradients come
 back through padding. Geometry follows ONNX (pads as all begins then all ends, auto_pad),
@@ -373,8 +377,11 @@ def weight_from_rows(rows: Array, shape: Sequence[int]) -> Array:
 
 
 def pad_for_conv(x: Array, geometry: Windows, ends: Sequence[int], group: int) -> Array:
-    """The padded input of a conv, its channels innermost in memory when they are wide (see WIDE)."""
-    return pad_input(x, geometry, ends, last=wide(x.shape[1] // group))
+    """The padded input of a conv, its channels innermost in memory when they are wide (see WIDE): per
+    group, or all of them for a depthwise conv, which works channel by channel."""
+    channels = x.shape[1]
+    per_group = channels if is_depthwise(channels, group) else channels // group
+    return pad_input(x, geometry, ends, last=wide(per_group))
 
 
 def im2col(xp: Array, geometry: Windows, group: int, last: bool) -> Array:
@@ -512,6 +519,102 @@ def _accumulate(target: Array, block: Array, disjoint: bool) -> None:
         target += block
 
 
+# ---------------------------------------------------------------- depthwise convolutions
+def is_depthwise(channels: int, group: int) -> bool:
+    """Whether each group of a conv reads one input channel (MobileNet's depthwise layers)."""
+    return group > 1 and group == channels
+
+
+def _letters(geometry: Windows) -> tuple[str, str]:
+    """einsum subscripts of the spatial axes of the kernel and of the output."""
+    rank = len(geometry.kernel)
+    return "ijk"[:rank], "xyz"[:rank]
+
+
+def _windows_last(padded: Array, geometry: Windows) -> Array:
+    """windows(padded) as (N, *outs, *kernel, C): the order in which einsum runs fast on a channels-last input."""
+    rank = len(geometry.kernel)
+    kernel_axes, out_axes = range(2, 2 + rank), range(2 + rank, 2 + 2 * rank)
+    return windows(padded, geometry).transpose(0, *out_axes, *kernel_axes, 1)
+
+
+def depthwise(padded: Array, w: Array, geometry: Windows) -> Array:
+    """A depthwise conv, (N, C * multiplier, *outs): each channel's windows times that channel's weights.
+    With wide channels, one einsum over the strided windows view, channels innermost; with narrow ones,
+    for each kernel offset its strided slice of every channel times the channel's weights, summed.
+    Elementwise work over the output, where im2col and a product per group would copy kernel-size
+    times the input for one column per product."""
+    batch, channels = padded.shape[:2]
+    multiplier = w.shape[0] // channels
+    kernels = w.reshape(channels, multiplier, *geometry.kernel)
+    dtype = np.result_type(padded, w)
+    if wide(channels):
+        kernel, out = _letters(geometry)
+        view = _windows_last(padded, geometry)
+        weights = np.ascontiguousarray(np.moveaxis(kernels, (0, 1), (-2, -1)), dtype=dtype)
+        y = np.einsum(f"n{out}{kernel}c,{kernel}cm->n{out}cm", view, weights)
+        return channels_first(y.reshape(batch, *geometry.outs, channels * multiplier))
+    expand = (1,) * len(geometry.outs)
+    flat = kernels.reshape(channels, multiplier, -1)
+    y = np.empty((batch, channels, multiplier, *geometry.outs), dtype=dtype)
+    term = np.empty_like(y)
+    for index, ks in enumerate(np.ndindex(*geometry.kernel)):
+        window = padded[(slice(None), slice(None), None, *geometry.offset(ks))]
+        np.multiply(window, flat[:, :, index].reshape(channels, multiplier, *expand), out=term if index else y)
+        if index:
+            y += term
+    return y.reshape(batch, channels * multiplier, *geometry.outs)
+
+
+def depthwise_x(g: Array, w: Array, geometry: Windows, lengths: Sequence[int], channels: int) -> Array:
+    """What a depthwise conv's output gradient g (N, C * multiplier, *outs) sends back onto its padded
+    input (N, C, *lengths). With wide channels and every stride 1, a depthwise correlation of g, padded
+    by a window's extent less one, with the flipped kernels (one einsum); otherwise offset by offset,
+    g times the offset's weights summed over the multiplier, added onto the positions the offset reads.
+    The correlation multiplies the padding's zeros by the weights, so a NaN or infinite weight takes the
+    second way, which reaches only the positions the weight reads (as PyTorch's gradient does)."""
+    batch, multiplier = g.shape[0], w.shape[0] // channels
+    kernels = w.reshape(channels, multiplier, *geometry.kernel)
+    dtype = np.result_type(g, w)
+    if wide(channels) and all(stride == 1 for stride in geometry.strides) and np.isfinite(w).all():
+        reach = [extent(k, d) - 1 for k, d in zip(geometry.kernel, geometry.dilations, strict=True)]
+        spans = [out + 2 * r for out, r in zip(geometry.outs, reach, strict=True)]
+        padded = reframe(g, [-r for r in reach], spans, last=True)
+        rank = len(reach)
+        spread = Windows(tuple(spans), geometry.kernel, (1,) * rank, geometry.dilations, (0,) * rank, tuple(lengths))
+        kernel, out = _letters(geometry)
+        view = _windows_last(padded, spread).reshape(batch, *lengths, *geometry.kernel, channels, multiplier)
+        flipped = np.flip(kernels, axis=tuple(range(2, 2 + rank)))
+        weights = np.ascontiguousarray(np.moveaxis(flipped, (0, 1), (-2, -1)), dtype=dtype)
+        return channels_first(np.einsum(f"n{out}{kernel}cm,{kernel}cm->n{out}c", view, weights))
+    expand = (1,) * len(geometry.outs)
+    flat = kernels.reshape(channels, multiplier, -1)
+    grads = g.reshape(batch, channels, multiplier, *geometry.outs)
+    out = empty((batch, channels, *lengths), dtype, wide(channels))
+    out.fill(0)
+    term = np.empty_like(grads, dtype=dtype)
+    for index, ks in enumerate(np.ndindex(*geometry.kernel)):
+        np.multiply(grads, flat[:, :, index].reshape(channels, multiplier, *expand), out=term)
+        _accumulate(out[(..., *geometry.offset(ks))], term.sum(axis=2) if multiplier > 1 else term[:, :, 0],
+                    geometry.disjoint)  # fmt: skip
+    return out
+
+
+def depthwise_w(g: Array, padded: Array, geometry: Windows, shape: Sequence[int]) -> Array:
+    """A depthwise conv's weight gradient: the sum over samples and output positions of g times each
+    kernel offset's slice of the padded input (one einsum over the windows view)."""
+    batch, channels = padded.shape[:2]
+    kernel, out = _letters(geometry)
+    if wide(channels):
+        view = _windows_last(padded, geometry)
+        rows = channels_last(g).reshape(batch, *geometry.outs, channels, shape[0] // channels)
+        sums = np.einsum(f"n{out}{kernel}c,n{out}cm->{kernel}cm", view, rows)
+        return np.ascontiguousarray(np.moveaxis(sums, (-2, -1), (0, 1))).reshape(shape)
+    grads = g.reshape(batch, channels, shape[0] // channels, *geometry.outs)
+    sums = np.einsum(f"ncm{out},nc{kernel}{out}->cm{kernel}", grads, windows(padded, geometry))
+    return sums.reshape(shape)
+
+
 def with_bias(y: Array, b: Array | None, dtype: np.dtype, last: bool) -> Array:
     """y (a view in any layout) as a fresh array, its channels innermost in memory when `last`, plus the
     bias per channel."""
@@ -635,7 +738,10 @@ def conv(x: Array, w: Array, b: Array | None = None, **attrs: object) -> tuple[A
     geometry, group = setup.windows, setup.group
     dtype = np.result_type(x, w, *(() if b is None else (b,)))
     padded = pad_for_conv(x.astype(dtype, copy=False), geometry, setup.ends, group)
-    y, cols = convolve(padded, weight_rows(w.astype(dtype, copy=False), group), geometry, keep=True)
+    if is_depthwise(x.shape[1], group):
+        y, cols = depthwise(padded, w.astype(dtype, copy=False), geometry), None
+    else:
+        y, cols = convolve(padded, weight_rows(w.astype(dtype, copy=False), group), geometry, keep=True)
     if b is not None:
         add_bias(y, b, y)
     return y, cols
@@ -646,6 +752,8 @@ def _conv_x(g: Array, cols: Array | None, x: Array, w: Array, b: Array | None = 
     setup = conv_setup(x, w, b, **attrs)  # type: ignore[arg-type]
     geometry = setup.windows
     lengths = padded_lengths(geometry, setup.ends)
+    if is_depthwise(x.shape[1], setup.group):
+        return unpad(depthwise_x(g, w, geometry, lengths, x.shape[1]), geometry)
     return unpad(transposed_product(weight_rows(w, setup.group), g, geometry, lengths), geometry)
 
 
@@ -655,6 +763,8 @@ def _conv_w(g: Array, cols: Array | None, x: Array, w: Array, b: Array | None = 
         return weight_from_rows(weight_gradient(g, cols, group), w.shape)
     setup = conv_setup(x, w, b, **attrs)  # type: ignore[arg-type]
     padded = pad_for_conv(x, setup.windows, setup.ends, group)
+    if is_depthwise(x.shape[1], group):
+        return depthwise_w(g, padded, setup.windows, w.shape)
     return weight_from_rows(windowed_weight_gradient(g, padded, setup.windows, group), w.shape)
 
 

@@ -65,6 +65,7 @@ CONV_CASES = [
     ),
     conv_case("2d,group2", (1, 4, 5, 4), (4, 2, 3, 2), bias=False, group=2),
     conv_case("2d,depthwise", (2, 3, 5, 5), (6, 1, 3, 3), group=3, pads=[1, 1, 1, 1]),
+    conv_case("1d,depthwise,multiplier3,dilation2", (2, 2, 9), (6, 1, 3), False, group=2, pads=[2, 1], dilations=[2]),
     conv_case("2d,SAME_UPPER,stride2", (1, 2, 5, 6), (2, 2, 2, 3), strides=[2, 2], auto_pad="SAME_UPPER"),
     conv_case("2d,SAME_LOWER,stride2", (1, 2, 5, 6), (2, 2, 2, 3), strides=[2, 2], auto_pad="SAME_LOWER"),
     conv_case("2d,VALID", (1, 2, 5, 4), (2, 2, 3, 3), auto_pad="VALID"),
