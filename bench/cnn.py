@@ -9,13 +9,23 @@
     average pool, 1000-way linear layer. PyTorch runs the same functional graph with the same
     weights; both alternate call by call, under torch.no_grad() for PyTorch.
 
-Before timing, each checks that chainrule and PyTorch agree (the first loss; the logits).
+Before timing, each checks that chainrule and PyTorch agree (the first loss; the logits). Each first
+sets glibc's allocator as `chainrule serve` does at startup (chainrule.server.app.keep_freed_memory):
+the process-wide setting holds for PyTorch's arrays too. Besides the wall-clock medians of the table,
+the details hold each side's median CPU time (the process's, every thread's), which other work on a
+shared machine distorts far less.
+
+`python -m bench.cnn [--threads N] [--quick] [--runs K]` runs only these two rows, K times.
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import math
+import os
+import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,8 +35,11 @@ from typing import Any
 import numpy as np
 
 import chainrule.client as cr
+from bench import report
+from bench.machine import blas_threads, describe, limit_threads, load_torch
 from bench.measure import Measurement, Target, interleaved, median, scaled
 from chainrule.server import optim
+from chainrule.server.app import keep_freed_memory
 from chainrule.server.graph import build_graph
 from chainrule.server.plan import Plan
 
@@ -128,9 +141,11 @@ class TorchLenet:
 
 def measure_lenet_step(torch: ModuleType | None, steps: int) -> Measurement:
     """Median ms of one training step, chainrule's engine and PyTorch alternating step by step."""
+    keep_freed_memory()
     workload = LenetWorkload.synthetic()
     engine = EngineTrainer(lenet_graph(workload.initial), workload.initial, LEARNING_RATE)
     losses: dict[str, list[float]] = {"chainrule": [], "pytorch": []}
+    cpu: dict[str, list[float]] = {"chainrule": [], "pytorch": []}
     contenders: dict[str, Callable[[Arrays], float]] = {"chainrule": engine.step}
     if torch is not None:
         contenders["pytorch"] = TorchLenet(torch, workload).step
@@ -140,8 +155,9 @@ def measure_lenet_step(torch: ModuleType | None, steps: int) -> Measurement:
 
         def run() -> float:
             batch = next(batches)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             losses[name].append(contenders[name](batch))
+            cpu[name].append(time.process_time() - start_cpu)
             return time.perf_counter() - start
 
         return run
@@ -149,6 +165,7 @@ def measure_lenet_step(torch: ModuleType | None, steps: int) -> Measurement:
     runs = {name: timed_step(name) if name in contenders else None for name in ("chainrule", "pytorch")}
     interleaved(runs, 3)  # warm-up: schedules, BLAS threads, allocator pools
     _agree("LeNet-5 first loss", losses["chainrule"][0], losses["pytorch"][0] if losses["pytorch"] else None)
+    cpu = {name: [] for name in cpu}
     samples = interleaved(runs, steps)
     seconds = {name: median(samples.get(name)) for name in runs}
     return Measurement(
@@ -159,7 +176,11 @@ def measure_lenet_step(torch: ModuleType | None, steps: int) -> Measurement:
         baselines={"pytorch": scaled(seconds["pytorch"], 1e3)},
         ratio_baseline="pytorch",
         target=Target("<=", 1.0),
-        details={"steps": steps, "final_loss": {name: values[-1] for name, values in losses.items() if values}},
+        details={
+            "steps": steps,
+            "final_loss": {name: values[-1] for name, values in losses.items() if values},
+            "cpu_ms": _cpu_ms(cpu),
+        },
     )
 
 
@@ -275,14 +296,17 @@ def resnet_graph(parameters: Arrays, image: int) -> cr.GraphBuilder:
 
 def measure_resnet_forward(torch: ModuleType | None, batch: int, image: int, repeats: int) -> Measurement:
     """Median ms of one forward pass, chainrule's plan and PyTorch alternating call by call."""
+    keep_freed_memory()
     parameters = resnet_parameters()
     x = np.random.default_rng(1).standard_normal((batch, 3, image, image), dtype=np.float32)
     plan = Plan(build_graph(resnet_graph(parameters, image).to_proto()))
     outputs: dict[str, np.ndarray] = {}
+    cpu: dict[str, list[float]] = {"chainrule": [], "pytorch": []}
 
     def chainrule_forward() -> float:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         [outputs["chainrule"]] = plan.forward({"x": x}, parameters, ["logits"])
+        cpu["chainrule"].append(time.process_time() - start_cpu)
         return time.perf_counter() - start
 
     runs: dict[str, Callable[[], float] | None] = {"chainrule": chainrule_forward, "pytorch": None}
@@ -292,8 +316,9 @@ def measure_resnet_forward(torch: ModuleType | None, batch: int, image: int, rep
 
         def torch_forward() -> float:
             with torch.no_grad():
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 outputs["pytorch"] = resnet18(ops, weights, image_tensor).numpy()
+                cpu["pytorch"].append(time.process_time() - start_cpu)
                 return time.perf_counter() - start
 
         runs["pytorch"] = torch_forward
@@ -303,6 +328,7 @@ def measure_resnet_forward(torch: ModuleType | None, batch: int, image: int, rep
         error = float(np.abs(outputs["chainrule"] - outputs["pytorch"]).max())
         if not error <= 1e-3 * scale:
             raise AssertionError(f"ResNet-18 logits differ from PyTorch's by {error:.3g} (largest {scale:.3g})")
+    cpu = {name: [] for name in cpu}
     samples = interleaved(runs, repeats)
     seconds = {name: median(samples.get(name)) for name in runs}
     return Measurement(
@@ -313,10 +339,50 @@ def measure_resnet_forward(torch: ModuleType | None, batch: int, image: int, rep
         baselines={"pytorch": scaled(seconds["pytorch"], 1e3)},
         ratio_baseline="pytorch",
         target=Target("<=", 1.0),
-        details={"batch": batch, "image": image, "repeats": repeats},
+        details={"batch": batch, "image": image, "repeats": repeats, "cpu_ms": _cpu_ms(cpu)},
     )
 
 
 def _agree(what: str, ours: float, theirs: float | None) -> None:
     if theirs is not None and abs(ours - theirs) > 1e-4 * max(1.0, abs(theirs)):
         raise AssertionError(f"{what}: chainrule {ours}, PyTorch {theirs}")
+
+
+def _cpu_ms(cpu: dict[str, list[float]]) -> dict[str, float]:
+    """Each side's median CPU time per call, ms, and chainrule's over PyTorch's."""
+    medians = {name: statistics.median(values) * 1e3 for name, values in cpu.items() if values}
+    if "pytorch" in medians:
+        medians["ratio"] = medians["chainrule"] / medians["pytorch"]
+    return medians
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rows 8 and 9 alone, `--runs` times over, with the load average around each run."""
+    parser = argparse.ArgumentParser(prog="python -m bench.cnn", description="bench rows 8 and 9 only")
+    parser.add_argument("--threads", type=int, help="BLAS and PyTorch threads (default: numpy's BLAS default)")
+    parser.add_argument("--quick", action="store_true", help="10 LeNet-5 steps and ResNet-18 at batch 1 of 32x32")
+    parser.add_argument("--runs", type=int, default=1, help="how many times to run both rows (default 1)")
+    arguments = parser.parse_args(argv)
+    torch = load_torch()
+    if arguments.threads is not None:
+        limit_threads(arguments.threads)
+    threads = blas_threads() or arguments.threads or os.cpu_count() or 1
+    if torch is not None:
+        torch.set_num_threads(threads)
+    print(", ".join(f"{key} {value}" for key, value in describe(torch).items()), flush=True)
+    steps, batch, image, repeats = (10, 1, 32, 2) if arguments.quick else (100, 8, 224, 5)
+    for run in range(arguments.runs):
+        before = os.getloadavg()[0]
+        rows = [measure_lenet_step(torch, steps), measure_resnet_forward(torch, batch, image, repeats)]
+        print(f"\nrun {run + 1} of {arguments.runs}, load average {before:.2f} before, {os.getloadavg()[0]:.2f} after")
+        print(report.table(rows))
+        for row in rows:
+            cpu = row.details["cpu_ms"]
+            ratio = f", ratio {cpu['ratio']:.3g}" if "ratio" in cpu else ""
+            shown = ", ".join(f"{name} {value:.4g} ms" for name, value in cpu.items() if name != "ratio")
+            print(f"  CPU time, {row.title.split(' in-process')[0]}: {shown}{ratio}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
