@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from chainrule.server.errors import FailedPrecondition, NotFound, shown
 
 OptimizerState = dict[str, tuple[str, dict[str, np.ndarray]]]
 """Per parameter: the optimizer kind that wrote the state, and its named arrays."""
@@ -32,6 +34,8 @@ class StoredGraph:
     summary: dict
     created_at: float
     step: int
+    version: int = 0
+    """Bumped by every checkpoint written: what a server's live copy of the graph is checked against."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,8 @@ class Checkpoint:
     parameters: dict[str, np.ndarray]
     """Trained parameters and `state` nodes (running statistics) alike."""
     optimizer_state: OptimizerState
+    version: int = 0
+    """The graph's version when read (load_checkpoint); ignored when written."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,16 @@ class StoredJob:
     start_graph_step: int = 0
     """The graph's step when the job first started: the graph is at start_graph_step + step."""
     seq: int = 0
+    worker: str = ""
+    """The server running the job now, or that ran it last (host:port of its gRPC address)."""
+    resumes: int = 0
+    """How many times the job was taken up again after its run stopped short of its end."""
+    claim: str = ""
+    """The token of the run that holds the job now; empty while no server runs it."""
+    lease_until: float | None = None
+    """When the claim lapses unless its server renews it (seconds since the epoch, the database's clock)."""
+    cancel_requested: bool = False
+    """CancelJob asked the server running the job to stop it."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +132,71 @@ class JobEventRow:
     loss: float
     learning_rate: float
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Fence:
+    """What a checkpoint write requires, so that a server whose copy of a graph is out of date, or
+    that is no longer its trainer, cannot overwrite what others committed: the graph's trainer lease
+    free, lapsed or held by `trainer`, and the graph still at `version`."""
+
+    trainer: str
+    version: int
+
+
+@dataclass(frozen=True)
+class TrainerLease:
+    """The outcome of acquire_trainer: whether `holder` (the one asking, or the one in the way) holds the
+    graph's trainer lease, and the graph's version then."""
+
+    granted: bool
+    holder: str
+    version: int
+
+
+def job_trainer(job_id: str, claim: str) -> str:
+    """The trainer lease a job holds from its first claim until it ends. A RUNNING job keeps its graph
+    while no server runs it; the server that claims it next takes the lease over under its own
+    claim, which fences out the writes of the server that ran it before."""
+    return f"{job_trainers(job_id)}{claim}"
+
+
+def job_trainers(job_id: str) -> str:
+    """What every one of the job's trainer leases starts with."""
+    return f"job/{job_id}/"
+
+
+def stream_trainer(instance: str, process: str, worker: str) -> str:
+    """The trainer lease the Train streams of one server process share, renewed by its heartbeat:
+    `process` says where that process runs (see engine.this_process), `worker` its gRPC address."""
+    return f"streams/{instance}/{process}/{worker}"
+
+
+def stream_process(holder: str) -> str:
+    """The `process` of a stream_trainer lease; "" for any other."""
+    kind, _, rest = holder.partition("/")
+    return rest.split("/")[1] if kind == "streams" and rest.count("/") >= 2 else ""
+
+
+class TrainerBusy(Exception):
+    """Another trainer holds the graph's lease (`holder`, as job_trainer or stream_trainer name it)."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(f"the graph's trainer lease is held by {holder}")
+        self.holder = holder
+
+
+class VersionMoved(Exception):
+    """The graph's stored version is no longer the one a write was based on."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"the graph is at version {version}")
+        self.version = version
+
+
+class ClaimLost(Exception):
+    """The job's claim is no longer the writer's: another server took the job over (or it was cancelled
+    while its lease had lapsed). Nothing of the write was stored."""
 
 
 class RequestIdTaken(Exception):
@@ -130,6 +211,23 @@ class RequestIdTaken(Exception):
 class DatabaseUnusable(Exception):
     """The database `--db` names cannot be used at all (unreachable or refusing us at startup, a schema
     newer than this server knows, a driver not installed): one line saying why, for the operator."""
+
+
+def missing_dataset(dataset_id: str) -> NotFound:
+    return NotFound(f"dataset '{shown(dataset_id)}' not found", reason="DATASET_NOT_FOUND", subject=dataset_id)
+
+
+def dataset_busy(dataset_id: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"dataset '{shown(dataset_id)}' is used by a queued or running job; cancel the job or let it end, then "
+        "delete the dataset",
+        reason="DATASET_IN_USE",
+        subject=dataset_id,
+    )
+
+
+def deleted_graph(graph_id: str) -> NotFound:
+    return NotFound(f"graph '{graph_id}' was deleted", reason="GRAPH_NOT_FOUND", subject=graph_id)
 
 
 def tensor_row(array: np.ndarray) -> tuple[str, str, bytes]:
@@ -191,17 +289,87 @@ class Store(ABC):
 
     @abstractmethod
     def load_checkpoint(self, graph_id: str) -> Checkpoint | None:
-        """The graph's committed step, parameters and optimizer state, read in one transaction;
+        """The graph's committed step, parameters, optimizer state and version, read in one transaction;
         None when the graph is gone (deleted since it was looked up)."""
 
     @abstractmethod
-    def save_checkpoint(self, graph_id: str, checkpoint: Checkpoint) -> None:
-        """Replace the graph's step, parameters and optimizer state in one transaction."""
+    def save_checkpoint(self, graph_id: str, checkpoint: Checkpoint, fence: Fence | None = None) -> int:
+        """Replace the graph's step, parameters and optimizer state in one transaction, bumping its
+        version; the new version. With a `fence` that the graph no longer meets, nothing is written:
+        NotFound (GRAPH_NOT_FOUND) when it is gone, TrainerBusy or VersionMoved."""
+
+    # ------------------------------------------------------------ several servers
+    shared = False
+    """Whether other server processes may use the same database at the same time (PostgreSQL): then
+    what a server keeps in memory of a graph is a cache, checked against the stored version."""
+
+    @abstractmethod
+    def graph_version(self, graph_id: str, tenant: str) -> int | None:
+        """The graph's version (one indexed read); None when the tenant has no such graph."""
+
+    @abstractmethod
+    def acquire_trainer(
+        self, graph_id: str, trainer: str, seconds: float | None, replaces: str | None = None
+    ) -> TrainerLease | None:
+        """Make `trainer` the graph's one trainer, unless another holds the lease and it has not lapsed
+        (or is `replaces`, one known to be dead): for `seconds` from now (renewed by renew_trainers), or
+        until released when None. None when the graph is gone."""
+
+    @abstractmethod
+    def trainer_of(self, graph_id: str) -> str | None:
+        """Who holds the graph's trainer lease ("" when it is free or lapsed); None when the graph is gone."""
+
+    @abstractmethod
+    def renew_trainers(self, trainer: str, graph_ids: Sequence[str], seconds: float) -> set[str]:
+        """Extend `trainer`'s leases on these graphs by `seconds` from now; the graphs whose lease it still held."""
+
+    @abstractmethod
+    def release_trainer(self, graph_id: str, trainer: str) -> None:
+        """Free the graph's trainer lease if `trainer` holds it."""
+
+    @abstractmethod
+    def release_all_leases(self) -> None:
+        """Forget every claim on jobs and every Train stream's lease: for a server that knows it is its
+        database's only one (SQLite), at startup, when whatever held them was its own previous run.
+        Jobs' leases on their graphs stay: a job that was running holds its graph until it ends."""
 
     # ------------------------------------------------------------ jobs
     @abstractmethod
-    def insert_job(self, job: StoredJob) -> StoredJob:
-        """Store a new job; returns it with its `seq` (creation order)."""
+    def insert_job(self, job: StoredJob, datasets: Sequence[str] = ()) -> StoredJob:
+        """Store a new job; returns it with its `seq` (creation order). The `datasets` it uses must exist
+        (else NotFound, DATASET_NOT_FOUND): checked in the same transaction, so that a concurrent
+        delete_dataset either sees the job or leaves it nothing to use."""
+
+    @abstractmethod
+    def claim_job(
+        self, claim: str, worker: str, seconds: float | None, skip: Collection[str] = ()
+    ) -> StoredJob | None:
+        """Claim the job to run next, if any: the oldest of the RUNNING jobs that no server holds (their
+        claims released or lapsed), else of the QUEUED ones, whose graph's trainer lease it can take
+        (or that lost its graph); skipping what other servers are claiming at the same moment. The
+        job is held under `claim` for `seconds` (renew_claims; None: until released or the job ends),
+        `worker` names the server, a RUNNING one counts a resume, and its graph's lease is the job's
+        (job_trainer) until the job ends. Jobs on the graphs in `skip` wait (graphs trained by streams
+        the store does not know of)."""
+
+    @abstractmethod
+    def renew_claims(self, claims: Mapping[str, str], seconds: float) -> dict[str, bool]:
+        """Extend these claims (job id -> claim) by `seconds` from now; for each job whose claim still
+        holds it, whether a cancel was requested."""
+
+    @abstractmethod
+    def release_claim(self, job_id: str, claim: str) -> None:
+        """Let another server take the job up (a server stopping); nothing if `claim` no longer holds it."""
+
+    @abstractmethod
+    def cancel_job(self, job_id: str, tenant: str, ended_at: float) -> StoredJob | None:
+        """End the job CANCELLED now if no server holds it (queued, or its claim lapsed), freeing its
+        graph; else ask the server running it to (cancel_requested). The job as it is then; None when
+        the tenant has no such job."""
+
+    @abstractmethod
+    def dataset_in_use(self, dataset_id: str) -> bool:
+        """Whether a QUEUED or RUNNING job of any tenant trains on the dataset or evaluates on it."""
 
     @abstractmethod
     def get_job(self, job_id: str, tenant: str) -> StoredJob | None: ...
@@ -218,10 +386,18 @@ class Store(ABC):
 
     @abstractmethod
     def save_job(
-        self, job: StoredJob, events: tuple[JobEventRow, ...] = (), checkpoint: Checkpoint | None = None
-    ) -> None:
-        """In one transaction: the job's graph checkpoint (when given), the job's row, and its new
-        history events, so history never runs ahead of the parameters it describes."""
+        self,
+        job: StoredJob,
+        events: tuple[JobEventRow, ...] = (),
+        checkpoint: Checkpoint | None = None,
+        fence: Fence | None = None,
+        claim: str | None = None,
+    ) -> int | None:
+        """In one transaction: the job's graph checkpoint (when given, under `fence` as in save_checkpoint),
+        the job's row, and its new history events, so history never runs ahead of the parameters it
+        describes; the graph's new version when a checkpoint was written. With `claim`, ClaimLost
+        and nothing written unless that claim still holds the job. A job saved in an ended state
+        gives its graph's lease and its claim up in the same transaction."""
 
     @abstractmethod
     def job_events(self, job_id: str, from_step: int, limit: int) -> list[JobEventRow]:
@@ -252,7 +428,9 @@ class Store(ABC):
         """The tenant's datasets with seq > after_seq, oldest first."""
 
     @abstractmethod
-    def delete_dataset(self, dataset_id: str) -> bool: ...
+    def delete_dataset(self, dataset_id: str) -> bool:
+        """False when there is no such dataset; FailedPrecondition (DATASET_IN_USE), nothing deleted, while
+        a queued or running job uses it (see dataset_in_use), checked in the same transaction."""
 
     @abstractmethod
     def dataset_chunks(self, dataset_id: str) -> Iterator[tuple[int, bytes]]:

@@ -253,6 +253,35 @@ CREATE TABLE dataset_chunks (
 ALTER TABLE dataset_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
 """,
     ),
+    Migration(
+        "graph versions, trainer leases and job claims, for several servers on one database",
+        sqlite="""
+ALTER TABLE graphs ADD COLUMN version INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE graphs ADD COLUMN trainer TEXT NOT NULL DEFAULT '';
+ALTER TABLE graphs ADD COLUMN trainer_until REAL;
+ALTER TABLE jobs ADD COLUMN worker TEXT NOT NULL DEFAULT '';
+ALTER TABLE jobs ADD COLUMN resumes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN claim TEXT NOT NULL DEFAULT '';
+ALTER TABLE jobs ADD COLUMN lease_until REAL;
+ALTER TABLE jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
+UPDATE graphs SET trainer = 'job/' || (
+    SELECT job_id FROM jobs WHERE jobs.graph_id = graphs.graph_id AND jobs.state = 'RUNNING' ORDER BY seq LIMIT 1
+) || '/' WHERE EXISTS (SELECT 1 FROM jobs WHERE jobs.graph_id = graphs.graph_id AND jobs.state = 'RUNNING');
+""",
+        postgres="""
+ALTER TABLE graphs ADD COLUMN version BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE graphs ADD COLUMN trainer TEXT NOT NULL DEFAULT '';
+ALTER TABLE graphs ADD COLUMN trainer_until DOUBLE PRECISION;
+ALTER TABLE jobs ADD COLUMN worker TEXT NOT NULL DEFAULT '';
+ALTER TABLE jobs ADD COLUMN resumes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN claim TEXT NOT NULL DEFAULT '';
+ALTER TABLE jobs ADD COLUMN lease_until DOUBLE PRECISION;
+ALTER TABLE jobs ADD COLUMN cancel_requested BOOLEAN NOT NULL DEFAULT FALSE;
+UPDATE graphs SET trainer = 'job/' || (
+    SELECT job_id FROM jobs WHERE jobs.graph_id = graphs.graph_id AND jobs.state = 'RUNNING' ORDER BY seq LIMIT 1
+) || '/' WHERE EXISTS (SELECT 1 FROM jobs WHERE jobs.graph_id = graphs.graph_id AND jobs.state = 'RUNNING');
+""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 """The schema version this code reads and writes."""

@@ -26,7 +26,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -39,11 +39,14 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from chainrule.server.errors import Unavailable
 from chainrule.server.store import location
 from chainrule.server.store.base import (
+    ENDED_JOB_STATES,
     REQUEST_ID_SECONDS,
     Checkpoint,
+    ClaimLost,
     ColumnSpec,
     CreateRequest,
     DatabaseUnusable,
+    Fence,
     JobEventRow,
     OptimizerState,
     RequestIdTaken,
@@ -51,6 +54,11 @@ from chainrule.server.store.base import (
     StoredDataset,
     StoredGraph,
     StoredJob,
+    TrainerLease,
+    dataset_busy,
+    job_trainer,
+    job_trainers,
+    missing_dataset,
     tensor_from_row,
     tensor_row,
 )
@@ -59,9 +67,11 @@ from chainrule.server.store.sqlite import (
     DATASET_COLUMNS,
     GRAPH_COLUMNS,
     JOB_COLUMNS,
+    NEW_JOB_COLUMNS,
     _dataset_from_row,
     _job_from_row,
     _job_row,
+    _refuse,
 )
 
 log = logging.getLogger("chainrule.server.store")
@@ -84,6 +94,12 @@ KEEPALIVE = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3, "
 """TCP keepalives, so that a connection to a host that vanished from the network is noticed."""
 REQUEST_ID_LOCK = 0x63720002
 """The advisory lock space of CreateGraph request ids (see migrations.MIGRATION_LOCK for the first)."""
+ORDER_LOCKS = {"graphs": 0x63720003, "jobs": 0x63720004, "datasets": 0x63720005}
+"""Advisory locks that make each table's `seq` commit-ordered (see _in_commit_order)."""
+NOW = "extract(epoch FROM clock_timestamp())::double precision"
+"""Leases are timed by the database's clock, the one clock every server shares."""
+IN_USE = "SELECT 1 FROM jobs WHERE state IN ('QUEUED', 'RUNNING') AND position(%s::bytea IN spec) > 0 LIMIT 1"
+"""As sqlite.IN_USE."""
 UNREACHABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 """Errors that say the database could not be reached or the connection broke, not that it refused the statement."""
 
@@ -98,6 +114,8 @@ def graph_columns(with_order: bool) -> str:
 
 class PostgresStore(Store):
     """A pool of connections to one PostgreSQL database, migrated to the newest schema when opened."""
+
+    shared = True
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -267,10 +285,11 @@ class PostgresStore(Store):
                         "VALUES (%s, %s, %s, %s, %s)",
                         (tenant, request.request_id, graph_id, request.fingerprint, created_at),
                     )
+                seq = _in_commit_order(db, "graphs", "graph_id", graph_id)
         if earlier is not None:
             raise RequestIdTaken(*earlier)
         assert row is not None
-        return StoredGraph(row[0], graph_id, tenant, name, summary, created_at, 0)
+        return StoredGraph(seq, graph_id, tenant, name, summary, created_at, 0)
 
     def find_request(self, tenant: str, request_id: str) -> tuple[StoredGraph, str] | None:
         with self._connection("be read") as connection:
@@ -321,10 +340,10 @@ class PostgresStore(Store):
     def load_checkpoint(self, graph_id: str) -> Checkpoint | None:
         with self._transaction(f"read the checkpoint of graph '{graph_id}'", snapshot=True) as db:
             cursor = db.cursor(binary=True)
-            row = cursor.execute("SELECT step FROM graphs WHERE graph_id = %s", (graph_id,)).fetchone()
+            row = cursor.execute("SELECT step, version FROM graphs WHERE graph_id = %s", (graph_id,)).fetchone()
             if row is None:
                 return None
-            (step,) = row
+            step, version = row
             parameter_rows = cursor.execute(
                 "SELECT name, dtype, shape, data FROM parameters WHERE graph_id = %s", (graph_id,)
             ).fetchall()
@@ -336,22 +355,59 @@ class PostgresStore(Store):
         state: OptimizerState = {}
         for name, optimizer, slot, dtype, shape, data in state_rows:
             state.setdefault(name, (optimizer, {}))[1][slot] = tensor_from_row(dtype, shape, data)
-        return Checkpoint(step, parameters, state)
+        return Checkpoint(step, parameters, state, version)
 
-    def save_checkpoint(self, graph_id: str, checkpoint: Checkpoint) -> None:
+    def save_checkpoint(self, graph_id: str, checkpoint: Checkpoint, fence: Fence | None = None) -> int:
         with self._transaction(f"save a checkpoint of graph '{graph_id}'") as db:
-            _write_checkpoint(db, graph_id, checkpoint)
+            return _write_checkpoint(db, graph_id, checkpoint, fence)
+
+    # ------------------------------------------------------------ several servers
+    def graph_version(self, graph_id: str, tenant: str) -> int | None:
+        rows = self._read("SELECT version FROM graphs WHERE graph_id = %s AND tenant = %s", (graph_id, tenant))
+        return int(rows[0][0]) if rows else None
+
+    def acquire_trainer(
+        self, graph_id: str, trainer: str, seconds: float | None, replaces: str | None = None
+    ) -> TrainerLease | None:
+        with self._transaction(f"lease graph '{graph_id}' for training") as db:
+            return _take_trainer(db, graph_id, trainer, seconds, replaces)
+
+    def trainer_of(self, graph_id: str) -> str | None:
+        rows = self._read(
+            f"SELECT CASE WHEN trainer_until < {NOW} THEN '' ELSE trainer END FROM graphs WHERE graph_id = %s",
+            (graph_id,),
+        )
+        return str(rows[0][0]) if rows else None
+
+    def renew_trainers(self, trainer: str, graph_ids: Sequence[str], seconds: float) -> set[str]:
+        with self._transaction("renew trainer leases") as db:
+            rows = db.execute(
+                f"UPDATE graphs SET trainer_until = {NOW} + %s::double precision "
+                "WHERE graph_id = ANY(%s) AND trainer = %s RETURNING graph_id",
+                (seconds, list(graph_ids), trainer),
+            ).fetchall()
+        return {graph_id for (graph_id,) in rows}
+
+    def release_trainer(self, graph_id: str, trainer: str) -> None:
+        with self._transaction(f"release the trainer lease of graph '{graph_id}'") as db:
+            _release_trainer(db, graph_id, trainer)
+
+    def release_all_leases(self) -> None:
+        raise NotImplementedError("other servers may hold leases on a PostgreSQL database: they lapse instead")
 
     # ------------------------------------------------------------ jobs
-    def insert_job(self, job: StoredJob) -> StoredJob:
-        columns = JOB_COLUMNS.removesuffix(", seq")
+    def insert_job(self, job: StoredJob, datasets: Sequence[str] = ()) -> StoredJob:
+        placeholders = ", ".join(["%s"] * len(NEW_JOB_COLUMNS.split(", ")))
         with self._transaction(f"store job '{job.job_id}'") as db:
-            row = db.execute(
-                f"INSERT INTO jobs ({columns}) VALUES ({', '.join(['%s'] * len(columns.split(', ')))}) RETURNING seq",
-                _job_row(job),
-            ).fetchone()
-        assert row is not None
-        return replace(job, seq=row[0])
+            for dataset_id in datasets:  # a delete_dataset waits for this lock, then finds the job
+                found = db.execute(
+                    "SELECT 1 FROM datasets WHERE dataset_id = %s FOR KEY SHARE", (dataset_id,)
+                ).fetchone()
+                if found is None:
+                    raise missing_dataset(dataset_id)
+            db.execute(f"INSERT INTO jobs ({NEW_JOB_COLUMNS}) VALUES ({placeholders})", _job_row(job))
+            seq = _in_commit_order(db, "jobs", "job_id", job.job_id)
+        return replace(job, seq=seq)
 
     def get_job(self, job_id: str, tenant: str) -> StoredJob | None:
         rows = self._read(f"SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = %s AND tenant = %s", (job_id, tenant))
@@ -378,14 +434,24 @@ class PostgresStore(Store):
         return [_job_from_row(row) for row in rows]
 
     def save_job(
-        self, job: StoredJob, events: tuple[JobEventRow, ...] = (), checkpoint: Checkpoint | None = None
-    ) -> None:
+        self,
+        job: StoredJob,
+        events: tuple[JobEventRow, ...] = (),
+        checkpoint: Checkpoint | None = None,
+        fence: Fence | None = None,
+        claim: str | None = None,
+    ) -> int | None:
+        version = None
         with self._transaction(f"save job '{job.job_id}' at step {job.step}") as db:
             if checkpoint is not None:
-                _write_checkpoint(db, job.graph_id, checkpoint)
-            db.execute(
+                version = _write_checkpoint(db, job.graph_id, checkpoint, fence)
+            ended = job.state in ENDED_JOB_STATES
+            cursor = db.execute(
                 "UPDATE jobs SET state = %s, step = %s, epoch = %s, loss = %s, metrics = %s, error = %s, "
-                "started_at = %s, ended_at = %s, start_graph_step = %s WHERE job_id = %s",
+                "started_at = %s, ended_at = %s, start_graph_step = %s, resumes = %s, "
+                "claim = CASE WHEN %s THEN '' ELSE claim END, "
+                "lease_until = CASE WHEN %s THEN NULL ELSE lease_until END "
+                "WHERE job_id = %s AND (%s::text IS NULL OR claim = %s)",
                 (
                     job.state,
                     job.step,
@@ -396,9 +462,18 @@ class PostgresStore(Store):
                     job.started_at,
                     job.ended_at,
                     job.start_graph_step,
+                    job.resumes,
+                    ended,
+                    ended,
                     job.job_id,
+                    claim,
+                    claim,
                 ),
             )
+            if claim is not None and cursor.rowcount == 0:
+                raise ClaimLost(f"job '{job.job_id}' is no longer held by this server's claim")
+            if ended:
+                _release_job_trainer(db, job.graph_id, job.job_id)
             db.cursor().executemany(
                 "INSERT INTO job_events (job_id, step, epoch, loss, learning_rate, metrics) "
                 "VALUES (%s, %s, %s, %s, %s, %s)",
@@ -407,6 +482,92 @@ class PostgresStore(Store):
                     for e in events
                 ],
             )
+        return version
+
+    def claim_job(
+        self, claim: str, worker: str, seconds: float | None, skip: Collection[str] = ()
+    ) -> StoredJob | None:
+        """FOR UPDATE SKIP LOCKED: servers claiming at the same moment each pass over the jobs the others
+        are looking at, instead of waiting for them."""
+        candidates = self._read(
+            "SELECT job_id, graph_id FROM jobs WHERE state IN ('QUEUED', 'RUNNING') "
+            f"AND (claim = '' OR lease_until < {NOW}) ORDER BY state = 'QUEUED', seq",
+            (),
+        )
+        candidates = [(job_id, graph_id) for job_id, graph_id in candidates if graph_id not in skip]
+        if not candidates:
+            return None
+        with self._transaction("claim a job") as db:
+            for job_id, graph_id in candidates:
+                still = db.execute(
+                    "SELECT 1 FROM jobs WHERE job_id = %s AND state IN ('QUEUED', 'RUNNING') "
+                    f"AND (claim = '' OR lease_until < {NOW}) FOR UPDATE SKIP LOCKED",
+                    (job_id,),
+                ).fetchone()
+                trainer = job_trainer(job_id, claim)
+                lease = None if still is None else _take_trainer(db, graph_id, trainer, None, job_trainers(job_id))
+                if still is None or (lease is not None and not lease.granted):
+                    continue
+                row = (
+                    db.cursor(binary=True)
+                    .execute(
+                        f"UPDATE jobs SET claim = %s, worker = %s, lease_until = {NOW} + %s::double precision, "
+                        "resumes = resumes + CASE WHEN state = 'RUNNING' THEN 1 ELSE 0 END "
+                        f"WHERE job_id = %s RETURNING {JOB_COLUMNS}",
+                        (claim, worker, seconds, job_id),
+                    )
+                    .fetchone()
+                )
+                assert row is not None
+                return _job_from_row(row)
+        return None
+
+    def renew_claims(self, claims: Mapping[str, str], seconds: float) -> dict[str, bool]:
+        if not claims:
+            return {}
+        with self._transaction("renew job claims") as db:
+            rows = db.execute(
+                f"UPDATE jobs SET lease_until = {NOW} + %s::double precision "
+                "FROM unnest(%s::text[], %s::text[]) AS held(job_id, claim) "
+                "WHERE jobs.job_id = held.job_id AND jobs.claim = held.claim "
+                "RETURNING jobs.job_id, jobs.cancel_requested",
+                (seconds, list(claims), list(claims.values())),
+            ).fetchall()
+        return {job_id: bool(cancel) for job_id, cancel in rows}
+
+    def release_claim(self, job_id: str, claim: str) -> None:
+        with self._transaction(f"release job '{job_id}'") as db:
+            db.execute(
+                "UPDATE jobs SET claim = '', lease_until = NULL WHERE job_id = %s AND claim = %s", (job_id, claim)
+            )
+
+    def cancel_job(self, job_id: str, tenant: str, ended_at: float) -> StoredJob | None:
+        with self._transaction(f"cancel job '{job_id}'") as db:
+            found = (
+                db.cursor(binary=True)
+                .execute(
+                    f"SELECT {JOB_COLUMNS}, {NOW} FROM jobs WHERE job_id = %s AND tenant = %s FOR UPDATE",
+                    (job_id, tenant),
+                )
+                .fetchone()
+            )
+            if found is None:
+                return None
+            job, now = _job_from_row(found[:-1]), found[-1]
+            if job.state in ENDED_JOB_STATES:
+                return job
+            if job.claim and (job.lease_until is None or job.lease_until >= now):
+                db.execute("UPDATE jobs SET cancel_requested = TRUE WHERE job_id = %s", (job_id,))
+                return replace(job, cancel_requested=True)
+            db.execute(
+                "UPDATE jobs SET state = 'CANCELLED', ended_at = %s, claim = '', lease_until = NULL WHERE job_id = %s",
+                (ended_at, job_id),
+            )
+            _release_job_trainer(db, job.graph_id, job_id)
+            return replace(job, state="CANCELLED", ended_at=ended_at, claim="", lease_until=None)
+
+    def dataset_in_use(self, dataset_id: str) -> bool:
+        return bool(self._read(IN_USE, (dataset_id.encode(),)))
 
     def job_events(self, job_id: str, from_step: int, limit: int) -> list[JobEventRow]:
         rows = self._read(
@@ -446,13 +607,13 @@ class PostgresStore(Store):
                 numbered(),
             )
             digest, created_at = sha256(), time.time()
-            row = db.execute(
+            db.execute(
                 f"INSERT INTO datasets ({DATASET_COLUMNS.removeprefix('seq, ')}) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING seq",
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
                 (dataset_id, tenant, name, layout, num_examples, size_bytes, digest, created_at),
-            ).fetchone()
-        assert row is not None
-        return StoredDataset(row[0], dataset_id, tenant, name, columns, num_examples, size_bytes, digest, created_at)
+            )
+            seq = _in_commit_order(db, "datasets", "dataset_id", dataset_id)
+        return StoredDataset(seq, dataset_id, tenant, name, columns, num_examples, size_bytes, digest, created_at)
 
     def get_dataset(self, dataset_id: str, tenant: str) -> StoredDataset | None:
         rows = self._read(
@@ -468,7 +629,13 @@ class PostgresStore(Store):
         return [_dataset_from_row(row) for row in rows]
 
     def delete_dataset(self, dataset_id: str) -> bool:
+        """The dataset's row is locked before the jobs are looked at: an insert_job that holds its KEY SHARE
+        lock commits first (and its job is seen), or finds the dataset gone."""
         with self._transaction(f"delete dataset '{dataset_id}'") as db:
+            if db.execute("SELECT 1 FROM datasets WHERE dataset_id = %s FOR UPDATE", (dataset_id,)).fetchone() is None:
+                return False
+            if db.execute(IN_USE, (dataset_id.encode(),)).fetchone() is not None:
+                raise dataset_busy(dataset_id)
             return db.execute("DELETE FROM datasets WHERE dataset_id = %s", (dataset_id,)).rowcount > 0
 
     def dataset_chunks(self, dataset_id: str) -> Iterator[tuple[int, bytes]]:
@@ -492,14 +659,70 @@ class PostgresStore(Store):
 
 
 def _graph_from_row(row: tuple) -> StoredGraph:
-    seq, graph_id, tenant, name, summary, created_at, step = row
-    return StoredGraph(seq, graph_id, tenant, name, summary, created_at, step)
+    seq, graph_id, tenant, name, summary, created_at, step, version = row
+    return StoredGraph(seq, graph_id, tenant, name, summary, created_at, step, version)
 
 
-def _write_checkpoint(db: psycopg.Connection[Any], graph_id: str, checkpoint: Checkpoint) -> None:
-    """The graph's step, parameters and optimizer state, within the caller's transaction. The graph's
-    row is written first: its lock makes concurrent checkpoints of one graph take turns."""
-    db.execute("UPDATE graphs SET step = %s WHERE graph_id = %s", (checkpoint.step, graph_id))
+def _in_commit_order(db: psycopg.Connection[Any], table: str, key_column: str, key: str) -> int:
+    """Give the row just inserted a new `seq` at the end of its transaction, under a lock held until the
+    commit: so seq values become visible in increasing order. Identity values are drawn when rows are
+    inserted, and transactions that insert at the same time commit in any order, so a listing paged
+    by seq could otherwise pass a value whose row commits a moment later, and never show it."""
+    db.execute("SELECT pg_advisory_xact_lock(%s::bigint)", (ORDER_LOCKS[table],))
+    row = db.execute(f"UPDATE {table} SET seq = DEFAULT WHERE {key_column} = %s RETURNING seq", (key,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _take_trainer(
+    db: psycopg.Connection[Any], graph_id: str, trainer: str, seconds: float | None, replaces: str | None = None
+) -> TrainerLease | None:
+    """As sqlite._take_trainer."""
+    row = db.execute(
+        f"UPDATE graphs SET trainer = %s, trainer_until = {NOW} + %s::double precision WHERE graph_id = %s "
+        f"AND (trainer IN ('', %s) OR trainer_until < {NOW} OR starts_with(trainer, %s)) RETURNING version",
+        (trainer, seconds, graph_id, trainer, replaces),
+    ).fetchone()
+    if row is not None:
+        return TrainerLease(True, trainer, row[0])
+    found = db.execute("SELECT trainer, version FROM graphs WHERE graph_id = %s", (graph_id,)).fetchone()
+    return None if found is None else TrainerLease(False, *found)
+
+
+def _release_trainer(db: psycopg.Connection[Any], graph_id: str, trainer: str) -> None:
+    db.execute(
+        "UPDATE graphs SET trainer = '', trainer_until = NULL WHERE graph_id = %s AND trainer = %s", (graph_id, trainer)
+    )
+
+
+def _release_job_trainer(db: psycopg.Connection[Any], graph_id: str, job_id: str) -> None:
+    """As sqlite._release_job_trainer."""
+    db.execute(
+        "UPDATE graphs SET trainer = '', trainer_until = NULL WHERE graph_id = %s AND starts_with(trainer, %s)",
+        (graph_id, job_trainers(job_id)),
+    )
+
+
+def _write_checkpoint(db: psycopg.Connection[Any], graph_id: str, checkpoint: Checkpoint, fence: Fence | None) -> int:
+    """The graph's step, parameters and optimizer state, within the caller's transaction; its new version.
+    The graph's row is written first: its lock makes concurrent checkpoints of one graph take turns.
+    Without a fence, a deleted graph's parameters fail their foreign key."""
+    if fence is None:
+        row = db.execute(
+            "UPDATE graphs SET step = %s, version = version + 1 WHERE graph_id = %s RETURNING version",
+            (checkpoint.step, graph_id),
+        ).fetchone()
+    else:
+        row = db.execute(
+            "UPDATE graphs SET step = %s, version = version + 1 WHERE graph_id = %s AND version = %s "
+            f"AND (trainer IN ('', %s) OR trainer_until < {NOW}) RETURNING version",
+            (checkpoint.step, graph_id, fence.version, fence.trainer),
+        ).fetchone()
+        if row is None:
+            found = db.execute(
+                f"SELECT version, trainer, trainer_until, {NOW} FROM graphs WHERE graph_id = %s", (graph_id,)
+            ).fetchone()
+            _refuse(graph_id, fence, None if found is None else found[:3], 0.0 if found is None else found[3])
     cursor = db.cursor()
     cursor.executemany(
         "INSERT INTO parameters (graph_id, name, dtype, shape, data) VALUES (%s, %s, %s, %s, %s) "
@@ -517,3 +740,4 @@ def _write_checkpoint(db: psycopg.Connection[Any], graph_id: str, checkpoint: Ch
             for slot, array in arrays.items()
         ],
     )
+    return 0 if row is None else int(row[0])

@@ -10,18 +10,22 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from typing import NoReturn
 
 import numpy as np
 
 from chainrule.server.errors import Unavailable
 from chainrule.server.store.base import (
+    ENDED_JOB_STATES,
     REQUEST_ID_SECONDS,
     Checkpoint,
+    ClaimLost,
     ColumnSpec,
     CreateRequest,
+    Fence,
     JobEventRow,
     OptimizerState,
     RequestIdTaken,
@@ -29,17 +33,31 @@ from chainrule.server.store.base import (
     StoredDataset,
     StoredGraph,
     StoredJob,
+    TrainerBusy,
+    TrainerLease,
+    VersionMoved,
+    dataset_busy,
+    deleted_graph,
+    job_trainer,
+    job_trainers,
+    missing_dataset,
     tensor_from_row,
     tensor_row,
 )
 from chainrule.server.store.migrations import migrate_sqlite
 
-GRAPH_COLUMNS = "seq, graph_id, tenant, name, summary, created_at, step"
-JOB_COLUMNS = (
+GRAPH_COLUMNS = "seq, graph_id, tenant, name, summary, created_at, step, version"
+NEW_JOB_COLUMNS = (
     "job_id, tenant, graph_id, spec, state, total_steps, created_at, step, epoch, loss, metrics, error, "
-    "started_at, ended_at, start_graph_step, seq"
+    "started_at, ended_at, start_graph_step"
 )
+"""What insert_job writes."""
+JOB_COLUMNS = f"{NEW_JOB_COLUMNS}, seq, worker, resumes, claim, lease_until, cancel_requested"
 DATASET_COLUMNS = "seq, dataset_id, tenant, name, columns, num_examples, size_bytes, sha256, created_at"
+IN_USE = "SELECT 1 FROM jobs WHERE state IN ('QUEUED', 'RUNNING') AND instr(spec, ?) > 0 LIMIT 1"
+"""Whether an unfinished job uses a dataset: its id (the parameter, as bytes) appears in the job's serialized
+spec, where JobSpec.dataset_id and Evaluation.dataset_id hold it. Ids are random 32-digit hex strings, so
+nothing else in a spec holds one by chance; the jobs not ended are few, so the scan is short."""
 log = logging.getLogger("chainrule.server.store")
 AUTOCHECKPOINT_PAGES = 1000
 """SQLite's default: a commit that leaves the WAL longer than this checkpoints it."""
@@ -210,8 +228,8 @@ class SqliteStore(Store):
 
     @staticmethod
     def _graph_from_row(row: tuple) -> StoredGraph:
-        seq, graph_id, tenant, name, summary, created_at, step = row
-        return StoredGraph(seq, graph_id, tenant, name, json.loads(summary), created_at, step)
+        seq, graph_id, tenant, name, summary, created_at, step, version = row
+        return StoredGraph(seq, graph_id, tenant, name, json.loads(summary), created_at, step, version)
 
     def definition(self, graph_id: str) -> bytes | None:
         rows = self._read("SELECT definition FROM graphs WHERE graph_id = ?", (graph_id,))
@@ -229,10 +247,12 @@ class SqliteStore(Store):
             try:
                 self._db.execute("BEGIN")
                 try:
-                    row = self._db.execute("SELECT step FROM graphs WHERE graph_id = ?", (graph_id,)).fetchone()
+                    row = self._db.execute(
+                        "SELECT step, version FROM graphs WHERE graph_id = ?", (graph_id,)
+                    ).fetchone()
                     if row is None:
                         return None
-                    (step,) = row
+                    step, version = row
                     parameter_rows = self._db.execute(
                         "SELECT name, dtype, shape, data FROM parameters WHERE graph_id = ?", (graph_id,)
                     ).fetchall()
@@ -248,19 +268,59 @@ class SqliteStore(Store):
         state: OptimizerState = {}
         for name, optimizer, slot, dtype, shape, data in state_rows:
             state.setdefault(name, (optimizer, {}))[1][slot] = tensor_from_row(dtype, shape, data)
-        return Checkpoint(step, parameters, state)
+        return Checkpoint(step, parameters, state, version)
 
-    def save_checkpoint(self, graph_id: str, checkpoint: Checkpoint) -> None:
-        """Replace the graph's step, parameters and optimizer state in one transaction."""
+    def save_checkpoint(self, graph_id: str, checkpoint: Checkpoint, fence: Fence | None = None) -> int:
         with self._transaction(f"save a checkpoint of graph '{graph_id}'") as db:
-            _write_checkpoint(db, graph_id, checkpoint)
+            return _write_checkpoint(db, graph_id, checkpoint, fence)
+
+    # ------------------------------------------------------------ several servers
+    def graph_version(self, graph_id: str, tenant: str) -> int | None:
+        rows = self._read("SELECT version FROM graphs WHERE graph_id = ? AND tenant = ?", (graph_id, tenant))
+        return int(rows[0][0]) if rows else None
+
+    def acquire_trainer(
+        self, graph_id: str, trainer: str, seconds: float | None, replaces: str | None = None
+    ) -> TrainerLease | None:
+        with self._transaction(f"lease graph '{graph_id}' for training") as db:
+            return _take_trainer(db, graph_id, trainer, seconds, time.time(), replaces)
+
+    def trainer_of(self, graph_id: str) -> str | None:
+        rows = self._read("SELECT trainer, trainer_until FROM graphs WHERE graph_id = ?", (graph_id,))
+        if not rows:
+            return None
+        trainer, until = rows[0]
+        return "" if until is not None and until < time.time() else str(trainer)
+
+    def renew_trainers(self, trainer: str, graph_ids: Sequence[str], seconds: float) -> set[str]:
+        renewed = set()
+        with self._transaction("renew trainer leases") as db:
+            until = time.time() + seconds
+            for graph_id in graph_ids:
+                cursor = db.execute(
+                    "UPDATE graphs SET trainer_until = ? WHERE graph_id = ? AND trainer = ?", (until, graph_id, trainer)
+                )
+                if cursor.rowcount:
+                    renewed.add(graph_id)
+        return renewed
+
+    def release_trainer(self, graph_id: str, trainer: str) -> None:
+        with self._transaction(f"release the trainer lease of graph '{graph_id}'") as db:
+            _release_trainer(db, graph_id, trainer)
+
+    def release_all_leases(self) -> None:
+        with self._transaction("release the leases of a previous run") as db:
+            db.execute("UPDATE jobs SET claim = '', lease_until = NULL WHERE claim != ''")
+            db.execute("UPDATE graphs SET trainer = '', trainer_until = NULL WHERE trainer_until IS NOT NULL")
 
     # ------------------------------------------------------------ jobs
-    def insert_job(self, job: StoredJob) -> StoredJob:
-        columns = JOB_COLUMNS.removesuffix(", seq")
+    def insert_job(self, job: StoredJob, datasets: Sequence[str] = ()) -> StoredJob:
         with self._transaction(f"store job '{job.job_id}'") as db:
+            for dataset_id in datasets:
+                if db.execute("SELECT 1 FROM datasets WHERE dataset_id = ?", (dataset_id,)).fetchone() is None:
+                    raise missing_dataset(dataset_id)
             cursor = db.execute(
-                f"INSERT INTO jobs ({columns}) VALUES ({', '.join('?' * len(columns.split(', ')))})",
+                f"INSERT INTO jobs ({NEW_JOB_COLUMNS}) VALUES ({', '.join('?' * len(NEW_JOB_COLUMNS.split(', ')))})",
                 _job_row(job),
             )
         assert cursor.lastrowid is not None
@@ -291,14 +351,23 @@ class SqliteStore(Store):
         return [_job_from_row(row) for row in rows]
 
     def save_job(
-        self, job: StoredJob, events: tuple[JobEventRow, ...] = (), checkpoint: Checkpoint | None = None
-    ) -> None:
+        self,
+        job: StoredJob,
+        events: tuple[JobEventRow, ...] = (),
+        checkpoint: Checkpoint | None = None,
+        fence: Fence | None = None,
+        claim: str | None = None,
+    ) -> int | None:
+        version = None
         with self._transaction(f"save job '{job.job_id}' at step {job.step}") as db:
             if checkpoint is not None:
-                _write_checkpoint(db, job.graph_id, checkpoint)
-            db.execute(
+                version = _write_checkpoint(db, job.graph_id, checkpoint, fence)
+            ended = job.state in ENDED_JOB_STATES
+            cursor = db.execute(
                 "UPDATE jobs SET state = ?, step = ?, epoch = ?, loss = ?, metrics = ?, error = ?, started_at = ?, "
-                "ended_at = ?, start_graph_step = ? WHERE job_id = ?",
+                "ended_at = ?, start_graph_step = ?, resumes = ?, "
+                "claim = CASE WHEN ? THEN '' ELSE claim END, lease_until = CASE WHEN ? THEN NULL ELSE lease_until END "
+                "WHERE job_id = ? AND (? IS NULL OR claim = ?)",
                 (
                     job.state,
                     job.step,
@@ -309,9 +378,18 @@ class SqliteStore(Store):
                     job.started_at,
                     job.ended_at,
                     job.start_graph_step,
+                    job.resumes,
+                    ended,
+                    ended,
                     job.job_id,
+                    claim,
+                    claim,
                 ),
             )
+            if claim is not None and cursor.rowcount == 0:
+                raise ClaimLost(f"job '{job.job_id}' is no longer held by this server's claim")
+            if ended:
+                _release_job_trainer(db, job.graph_id, job.job_id)
             db.executemany(
                 "INSERT INTO job_events (job_id, step, epoch, loss, learning_rate, metrics) VALUES (?, ?, ?, ?, ?, ?)",
                 [
@@ -319,6 +397,80 @@ class SqliteStore(Store):
                     for e in events
                 ],
             )
+        return version
+
+    def claim_job(
+        self, claim: str, worker: str, seconds: float | None, skip: Collection[str] = ()
+    ) -> StoredJob | None:
+        """Candidates are read first, outside a write transaction, so that idle servers looking at an
+        empty queue every second take no write lock."""
+        candidates = self._read(
+            "SELECT job_id, graph_id FROM jobs WHERE state IN ('QUEUED', 'RUNNING') "
+            "AND (claim = '' OR lease_until < ?) ORDER BY state = 'QUEUED', seq",
+            (time.time(),),
+        )
+        candidates = [(job_id, graph_id) for job_id, graph_id in candidates if graph_id not in skip]
+        if not candidates:
+            return None
+        with self._transaction("claim a job") as db:
+            now = time.time()
+            for job_id, graph_id in candidates:
+                still = db.execute(
+                    "SELECT 1 FROM jobs WHERE job_id = ? AND state IN ('QUEUED', 'RUNNING') "
+                    "AND (claim = '' OR lease_until < ?)",
+                    (job_id, now),
+                ).fetchone()
+                trainer = job_trainer(job_id, claim)
+                lease = None if still is None else _take_trainer(db, graph_id, trainer, None, now, job_trainers(job_id))
+                if still is None or (lease is not None and not lease.granted):
+                    continue
+                db.execute(
+                    "UPDATE jobs SET claim = ?, worker = ?, lease_until = ?, resumes = resumes + (state = 'RUNNING') "
+                    "WHERE job_id = ?",
+                    (claim, worker, None if seconds is None else now + seconds, job_id),
+                )
+                row = db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+                return _job_from_row(row)
+        return None
+
+    def renew_claims(self, claims: Mapping[str, str], seconds: float) -> dict[str, bool]:
+        held = {}
+        with self._transaction("renew job claims") as db:
+            until = time.time() + seconds
+            for job_id, claim in claims.items():
+                row = db.execute(
+                    "UPDATE jobs SET lease_until = ? WHERE job_id = ? AND claim = ? RETURNING cancel_requested",
+                    (until, job_id, claim),
+                ).fetchall()
+                if row:
+                    held[job_id] = bool(row[0][0])
+        return held
+
+    def release_claim(self, job_id: str, claim: str) -> None:
+        with self._transaction(f"release job '{job_id}'") as db:
+            db.execute("UPDATE jobs SET claim = '', lease_until = NULL WHERE job_id = ? AND claim = ?", (job_id, claim))
+
+    def cancel_job(self, job_id: str, tenant: str, ended_at: float) -> StoredJob | None:
+        with self._transaction(f"cancel job '{job_id}'") as db:
+            row = db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = ? AND tenant = ?", (job_id, tenant))
+            found = row.fetchone()
+            if found is None:
+                return None
+            job = _job_from_row(found)
+            if job.state in ENDED_JOB_STATES:
+                return job
+            if job.claim and (job.lease_until is None or job.lease_until >= time.time()):
+                db.execute("UPDATE jobs SET cancel_requested = 1 WHERE job_id = ?", (job_id,))
+                return replace(job, cancel_requested=True)
+            db.execute(
+                "UPDATE jobs SET state = 'CANCELLED', ended_at = ?, claim = '', lease_until = NULL WHERE job_id = ?",
+                (ended_at, job_id),
+            )
+            _release_job_trainer(db, job.graph_id, job_id)
+            return replace(job, state="CANCELLED", ended_at=ended_at, claim="", lease_until=None)
+
+    def dataset_in_use(self, dataset_id: str) -> bool:
+        return bool(self._read(IN_USE, (dataset_id.encode(),)))
 
     def job_events(self, job_id: str, from_step: int, limit: int) -> list[JobEventRow]:
         rows = self._read(
@@ -382,6 +534,8 @@ class SqliteStore(Store):
 
     def delete_dataset(self, dataset_id: str) -> bool:
         with self._checkpoint_after(), self._transaction(f"delete dataset '{dataset_id}'") as db:
+            if db.execute(IN_USE, (dataset_id.encode(),)).fetchone() is not None:
+                raise dataset_busy(dataset_id)
             return db.execute("DELETE FROM datasets WHERE dataset_id = ?", (dataset_id,)).rowcount > 0
 
     def dataset_chunks(self, dataset_id: str) -> Iterator[tuple[int, bytes]]:
@@ -480,9 +634,25 @@ def _identity(path: str) -> tuple[int, int] | None:
     return status.st_dev, status.st_ino
 
 
-def _write_checkpoint(db: sqlite3.Connection, graph_id: str, checkpoint: Checkpoint) -> None:
-    """The graph's step, parameters and optimizer state, within the caller's transaction."""
-    db.execute("UPDATE graphs SET step = ? WHERE graph_id = ?", (checkpoint.step, graph_id))
+def _write_checkpoint(db: sqlite3.Connection, graph_id: str, checkpoint: Checkpoint, fence: Fence | None) -> int:
+    """The graph's step, parameters and optimizer state, within the caller's transaction; its new version.
+    Without a fence, a deleted graph's parameters fail their foreign key."""
+    if fence is None:
+        rows = db.execute(
+            "UPDATE graphs SET step = ?, version = version + 1 WHERE graph_id = ? RETURNING version",
+            (checkpoint.step, graph_id),
+        ).fetchall()
+    else:
+        rows = db.execute(
+            "UPDATE graphs SET step = ?, version = version + 1 WHERE graph_id = ? AND version = ? "
+            "AND (trainer IN ('', ?) OR trainer_until < ?) RETURNING version",
+            (checkpoint.step, graph_id, fence.version, fence.trainer, time.time()),
+        ).fetchall()
+        if not rows:
+            found = db.execute(
+                "SELECT version, trainer, trainer_until FROM graphs WHERE graph_id = ?", (graph_id,)
+            ).fetchone()
+            _refuse(graph_id, fence, found, time.time())
     db.executemany(
         "INSERT OR REPLACE INTO parameters (graph_id, name, dtype, shape, data) VALUES (?, ?, ?, ?, ?)",
         [(graph_id, name, *tensor_row(value)) for name, value in checkpoint.parameters.items()],
@@ -496,6 +666,50 @@ def _write_checkpoint(db: sqlite3.Connection, graph_id: str, checkpoint: Checkpo
             for name, (optimizer, arrays) in checkpoint.optimizer_state.items()
             for slot, array in arrays.items()
         ],
+    )
+    return int(rows[0][0]) if rows else 0
+
+
+def _refuse(graph_id: str, fence: Fence, found: tuple | None, now: float) -> NoReturn:
+    """Why a fenced checkpoint write matched no row: `found` is the graph's (version, trainer, trainer_until),
+    None when it is gone."""
+    if found is None:
+        raise deleted_graph(graph_id)
+    version, trainer, until = found
+    if trainer not in ("", fence.trainer) and (until is None or until >= now):
+        raise TrainerBusy(trainer)
+    raise VersionMoved(version)
+
+
+def _take_trainer(
+    db: sqlite3.Connection, graph_id: str, trainer: str, seconds: float | None, now: float, replaces: str | None = None
+) -> TrainerLease | None:
+    """Take the graph's trainer lease if it is free, lapsed, already `trainer`'s, or one that starts with
+    `replaces` (a job's lease under an earlier claim)."""
+    until = None if seconds is None else now + seconds
+    rows = db.execute(
+        "UPDATE graphs SET trainer = ?, trainer_until = ? WHERE graph_id = ? "
+        "AND (trainer IN ('', ?) OR trainer_until < ? OR substr(trainer, 1, length(?)) = ?) RETURNING version",
+        (trainer, until, graph_id, trainer, now, replaces, replaces),
+    ).fetchall()
+    if rows:
+        return TrainerLease(True, trainer, rows[0][0])
+    found = db.execute("SELECT trainer, version FROM graphs WHERE graph_id = ?", (graph_id,)).fetchone()
+    return None if found is None else TrainerLease(False, *found)
+
+
+def _release_trainer(db: sqlite3.Connection, graph_id: str, trainer: str) -> None:
+    db.execute(
+        "UPDATE graphs SET trainer = '', trainer_until = NULL WHERE graph_id = ? AND trainer = ?", (graph_id, trainer)
+    )
+
+
+def _release_job_trainer(db: sqlite3.Connection, graph_id: str, job_id: str) -> None:
+    """Free the graph of the job's lease, under whichever claim it holds it."""
+    prefix = job_trainers(job_id)
+    db.execute(
+        "UPDATE graphs SET trainer = '', trainer_until = NULL WHERE graph_id = ? AND substr(trainer, 1, length(?)) = ?",
+        (graph_id, prefix, prefix),
     )
 
 
@@ -521,14 +735,19 @@ def _job_row(job: StoredJob) -> tuple:
 
 def _job_from_row(row: tuple) -> StoredJob:
     """A NaN loss comes back from SQLite as NULL."""
-    *head, loss, metrics, error, started_at, ended_at, start_graph_step, seq = row
+    *head, loss, metrics, error, started, ended, start_graph_step, seq, worker, resumes, claim, until, cancel = row
     return StoredJob(
         *head,
         loss=math.nan if loss is None else loss,
         metrics=json.loads(metrics),
         error=error,
-        started_at=started_at,
-        ended_at=ended_at,
+        started_at=started,
+        ended_at=ended,
         start_graph_step=start_graph_step,
         seq=seq,
+        worker=worker,
+        resumes=resumes,
+        claim=claim,
+        lease_until=until,
+        cancel_requested=bool(cancel),
     )
