@@ -23,6 +23,7 @@ from chainrule.server.auth import AuthInterceptor, TokenFile
 from chainrule.server.datasets import DEFAULT_MAX_DATASET_MB, DatasetManager
 from chainrule.server.engine import (
     DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_LEASE_SECONDS,
     DEFAULT_MAX_LIVE_GRAPHS,
     DEFAULT_MAX_LIVE_MEMORY_MB,
     Engine,
@@ -103,6 +104,8 @@ class ServerOptions:
     ray_address: str | None = None
     """Run job steps on this Ray cluster (see server/jobs/ray_cluster.py); None: in this process."""
     ray_replica_cpus: float = DEFAULT_REPLICA_CPUS
+    job_lease_seconds: float = DEFAULT_LEASE_SECONDS
+    """How long a job's claim and a Train stream's lease outlive their server's last heartbeat."""
 
 
 class StartupError(Exception):
@@ -196,6 +199,7 @@ class RunningServer:
             options.checkpoint_every,
             options.max_live_graphs,
             options.max_live_memory_bytes,
+            options.job_lease_seconds,
         )
         self.metrics = Metrics()
         self.metrics.graphs.set(self.store.count_graphs())
@@ -267,6 +271,7 @@ class RunningServer:
             names = (*SERVICE_NAMES, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, self.server)
         self.port = self._bind()
+        self.engine.worker = self.worker_address()
 
     def _check_capacity(self) -> None:
         if self.options.max_concurrent_rpcs >= self.options.workers:
@@ -304,6 +309,14 @@ class RunningServer:
                 f"cannot listen on {target}: the port is in use, or the host is not an address of this machine"
             )
         return port
+
+    def worker_address(self) -> str:
+        """How other servers and Job.worker name this one: host:port of its gRPC address, the machine's
+        name standing in for a wildcard host (0.0.0.0 or ::), which names no particular machine."""
+        host = self.options.host
+        if host in ("", "0.0.0.0", "::", "[::]"):
+            host = socket.gethostname()
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     @property
     def address(self) -> str:

@@ -16,7 +16,7 @@ from chainrule.client.commands import add_client_commands
 from chainrule.server import logs
 from chainrule.server.app import RunningServer, ServerOptions, StartupError
 from chainrule.server.datasets import DEFAULT_MAX_DATASET_MB
-from chainrule.server.engine import DEFAULT_MAX_LIVE_GRAPHS, DEFAULT_MAX_LIVE_MEMORY_MB
+from chainrule.server.engine import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_LIVE_GRAPHS, DEFAULT_MAX_LIVE_MEMORY_MB
 from chainrule.server.graph import Limits
 from chainrule.server.jobs import DEFAULT_JOB_WORKERS
 from chainrule.server.jobs.ray_cluster import RAY_EXTRA
@@ -127,6 +127,7 @@ def serve(args: argparse.Namespace) -> int:
         job_max_restarts=args.job_max_restarts,
         ray_address=args.ray_address,
         ray_replica_cpus=args.ray_replica_cpus,
+        job_lease_seconds=args.job_lease_seconds,
     )
     try:
         server = RunningServer(options)
@@ -287,6 +288,13 @@ def add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
         type=POSITIVE,
         default=DEFAULT_JOB_WORKERS,
         help="training jobs run at once; the others wait in creation order",
+    )
+    training.add_argument(
+        "--job-lease-seconds",
+        type=seconds(0, inclusive=False),
+        default=DEFAULT_LEASE_SECONDS,
+        help="how long a job (and a Train stream's hold on its graph) stays with a server that stopped "
+        "renewing it, before another server on the same database takes it up from its last commit",
     )
     training.add_argument(
         "--job-max-restarts",

@@ -13,11 +13,13 @@ import ctypes.util
 import hashlib
 import logging
 import math
+import os
 import re
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -26,6 +28,7 @@ from chainrule.server import optim
 from chainrule.server.errors import (
     AlreadyExists,
     Cancelled,
+    ChainruleError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -35,7 +38,16 @@ from chainrule.server.graph import Limits, build_graph
 from chainrule.server.ops import INFERENCE, Mode
 from chainrule.server.plan import Plan, StopFlag
 from chainrule.server.store import Checkpoint, OptimizerState, Store, StoredGraph
-from chainrule.server.store.base import CreateRequest, RequestIdTaken
+from chainrule.server.store.base import (
+    ClaimLost,
+    CreateRequest,
+    Fence,
+    RequestIdTaken,
+    TrainerBusy,
+    VersionMoved,
+    stream_process,
+    stream_trainer,
+)
 from chainrule.server.work import SharedWork, stopped
 from chainrule.v1 import graph_pb2
 
@@ -53,6 +65,11 @@ TRIM_MIN_NODES = 10_000
 log = logging.getLogger("chainrule.server.engine")
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+DEFAULT_LEASE_SECONDS = 10.0
+"""How long a trainer lease or a job's claim lasts without its server's heartbeat (--job-lease-seconds)."""
+SET_PARAMETERS_ATTEMPTS = 3
+"""SetParameters reads a graph's parameters and writes them back with its changes; when another server
+commits in between, it reads again, this many times at most."""
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -65,6 +82,8 @@ class LiveGraph:
     step: int
     committed_step: int
     deleted: bool = False
+    version: int = 0
+    """The stored version these parameters were read at or written as (see Engine.live)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     sessions: int = 0
     """Open training streams; a graph with any stays compiled in memory."""
@@ -119,6 +138,7 @@ class Engine:
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
         max_live_graphs: int = DEFAULT_MAX_LIVE_GRAPHS,
         max_live_bytes: int = DEFAULT_MAX_LIVE_MEMORY_MB << 20,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
     ) -> None:
         self.store = store
         self.limits = limits or Limits()
@@ -128,11 +148,23 @@ class Engine:
         self._live: dict[str, LiveGraph] = {}
         self._compiling: dict[str, SharedWork[LiveGraph]] = {}
         self._live_lock = threading.Lock()
-        """Guards `_live`, `_compiling` and `_trainers` only, never held while a graph compiles or the store works."""
-        self._trainers: dict[str, str] = {}
-        """Graph id -> the job training it, the graph's only trainer until `release` (see `reserve`)."""
+        """Guards `_live` and `_compiling` only, never held while a graph compiles or the store works."""
+        self.lease_seconds = lease_seconds
+        self.instance = uuid.uuid4().hex
+        """This server process, among every process that uses the database now or did before."""
+        self.worker = ""
+        """This server's gRPC address, once it listens: what other servers' messages name it by."""
+        self._streams: dict[str, int] = {}
+        """Graph id -> this server's Train streams on it, which share one trainer lease (see `stream_trainer`)."""
+        self._lease_lock = threading.Lock()
+        """Guards `_streams`, and orders taking and giving up this server's stream leases in the store."""
         self.on_graph_free: Callable[[], None] | None = None
         """Called when a Train stream ends, so that jobs waiting for its graph look again."""
+
+    @property
+    def stream_trainer(self) -> str:
+        """The trainer lease this server's Train streams hold, and the one SetParameters writes as."""
+        return stream_trainer(self.instance, THIS_PROCESS, self.worker)
 
     # ------------------------------------------------------------ graphs
     def create_graph(self, message: graph_pb2.Graph, tenant: str = "", request_id: str = "") -> GraphSummary:
@@ -200,14 +232,12 @@ class Engine:
                 reason="REQUEST_ID_REUSED",
                 subject="request_id",
             )
-        live = self._live.get(earlier.graph_id)
-        return replace(self._summary(earlier, earlier.step if live is None else live.step), retried=True)
+        return replace(self._summary(earlier, self._step(earlier)), retried=True)
 
     def get_graph(self, graph_id: str, tenant: str = "", with_order: bool = True) -> GraphSummary:
         """`with_order` False leaves the summary's topological_order empty, unread from the store."""
         stored = self._stored(graph_id, tenant, with_order)
-        live = self._live.get(graph_id)
-        return self._summary(stored, stored.step if live is None else live.step)
+        return self._summary(stored, self._step(stored))
 
     def definition(self, graph_id: str, tenant: str = "") -> bytes:
         """The graph as submitted: a serialized chainrule.v1.Graph."""
@@ -226,11 +256,13 @@ class Engine:
         rows = self.store.list_graphs(tenant, _decode_page_token(page_token), limit + 1, with_order)
         page = rows[:limit]
         next_token = _encode_page_token(page[-1].seq) if len(rows) > limit else ""
-        summaries = []
-        for stored in page:
-            live = self._live.get(stored.graph_id)
-            summaries.append(self._summary(stored, stored.step if live is None else live.step))
-        return summaries, next_token
+        return [self._summary(stored, self._step(stored)) for stored in page], next_token
+
+    def _step(self, stored: StoredGraph) -> int:
+        """The graph's step: the live one, which may be ahead of the stored one by steps not committed yet,
+        unless another server has committed since this one read it."""
+        live = self._live.get(stored.graph_id)
+        return live.step if live is not None and live.version == stored.version else stored.step
 
     def delete_graph(self, graph_id: str, tenant: str = "") -> None:
         self._stored(graph_id, tenant)
@@ -329,6 +361,8 @@ class Engine:
         stops once no caller waits."""
         live = self._live.get(graph_id)
         if live is not None and live.stored.tenant == tenant:
+            if self.store.shared:
+                self._catch_up(live, tenant)
             live.last_used = time.monotonic()
             return live
         stored = self._stored(graph_id, tenant, with_order=False)
@@ -346,6 +380,33 @@ class Engine:
             live = work.wait(stop, f"compiling graph '{graph_id}' for this call")
         live.last_used = time.monotonic()
         return live
+
+    def _catch_up(self, live: LiveGraph, tenant: str) -> None:
+        """On a store other servers share, what this server holds of a graph is a cache: one indexed read
+        of the stored version tells whether another server committed since (then the committed
+        parameters replace the cached ones) or deleted the graph (NOT_FOUND). While this server trains
+        the graph, it holds the graph's trainer lease, so nothing newer than its own steps is stored."""
+        graph_id = live.stored.graph_id
+        version = self.store.graph_version(graph_id, tenant)
+        if version is None:
+            self._forget(live)
+            raise _not_found(graph_id)
+        if version == live.version or live.sessions or live.step != live.committed_step:
+            return
+        saved = self.store.load_checkpoint(graph_id)
+        if saved is None:
+            self._forget(live)
+            raise _not_found(graph_id)
+        with live.lock:
+            if not live.sessions and live.step == live.committed_step and saved.version > live.version:
+                _restore(live, saved)
+
+    def _forget(self, live: LiveGraph) -> None:
+        """The graph is gone from the store (another server deleted it): so it is from memory."""
+        live.deleted = True
+        with self._live_lock:
+            if self._live.get(live.stored.graph_id) is live:
+                del self._live[live.stored.graph_id]
 
     def _compile(self, stored: StoredGraph, stop: StopFlag) -> LiveGraph:
         """Compile a stored graph with its committed checkpoint and make it live (SharedWork's work)."""
@@ -377,7 +438,9 @@ class Engine:
                     compiled = True
                 else:
                     compiled = False  # deleted meanwhile: the deletion answers the waiters
-        live = LiveGraph(stored, plan, saved.parameters, saved.optimizer_state, saved.step, saved.step)
+        live = LiveGraph(
+            stored, plan, saved.parameters, saved.optimizer_state, saved.step, saved.step, version=saved.version
+        )
         if compiled:
             self._keep(live)
         log.info(
@@ -434,23 +497,42 @@ class Engine:
         return {name: parameters[name] for name in (names or parameters)}, step
 
     def set_parameters(self, graph_id: str, values: Mapping[str, Array], tenant: str = "") -> int:
-        live = self.live(graph_id, tenant)
-        for name, value in values.items():
-            current = live.parameters[_check_stored(live, name)]
-            if value.dtype != current.dtype or value.shape != current.shape:
-                raise InvalidArgument(
-                    f"parameter '{name}' is {current.dtype}{list(current.shape)}; got {value.dtype}{list(value.shape)}",
-                    reason="SHAPE_MISMATCH",
-                    subject=name,
-                )
-        self._check_untrained(graph_id)
-        with live.lock:
-            _check_not_deleted(live)
-            parameters = {**live.parameters, **values}
-            state = {name: kept for name, kept in live.optimizer_state.items() if name not in values}
-            self.store.save_checkpoint(graph_id, Checkpoint(live.step, parameters, state))
-            live.parameters, live.optimizer_state, live.committed_step = parameters, state, live.step
-            return live.step
+        """Refused (GRAPH_BUSY) while a job or another server's Train stream trains the graph; this
+        server's own streams go on from the values set."""
+        for _ in range(SET_PARAMETERS_ATTEMPTS):
+            live = self.live(graph_id, tenant)
+            for name, value in values.items():
+                current = live.parameters[_check_stored(live, name)]
+                if value.dtype != current.dtype or value.shape != current.shape:
+                    raise InvalidArgument(
+                        f"parameter '{name}' is {current.dtype}{list(current.shape)}; "
+                        f"got {value.dtype}{list(value.shape)}",
+                        reason="SHAPE_MISMATCH",
+                        subject=name,
+                    )
+            with live.lock:
+                _check_not_deleted(live)
+                parameters = {**live.parameters, **values}
+                state = {name: kept for name, kept in live.optimizer_state.items() if name not in values}
+                try:
+                    version = self.store.save_checkpoint(
+                        graph_id, Checkpoint(live.step, parameters, state), Fence(self.stream_trainer, live.version)
+                    )
+                except TrainerBusy as busy:
+                    raise self.busy(graph_id, busy.holder) from None
+                except VersionMoved:
+                    continue  # another server committed since this one read the graph: read it again
+                except NotFound:
+                    live.deleted = True
+                    raise
+                live.parameters, live.optimizer_state, live.committed_step = parameters, state, live.step
+                live.version = version
+                return live.step
+        raise Unavailable(
+            f"graph '{graph_id}' changed on other servers {SET_PARAMETERS_ATTEMPTS} times while its parameters were "
+            "being set; nothing was set: try again",
+            reason="GRAPH_CONTENDED",
+        )
 
     # ------------------------------------------------------------ training
     def start_training(
@@ -468,10 +550,21 @@ class Engine:
     ) -> TrainingSession:
         """`keep_updates` False (the updates are not streamed) lets each step build the new
         parameter values in the update's own buffer. `seed` keys dropout's masks (with the step
-        and the node's name). `trainer` is the job that reserved the graph; a Train stream passes none."""
-        live = self._pin(graph_id, tenant, trainer=trainer)
+        and the node's name). `trainer` is the trainer lease the caller holds (a job's, taken with its
+        claim); a Train stream passes none, and shares this server's stream lease, taken here unless
+        another trainer holds it anywhere (GRAPH_BUSY)."""
+        stream = not trainer
+        if stream:
+            self.live(graph_id, tenant)  # the tenant's graph, before its lease is asked for
+            self._take_stream_lease(graph_id)
         try:
-            return self._open_session(
+            live = self._pin(graph_id, tenant)
+        except BaseException:
+            if stream:
+                self._give_up_stream_lease(graph_id)
+            raise
+        try:
+            session = self._open_session(
                 live,
                 graph_id,
                 loss,
@@ -483,55 +576,98 @@ class Engine:
                 seed,
             )
         except BaseException:
-            self.unpin(live)
+            self.unpin(live, stream)
             raise
+        session.trainer = self.stream_trainer if stream else trainer
+        session.stream = stream
+        return session
 
-    def _pin(self, graph_id: str, tenant: str, trainer: str = "") -> LiveGraph:
-        """The live graph, counted as trained so it stays in memory until `unpin`; refused while a job
-        other than `trainer` has reserved it."""
+    def _pin(self, graph_id: str, tenant: str) -> LiveGraph:
+        """The live graph, counted as trained so it stays in memory until `unpin`; the caller holds its lease."""
         while True:
             live = self.live(graph_id, tenant)
             with self._live_lock:
-                self._check_untrained(graph_id, trainer)
                 if self._live.get(graph_id) is live:  # not evicted since the lookup
                     live.sessions += 1
                     return live
 
-    def unpin(self, live: LiveGraph) -> None:
+    def unpin(self, live: LiveGraph, stream: bool = False) -> None:
+        """End a session on the graph; a Train stream's gives up its share of this server's stream lease."""
         with self._live_lock:
             live.sessions -= 1
             free = live.sessions == 0
+        if stream:
+            self._give_up_stream_lease(live.stored.graph_id)
         if free and self.on_graph_free is not None:
             self.on_graph_free()
 
-    def reserve(self, graph_id: str, job: str) -> bool:
-        """Make `job` the graph's only trainer until `release`, unless a Train stream or another job
-        trains it now. While reserved, Train streams and SetParameters on the graph are refused
-        (GRAPH_BUSY); Forward and Backward go on."""
-        with self._live_lock:
-            holder = self._trainers.get(graph_id)
-            if holder is not None:
-                return holder == job
-            live = self._live.get(graph_id)
-            if live is not None and live.sessions > 0:
-                return False
-            self._trainers[graph_id] = job
-            return True
+    def _take_stream_lease(self, graph_id: str) -> None:
+        """On a shared store, the lease is the store's; one held by the streams of a server process that is
+        gone from this machine (killed) is taken over at once, rather than after it lapses. A store no
+        other server uses (SQLite) only tells whether a job holds the graph: the streams' lease is in
+        memory (see `claiming`), so that streams train while the store refuses writes."""
+        with self._lease_lock:
+            held = self._streams.get(graph_id, 0)
+            if not held and not self.store.shared:
+                holder = self.store.trainer_of(graph_id)
+                if holder is None:
+                    raise _not_found(graph_id)
+                if holder not in ("", self.stream_trainer):
+                    raise self.busy(graph_id, holder)
+            elif not held:
+                lease = self.store.acquire_trainer(graph_id, self.stream_trainer, self.lease_seconds)
+                if lease is not None and not lease.granted and _gone(stream_process(lease.holder)):
+                    log.info("graph '%s': taking over the lease of a server process that is gone", graph_id)
+                    lease = self.store.acquire_trainer(
+                        graph_id, self.stream_trainer, self.lease_seconds, replaces=lease.holder
+                    )
+                if lease is None:
+                    raise _not_found(graph_id)
+                if not lease.granted:
+                    raise self.busy(graph_id, lease.holder)
+            self._streams[graph_id] = held + 1
 
-    def release(self, graph_id: str, job: str) -> None:
-        with self._live_lock:
-            if self._trainers.get(graph_id) == job:
-                del self._trainers[graph_id]
+    def _give_up_stream_lease(self, graph_id: str) -> None:
+        with self._lease_lock:
+            held = self._streams.pop(graph_id) - 1
+            if held:
+                self._streams[graph_id] = held
+                return
+            if not self.store.shared:
+                return
+            try:
+                self.store.release_trainer(graph_id, self.stream_trainer)
+            except ChainruleError as error:  # it lapses on its own
+                log.warning("graph '%s': the Train streams' lease stays until it lapses: %s", graph_id, error.message)
 
-    def _check_untrained(self, graph_id: str, trainer: str = "") -> None:
-        holder = self._trainers.get(graph_id)
-        if holder is not None and holder != trainer:
-            raise FailedPrecondition(
-                f"graph '{graph_id}' is being trained by job '{holder}'; a graph has one trainer at a time: "
-                "wait for the job to end, or cancel it",
-                reason="GRAPH_BUSY",
-                subject=graph_id,
-            )
+    def renew_stream_leases(self) -> None:
+        """Extend the leases of the graphs this server's Train streams train (the heartbeat calls this)."""
+        with self._lease_lock:
+            graphs = list(self._streams)
+        if graphs and self.store.shared:
+            lost = set(graphs) - self.store.renew_trainers(self.stream_trainer, graphs, self.lease_seconds)
+            for graph_id in lost:
+                log.warning("graph '%s': the Train streams' lease lapsed; their next commit will be refused", graph_id)
+
+    @contextmanager
+    def claiming(self) -> Iterator[frozenset[str]]:
+        """Around a job claim: the graphs whose lease this server's streams hold in memory only (a store no
+        other server uses), which the claim passes over; no stream takes a lease until it is done."""
+        if self.store.shared:
+            yield frozenset()
+            return
+        with self._lease_lock:
+            yield frozenset(self._streams)
+
+    @staticmethod
+    def busy(graph_id: str, holder: str) -> FailedPrecondition:
+        """GRAPH_BUSY, naming the trainer in the way (see store.base.job_trainer and stream_trainer)."""
+        return FailedPrecondition(
+            f"graph '{graph_id}' is being trained by {_trainer_name(holder)}; a graph has one trainer at a time: "
+            + ("wait for the job to end, or cancel it" if holder.startswith("job/") else "wait for the stream to end"),
+            reason="GRAPH_BUSY",
+            subject=graph_id,
+        )
 
     def _open_session(
         self,
@@ -591,6 +727,10 @@ class TrainingSession:
         self.keep_updates = keep_updates
         self.seed = seed
         self.finished = False
+        self.stream = False
+        """A Train stream's session, which holds a share of its server's stream lease, rather than a job's."""
+        self.trainer = ""
+        """The trainer lease its commits are fenced by (see store.base.Fence); set by start_training."""
 
     def step(
         self,
@@ -673,8 +813,7 @@ class TrainingSession:
                 saved = self.engine.store.load_checkpoint(live.stored.graph_id)
                 if saved is None:
                     raise _not_found(live.stored.graph_id)
-                live.parameters, live.optimizer_state, live.step = saved.parameters, saved.optimizer_state, saved.step
-                live.committed_step = saved.step
+                _restore(live, saved)
             return live.step
 
     def finish(self) -> None:
@@ -687,34 +826,82 @@ class TrainingSession:
         finally:
             if not self.finished:
                 self.finished = True
-                self.engine.unpin(live)
+                self.engine.unpin(live, self.stream)
 
     def _commit(self) -> None:
         self._save(self.live.checkpoint())
 
-    def commit(self, write: Callable[[Checkpoint | None], None]) -> None:
+    def commit(self, write: Callable[[Checkpoint | None, Fence], int | None]) -> None:
         """Commit through `write`, which stores the checkpoint it is given (None when every step is
-        committed already) with whatever else must go in the same transaction (a job's row and history)."""
+        committed already), under the fence it is given, with whatever else must go in the same
+        transaction (a job's row and history), and returns the graph's new version (None without a
+        checkpoint)."""
         with self.live.lock:
             _check_not_deleted(self.live)
             live = self.live
             self._save(live.checkpoint() if live.step != live.committed_step else None, write)
 
-    def _save(self, checkpoint: Checkpoint | None, write: Callable[[Checkpoint | None], None] | None = None) -> None:
-        """Write `checkpoint` (under the graph's lock). When the store refuses it, every step since the
-        last committed checkpoint is rolled back in memory too, so what clients read is what is stored."""
+    def _save(
+        self, checkpoint: Checkpoint | None, write: Callable[[Checkpoint | None, Fence], int | None] | None = None
+    ) -> None:
+        """Write `checkpoint` (under the graph's lock), fenced by this session's trainer lease and the
+        version its steps started from. When the store refuses it, every step since the last committed
+        checkpoint is rolled back in memory too, so what clients read is what is stored; when another
+        trainer has taken the graph over, the live graph becomes what that trainer committed."""
         live = self.live
+        version = None
         try:
             if write is not None:
-                write(checkpoint)
+                version = write(checkpoint, Fence(self.trainer, live.version))
             elif checkpoint is not None:
-                self.engine.store.save_checkpoint(live.stored.graph_id, checkpoint)
+                version = self.engine.store.save_checkpoint(
+                    live.stored.graph_id, checkpoint, Fence(self.trainer, live.version)
+                )
         except Unavailable as error:
             if checkpoint is None:
                 raise  # every step was committed: nothing to roll back
             raise self._roll_back(error, checkpoint.step) from None
+        except NotFound:  # deleted by another server
+            self.engine._forget(live)
+            raise
+        except (TrainerBusy, VersionMoved, ClaimLost) as displaced:
+            raise self._displaced(displaced, checkpoint) from None
         if checkpoint is not None:
-            live.committed_step = checkpoint.step
+            assert version is not None
+            live.committed_step, live.version = checkpoint.step, version
+
+    def _displaced(
+        self, displaced: TrainerBusy | VersionMoved | ClaimLost, checkpoint: Checkpoint | None
+    ) -> ChainruleError | ClaimLost:
+        """Another trainer took the graph over (this one's lease lapsed, or its job was taken over by
+        another server): the steps since the last commit are dropped, and the live graph becomes what
+        is stored."""
+        live = self.live
+        graph_id = live.stored.graph_id
+        dropped = ""
+        if checkpoint is not None:
+            first = live.committed_step + 1
+            steps = f"step {first} was" if checkpoint.step == first else f"steps {first} to {checkpoint.step} were"
+            dropped = f"; {steps} not committed"
+            saved = self.engine.store.load_checkpoint(graph_id)
+            if saved is None:
+                self.engine._forget(live)
+                return _not_found(graph_id)
+            _restore(live, saved)
+        if isinstance(displaced, ClaimLost):
+            return displaced
+        if isinstance(displaced, TrainerBusy):
+            return FailedPrecondition(
+                f"graph '{graph_id}' is being trained by {_trainer_name(displaced.holder)} now: this trainer's lease "
+                f"lapsed{dropped}",
+                reason="GRAPH_BUSY",
+                subject=graph_id,
+            )
+        return FailedPrecondition(
+            f"graph '{graph_id}' was changed by another server while this one trained it{dropped}",
+            reason="GRAPH_MOVED",
+            subject=graph_id,
+        )
 
     def _roll_back(self, error: Unavailable, failed_step: int) -> Unavailable:
         """Put the live graph back to its committed checkpoint, read back from the store (reads go on
@@ -733,13 +920,56 @@ class TrainingSession:
             )
         if saved is None:
             return _not_found(graph_id)
-        live.parameters, live.optimizer_state, live.step = saved.parameters, saved.optimizer_state, saved.step
-        live.committed_step = saved.step
+        _restore(live, saved)
         return Unavailable(
             f"{error.message}; {lost} not kept either: graph '{graph_id}' is back at step {saved.step}, "
             "its last committed checkpoint",
             reason=error.reason,
         )
+
+
+def _this_process() -> str:
+    """Where this process runs, as `machine.pid`: the machine is the kernel's boot id with the process id
+    namespace, which together tell whether another process's id can be looked up from here."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as file:
+            boot = file.read().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # not Linux: no process here is known to be another's
+        return f"-.{os.getpid()}"
+    return f"{hashlib.sha256(f'{boot}/{namespace}'.encode()).hexdigest()[:16]}.{os.getpid()}"
+
+
+THIS_PROCESS = _this_process()
+
+
+def _gone(process: str) -> bool:
+    """Whether `process` (as _this_process gives it) ran on this machine and has exited."""
+    machine, _, pid = process.rpartition(".")
+    if machine != THIS_PROCESS.rpartition(".")[0] or machine == "-" or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists, owned by someone else
+        return False
+    return False
+
+
+def _trainer_name(holder: str) -> str:
+    """A trainer lease's holder in words."""
+    kind, _, rest = holder.partition("/")
+    if kind == "job":
+        return f"job '{rest.partition('/')[0]}'"
+    server = rest.split("/", 2)[-1] if rest.count("/") >= 2 else ""
+    return f"a Train stream on server {server}" if server else "a Train stream on another server"
+
+
+def _restore(live: LiveGraph, saved: Checkpoint) -> None:
+    """Make the live graph its committed checkpoint (under the graph's lock)."""
+    live.parameters, live.optimizer_state, live.step = saved.parameters, saved.optimizer_state, saved.step
+    live.committed_step, live.version = saved.step, saved.version
 
 
 def _check_parameter(live: LiveGraph, name: str) -> str:

@@ -311,6 +311,8 @@ class Job(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
+    RESUMES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: Global___JobState.ValueType
     step: _builtins.int
@@ -325,6 +327,16 @@ class Job(_message.Message):
     """The loss of the latest step, computed before its update."""
     error: _builtins.str
     """Why the job FAILED; empty otherwise."""
+    worker: _builtins.str
+    """The server running the job (host:port of its gRPC address), or that ran it last; empty
+    before any has. Several servers on one database share the jobs: each claims the next one
+    the queue offers, in creation order.
+    """
+    resumes: _builtins.int
+    """How many times the job was taken up again from its last commit after its run stopped short of
+    its end: a server restarted, or died and another took the job over once its lease lapsed
+    (--job-lease-seconds), or its Ray replicas were lost.
+    """
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
@@ -356,10 +368,12 @@ class Job(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        worker: _builtins.str = ...,
+        resumes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "spec", b"spec", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "epoch", b"epoch", "error", b"error", "job_id", b"job_id", "loss", b"loss", "metrics", b"metrics", "spec", b"spec", "start_time", b"start_time", "state", b"state", "step", b"step", "total_steps", b"total_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "epoch", b"epoch", "error", b"error", "job_id", b"job_id", "loss", b"loss", "metrics", b"metrics", "resumes", b"resumes", "spec", b"spec", "start_time", b"start_time", "state", b"state", "step", b"step", "total_steps", b"total_steps", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -44,6 +44,13 @@ class JobServiceStub:
     parameters; after a crash and a restart every job that was running resumes from its last
     commit and ends with the parameters an uninterrupted run would have.
 
+    Several servers on one PostgreSQL database share the queue: any of them answers any call on
+    any job. A job runs on one server at a time, which holds it with a lease its heartbeat renews;
+    when that server dies, another takes the job over once the lease lapses (--job-lease-seconds)
+    and resumes it from its last commit, with the same result. Calls on a job running on another
+    server see its progress at commit granularity (checkpoint_every); CancelJob reaches the server
+    running it at its next heartbeat.
+
     Tenants own jobs as they own graphs: another tenant's job is NOT_FOUND.
     """
 
@@ -98,6 +105,13 @@ class JobServiceServicer:
     at its end), so a crash loses no committed history and the history never runs ahead of the
     parameters; after a crash and a restart every job that was running resumes from its last
     commit and ends with the parameters an uninterrupted run would have.
+
+    Several servers on one PostgreSQL database share the queue: any of them answers any call on
+    any job. A job runs on one server at a time, which holds it with a lease its heartbeat renews;
+    when that server dies, another takes the job over once the lease lapses (--job-lease-seconds)
+    and resumes it from its last commit, with the same result. Calls on a job running on another
+    server see its progress at commit granularity (checkpoint_every); CancelJob reaches the server
+    running it at its next heartbeat.
 
     Tenants own jobs as they own graphs: another tenant's job is NOT_FOUND.
     """
@@ -197,6 +211,13 @@ class JobService:
     at its end), so a crash loses no committed history and the history never runs ahead of the
     parameters; after a crash and a restart every job that was running resumes from its last
     commit and ends with the parameters an uninterrupted run would have.
+
+    Several servers on one PostgreSQL database share the queue: any of them answers any call on
+    any job. A job runs on one server at a time, which holds it with a lease its heartbeat renews;
+    when that server dies, another takes the job over once the lease lapses (--job-lease-seconds)
+    and resumes it from its last commit, with the same result. Calls on a job running on another
+    server see its progress at commit granularity (checkpoint_every); CancelJob reaches the server
+    running it at its next heartbeat.
 
     Tenants own jobs as they own graphs: another tenant's job is NOT_FOUND.
     """

@@ -20,8 +20,8 @@ class Transition:
 
 
 class Job:
-    """A job that has not ended (and, for its last watchers, one that just did): its row as it is
-    now, the history not yet known to be in the store, and the changes of state watchers report."""
+    """A job this server runs (and, for its last watchers, one it just stopped running): its row as it
+    is now, the history not yet known to be in the store, and the changes of state watchers report."""
 
     def __init__(self, stored: StoredJob, plan: JobPlan) -> None:
         self.stored = stored
@@ -42,9 +42,16 @@ class Job:
         self.tail: list[JobEventRow] = []
         """Events after the commit before the last one, by step: the last commit's and those since."""
         self.transitions = [Transition(stored.state, stored.step)]
-        self.cancelling = False
-        self.claimed = False
-        """A worker took it (under the manager's lock)."""
+        self.resumes = stored.resumes
+        self.claim = stored.claim
+        """What holds the job for this server (see Store.claim_job), and fences its writes."""
+        self.cancelling = stored.cancel_requested
+        self.lost = False
+        """The claim no longer holds the job (another server took it over, or a cancel ended it while the
+        claim had lapsed): the run stops without committing anything more."""
+        self.released = False
+        """This server no longer runs the job (it ended, or was handed over): its watchers here read the
+        store from now on."""
 
     @property
     def job_id(self) -> str:
@@ -67,6 +74,7 @@ class Job:
             started_at=self.started_at,
             ended_at=self.ended_at,
             start_graph_step=self.start_graph_step,
+            resumes=self.resumes,
         )
 
     def change_state(self, state: str) -> None:

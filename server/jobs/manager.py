@@ -1,4 +1,11 @@
-"""The queue of jobs, the workers that run them, and every call on jobs: create, get, list, cancel, watch."""
+"""The queue of jobs, the workers that run them, and every call on jobs: create, get, list, cancel, watch.
+
+The queue is the store's: each server's workers claim the next job (Store.claim_job) and hold it
+with a lease their server's heartbeat renews, so any number of servers on one database share the
+work, and a job whose server died is taken over by another once its lease lapses, from its last
+commit. Calls on a job this server runs answer from memory (every step); on any other job, from
+the store (every commit).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +15,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import replace
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, replace
 
 from chainrule.server.datasets import DatasetManager
 from chainrule.server.engine import Engine
@@ -18,7 +25,7 @@ from chainrule.server.jobs.executor import Computing, ExecutorFactory, InProcess
 from chainrule.server.jobs.job import Job, WatchItem, event_step
 from chainrule.server.jobs.planning import JobPlan, check_against_graph, invalid, plan_job
 from chainrule.server.jobs.runner import JobRunner
-from chainrule.server.store.base import ENDED_JOB_STATES, JobEventRow, StoredJob
+from chainrule.server.store.base import ENDED_JOB_STATES, ClaimLost, JobEventRow, StoredJob
 from chainrule.server.work import StopFlag
 from chainrule.v1 import job_service_pb2 as pb
 
@@ -35,6 +42,20 @@ WATCH_BATCH_SECONDS = 0.02
 """A watcher that has sent what there was waits this long before looking again, so it takes a
 fast job's events in batches instead of waking at every step: watching stays cheap for the job."""
 STORED_EVENTS_PAGE = 1000
+WATCH_STORE_SECONDS = 0.25
+"""How often a watcher of a job another server runs looks in the store for its new commits."""
+WATCH_STORE_WAIT_SECONDS = 0.05
+"""How often such a watcher, between looks, checks whether its call ended or this server took the job."""
+HEARTBEATS_PER_LEASE = 3
+"""A server renews its claims and leases this many times per --job-lease-seconds."""
+
+
+@dataclass
+class WatchPosition:
+    """How far a watch has got: the next step event it sends, and the last state it sent."""
+
+    next_step: int
+    reported: str | None = None
 
 
 class JobManager:
@@ -59,8 +80,12 @@ class JobManager:
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._jobs: dict[str, Job] = {}
-        """Jobs that have not ended, in creation order; guarded by `_lock`."""
+        """The jobs this server's workers run now; guarded by `_lock`."""
+        self._generation = 0
+        """Counts wake-ups (a job created or ended here, a graph freed), so a worker never sleeps through one."""
         self._threads: list[threading.Thread] = []
+        self._heartbeat: threading.Thread | None = None
+        self._stopped = threading.Event()
         self.draining = False
         self.runner = JobRunner(engine, datasets, computing, on_step, lambda: self.draining, self._finished, executors)
         datasets.in_use = self.uses_dataset
@@ -68,27 +93,24 @@ class JobManager:
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Take up every job a previous run left unfinished, then start the workers. A job that was
-        running keeps its graph reserved from now on, so nothing trains that graph before it resumes."""
-        for stored in self.store.unfinished_jobs():
-            try:
-                plan = self._plan(pb.JobSpec.FromString(stored.spec), stored.tenant)
-            except ChainruleError as error:
-                self._end_unstarted(stored, "FAILED", f"could not be resumed: {error.message}")
-                continue
-            job = Job(stored, plan)
-            if stored.state == "RUNNING":
-                self.engine.reserve(stored.graph_id, stored.job_id)
-                log.info("job %s resumes at step %d of %d", stored.job_id, stored.step, stored.total_steps)
-            self._jobs[stored.job_id] = job
+        """Start the workers, which take up the jobs a previous run left unfinished first (a job that was
+        running keeps its graph's lease meanwhile, so nothing trains that graph before it resumes), and
+        the heartbeat. A server alone on its database (SQLite) takes its previous run's claims back at
+        once; on a shared one they lapse (--job-lease-seconds) and any server takes the jobs up."""
+        if not self.store.shared:
+            self.store.release_all_leases()
         for index in range(self.workers):
             thread = threading.Thread(target=self._work, name=f"job-worker-{index}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        if self.store.shared:  # else claims last until released (see _claim_seconds), and cancels come here
+            self._heartbeat = threading.Thread(target=self._beat, name="job-heartbeat", daemon=True)
+            self._heartbeat.start()
 
     def stop(self) -> None:
-        """Running jobs stop after their current step and commit; they stay RUNNING in the store and
-        resume when the server starts again. Watches end with UNAVAILABLE."""
+        """Running jobs stop after their current step, commit, and are let go: they stay RUNNING in the
+        store, for another server to take up at once, or this one when it starts again. Watches end
+        with UNAVAILABLE."""
         self.draining = True
         self._wake()
         for job in list(self._jobs.values()):
@@ -96,9 +118,13 @@ class JobManager:
                 job.condition.notify_all()
         for thread in self._threads:
             thread.join()
+        self._stopped.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
 
     def _wake(self) -> None:
         with self._wakeup:
+            self._generation += 1
             self._wakeup.notify_all()
 
     # ------------------------------------------------------------ calls
@@ -129,10 +155,8 @@ class JobManager:
                 total_steps=plan.total_steps,
                 created_at=time.time(),
             )
-            with self._lock:
-                stored = self.store.insert_job(stored)
-                self._jobs[stored.job_id] = Job(stored, plan)
-                self._wakeup.notify_all()
+            stored = self.store.insert_job(stored, sorted(plan.datasets))
+        self._wake()
         return stored
 
     def get(self, job_id: str, tenant: str = "") -> StoredJob:
@@ -153,23 +177,24 @@ class JobManager:
         return page, _encode_page_token(rows[limit - 1].seq) if len(rows) > limit else ""
 
     def cancel(self, job_id: str, tenant: str = "") -> StoredJob:
-        """A queued job ends CANCELLED now; a running one after its current step (its worker ends it)."""
+        """A job no server runs (queued, or waiting to resume) ends CANCELLED now; a running one after its
+        current step: at once when it runs here, else once its server sees the request in the store
+        (at its next heartbeat)."""
         with self._lock:
             job = self._live(job_id, tenant)
-            if job is None:
-                return self._stored(job_id, tenant)  # ended already: nothing to cancel
+        if job is not None:
             with job.condition:
                 job.cancelling = True
-                unclaimed = not job.claimed
-                job.claimed = True  # no worker takes it up now
-        if unclaimed:
-            self.runner.end(job, "CANCELLED")
-        return self.get(job_id, tenant)
+                job.condition.notify_all()
+        stored = self.store.cancel_job(job_id, tenant, time.time()) if job_id else None
+        if stored is None:
+            raise NotFound(f"job '{shown(job_id)}' not found", reason="JOB_NOT_FOUND", subject=job_id)
+        self._wake()  # its graph may be free
+        return self.get(job_id, tenant) if job is not None else stored
 
     def uses_dataset(self, dataset_id: str) -> bool:
-        """Whether a queued or running job trains on the dataset or evaluates on it."""
-        with self._lock:
-            return any(dataset_id in job.plan.datasets for job in self._jobs.values())
+        """Whether a queued or running job, on any server, trains on the dataset or evaluates on it."""
+        return self.store.dataset_in_use(dataset_id)
 
     def _live(self, job_id: str, tenant: str) -> Job | None:
         job = self._jobs.get(job_id)
@@ -193,21 +218,30 @@ class JobManager:
         self, job_id: str, tenant: str = "", from_step: int = 0, stop: StopFlag | None = None
     ) -> Iterator[WatchItem]:
         """The job's events from `from_step` on and its changes of state, ending after its final
-        state (see JobEvent in job_service.proto)."""
+        state (see JobEvent in job_service.proto): from memory while this server runs the job, from
+        the store's commits while it does not, going from one to the other as the job moves."""
         stop = stop or StopFlag()
-        next_step = max(from_step, 1)
-        with self._lock:
-            job = self._live(job_id, tenant)
-        if job is None:
-            stored = self._stored(job_id, tenant)
-            yield from self._stored_events(job_id, next_step, stored.step, stop)
-            yield stored.state
-            return
+        position = WatchPosition(max(from_step, 1))
+        while True:
+            with self._lock:
+                job = self._live(job_id, tenant)
+            if job is not None:
+                done = yield from self._watch_here(job, position, stop)
+            else:
+                done = yield from self._watch_store(job_id, tenant, position, stop)
+            if done:
+                return
+
+    def _watch_here(self, job: Job, position: WatchPosition, stop: StopFlag) -> Generator[WatchItem, None, bool]:
+        """Every step as this server takes it; True once the watch is over, False when the job is let go."""
+        next_step = position.next_step
         with job.condition:
             seen = len(job.transitions)
             state = job.state
         if state not in ENDED_JOB_STATES:
-            yield state
+            if state != position.reported:
+                yield state
+                position.reported = state
         else:
             seen -= 1  # the final state comes after the history
         while True:
@@ -216,6 +250,7 @@ class JobManager:
                     job.step < next_step
                     and len(job.transitions) == seen
                     and not stop.stopped
+                    and not job.released
                     and not (self.draining and not job.ended)
                 ):
                     job.condition.wait(WATCH_POLL_SECONDS)
@@ -223,29 +258,69 @@ class JobManager:
                 covered = bool(tail) and tail[0].step <= next_step
                 events = tail[bisect.bisect_left(tail, next_step, key=event_step) :] if covered else []
                 transitions = job.transitions[seen:]
-                last_step, ended = job.step, job.ended
+                last_step, ended, released = job.step, job.ended, job.released
             if stop.stopped:
-                return
+                return True
             if self.draining and not ended:
                 raise Unavailable(
-                    "the server is shutting down; the job goes on when it restarts: watch it again from step "
-                    f"{next_step}",
+                    "the server is shutting down; the job goes on when a server takes it up: watch it again from "
+                    f"step {next_step}",
                     reason="SHUTTING_DOWN",
                 )
             if not covered and next_step <= last_step:
-                events = self.store.job_events(job_id, next_step, STORED_EVENTS_PAGE)
+                events = self.store.job_events(job.job_id, next_step, STORED_EVENTS_PAGE)
             for event in events:
                 while transitions and transitions[0].after_step < event.step:
-                    yield transitions.pop(0).state
+                    position.reported = transitions.pop(0).state
+                    yield position.reported
                     seen += 1
                 yield event
-                next_step = event.step + 1
+                next_step = position.next_step = event.step + 1
             while transitions and transitions[0].after_step < next_step:
-                yield transitions.pop(0).state
+                position.reported = transitions.pop(0).state
+                yield position.reported
                 seen += 1
             if ended and not transitions and next_step > last_step:
-                return
+                return True
+            if released and not ended and next_step > last_step:
+                return False
             time.sleep(WATCH_BATCH_SECONDS)
+
+    def _watch_store(
+        self, job_id: str, tenant: str, position: WatchPosition, stop: StopFlag
+    ) -> Generator[WatchItem, None, bool]:
+        """Every commit of a job this server does not run, as the store shows it; True once the watch is
+        over, False when this server takes the job up."""
+        while True:
+            stored = self._stored(job_id, tenant)
+            ended = stored.state in ENDED_JOB_STATES
+            if not ended and stored.state != position.reported:
+                position.reported = stored.state
+                yield stored.state
+            elif ended and position.reported == "QUEUED" and stored.started_at is not None:
+                position.reported = "RUNNING"  # it ran between two looks
+                yield "RUNNING"
+            for event in self._stored_events(job_id, position.next_step, stored.step, stop):
+                yield event
+                position.next_step = event.step + 1
+            if stop.stopped:
+                return True
+            if ended:
+                yield stored.state
+                return True
+            deadline = time.monotonic() + WATCH_STORE_SECONDS
+            while time.monotonic() < deadline:
+                if stop.stopped:
+                    return True
+                if self.draining:
+                    raise Unavailable(
+                        f"the server is shutting down: watch the job again from step {position.next_step}",
+                        reason="SHUTTING_DOWN",
+                    )
+                with self._lock:
+                    if self._live(job_id, tenant) is not None:
+                        return False
+                time.sleep(WATCH_STORE_WAIT_SECONDS)
 
     def _stored_events(self, job_id: str, next_step: int, last_step: int, stop: StopFlag) -> Iterator[JobEventRow]:
         while next_step <= last_step and not stop.stopped:
@@ -257,44 +332,108 @@ class JobManager:
 
     # ------------------------------------------------------------ the workers
     def _work(self) -> None:
-        while True:
-            job = self._next()
+        while not self.draining:
+            with self._wakeup:
+                generation = self._generation
+            job = self._claim()
             if job is None:
-                return
+                with self._wakeup:
+                    if self._generation == generation and not self.draining:
+                        self._wakeup.wait(SCHEDULER_POLL_SECONDS)
+                continue
             try:
                 self.runner.run(job)
             except Exception:  # a bug: the job fails, the worker goes on
                 log.exception("job %s failed unexpectedly", job.job_id)
                 with job.condition:
                     job.error = f"step {job.step + 1}: the server failed unexpectedly; see its log"
-                if not job.ended:
+                if not job.ended and not job.lost:
                     self.runner.end(job, "FAILED")
             finally:
-                self.engine.release(job.stored.graph_id, job.job_id)
-                self._wake()
+                self._let_go(job)
 
-    def _next(self) -> Job | None:
-        """The oldest job whose graph no other job or Train stream trains, jobs that were running
-        first (they hold their graphs); None once the server is stopping."""
-        with self._wakeup:
-            while not self.draining:
-                waiting = [job for job in self._jobs.values() if not job.claimed and not job.ended]
-                waiting.sort(key=lambda job: (job.state != "RUNNING", job.stored.seq))
-                for job in waiting:
-                    if self.engine.reserve(job.stored.graph_id, job.job_id):
-                        job.claimed = True
-                        return job
-                self._wakeup.wait(SCHEDULER_POLL_SECONDS)
+    def _claim(self) -> Job | None:
+        """The next job this server runs, claimed in the store (see Store.claim_job); None when there is none."""
+        while not self.draining:
+            try:
+                with self.engine.claiming() as streamed:
+                    stored = self.store.claim_job(uuid.uuid4().hex, self.engine.worker, self._claim_seconds, streamed)
+            except ChainruleError as error:  # the store is out of reach: look again later
+                log.warning("could not look for jobs to run: %s", error.message)
+                return None
+            if stored is None:
+                return None
+            try:
+                plan = self._plan(pb.JobSpec.FromString(stored.spec), stored.tenant)
+            except ChainruleError as error:
+                start = "resumed" if stored.state == "RUNNING" else "started"
+                self._end_unstarted(stored, "FAILED", f"could not be {start}: {error.message}")
+                continue
+            job = Job(stored, plan)
+            with self._lock:
+                self._jobs[job.job_id] = job
+            if stored.state == "RUNNING":
+                log.info(
+                    "job %s resumes at step %d of %d (resume %d)",
+                    job.job_id,
+                    stored.step,
+                    stored.total_steps,
+                    stored.resumes,
+                )
+            return job
         return None
+
+    @property
+    def _claim_seconds(self) -> float | None:
+        """A claim on a store no other server uses lasts until it is released: its server's next run
+        releases what the previous one held (see `start`)."""
+        return self.engine.lease_seconds if self.store.shared else None
+
+    def _let_go(self, job: Job) -> None:
+        """This server no longer runs the job: one that has not ended is left for any server to take up
+        (this one stops, or lost it); its watchers here go on from the store."""
+        if not job.ended and not job.lost:
+            try:
+                self.store.release_claim(job.job_id, job.claim)
+            except ChainruleError as error:  # the claim lapses instead
+                log.warning("job %s: its claim lapses instead of being released: %s", job.job_id, error.message)
+        with job.condition:
+            job.released = True
+            job.condition.notify_all()
+        self._finished(job)
 
     def _finished(self, job: Job) -> None:
         with self._lock:
             self._jobs.pop(job.job_id, None)
-            self._wakeup.notify_all()
+        self._wake()
 
     def _end_unstarted(self, stored: StoredJob, state: str, error: str) -> None:
         log.error("job %s: %s", stored.job_id, error)
-        self.store.save_job(replace(stored, state=state, error=error, ended_at=time.time()))
+        try:
+            self.store.save_job(replace(stored, state=state, error=error, ended_at=time.time()), claim=stored.claim)
+        except (ChainruleError, ClaimLost) as refused:  # it stays claimed until the claim lapses
+            log.error("job %s: could not end it: %s", stored.job_id, refused)
+
+    # ------------------------------------------------------------ the heartbeat
+    def _beat(self) -> None:
+        """Renew the claims on the jobs this server runs, and its Train streams' leases, a few times per
+        lease; learn which jobs another server has taken over, and which a cancel was asked for."""
+        while not self._stopped.wait(self.engine.lease_seconds / HEARTBEATS_PER_LEASE):
+            with self._lock:
+                jobs = [job for job in self._jobs.values() if not job.lost]
+            try:
+                held = self.store.renew_claims({job.job_id: job.claim for job in jobs}, self.engine.lease_seconds)
+                self.engine.renew_stream_leases()
+            except ChainruleError as error:
+                log.warning("could not renew this server's claims and leases: %s", error.message)
+                continue
+            for job in jobs:
+                with job.condition:
+                    if job.job_id not in held:
+                        job.lost = not job.ended and not job.released
+                    elif held[job.job_id]:
+                        job.cancelling = True
+                    job.condition.notify_all()
 
 
 def _encode_page_token(seq: int) -> str:

@@ -25,7 +25,7 @@ from chainrule.server.jobs.executor import (
 )
 from chainrule.server.jobs.job import Job, event_step
 from chainrule.server.jobs.planning import JobPlan
-from chainrule.server.store.base import JobEventRow
+from chainrule.server.store.base import ClaimLost, JobEventRow, job_trainer
 from chainrule.server.work import StopFlag
 
 log = logging.getLogger("chainrule.server.jobs")
@@ -86,7 +86,7 @@ class JobRunner:
                 stored.tenant,
                 keep_updates=False,
                 seed=plan.seed,
-                trainer=stored.job_id,
+                trainer=job_trainer(stored.job_id, job.claim),
             )
         except ChainruleError as error:
             with job.condition:
@@ -102,6 +102,8 @@ class JobRunner:
                 self.end(job, "FAILED")
                 return
             self._train_on_executors(job, session, train, evaluation)
+        except ClaimLost:
+            self._lose(job)
         finally:
             try:
                 session.finish()
@@ -126,7 +128,15 @@ class JobRunner:
                 job.change_state("RUNNING")
             record = job.snapshot()
         if not resumed:
-            self.store.save_job(record)
+            self.store.save_job(record, claim=job.claim)
+
+    def _lose(self, job: Job) -> None:
+        """The job's claim no longer holds it: stop, committing nothing more (the server that holds it
+        now goes on from the last commit, and fences out this one's writes)."""
+        with job.condition:
+            job.lost = True
+            job.condition.notify_all()
+        log.warning("job %s: another server holds it now; this one stops running it at step %d", job.job_id, job.step)
 
     def _train_on_executors(
         self, job: Job, session: TrainingSession, train: LocalDataset, evaluation: LocalDataset | None
@@ -135,7 +145,7 @@ class JobRunner:
         replica died, or the Ray cluster is out of reach), the job goes back to its last commit and
         goes on with a fresh executor, redoing the same steps: a lost replica counts against
         `max_restarts`, a cluster out of reach is waited for as long as it takes."""
-        stopping = lambda: job.cancelling or self.draining()  # noqa: E731
+        stopping = lambda: job.cancelling or job.lost or self.draining()  # noqa: E731
         context = ExecutorContext(job.job_id, job.stored.spec, job.plan, session, train, self.computing, stopping)
         restarts, pause = 0, RETRY_FIRST_SECONDS
         while True:
@@ -207,7 +217,7 @@ class JobRunner:
         flag = StopFlag()  # never raised: a job waits for its compute slot whatever happens
         try:
             while step < plan.total_steps:
-                if job.cancelling or self.draining():
+                if job.cancelling or job.lost or self.draining():
                     break
                 if step // plan.batches_per_epoch != epoch:
                     epoch = step // plan.batches_per_epoch
@@ -242,6 +252,8 @@ class JobRunner:
             with job.condition:
                 job.error = f"step {step + 1}: {error.message}"
             self.end(job, "FAILED", session)
+            return
+        if job.lost:
             return
         if step >= plan.total_steps:
             self.end(job, "SUCCEEDED", session)
@@ -295,9 +307,11 @@ class JobRunner:
             start = bisect.bisect_right(job.tail, job.committed, key=event_step)
             events = tuple(job.tail[start:])
         if session.live.deleted:  # the job's row and history are all there is left to keep
-            self.store.save_job(record, events)
+            self.store.save_job(record, events, claim=job.claim)
         else:
-            session.commit(lambda checkpoint: self.store.save_job(record, events, checkpoint))
+            session.commit(
+                lambda checkpoint, fence: self.store.save_job(record, events, checkpoint, fence, job.claim)
+            )
         with job.condition:
             job.tail = job.tail[bisect.bisect_right(job.tail, job.committed, key=event_step) :]
             job.committed = record.step
@@ -312,11 +326,15 @@ class JobRunner:
             if session is None:
                 with job.condition:
                     record = replace(job.snapshot(), state=state, ended_at=time.time())
-                self.store.save_job(record)
+                self.store.save_job(record, claim=job.claim)
                 with job.condition:
                     job.ended_at = record.ended_at
             else:
                 self._commit(job, session, state)
+        except ClaimLost:  # another server holds the job now, and ends it
+            self._lose(job)
+            self.finished(job)
+            return
         except ChainruleError as error:
             log.error("job %s: could not commit its end (%s): %s", job.job_id, state, error.message)
             with job.condition:
@@ -329,7 +347,5 @@ class JobRunner:
                 job.ended_at = time.time()
         with job.condition:
             job.change_state(state)
-        if session is None:  # it never trained (a resumed job cancelled before a worker took it holds its graph)
-            self.engine.release(job.stored.graph_id, job.job_id)
         self.finished(job)
         log.info("job %s %s at step %d of %d", job.job_id, state.lower(), job.step, job.plan.total_steps)

@@ -46,6 +46,8 @@ def job_message(job: StoredJob) -> pb.Job:
         create_time=_timestamp(job.created_at),
         start_time=_timestamp(job.started_at),
         end_time=_timestamp(job.ended_at),
+        worker=job.worker,
+        resumes=job.resumes,
     )
 
 
