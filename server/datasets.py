@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -280,8 +281,17 @@ class DatasetManager:
     def _entry(self, sha256: str) -> Path:
         return self.cache_dir / f"{sha256}{ENTRY_SUFFIX}"
 
-    def _partial(self, kind: str) -> Path:
-        return self.cache_dir / f"{kind}-{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
+    def _partial(self, kind: str) -> tuple[Path, int]:
+        """A new temporary file, open and locked for as long as this process has it open: servers on one
+        machine and database share the cache, and a starting one sweeps only unlocked temporary files.
+        A sweep may remove the file between its creation and its locking: then it is made again."""
+        while True:
+            path = self.cache_dir / f"{kind}-{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_nlink:
+                return path, fd
+            os.close(fd)
 
     def _entry_is_whole(self, path: Path, stored: StoredDataset) -> bool:
         """Whether a cache file this process did not write has the dataset's size and hash."""
@@ -301,9 +311,12 @@ class DatasetManager:
         layouts = column_layouts(stored.columns, stored.num_examples)
         written = [0] * len(layouts)
         digest = hashlib.sha256()
-        partial = self._partial("fill")
         try:
-            with partial.open("wb") as file:
+            partial, fd = self._partial("fill")
+        except OSError as error:
+            raise _cache_error(self.cache_dir, error, "") from None
+        try:
+            with os.fdopen(fd, "wb") as file:
                 for column, data in self.store.dataset_chunks(stored.dataset_id):
                     layout = layouts[column]
                     if written[column] + len(data) > layout.size:
@@ -311,37 +324,43 @@ class DatasetManager:
                     _write_at(file.fileno(), data, layout.offset + written[column])
                     digest.update(data)
                     written[column] += len(data)
-            name = shown(stored.dataset_id)
-            if written != [layout.size for layout in layouts]:
-                if self.store.get_dataset(stored.dataset_id, stored.tenant) is None:
-                    raise NotFound(f"dataset '{name}' was deleted", reason="DATASET_NOT_FOUND", subject=name)
-                raise DataLoss(
-                    f"dataset '{name}': the store holds {sum(written):,} bytes of it where its record says "
-                    f"{stored.size_bytes:,}",
-                    reason="DATASET_CORRUPT",
-                    subject=name,
-                )
-            if digest.hexdigest() != stored.sha256:
-                raise DataLoss(
-                    f"dataset '{name}': the bytes in the store hash to {digest.hexdigest()}, not to its sha256 "
-                    f"{stored.sha256}",
-                    reason="DATASET_CORRUPT",
-                    subject=name,
-                )
-            with self._cache_lock:
-                if stored.sha256 not in self.store.dataset_hashes():
-                    raise NotFound(f"dataset '{name}' was deleted", reason="DATASET_NOT_FOUND", subject=name)
-                os.replace(partial, path)
+                name = shown(stored.dataset_id)
+                if written != [layout.size for layout in layouts]:
+                    if self.store.get_dataset(stored.dataset_id, stored.tenant) is None:
+                        raise NotFound(f"dataset '{name}' was deleted", reason="DATASET_NOT_FOUND", subject=name)
+                    raise DataLoss(
+                        f"dataset '{name}': the store holds {sum(written):,} bytes of it where its record says "
+                        f"{stored.size_bytes:,}",
+                        reason="DATASET_CORRUPT",
+                        subject=name,
+                    )
+                if digest.hexdigest() != stored.sha256:
+                    raise DataLoss(
+                        f"dataset '{name}': the bytes in the store hash to {digest.hexdigest()}, not to its sha256 "
+                        f"{stored.sha256}",
+                        reason="DATASET_CORRUPT",
+                        subject=name,
+                    )
+                with self._cache_lock:
+                    if stored.sha256 not in self.store.dataset_hashes():
+                        raise NotFound(f"dataset '{name}' was deleted", reason="DATASET_NOT_FOUND", subject=name)
+                    os.replace(partial, path)
         except OSError as error:
             raise _cache_error(self.cache_dir, error, "") from None
         finally:
             partial.unlink(missing_ok=True)
 
     def _sweep(self) -> None:
-        """Remove what a process killed during an upload or a fill left, and entries of datasets since deleted."""
+        """Remove what a process killed during an upload or a fill left, and entries of datasets since deleted.
+        Servers on one machine and database share the cache: a temporary file another one is writing is
+        locked (see _partial; the lock goes with its process) and spared, and the directory is listed
+        before the wanted hashes are read, so that an entry kept for a dataset stored meanwhile is wanted."""
+        paths = list(self.cache_dir.iterdir())
         wanted = self.store.dataset_hashes()
-        for path in self.cache_dir.iterdir():
-            if path.suffix == PARTIAL_SUFFIX or (path.suffix == ENTRY_SUFFIX and path.stem not in wanted):
+        for path in paths:
+            if path.suffix == PARTIAL_SUFFIX:
+                _remove_abandoned(path)
+            elif path.suffix == ENTRY_SUFFIX and path.stem not in wanted:
                 log.info("removing %s from the dataset cache", path.name)
                 path.unlink(missing_ok=True)
 
@@ -387,9 +406,8 @@ class DatasetUpload:
         self._failed = False
         self._writer: threading.Thread | None = None
         self._written: StoredDataset | BaseException | None = None
-        self.path = manager._partial("upload")
         try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            self.path, self._fd = manager._partial("upload")
         except OSError as error:
             raise _cache_error(manager.cache_dir, error) from None
         try:
@@ -573,6 +591,23 @@ class DatasetUpload:
 
 def _not_found(dataset_id: str) -> NotFound:
     return NotFound(f"dataset '{shown(dataset_id)}' not found", reason="DATASET_NOT_FOUND", subject=dataset_id)
+
+
+def _remove_abandoned(path: Path) -> None:
+    """Remove a temporary file of the cache unless a process holds its lock (see DatasetManager._partial)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # another server's upload or fill
+        log.info("removing %s from the dataset cache", path.name)
+        path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 def _write_at(fd: int, data: bytes, offset: int) -> None:
