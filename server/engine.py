@@ -167,9 +167,11 @@ class Engine:
         return stream_trainer(self.instance, THIS_PROCESS, self.worker)
 
     # ------------------------------------------------------------ graphs
-    def create_graph(self, message: graph_pb2.Graph, tenant: str = "", request_id: str = "") -> GraphSummary:
+    def create_graph(
+        self, message: graph_pb2.Graph, tenant: str = "", request_id: str = "", stop: StopFlag | None = None
+    ) -> GraphSummary:
         """With a `request_id`, a retry answers with the graph the first call created (AIP-155), found
-        before the graph is validated and compiled again."""
+        before the graph is validated and compiled again. `stop` ends the build (Cancelled, nothing stored)."""
         definition = message.SerializeToString(deterministic=True)
         request = None
         if request_id:
@@ -178,8 +180,8 @@ class Engine:
             earlier = self.store.find_request(tenant, request_id)
             if earlier is not None:
                 return self._retried(request, *earlier)
-        graph = build_graph(message, self.limits)
-        plan = Plan(graph, max_request_bytes=self.limits.max_request_bytes)
+        graph = build_graph(message, self.limits, stop)
+        plan = Plan(graph, max_request_bytes=self.limits.max_request_bytes, stop=stop)
         values = graph.graph["nodes"].values
         initial = {name: values[slot] for name, slot in plan.stored.items()}
         del graph, values  # the plan keeps what it needs: free the rest before it is counted

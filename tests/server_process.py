@@ -41,6 +41,7 @@ class ServerProcess:
         self.process: subprocess.Popen[str] | None = None
         self.address = ""
         self.log: list[str] = []
+        self._logged = threading.Condition()
 
     def start(self, timeout: float = 30.0) -> ServerProcess:
         command = [sys.executable, "-m", "chainrule.server.cli", *self.global_args, "serve", "--port", "0"]
@@ -61,7 +62,7 @@ class ServerProcess:
         def read_address() -> None:
             assert self.process is not None and self.process.stdout is not None
             for line in self.process.stdout:
-                self.log.append(line)
+                self._append(line)
                 match = ADDRESS_LINE.search(line)
                 if match and not found.is_set():
                     self.address = match.group(1)
@@ -89,7 +90,21 @@ class ServerProcess:
 
     def _drain(self, stream: object) -> None:
         for line in stream:  # type: ignore[attr-defined]
+            self._append(line)
+
+    def _append(self, line: str) -> None:
+        with self._logged:
             self.log.append(line)
+            self._logged.notify_all()
+
+    def wait_for_line(self, fragment: str, timeout: float = 60.0) -> str:
+        """The first line of the server's output holding `fragment`, once it has been written; waiting
+        ends as soon as it is (`timeout` only bounds a server that never writes it)."""
+        with self._logged:
+            found = self._logged.wait_for(lambda: next((line for line in self.log if fragment in line), None), timeout)
+        if found is None:
+            raise AssertionError(f"the server wrote no line with {fragment!r} in {timeout:g} s:\n" + "".join(self.log))
+        return found
 
     def stub(self) -> graph_service_pb2_grpc.GraphServiceStub:
         return graph_service_pb2_grpc.GraphServiceStub(self.channel())

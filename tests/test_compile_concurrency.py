@@ -24,10 +24,15 @@ from chainrule.server.errors import Cancelled, NotFound
 from chainrule.server.graph import build_graph
 from chainrule.server.plan import Plan, StopFlag
 from chainrule.server.store import SqliteStore
+from chainrule.v1 import graph_service_pb2 as pb
 from tests.gradcheck import input_node, make_graph, node
-from tests.test_service import mlp_graph
+from tests.server_process import ServerProcess
+from tests.test_service import feeds, mlp_graph
+from tests.test_training import batches, config, sgd
 
 BIG_NODES = 20_000
+SERVER_BIG_NODES = 120_000
+"""Enough for a compilation of a few seconds on any machine, against milliseconds for the small calls."""
 JOIN_SECONDS = 60.0
 """Only a bound on a hung test: every wait below ends as soon as the event it waits for happens."""
 X = np.linspace(-1, 1, 12).reshape(4, 3)
@@ -80,9 +85,10 @@ def three_nodes():  # type: ignore[no-untyped-def]
 def chain(length: int):  # type: ignore[no-untyped-def]
     """x -> tanh -> tanh ... -> loss: `length` nodes in all."""
     names = ["x", *[f"t{index}" for index in range(1, length - 1)], "loss"]
-    nodes = [input_node("x", "float64", [])]
-    nodes += [node(name, "tanh", previous) for previous, name in zip(names, names[1:], strict=False)]
-    return make_graph(nodes, "chain")
+    graph = make_graph([input_node("x", "float64", [])], "chain")
+    for previous, name in zip(names, names[1:], strict=False):
+        graph.nodes.add(name=name, op="tanh", inputs=[previous])
+    return graph
 
 
 @pytest.fixture
@@ -209,6 +215,62 @@ def test_deleting_a_graph_while_it_compiles_answers_not_found(
     forward.join()
     assert isinstance(forward.error, NotFound)
     assert engine.live_graph_count == 0 and engine.compiling == []
+
+
+class StopsAfter(StopFlag):
+    """A stop flag that a build sees raised from its `checks`-th look on: as if its call ended midway."""
+
+    def __init__(self, checks: int) -> None:
+        self.looks = 0
+        self.checks = checks
+
+    @property  # type: ignore[override]
+    def stopped(self) -> bool:
+        self.looks += 1
+        return self.looks >= self.checks
+
+
+def test_a_create_graph_whose_call_ends_stops_building_and_stores_nothing(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "chainrule.db"))
+    engine = Engine(store)
+    stop = StopsAfter(checks=3)
+    with pytest.raises(Cancelled):
+        engine.create_graph(chain(BIG_NODES), stop=stop)
+    assert stop.looks == stop.checks, "the build went on after its call had ended"
+    assert engine.list_graphs(0, "")[0] == [] and engine.live_graph_count == 0
+    store.close()
+
+
+def test_through_a_server_with_one_compute_slot_small_calls_finish_while_a_big_graph_compiles(
+    tmp_path: Path,
+) -> None:
+    """`--max-concurrent-compute 1`: the first Forward of a big graph compiles it without holding the
+    slot, so a CreateGraph and a 1-step Train on another graph go through while it compiles. The order
+    is read from the server's log: both calls end before the compilation does."""
+    db = tmp_path / "chainrule.db"
+    store = SqliteStore(str(db))
+    creator = Engine(store)
+    big = creator.create_graph(chain(SERVER_BIG_NODES)).graph_id
+    trained = creator.create_graph(mlp_graph()).graph_id
+    store.close()
+    server = ServerProcess(db, ["--max-concurrent-compute", "1"]).start()
+    try:
+        stub = server.stub()
+        forward = stub.Forward.future(
+            pb.ForwardRequest(graph_id=big, feeds=feeds(x=0.5), fetches=["loss"]), timeout=JOIN_SECONDS
+        )
+        server.wait_for_line(f"compiling graph '{big}'")
+        stub.CreateGraph(pb.CreateGraphRequest(graph=three_nodes()), timeout=JOIN_SECONDS)
+        requests = [config(trained, sgd(0.1), checkpoint_every=1), *batches(1)]
+        assert [response.step for response in stub.Train(iter(requests), timeout=JOIN_SECONDS)] == [1]
+        server.wait_for_line(f"compiled graph '{big}'")
+        forward.cancel()
+        log = "".join(server.log)
+        compiled = log.index(f"compiled graph '{big}'")
+        assert log.index("CreateGraph OK") < compiled, "the CreateGraph waited for the big compilation"
+        assert log.index("Train OK") < compiled, "the 1-step Train waited for the big compilation"
+    finally:
+        server.kill()
 
 
 # ---------------------------------------------------------------- planning a pass and checking its memory

@@ -2,6 +2,10 @@
 
 Every RPC's behaviour is here, one method each; the math is in the engine, the per-call
 plumbing (auth, admission, logging, error statuses) in `calls`.
+
+Compiling a graph (CreateGraph, or the first call of a graph not in memory) happens before a call
+takes its compute slot: the slots bound the calls running graphs, and a big graph compiling for
+seconds must not keep small calls on other graphs waiting for one.
 """
 
 from __future__ import annotations
@@ -96,8 +100,7 @@ class GraphService(Servicer, graph_service_pb2_grpc.GraphServiceServicer):
         self, request: pb.CreateGraphRequest, context: grpc.ServicerContext, call: Call
     ) -> pb.CreateGraphResponse:
         full = graph_view(request.view, graph_pb2.GRAPH_VIEW_BASIC)
-        with self.computing(call):
-            summary = self.engine.create_graph(request.graph, call.tenant, request.request_id)
+        summary = self.engine.create_graph(request.graph, call.tenant, request.request_id, call.stop)
         if not summary.retried:
             self.calls.metrics.graphs.inc()
         return pb.CreateGraphResponse(graph=graph_info(summary, full))
@@ -138,6 +141,7 @@ class GraphService(Servicer, graph_service_pb2_grpc.GraphServiceServicer):
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext, call: Call) -> pb.ForwardResponse:
         feeds = self.decode_feeds(request.feeds)
         fetches = list(request.fetches)
+        self.engine.live(request.graph_id, call.tenant, call.stop)
         with self.computing(call):
             values = self.engine.forward(
                 request.graph_id, feeds, fetches, call.tenant, call.stop, training=request.training, seed=request.seed
@@ -150,6 +154,7 @@ class GraphService(Servicer, graph_service_pb2_grpc.GraphServiceServicer):
         gradient that saves two full copies of it."""
         feeds = self.decode_feeds(request.feeds)
         loss_grad = decode_tensor(request.loss_grad, "loss_grad") if request.HasField("loss_grad") else None
+        self.engine.live(request.graph_id, call.tenant, call.stop)
         with self.computing(call):
             loss, gradients = self.engine.backward(
                 request.graph_id,
@@ -323,7 +328,7 @@ class GraphService(Servicer, graph_service_pb2_grpc.GraphServiceServicer):
             )
         with self.computing(call):
             imported = onnx_models.import_model(request.model, request.name, list(request.frozen), self.engine.limits)
-            summary = self.engine.create_graph(imported.graph, call.tenant)
+        summary = self.engine.create_graph(imported.graph, call.tenant, stop=call.stop)
         self.calls.metrics.graphs.inc()
         return pb.ImportOnnxResponse(graph=graph_info(summary, False), outputs=imported.outputs)
 
