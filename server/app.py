@@ -92,7 +92,7 @@ class ServerOptions:
     max_live_graphs: int = DEFAULT_MAX_LIVE_GRAPHS
     max_live_memory_bytes: int = DEFAULT_MAX_LIVE_MEMORY_MB << 20
     max_concurrent_rpcs_per_tenant: int | None = None
-    """None: half of max_concurrent_rpcs when there are tenants (auth_tokens), else no limit of its own."""
+    """None: half of max_concurrent_rpcs (without auth_tokens every caller is one tenant, held to it too)."""
     max_concurrent_compute: int | None = None
     """None: one per core this process may run on."""
     stream_idle_seconds: float = DEFAULT_STREAM_IDLE_SECONDS
@@ -203,9 +203,7 @@ class RunningServer:
         )
         self.metrics = Metrics()
         self.metrics.graphs.set(self.store.count_graphs())
-        per_tenant = options.max_concurrent_rpcs_per_tenant
-        if per_tenant is None and self.tokens is not None:
-            per_tenant = max(1, options.max_concurrent_rpcs // 2)
+        per_tenant = options.max_concurrent_rpcs_per_tenant or max(1, options.max_concurrent_rpcs // 2)
         self.calls = CallGate(
             self.tokens,
             self.metrics,

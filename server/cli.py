@@ -261,8 +261,8 @@ def add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
     limits.add_argument(
         "--max-concurrent-rpcs-per-tenant",
         type=POSITIVE,
-        help="calls and streams one tenant may have open at once (default: half of --max-concurrent-rpcs "
-        "with --auth-tokens; without tokens every caller is one tenant and only --max-concurrent-rpcs applies)",
+        help="calls and streams one tenant may have open at once (default: half of --max-concurrent-rpcs; "
+        "without --auth-tokens every caller is one tenant, held to it too)",
     )
     limits.add_argument(
         "--max-concurrent-compute",

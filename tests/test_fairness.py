@@ -60,6 +60,7 @@ def started(stub, graph_id: str, metadata: tuple = ()) -> OpenStream:  # type: i
 # ---------------------------------------------------------------- idle streams
 def test_idle_train_streams_end_with_deadline_exceeded_their_steps_committed(tmp_path: Path) -> None:
     args = ["--stream-idle-seconds", "1", "--workers", "4", "--max-concurrent-rpcs", "2"]
+    args += ["--max-concurrent-rpcs-per-tenant", "2"]
     server = ServerProcess(tmp_path / "db", args).start()
     try:
         stub = server.stub()
@@ -142,6 +143,24 @@ def test_one_tenant_cannot_take_every_slot(tenants_server: ServerProcess) -> Non
         assert list(stream.responses) == []
 
 
+def test_an_open_server_is_one_tenant_held_to_half_the_calls_by_default(tmp_path: Path) -> None:
+    """Without --auth-tokens every caller is the one tenant "", held like any tenant to half of
+    --max-concurrent-rpcs unless --max-concurrent-rpcs-per-tenant says otherwise."""
+    server = ServerProcess(tmp_path / "db", ["--workers", "8", "--max-concurrent-rpcs", "4"]).start()
+    try:
+        stub = server.stub()
+        graph_id = stub.CreateGraph(pb.CreateGraphRequest(graph=mlp_graph())).graph.graph_id
+        streams = [started(stub, graph_id) for _ in range(2)]
+        error = refusal(lambda: stub.ListGraphs(pb.ListGraphsRequest(), timeout=10))
+        details = error.details()  # type: ignore[attr-defined]
+        assert "2 calls and streams open, its limit (--max-concurrent-rpcs-per-tenant)" in details
+        for stream in streams:
+            stream.close()
+            assert list(stream.responses) == []
+    finally:
+        server.kill()
+
+
 def test_the_per_tenant_limit_is_a_flag(tmp_path: Path) -> None:
     server = ServerProcess(tmp_path / "db", ["--max-concurrent-rpcs-per-tenant", "1"]).start()
     try:
@@ -160,7 +179,8 @@ def test_the_per_tenant_limit_is_a_flag(tmp_path: Path) -> None:
 def test_calls_refused_for_capacity_never_crowd_out_health_checks(tmp_path: Path) -> None:
     """With --max-concurrent-rpcs filled, callers retrying at once keep refused calls passing through
     the spare threads; gRPC's own concurrency limit once refused health checks among them."""
-    server = ServerProcess(tmp_path / "db", ["--workers", "4", "--max-concurrent-rpcs", "2"]).start()
+    args = ["--workers", "4", "--max-concurrent-rpcs", "2", "--max-concurrent-rpcs-per-tenant", "2"]
+    server = ServerProcess(tmp_path / "db", args).start()
     stop = threading.Event()
     try:
         stub = server.stub()

@@ -90,7 +90,8 @@ def test_node_count_and_name_length_limits_are_flags(tmp_path: Path) -> None:
 
 
 def test_a_saturated_server_refuses_calls_at_once_and_still_answers_health_checks(tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path / "db", ["--workers", "4", "--max-concurrent-rpcs", "2"]).start()
+    args = ["--workers", "4", "--max-concurrent-rpcs", "2", "--max-concurrent-rpcs-per-tenant", "2"]
+    server = ServerProcess(tmp_path / "db", args).start()
     try:
         stub = server.stub()
         outboxes: list[queue.Queue[pb.TrainRequest | None]] = []
@@ -108,7 +109,7 @@ def test_a_saturated_server_refuses_calls_at_once_and_still_answers_health_check
         with pytest.raises(grpc.RpcError) as raised:
             stub.ListGraphs(pb.ListGraphsRequest(), timeout=10)
         assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
-        assert "--max-concurrent-rpcs" in raised.value.details()  # type: ignore[attr-defined]
+        assert "its limit (--max-concurrent-rpcs)" in raised.value.details()  # type: ignore[attr-defined]
         health = health_pb2_grpc.HealthStub(server.channel()).Check(health_pb2.HealthCheckRequest(service=""))
         assert health.status == health_pb2.HealthCheckResponse.SERVING
 

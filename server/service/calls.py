@@ -119,19 +119,20 @@ class CallGate:
             self._compute = FairSlots(self.compute_slots)
 
     def admit(self, tenant: str) -> None:
-        """Count a call of `tenant`, or refuse it at once rather than queue it."""
+        """Count a call of `tenant`, or refuse it at once rather than queue it (a full server says so
+        before a tenant's own limit does)."""
         with self._lock:
+            if self.max_calls is not None and self._open.total() >= self.max_calls:
+                raise ResourceExhausted(
+                    f"the server is already serving {self.max_calls} calls and streams, its limit "
+                    "(--max-concurrent-rpcs); retry later",
+                    reason="TOO_MANY_CALLS",
+                )
             limit = self.max_calls_per_tenant
             if limit is not None and self._open[tenant] >= limit:
                 raise ResourceExhausted(
                     f"this tenant already has {limit} calls and streams open, its limit "
                     "(--max-concurrent-rpcs-per-tenant); retry later",
-                    reason="TOO_MANY_CALLS",
-                )
-            if self.max_calls is not None and self._open.total() >= self.max_calls:
-                raise ResourceExhausted(
-                    f"the server is already serving {self.max_calls} calls and streams, its limit "
-                    "(--max-concurrent-rpcs); retry later",
                     reason="TOO_MANY_CALLS",
                 )
             self._open[tenant] += 1
