@@ -83,7 +83,9 @@ class Client:
     long as its bytes take. The channel receives messages of
     up to `max_message_mb` MiB (the server's default --max-message-mb, instead of gRPC's 4 MiB),
     so a Forward of large tensors or a graph's definition arrives whole; parameters and
-    gradients stream in chunks whatever the limit.
+    gradients stream in chunks whatever the limit. The client does not learn the server's own
+    limit: for a server started with a larger --max-message-mb, pass the same value here, or
+    answers above 512 MiB fail with RESOURCE_EXHAUSTED.
     """
 
     def __init__(

@@ -78,7 +78,8 @@ def connection_options() -> argparse.ArgumentParser:
         type=_message_mb,
         default=DEFAULT_MAX_MESSAGE_MB,
         metavar="MB",
-        help="largest answer accepted, MiB (default: %(default)s, the server's own default limit)",
+        help="largest answer accepted, MiB (default: %(default)s, the server's own default limit; "
+        "raise it to match a server started with a larger --max-message-mb)",
     )
     return connection
 

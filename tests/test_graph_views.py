@@ -363,6 +363,21 @@ def test_the_python_client_receives_up_to_the_servers_message_limit(server: Serv
     assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+def test_raising_the_client_limit_for_a_server_with_a_larger_one_is_documented() -> None:
+    """The clients' 512 MiB is fixed: every place a user reads about it says to match a larger server limit."""
+    root = Path(__file__).resolve().parent.parent
+    client_help = " ".join(chainrule("graphs", "--help").stdout.split())
+    places = {
+        "Client docstring": " ".join((cr.Client.__doc__ or "").split()),
+        "README.md": " ".join((root / "README.md").read_text().split()),
+        "docs/clients.md": " ".join((root / "docs" / "clients.md").read_text().split()),
+        "client/node/README.md": " ".join((root / "client" / "node" / "README.md").read_text().split()),
+        "chainrule graphs --help": client_help,
+    }
+    for place, text in places.items():
+        assert "larger --max-message-mb" in text or "larger `--max-message-mb`" in text, place
+
+
 def test_chainrule_show_prints_a_model_with_a_1500x1500_weight(server: ServerProcess, dense_id: str) -> None:
     result = chainrule("show", dense_id, "--address", server.address)
     assert result.returncode == 0, result.stderr
