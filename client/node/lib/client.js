@@ -148,6 +148,83 @@ function followStream(call, onData, onDone) {
   });
 }
 
+/** Events a watch holds for a busy reader before it pauses the stream (the server keeps the rest). */
+const WATCH_BUFFER = 256;
+const RETRY_DELAY_MS = 1000;
+
+/**
+ * The messages of a response stream as an async iterator that throws the stream's error after
+ * its last message. It pauses the stream while WATCH_BUFFER messages wait for the reader (gRPC's
+ * flow control then holds the server back) and cancels the call when the reader leaves early or
+ * `signal` aborts.
+ */
+async function* messagesOf(call, signal) {
+  const waiting = [];
+  let done = false;
+  let failure = null;
+  let paused = false;
+  let wake = null;
+  const notify = () => {
+    if (wake !== null) wake();
+    wake = null;
+  };
+  followStream(
+    call,
+    (message) => {
+      waiting.push(message);
+      if (!paused && waiting.length >= WATCH_BUFFER) {
+        paused = true;
+        call.pause();
+      }
+      notify();
+    },
+    (error) => {
+      done = true;
+      failure = error;
+      notify();
+    },
+  );
+  const abort = () => call.cancel();
+  if (signal) signal.addEventListener('abort', abort, { once: true });
+  try {
+    if (signal && signal.aborted) abort();
+    while (true) {
+      if (waiting.length > 0) {
+        const message = waiting.shift();
+        if (paused && waiting.length <= WATCH_BUFFER / 2) {
+          paused = false;
+          call.resume();
+        }
+        if (signal && signal.aborted) return;
+        yield message;
+      } else if (done) {
+        if (failure !== null) throw failure;
+        return;
+      } else {
+        await new Promise((resolve) => {
+          wake = resolve;
+        });
+      }
+    }
+  } finally {
+    if (signal) signal.removeEventListener('abort', abort);
+    if (!done) call.cancel();
+  }
+}
+
+/** Resolves after `ms`, or at once when `signal` aborts. */
+function sleep(ms, signal) {
+  return new Promise((resolve) => {
+    const timer = setTimeout(done, ms);
+    function done() {
+      clearTimeout(timer);
+      if (signal) signal.removeEventListener('abort', done);
+      resolve();
+    }
+    if (signal) signal.addEventListener('abort', done, { once: true });
+  });
+}
+
 /** Resolves when `emitter` emits `event`, or when `stop` resolves first. */
 function onceOr(emitter, event, stop) {
   return new Promise((resolve) => {
@@ -368,38 +445,56 @@ class Client {
   }
 
   /**
-   * Follows a job (WatchJob): resolves, when the job has ended and the stream with it, to every
-   * event received, in order: its state first, then one per step from `fromStep` (history, then
-   * live), with a state event at each change of state; the last is the final state. `onEvent(event)`
-   * is called as each arrives (see jobEvent for its form). An AbortSignal `signal` stops watching:
-   * the promise then resolves to the events received so far.
+   * A job's events (WatchJob) as an async iterator: its state first, then one per step from
+   * `fromStep` (history, then live), with a state event at each change of state, the last being
+   * the final state; see jobEvent for their form. It reads at the pace of its reader: while the
+   * reader is busy, at most a few hundred events wait here and the server holds the rest, so a
+   * slow reader neither misses events nor gathers them in memory. The watch has no deadline (the
+   * client's deadlineMs is for unary calls; a job may run for days). With `resume` (the default),
+   * a dropped connection or a restarting server (UNAVAILABLE) is watched again after
+   * `retryDelayMs`, from the step after the last one seen, so no step is missed or repeated (nor
+   * the state seen last). Leaving the loop, or aborting the AbortSignal `signal`, ends the watch.
    */
-  watchJob(jobId, { fromStep = 0, onEvent, signal } = {}) {
-    return new Promise((resolve, reject) => {
-      const call = this.jobStub.WatchJob({ job_id: jobId, from_step: fromStep }, callOptions(this.deadlineMs));
-      const events = [];
-      let aborted = false;
-      if (signal) {
-        const abort = () => {
-          aborted = true;
-          call.cancel();
-        };
-        if (signal.aborted) abort();
-        else signal.addEventListener('abort', abort, { once: true });
-      }
-      followStream(
-        call,
-        (message) => {
+  async *jobEvents(jobId, { fromStep = 0, signal, resume = true, retryDelayMs = RETRY_DELAY_MS } = {}) {
+    let next = fromStep;
+    let lastState = null;
+    let resumed = false;
+    while (!(signal && signal.aborted)) {
+      const call = this.jobStub.WatchJob({ job_id: jobId, from_step: next });
+      try {
+        for await (const message of messagesOf(call, signal)) {
           const event = jobEvent(message);
-          events.push(event);
-          if (onEvent) onEvent(event);
-        },
-        (error) => {
-          if (error !== null && !(aborted && error.code === grpc.status.CANCELLED)) reject(wrapError(error));
-          else resolve(events);
-        },
-      );
-    });
+          if (event.state === null) next = event.step + 1;
+          else if (resumed && event.state === lastState) continue; // the state the broken watch last told
+          else lastState = event.state;
+          resumed = false;
+          yield event;
+        }
+        return;
+      } catch (error) {
+        if (signal && signal.aborted && error.code === grpc.status.CANCELLED) return;
+        if (!resume || error.code !== grpc.status.UNAVAILABLE) throw wrapError(error);
+      }
+      resumed = true;
+      await sleep(retryDelayMs, signal);
+    }
+  }
+
+  /**
+   * Follows a job to its end (see jobEvents, which this reads): resolves to every event received,
+   * in order, or with `collect: false` to the last one only (the final state, once the job has
+   * ended), for a long job whose events `onEvent(event)` handles as they arrive. Aborting the
+   * AbortSignal `signal` stops watching: the promise then resolves to what was received so far.
+   */
+  async watchJob(jobId, { fromStep = 0, onEvent, signal, collect = true, resume = true, retryDelayMs } = {}) {
+    const events = [];
+    let last = null;
+    for await (const event of this.jobEvents(jobId, { fromStep, signal, resume, retryDelayMs })) {
+      if (collect) events.push(event);
+      last = event;
+      if (onEvent) onEvent(event);
+    }
+    return collect ? events : last;
   }
 
   /** Evaluates `fetches`; feeds is {name: value} (see tensors.encode). Resolves to {name: tensor}. */

@@ -1,11 +1,13 @@
 'use strict';
 // Jobs from Node: createJob on an uploaded dataset, watchJob from the start and from a later step,
-// getJob, listJobs, cancelJob, and the refusals CreateJob gives up front.
+// getJob, listJobs, cancelJob, and the refusals CreateJob gives up front; watches that outlast the
+// unary deadline, survive a dropped connection, keep no events, or are read as async iterators.
 
+const net = require('node:net');
 const { describe, it, before, after } = require('node:test');
 const assert = require('node:assert/strict');
-const { GraphBuilder, tensors } = require('..');
-const { connect } = require('./support');
+const { Client, GraphBuilder, tensors } = require('..');
+const { connect, serverAddress } = require('./support');
 
 const EXAMPLES = 48;
 
@@ -28,6 +30,41 @@ function logistic() {
   g.op('mean', 'accuracy', ['right_float']);
   return g.build();
 }
+
+/**
+ * A TCP relay on 127.0.0.1 in front of the server whose open connections `drop()` cuts, as a
+ * network fault or a restarting server would; it accepts new connections after.
+ */
+async function relay(target) {
+  const [host, port] = [target.slice(0, target.lastIndexOf(':')), Number(target.slice(target.lastIndexOf(':') + 1))];
+  const open = new Set();
+  let connections = 0;
+  const server = net.createServer((incoming) => {
+    connections += 1;
+    const outgoing = net.connect(port, host);
+    for (const [from, to] of [[incoming, outgoing], [outgoing, incoming]]) {
+      open.add(from);
+      from.pipe(to);
+      from.on('error', () => to.destroy());
+      from.on('close', () => {
+        open.delete(from);
+        to.destroy();
+      });
+    }
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return {
+    address: `127.0.0.1:${server.address().port}`,
+    connections: () => connections,
+    drop: () => {
+      for (const socket of open) socket.destroy();
+    },
+    close: () => new Promise((resolve) => server.close(resolve)),
+  };
+}
+
+const steps = (events) => events.filter((event) => event.state === null).map((event) => event.step);
+const upTo = (count) => Array.from({ length: count }, (_, i) => i + 1);
 
 function columns() {
   const x = new Float64Array(EXAMPLES * 2);
@@ -118,4 +155,74 @@ describe('jobs', () => {
       return true;
     });
   });
+
+  it('watches a job for longer than the per-call deadline', async () => {
+    const hurried = new Client(serverAddress(), { deadlineMs: 300 });
+    const created = await hurried.createJob(spec({ max_steps: 1000000000 }));
+    try {
+      let first = null;
+      let cancelling = null;
+      const events = await hurried.watchJob(created.job_id, {
+        onEvent: (event) => {
+          first = first ?? Date.now();
+          // Well past the 300 ms deadline of unary calls, the job is cancelled: the watch ends then, with it.
+          if (cancelling === null && Date.now() - first > 1500) cancelling = hurried.cancelJob(created.job_id);
+        },
+      });
+      await cancelling;
+      assert.equal(events.at(-1).state, 'cancelled');
+      assert.deepEqual(steps(events), upTo((await hurried.getJob(created.job_id)).step));
+    } finally {
+      await hurried.cancelJob(created.job_id); // a job left running would hold the next tests' jobs in the queue
+      hurried.close();
+    }
+  });
+
+  it('resumes after a dropped connection from the step after the last it saw', async () => {
+    const proxy = await relay(serverAddress());
+    const watcher = new Client(proxy.address, { deadlineMs: 60000 });
+    try {
+      const created = await client.createJob(spec({ max_steps: 3000, shuffle: false }));
+      let dropped = false;
+      const events = await watcher.watchJob(created.job_id, {
+        retryDelayMs: 50,
+        onEvent: (event) => {
+          if (!dropped && event.step >= 100) {
+            dropped = true;
+            proxy.drop();
+          }
+        },
+      });
+      assert.ok(proxy.connections() >= 2, 'the watch connected again');
+      assert.deepEqual(steps(events), upTo(3000));
+      const states = events.filter((event) => event.state !== null).map((event) => event.state);
+      assert.equal(states.at(-1), 'succeeded');
+      assert.ok(states.every((state, i) => i === 0 || state !== states[i - 1]), `states repeat: ${states}`);
+    } finally {
+      watcher.close();
+      await proxy.close();
+    }
+  });
+
+  it('follows a job without keeping its events, or as an async iterator read at its own pace', async () => {
+    const created = await client.createJob(spec({ epochs: 4, evaluation: { metrics: ['accuracy'], every_steps: 4 } }));
+    const seen = [];
+    const last = await client.watchJob(created.job_id, { collect: false, onEvent: (event) => seen.push(event) });
+    assert.deepEqual(last, { state: 'succeeded' });
+    assert.deepEqual(steps(seen), upTo(24));
+    const iterated = [];
+    for await (const event of client.jobEvents(created.job_id, { fromStep: 3 })) {
+      iterated.push(event);
+      await new Promise((resolve) => setTimeout(resolve, 2)); // a slow reader misses nothing
+    }
+    assert.deepEqual(steps(iterated), upTo(24).slice(2));
+    assert.deepEqual(iterated.at(-1), { state: 'succeeded' });
+    const early = [];
+    for await (const event of client.jobEvents(created.job_id)) {
+      early.push(event);
+      if (early.length === 5) break; // leaving the loop ends the watch
+    }
+    assert.equal(early.length, 5);
+  });
 });
+
