@@ -337,6 +337,24 @@ def test_stream_parameters_sends_the_step_and_the_named_parameters(
     assert missing.code == grpc.StatusCode.NOT_FOUND
 
 
+def test_stream_parameters_without_names_sends_state_nodes_too_as_its_proto_says(
+    stub: graph_service_pb2_grpc.GraphServiceStub,
+) -> None:
+    nodes = [
+        graph_pb2.Node(name="w", op="parameter", value=tensors.encode(np.ones(2))),
+        graph_pb2.Node(name="running", op="state", value=tensors.encode(np.zeros(2))),
+        graph_pb2.Node(name="y", op="add", inputs=["w", "running"]),
+    ]
+    graph_id = stub.CreateGraph(
+        pb.CreateGraphRequest(graph=graph_pb2.Graph(name="stateful", nodes=nodes))
+    ).graph.graph_id
+    (every,) = stub.StreamParameters(pb.StreamParametersRequest(graph_id=graph_id))
+    assert sorted(named.name for named in every.parameters) == ["running", "w"]
+    proto = (Path(__file__).resolve().parent.parent / "proto" / "chainrule" / "v1" / "graph_service.proto").read_text()
+    request = proto[proto.index("message StreamParametersRequest") :].split("}", 1)[0]
+    assert "empty means every parameter and state node" in request, request
+
+
 def lecture_id(stub: graph_service_pb2_grpc.GraphServiceStub) -> str:
     return stub.CreateGraph(pb.CreateGraphRequest(graph=lecture())).graph.graph_id
 

@@ -837,7 +837,7 @@ class StreamParametersRequest(_message.Message):
     graph_id: _builtins.str
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Empty means every parameter."""
+        """Parameter and state node names; empty means every parameter and state node."""
 
     def __init__(
         self,
