@@ -12,9 +12,10 @@ sends back one loss, one set of gradients and replica 0's state updates. When th
 Ray ends its actors with it.
 
 Messages (pickled through multiprocessing's Connection): the server sends an `Opening`, then
-("step", step, shards, updates) or ("close",); the driver answers each with ("ready",) or
-("result", loss, gradients, state_updates), or with ("lost", counts, message) when a replica or
-the cluster is gone, or ("error", kind, message, reason, subject) when the computation itself
+("step", step, shards, updates) or ("close",). The driver answers the opening with ("joined",)
+once it is in the cluster, then ("ready", pids) once its replicas are; each step with ("result",
+loss, gradients, state_updates). Either may instead be ("lost", counts, message) when a replica
+or the cluster is gone, or ("error", kind, message, reason, subject) when the computation itself
 failed (the error a replica's graph raised).
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Mapping
@@ -40,6 +42,7 @@ from chainrule.v1 import graph_pb2
 
 Array = np.ndarray
 PARENT_POLL_SECONDS = 1.0
+JOIN_PROBE_SECONDS = 3.0
 """How often a waiting driver looks whether its server is still there."""
 CLUSTER_TIMEOUT_SECONDS = 15
 """How long a driver's connection to the head may stay broken before Ray ends the driver (Ray's
@@ -123,6 +126,9 @@ class Driver:
 
     def open(self) -> tuple:
         ray, opening = self.ray, self.opening
+        silent = _silent(opening.address)
+        if silent is not None:
+            return ("lost", False, silent)
         try:
             ray.init(
                 address=opening.address,
@@ -133,6 +139,7 @@ class Driver:
             )
         except Exception as error:  # noqa: BLE001 - whatever Ray raises, the cluster cannot be joined now
             return ("lost", False, f"the Ray cluster at {opening.address} cannot be joined: {_first_line(error)}")
+        self.connection.send(("joined",))
         columns = {name: _mapped(column) for name, column in opening.columns.items()}
         data = ray.put(columns)
         del columns
@@ -213,6 +220,18 @@ def _mapped(column: MappedColumn | Array) -> Array:
     if isinstance(column, MappedColumn):
         return np.asarray(np.memmap(column.path, np.dtype(column.dtype), "r", column.offset, column.shape))
     return column
+
+
+def _silent(address: str) -> str | None:
+    """Why nothing answers at a HOST:PORT address, if nothing does (Ray's own join waits minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return None  # auto: Ray finds the address itself
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=JOIN_PROBE_SECONDS):
+            return None
+    except OSError as error:
+        return f"nothing answers at the Ray cluster's address {address}: {error.strerror or error}"
 
 
 def _first_line(error: BaseException) -> str:

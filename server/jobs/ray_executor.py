@@ -15,11 +15,13 @@ commits, and its runner tries again until the cluster answers.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from multiprocessing.connection import Connection
 from typing import IO, Any
 
@@ -38,6 +40,8 @@ log = logging.getLogger("chainrule.server.jobs.ray")
 DEFAULT_REPLICA_CPUS = 1.0
 POLL_SECONDS = 0.5
 CLOSE_SECONDS = 10.0
+JOIN_SECONDS = 60.0
+"""How long a driver may take to join the cluster (Ray's own join waits minutes for an absent head)."""
 LOG_TAIL_BYTES = 2000
 
 
@@ -66,6 +70,7 @@ class RayExecutor:
         session, plan = context.session, context.plan
         live = session.live
         self.session = session
+        self.address = factory.cluster.address
         self.computing = context.computing
         self.replicas = plan.replicas
         self.flag = StopFlag()
@@ -102,7 +107,9 @@ class RayExecutor:
             self.connection = Connection(ours.detach())
         try:
             self.connection.send(opening)
-            answer = self._receive(context.stopping)
+            answer = self._receive(context.stopping, time.monotonic() + JOIN_SECONDS)
+            if answer[0] == "joined":  # then the replicas, which may wait for the cluster's CPUs
+                answer = self._receive(context.stopping)
             if answer[0] != "ready":
                 raise self._failure(answer)
         except BaseException:
@@ -144,9 +151,10 @@ class RayExecutor:
                 f"the job's Ray driver ended: {self._output_tail()}", reason="RAY_UNAVAILABLE"
             ) from None
 
-    def _receive(self, stopping: Any = None) -> tuple:
-        """The driver's next answer; RayClusterLost when the driver ends first, or when `stopping`
-        says to give up (a job waiting for the cluster is cancelled, or the server stops)."""
+    def _receive(self, stopping: Any = None, deadline: float = math.inf) -> tuple:
+        """The driver's next answer; RayClusterLost when the driver ends first, when `stopping`
+        says to give up (a job waiting for the cluster is cancelled, or the server stops), or at
+        `deadline`."""
         while True:
             try:
                 if self.connection.poll(POLL_SECONDS):
@@ -159,6 +167,11 @@ class RayExecutor:
                 raise self._driver_ended()
             if stopping is not None and stopping():
                 raise RayClusterLost("stopped while waiting for the Ray cluster", reason="RAY_UNAVAILABLE")
+            if time.monotonic() > deadline:
+                raise RayClusterLost(
+                    f"the Ray cluster at {self.address} did not take the job's driver within {JOIN_SECONDS:.0f} s",
+                    reason="RAY_UNAVAILABLE",
+                )
 
     def _driver_ended(self) -> RayClusterLost:
         return RayClusterLost(f"the job's Ray driver ended: {self._output_tail()}", reason="RAY_UNAVAILABLE")

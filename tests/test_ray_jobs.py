@@ -1,0 +1,293 @@
+"""Jobs on a real Ray cluster (tests/ray_cluster.py: one head for the session, 127.0.0.1 only, token
+authentication on) through real servers: data-parallel replicas agree with one replica and with the
+in-process engine; a replica killed mid-job is replaced and the job finishes correct; the head lost
+mid-job and a new one started on its address, the job resumes and ends bit-identical to a run that
+was never interrupted.
+
+What CreateJob refuses about replicas, and how shards combine, is checked without Ray (no cluster
+needed), as is the server's answer to --ray-address without the extra.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+import chainrule.client as cr
+from chainrule.server import optim
+from chainrule.server.graph import build_graph
+from chainrule.server.jobs.replicas import Reduction, combine, compute_shard, loss_reduction, split_rows
+from chainrule.server.ops import Mode
+from chainrule.server.plan import Plan
+from tests.ray_cluster import RayHeadFixture
+from tests.server_process import ServerProcess
+from tests.test_jobs import Reference, assert_same_bits, wait_for, wait_running
+
+WAIT_SECONDS = 180.0
+CLASSES = 3
+IGNORED = -100
+WORKER_PIDS = re.compile(r"job (\w+): (\d+) replicas on Ray \(worker pids \[([\d, ]+)\]\)")
+
+
+def classifier(dtype: str = "float64", penalized: bool = False) -> cr.GraphBuilder:
+    """A small MLP over 4 features into 3 classes, its loss a softmax cross-entropy over class labels
+    (some labelled IGNORED, so shards average over different counts of rows); `penalized` adds
+    `total`, the loss plus a mean of squared weights beside it (no reduction replicas can combine)."""
+    rng = np.random.default_rng(7)
+    g = cr.GraphBuilder("classifier", default_dtype=dtype)
+    x = g.input("x", dtype=dtype, shape=[-1, 4])
+    y = g.input("y", dtype="int64", shape=[-1])
+    w1 = g.parameter("w1", rng.normal(scale=0.5, size=(4, 8)).astype(dtype))
+    b1 = g.parameter("b1", np.zeros(8, dtype=dtype))
+    w2 = g.parameter("w2", rng.normal(scale=0.5, size=(8, CLASSES)).astype(dtype))
+    hidden = cr.tanh(x @ w1 + b1)
+    loss = cr.softmax_cross_entropy(hidden @ w2, y, ignore_index=IGNORED, name="loss")
+    if penalized:
+        cr.add(loss, cr.mean(w1 * w1), name="total")
+    return g
+
+
+def classes(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(count, 4))
+    y = np.argmax(x[:, :CLASSES] + 0.3 * rng.normal(size=(count, CLASSES)), axis=1).astype(np.int64)
+    y[rng.random(count) < 0.2] = IGNORED
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def ray_environment(ray_cluster: RayHeadFixture) -> Iterator[None]:
+    """How servers join the session's cluster: its token's file and loopback only, through their environment."""
+    saved = {name: os.environ.get(name) for name in ray_cluster.environment}
+    os.environ.update(ray_cluster.environment)
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def ray_server(db: Path | str, cluster: RayHeadFixture, *extra: str) -> ServerProcess:
+    # Half a CPU per replica: the session's 2-CPU cluster holds two 2-replica jobs at once.
+    arguments = ["--ray-address", cluster.address, "--ray-replica-cpus", "0.5", "--checkpoint-every", "5", *extra]
+    return ServerProcess(db, arguments).start(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(
+    ray_cluster: RayHeadFixture, ray_environment: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    process = ray_server(tmp_path_factory.mktemp("ray") / "chainrule.db", ray_cluster, "--job-workers", "2")
+    yield process
+    process.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> Iterator[cr.Client]:
+    with cr.Client(server.address, timeout=WAIT_SECONDS) as connected:
+        yield connected
+
+
+def start_job(client: cr.Client, dataset_id: str, replicas: int, steps: int, **options: object) -> tuple[str, cr.Job]:
+    graph_id = client.create_graph(classifier()).graph_id
+    job = client.create_job(
+        graph_id,
+        dataset_id,
+        loss="loss",
+        optimizer=cr.Adam(0.02),
+        feeds={"x": "x", "y": "y"},
+        batch_size=21,
+        max_steps=steps,
+        seed=11,
+        shuffle=True,
+        replicas=replicas,
+        **options,  # type: ignore[arg-type]
+    )
+    return graph_id, job
+
+
+def finished(job: cr.Job) -> None:
+    info = job.wait(progress=False)
+    assert info.state == "succeeded", info.error
+
+
+def worker_pids(server: ServerProcess, job_id: str) -> list[list[int]]:
+    """The worker processes of each run of the job's replicas, as the server logged them."""
+    runs = []
+    for line in list(server.log):
+        match = WORKER_PIDS.search(line)
+        if match and match.group(1) == job_id:
+            runs.append([int(pid) for pid in match.group(3).split(",")])
+    return runs
+
+
+def relative_difference(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> float:
+    return max(float(np.max(np.abs(got[name] - want[name]) / np.maximum(np.abs(want[name]), 1e-300))) for name in want)
+
+
+# ---------------------------------------------------------------- without Ray
+def test_shards_combine_to_the_whole_batch_gradient() -> None:
+    """The weighted combination of shards equals the whole batch's loss and gradients, whatever the
+    counts of ignored rows in each shard, and a shard that ignores every row counts for nothing."""
+    built = build_graph(classifier().to_proto())
+    graph = Plan(built)
+    values = built.graph["nodes"].values
+    parameters = {name: values[slot] for name, slot in graph.parameters.items()}
+    x, y = classes(21, seed=3)
+    y[14:21] = IGNORED  # the last of three shards averages over no row at all
+    names = list(graph.parameters)
+    reduction = loss_reduction(graph, "loss")
+    assert reduction == Reduction(True, "y", IGNORED)
+    mode = Mode(training=True, seed=1, step=0)
+    whole = compute_shard(graph, parameters, {"x": x, "y": y}, "loss", names, reduction, mode)
+    for replicas in (2, 3, 5):
+        shards = [
+            compute_shard(graph, parameters, {"x": x[rows], "y": y[rows]}, "loss", names, reduction, mode)
+            for rows in split_rows(slice(0, 21), replicas)
+        ]
+        loss, gradients, _ = combine(shards, reduction)
+        assert loss == pytest.approx(whole.loss, rel=1e-13)
+        assert relative_difference(gradients, whole.gradients) < 1e-12
+
+
+def test_split_rows_is_contiguous_and_fixed() -> None:
+    assert split_rows(slice(10, 17), 3) == [slice(10, 13), slice(13, 15), slice(15, 17)]
+    order = np.array([5, 3, 9, 1, 7])
+    shards = split_rows(order, 2)
+    assert [shard.tolist() for shard in shards] == [[5, 3, 9], [1, 7]]  # type: ignore[union-attr]
+    assert [len(range(100)[shard]) for shard in split_rows(slice(0, 2), 4)] == [1, 1, 0, 0]  # type: ignore[index]
+
+
+def test_create_job_refuses_what_replicas_cannot_do(fresh_server: ServerProcess) -> None:
+    """Without --ray-address, beyond the batch, and with a loss whose reduction replicas cannot
+    combine: INVALID_ARGUMENT naming the culprit, nothing queued."""
+    with cr.Client(fresh_server.address, timeout=30) as connected:
+        x, y = classes(30)
+        dataset = connected.upload_dataset("classes", {"x": x, "y": y}, progress=False).dataset_id
+        graph_id = connected.create_graph(classifier()).graph_id
+
+        def refusal(graph: str, **options: object) -> str:
+            with pytest.raises(cr.ChainruleError) as caught:
+                connected.create_job(
+                    graph,
+                    dataset,
+                    loss=str(options.pop("loss", "loss")),
+                    optimizer=cr.Sgd(0.1),
+                    feeds={"x": "x", "y": "y"},
+                    batch_size=8,
+                    max_steps=3,
+                    **options,  # type: ignore[arg-type]
+                )
+            assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            return caught.value.message
+
+        assert "--ray-address" in refusal(graph_id, replicas=2)
+        assert "spec.replicas is 9" in refusal(graph_id, replicas=9)
+        assert "spec.replicas is -1" in refusal(graph_id, replicas=-1)
+        other = connected.create_graph(classifier(penalized=True)).graph_id
+        message = refusal(other, replicas=2, loss="total")
+        assert "'total' is a add node" in message and "softmax_cross_entropy" in message
+        assert connected.list_jobs() == []
+
+
+def test_ray_address_without_the_extra_exits_with_one_line(tmp_path: Path) -> None:
+    """A server whose Python has no Ray (a `ray` that fails to import stands in for it) says what to install."""
+    shadow = tmp_path / "shadow" / "ray"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    environment = {**os.environ, "PYTHONPATH": f"{shadow.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    command = [sys.executable, "-m", "chainrule.server.cli", "serve", "--port", "0", "--db", str(tmp_path / "c.db")]
+    done = subprocess.run(
+        [*command, "--ray-address", "local"], capture_output=True, text=True, env=environment, timeout=60
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "chainrule: --ray-address needs Ray, which is not installed: pip install 'chainrule[ray]'"
+    ]
+
+
+# ---------------------------------------------------------------- on Ray
+def test_replicas_agree_with_one_replica_and_with_the_engine(client: cr.Client) -> None:
+    """One replica on Ray computes the in-process engine's steps bit for bit; two and three replicas
+    (shards of 11+10 and 7+7+7 rows, with different counts of ignored rows) give its parameters
+    within 1e-12 relative after 60 float64 Adam steps."""
+    x, y = classes(105)
+    dataset = client.upload_dataset("classes", {"x": x, "y": y}, progress=False).dataset_id
+    steps = 60
+    runs = {replicas: start_job(client, dataset, replicas, steps) for replicas in (1, 2, 3)}
+    for _, job in runs.values():
+        finished(job)
+    parameters = {replicas: client.get_parameters(graph_id) for replicas, (graph_id, _) in runs.items()}
+
+    reference = Reference(classifier(), optim.Adam(0.02), seed=11)
+    batches = []
+    for step in range(steps):
+        epoch, start = divmod(step, 5)
+        order = np.random.Generator(np.random.Philox(np.random.SeedSequence([11, epoch]))).permutation(105)
+        batches.append(order[start * 21 : start * 21 + 21])
+    reference.run(lambda rows: {"x": x[rows], "y": y[rows]}, batches, 0.02)
+    assert_same_bits(parameters[1], reference.parameters[-1])
+    assert runs[1][1].history().losses == reference.losses
+    for replicas in (2, 3):
+        assert relative_difference(parameters[replicas], parameters[1]) < 1e-12, replicas
+
+
+def test_a_killed_replica_is_replaced_and_the_job_finishes_correct(client: cr.Client, server: ServerProcess) -> None:
+    """SIGKILL one replica's worker process mid-job: the step fails, the job goes back to its last
+    commit with fresh replicas, and ends with the parameters of a run never interrupted."""
+    x, y = classes(105, seed=1)
+    dataset = client.upload_dataset("classes-1", {"x": x, "y": y}, progress=False).dataset_id
+    steps = 400
+    clean_graph, clean = start_job(client, dataset, 2, steps)
+    finished(clean)
+    graph_id, job = start_job(client, dataset, 2, steps)
+    wait_running(job, past_step=20)
+    wait_for(lambda: worker_pids(server, job.job_id) != [], "the job's replicas to be logged")
+    os.kill(worker_pids(server, job.job_id)[0][1], signal.SIGKILL)
+    finished(job)
+    assert len(worker_pids(server, job.job_id)) == 2  # a second set of replicas finished it
+    assert_same_bits(client.get_parameters(graph_id), client.get_parameters(clean_graph))
+    assert any("a replica died" in line for line in server.log)
+
+
+def test_a_job_outlives_the_ray_head(client: cr.Client, server: ServerProcess, ray_cluster: RayHeadFixture) -> None:
+    """The head SIGKILLed mid-job takes every actor with it; a new head started on the same address,
+    the job resumes from its last commit and ends bit-identical to an uninterrupted run."""
+    x, y = classes(105, seed=2)
+    dataset = client.upload_dataset("classes-2", {"x": x, "y": y}, progress=False).dataset_id
+    steps = 400
+    clean_graph, clean = start_job(client, dataset, 2, steps)
+    finished(clean)
+    graph_id, job = start_job(client, dataset, 2, steps)
+    wait_running(job, past_step=30)
+    try:
+        ray_cluster.lose()
+        time.sleep(3)  # the job's replicas are gone, and so is the cluster, for a while
+        assert job.info().state == "running"
+    finally:
+        ray_cluster.restart()
+    finished(job)
+    assert len(worker_pids(server, job.job_id)) >= 2
+    assert_same_bits(client.get_parameters(graph_id), client.get_parameters(clean_graph))
+
+
+def test_replica_errors_fail_the_job_with_the_graph_s_message(client: cr.Client) -> None:
+    """What a replica's graph refuses (a label out of range) fails the job, named as in-process."""
+    x, y = classes(42)
+    y[30] = 7
+    dataset = client.upload_dataset("bad-label", {"x": x, "y": y}, progress=False).dataset_id
+    _, job = start_job(client, dataset, 2, 4)
+    info = job.wait(progress=False, raise_on_failure=False)
+    assert info.state == "failed"
+    assert "label 7 is out of range for 3 classes" in info.error
