@@ -23,7 +23,18 @@ from .builder import GraphBuilder
 from .channel import DEFAULT_MAX_MESSAGE_MB, open_channel
 from .datasets import UPLOAD_METHOD, DatasetInfo, upload_arrays, upload_requests
 from .errors import rpc_errors
-from .jobs import Evaluation, Job, JobInfo, JobState, Schedule, create_job, job_spec, job_stub, list_jobs
+from .jobs import (
+    Evaluation,
+    Job,
+    JobInfo,
+    JobState,
+    Schedule,
+    create_job,
+    job_spec,
+    job_stub,
+    list_jobs,
+    list_jobs_page,
+)
 from .onnx import ImportedModel, OnnxModel, model_bytes, size_refusals, write_model
 from .render import computable_nodes, gradient_nodes, render_svg, to_dot
 from .streams import GradientStream, ParameterStream, TrainStream, decode_named, encode_feeds
@@ -172,13 +183,19 @@ class Client:
         graphs: list[GraphInfo] = []
         token = ""
         while True:
-            request = pb.ListGraphsRequest(page_size=page_size, page_token=token, view=_view(view))
-            with rpc_errors():
-                response = self._stub.ListGraphs(request, timeout=self.timeout)
-            graphs.extend(GraphInfo.from_proto(info) for info in response.graphs)
-            token = response.next_page_token
+            page, token = self.list_graphs_page(page_size, token, view=view)
+            graphs.extend(page)
             if not token:
                 return graphs
+
+    def list_graphs_page(
+        self, page_size: int = 100, page_token: str = "", *, view: GraphView = "basic"
+    ) -> tuple[list[GraphInfo], str]:
+        """One page of the stored graphs, oldest first, and the token of the next page ("" after the last)."""
+        request = pb.ListGraphsRequest(page_size=page_size, page_token=page_token, view=_view(view))
+        with rpc_errors():
+            response = self._stub.ListGraphs(request, timeout=self.timeout)
+        return [GraphInfo.from_proto(info) for info in response.graphs], response.next_page_token
 
     def delete_graph(self, graph_id: str) -> None:
         with rpc_errors():
@@ -495,6 +512,13 @@ class Client:
     def list_jobs(self, *, states: Sequence[JobState] = (), graph_id: str = "", page_size: int = 100) -> list[JobInfo]:
         """Every job (in `states`, of `graph_id`, when given), oldest first."""
         return list_jobs(self._jobs, states, graph_id, page_size, self.timeout)
+
+    def list_jobs_page(
+        self, page_size: int = 100, page_token: str = "", *, states: Sequence[JobState] = (), graph_id: str = ""
+    ) -> tuple[list[JobInfo], str]:
+        """One page of the jobs (in `states`, of `graph_id`, when given), oldest first, and the token of
+        the next page ("" after the last)."""
+        return list_jobs_page(self._jobs, page_size, page_token, states, graph_id, self.timeout)
 
     # ------------------------------------------------------------ ONNX
     def import_onnx(self, model: OnnxModel, *, name: str = "", frozen: Sequence[str] = ()) -> ImportedModel:

@@ -362,12 +362,23 @@ def list_jobs(
     jobs: list[JobInfo] = []
     token = ""
     while True:
-        request = pb.ListJobsRequest(
-            page_size=page_size, page_token=token, states=[state_value(state) for state in states], graph_id=graph_id
-        )
-        with rpc_errors():
-            response = stub.ListJobs(request, timeout=timeout)
-        jobs.extend(JobInfo.from_proto(message) for message in response.jobs)
-        token = response.next_page_token
+        page, token = list_jobs_page(stub, page_size, token, states, graph_id, timeout)
+        jobs.extend(page)
         if not token:
             return jobs
+
+
+def list_jobs_page(
+    stub: job_service_pb2_grpc.JobServiceStub,
+    page_size: int,
+    page_token: str,
+    states: Sequence[JobState],
+    graph_id: str,
+    timeout: float | None,
+) -> tuple[list[JobInfo], str]:
+    request = pb.ListJobsRequest(
+        page_size=page_size, page_token=page_token, states=[state_value(state) for state in states], graph_id=graph_id
+    )
+    with rpc_errors():
+        response = stub.ListJobs(request, timeout=timeout)
+    return [JobInfo.from_proto(message) for message in response.jobs], response.next_page_token
