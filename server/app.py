@@ -134,6 +134,13 @@ def is_loopback(host: str) -> bool:
     return host in LOOPBACK_HOSTS or host.startswith("127.")
 
 
+def exposure_warning(host: str, address: str, tokens: bool) -> str | None:
+    """What a server logs at start when anyone beyond this machine may use it unchecked, else None."""
+    if tokens or is_loopback(host):
+        return None
+    return f"serving {address} without --auth-tokens: anyone who can reach it can read, change and delete every graph"
+
+
 def database_trouble(db: str, error: sqlite3.Error) -> StartupError:
     """What is wrong with `db`, in words, for an error SQLite raised while the server started."""
     text = str(error)
@@ -324,11 +331,9 @@ class RunningServer:
     def start(self) -> None:
         sys.setswitchinterval(GIL_SWITCH_SECONDS)
         keep_freed_memory()
-        if self.tokens is None and not is_loopback(self.options.host):
-            log.warning(
-                "serving %s without --auth-tokens: anyone who can reach it can read, change and delete every graph",
-                self.address,
-            )
+        warning = exposure_warning(self.options.host, self.address, self.tokens is not None)
+        if warning is not None:
+            log.warning("%s", warning)
         if self.options.metrics_port is not None:
             host = "127.0.0.1" if is_loopback(self.options.host) else ""
             try:
