@@ -159,20 +159,25 @@ def database_trouble(db: str, error: sqlite3.Error) -> StartupError:
     return StartupError(f"cannot use the database {db}: {why}")
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Refuse a port another process listens on before gRPC tries it (gRPC's own refusal comes with a
-    log line of its own). The probe sets SO_REUSEADDR as gRPC does, so a port in TIME_WAIT passes."""
+def check_address(host: str, port: int) -> None:
+    """Refuse a host that names no address of this machine, or a port another process listens on,
+    before gRPC tries them (gRPC's own refusal comes with a log line of its own) and before the
+    database is opened (whose upgrade would log a line first). The probe binds as gRPC will, port 0
+    included, with SO_REUSEADDR as gRPC sets it, so a port in TIME_WAIT passes."""
     try:
         addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as error:
-        raise StartupError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+        raise StartupError(f"cannot listen on {host}:{port}: the host is not known ({error.strerror})") from None
     for family, kind, protocol, _, address in addresses:
         with socket.socket(family, kind, protocol) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind(address)
             except OSError as error:
-                why = "the port is in use" if error.errno == errno.EADDRINUSE else error.strerror
+                why = {
+                    errno.EADDRINUSE: "the port is in use",
+                    errno.EADDRNOTAVAIL: "the host is not an address of this machine",
+                }.get(error.errno or 0, error.strerror)
                 raise StartupError(f"cannot listen on {host}:{port}: {why}") from None
 
 
@@ -180,6 +185,7 @@ class RunningServer:
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
         self._check_capacity()
+        check_address(options.host, options.port)
         self.tokens = TokenFile(options.auth_tokens) if options.auth_tokens else None
         try:
             self.store = open_store(options.db)
@@ -287,8 +293,6 @@ class RunningServer:
     def _bind(self) -> int:
         options = self.options
         target = f"{options.host}:{options.port}"
-        if options.port:
-            check_port_free(options.host, options.port)
         if options.tls_cert or options.tls_key:
             if not (options.tls_cert and options.tls_key):
                 raise ValueError("--tls-cert and --tls-key go together")
@@ -385,8 +389,9 @@ class RunningServer:
         except (OSError, ValueError) as error:
             log.error("kept the previous tokens: %s", error)
 
-    def serve_until_signalled(self) -> None:
-        """Serve (the caller has called `start`) until SIGTERM or SIGINT, and then stop."""
+    def handle_signals(self) -> None:
+        """SIGTERM and SIGINT stop the server, SIGHUP rereads the tokens. Installed before the address
+        is announced: a signal sent as soon as it is must never meet the default action (death)."""
 
         def on_stop_signal(signum: int, _frame: object) -> None:
             log.info("received %s; shutting down", signal.Signals(signum).name)
@@ -395,4 +400,6 @@ class RunningServer:
         signal.signal(signal.SIGTERM, on_stop_signal)
         signal.signal(signal.SIGINT, on_stop_signal)
         signal.signal(signal.SIGHUP, lambda _signum, _frame: self.reload_tokens())
+
+    def wait_until_stopped(self) -> None:
         self._stopped.wait()

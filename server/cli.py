@@ -135,11 +135,12 @@ def serve(args: argparse.Namespace) -> int:
     except (StartupError, OSError, ValueError) as error:
         print(f"chainrule: {error}", file=sys.stderr)
         return 2
+    server.handle_signals()
     if server.metrics_port is not None:
         print(f"chainrule metrics on port {server.metrics_port} (/metrics)", flush=True)
     print(f"chainrule serving on {server.address} (database {location.shown(options.db)})", flush=True)
     logging.getLogger("chainrule.server").info("listening on %s", server.address)
-    server.serve_until_signalled()
+    server.wait_until_stopped()
     return 0
 
 

@@ -7,11 +7,14 @@ exits 2 rather than printing a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import resource
 import shutil
+import signal
 import socket
+import sqlite3
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -20,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from chainrule.server.cli import build_parser
+from chainrule.server.store.migrations import MIGRATIONS, migrate_sqlite
 from chainrule.v1 import graph_service_pb2 as pb
 from tests.server_process import ServerProcess
 
@@ -130,6 +134,45 @@ def test_the_program_refuses_them_before_anything_starts(flag: str, value: str, 
 def test_a_port_in_use_says_so_in_one_line(listening_port: int, tmp_path: Path) -> None:
     result = chainrule("serve", "--db", str(tmp_path / "db"), "--port", str(listening_port))
     assert_one_line_refusal(result, f"127.0.0.1:{listening_port}", "in use")
+
+
+def test_a_port_in_use_says_so_in_one_line_before_a_database_is_upgraded(listening_port: int, tmp_path: Path) -> None:
+    """The address is checked before the database is opened, so no line about the schema comes first."""
+    older = tmp_path / "older.db"
+    with contextlib.closing(sqlite3.connect(older, isolation_level=None)) as db:
+        migrate_sqlite(db, str(older), MIGRATIONS[:1])
+    result = chainrule("serve", "--db", str(older), "--port", str(listening_port))
+    assert_one_line_refusal(result, f"127.0.0.1:{listening_port}", "in use")
+    with contextlib.closing(sqlite3.connect(older)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (1,), "the database was upgraded all the same"
+
+
+def test_a_host_that_is_no_address_says_so_in_one_line(tmp_path: Path) -> None:
+    result = chainrule("serve", "--db", str(tmp_path / "db"), "--host", "256.1.1.1", "--port", "0")
+    assert_one_line_refusal(result, "cannot listen on 256.1.1.1:0")
+    assert not (tmp_path / "db").exists()
+
+
+def test_signals_sent_as_soon_as_the_address_is_printed_are_handled(tmp_path: Path) -> None:
+    """The handlers are installed before the address line, so a SIGTERM sent the moment it is read
+    stops the server gracefully (exit 0) instead of killing it (-15); three servers at once, to
+    give the signal every chance to arrive early."""
+    servers = [
+        subprocess.Popen(
+            [CHAINRULE, "serve", "--port", "0", "--db", str(tmp_path / f"{index}.db")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for index in range(3)
+    ]
+    for server in servers:
+        assert server.stdout is not None
+        for line in server.stdout:
+            if "chainrule serving on" in line:
+                server.send_signal(signal.SIGTERM)
+                break
+    assert [server.wait(timeout=60) for server in servers] == [0, 0, 0]
 
 
 def test_a_metrics_port_in_use_says_so_in_one_line(listening_port: int, tmp_path: Path) -> None:
