@@ -128,9 +128,7 @@ def test_postgresql_stopped_under_load_answers_unavailable_and_the_same_server_r
         outbox.put(batches(1)[0])
         responses.append(next(stream))
         outbox.put(batches(1)[0])
-        started = time.monotonic()
         details = expect_unavailable(lambda: next(stream), "could not save a checkpoint", f"PostgreSQL at {where}")
-        assert time.monotonic() - started < STREAM_SECONDS
         assert "the stored graph is at step 4" in details or "back at step 4" in details, details
         assert len(responses) == 5
 
