@@ -24,6 +24,7 @@ from bench.machine import blas_threads, describe, limit_threads, load_torch
 from bench.measure import Measurement
 from bench.memory import measure_memory
 from bench.mlp import Workload, measure_engine_step, measure_remote_training
+from bench.ray_replicas import measure_ray_jobs
 from bench.server import ChainruleServer
 from bench.transfer import measure_large_gradient
 from bench.upload import measure_upload
@@ -206,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
 
     measurements = [per_node, training, engine, large, memory, graph_create, graph_memory, lenet, resnet, upload]
     measurements += [job_vs_engine, job_vs_torch, watched]
+    if not arguments.quick:  # starting a Ray head and the first replicas' workers takes seconds
+        measurements += run_both(
+            f"13-14 jobs on Ray, 1 and 2 replicas, {settings.train_steps} steps x {settings.train_repeats}",
+            lambda: measure_ray_jobs(workload, settings.train_steps, settings.train_repeats)[:2],
+        )
     elapsed, load_after = time.perf_counter() - started, os.getloadavg()
     print()
     print(report.table(measurements))
