@@ -7,7 +7,10 @@ The rows are tests/op_tables/structure.py; exact rows here pin the conventions a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,7 +39,23 @@ from tests.gradcheck import (
 )
 from tests.op_tables.structure import CASES, INT64_MAX, INT64_MIN, ints
 
-torch.set_default_dtype(torch.float64)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="module")
+def torch_in_float64() -> Iterator[None]:
+    """PyTorch's references build float64 tensors from Python numbers while this module's tests run,
+    and only then: torch's default dtype is process-wide, and later modules expect float32."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def test_this_module_leaves_torchs_default_dtype_alone_when_imported() -> None:
+    probe = "import torch, tests.test_ops_structure; print(torch.get_default_dtype())"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.stdout.split() == ["torch.float32"], result.stderr[-2000:]
 
 
 def forward(case: OpCase, dtype: Any = np.float64) -> Array:
