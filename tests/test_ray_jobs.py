@@ -29,6 +29,7 @@ from chainrule.server.graph import build_graph
 from chainrule.server.jobs.replicas import Reduction, combine, compute_shard, loss_reduction, split_rows
 from chainrule.server.ops import Mode
 from chainrule.server.plan import Plan
+from tests.postgres import PostgresServer
 from tests.ray_cluster import RayHeadFixture
 from tests.server_process import ServerProcess
 from tests.test_jobs import Reference, assert_same_bits, wait_for, wait_running
@@ -132,6 +133,18 @@ def worker_pids(server: ServerProcess, job_id: str) -> list[list[int]]:
     return runs
 
 
+def reference(x: np.ndarray, y: np.ndarray, steps: int) -> Reference:
+    """The in-process engine stepped over the batches `start_job`'s jobs take (shuffled, seed 11)."""
+    engine = Reference(classifier(), optim.Adam(0.02), seed=11)
+    batches = []
+    for step in range(steps):
+        epoch, start = divmod(step, len(x) // 21)
+        order = np.random.Generator(np.random.Philox(np.random.SeedSequence([11, epoch]))).permutation(len(x))
+        batches.append(order[start * 21 : start * 21 + 21])
+    engine.run(lambda rows: {"x": x[rows], "y": y[rows]}, batches, 0.02)
+    return engine
+
+
 def relative_difference(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> float:
     return max(float(np.max(np.abs(got[name] - want[name]) / np.maximum(np.abs(want[name]), 1e-300))) for name in want)
 
@@ -230,15 +243,9 @@ def test_replicas_agree_with_one_replica_and_with_the_engine(client: cr.Client) 
         finished(job)
     parameters = {replicas: client.get_parameters(graph_id) for replicas, (graph_id, _) in runs.items()}
 
-    reference = Reference(classifier(), optim.Adam(0.02), seed=11)
-    batches = []
-    for step in range(steps):
-        epoch, start = divmod(step, 5)
-        order = np.random.Generator(np.random.Philox(np.random.SeedSequence([11, epoch]))).permutation(105)
-        batches.append(order[start * 21 : start * 21 + 21])
-    reference.run(lambda rows: {"x": x[rows], "y": y[rows]}, batches, 0.02)
-    assert_same_bits(parameters[1], reference.parameters[-1])
-    assert runs[1][1].history().losses == reference.losses
+    engine = reference(x, y, steps)
+    assert_same_bits(parameters[1], engine.parameters[-1])
+    assert runs[1][1].history().losses == engine.losses
     for replicas in (2, 3):
         assert relative_difference(parameters[replicas], parameters[1]) < 1e-12, replicas
 
@@ -291,3 +298,29 @@ def test_replica_errors_fail_the_job_with_the_graph_s_message(client: cr.Client)
     info = job.wait(progress=False, raise_on_failure=False)
     assert info.state == "failed"
     assert "label 7 is out of range for 3 classes" in info.error
+
+
+def test_eight_jobs_across_two_servers_and_one_ray_cluster_finish_correct(
+    postgres: PostgresServer, ray_cluster: RayHeadFixture, ray_environment: None
+) -> None:
+    """Two servers on one PostgreSQL share the session's Ray cluster: eight 2-replica jobs created on
+    both (their replicas waiting for the cluster's CPUs in turn) all end with the parameters the
+    in-process engine computes, within 1e-12 relative."""
+    url = postgres.database()
+    servers = [ray_server(url, ray_cluster, "--job-workers", "2") for _ in range(2)]
+    clients = [cr.Client(server.address, timeout=WAIT_SECONDS) for server in servers]
+    try:
+        x, y = classes(105, seed=4)
+        dataset = clients[0].upload_dataset("shared", {"x": x, "y": y}, progress=False).dataset_id
+        steps = 25
+        jobs = [start_job(clients[index % 2], dataset, 2, steps) for index in range(8)]
+        for _, job in jobs:
+            finished(job)
+        expected = reference(x, y, steps).parameters[-1]
+        for index, (graph_id, _) in enumerate(jobs):
+            parameters = clients[(index + 1) % 2].get_parameters(graph_id)  # read through the other server
+            assert relative_difference(parameters, expected) < 1e-12, index
+    finally:
+        for client, server in zip(clients, servers, strict=True):
+            client.close()
+            server.kill()
