@@ -40,10 +40,11 @@ IGNORED = -100
 WORKER_PIDS = re.compile(r"job (\w+): (\d+) replicas on Ray \(worker pids \[([\d, ]+)\]\)")
 
 
-def classifier(dtype: str = "float64", penalized: bool = False) -> cr.GraphBuilder:
+def classifier(dtype: str = "float64", penalized: bool = False, dropout: float = 0.0) -> cr.GraphBuilder:
     """A small MLP over 4 features into 3 classes, its loss a softmax cross-entropy over class labels
     (some labelled IGNORED, so shards average over different counts of rows); `penalized` adds
-    `total`, the loss plus a mean of squared weights beside it (no reduction replicas can combine)."""
+    `total`, the loss plus a mean of squared weights beside it (no reduction replicas can combine);
+    `dropout` drops hidden units (each replica draws its own masks, keyed by the job's seed)."""
     rng = np.random.default_rng(7)
     g = cr.GraphBuilder("classifier", default_dtype=dtype)
     x = g.input("x", dtype=dtype, shape=[-1, 4])
@@ -52,6 +53,8 @@ def classifier(dtype: str = "float64", penalized: bool = False) -> cr.GraphBuild
     b1 = g.parameter("b1", np.zeros(8, dtype=dtype))
     w2 = g.parameter("w2", rng.normal(scale=0.5, size=(8, CLASSES)).astype(dtype))
     hidden = cr.tanh(x @ w1 + b1)
+    if dropout:
+        hidden = cr.dropout(hidden, dropout)
     loss = cr.softmax_cross_entropy(hidden @ w2, y, ignore_index=IGNORED, name="loss")
     if penalized:
         cr.add(loss, cr.mean(w1 * w1), name="total")
@@ -100,8 +103,10 @@ def client(server: ServerProcess) -> Iterator[cr.Client]:
         yield connected
 
 
-def start_job(client: cr.Client, dataset_id: str, replicas: int, steps: int, **options: object) -> tuple[str, cr.Job]:
-    graph_id = client.create_graph(classifier()).graph_id
+def start_job(
+    client: cr.Client, dataset_id: str, replicas: int, steps: int, dropout: float = 0.0
+) -> tuple[str, cr.Job]:
+    graph_id = client.create_graph(classifier(dropout=dropout)).graph_id
     job = client.create_job(
         graph_id,
         dataset_id,
@@ -113,7 +118,6 @@ def start_job(client: cr.Client, dataset_id: str, replicas: int, steps: int, **o
         seed=11,
         shuffle=True,
         replicas=replicas,
-        **options,  # type: ignore[arg-type]
     )
     return graph_id, job
 
@@ -252,13 +256,14 @@ def test_replicas_agree_with_one_replica_and_with_the_engine(client: cr.Client) 
 
 def test_a_killed_replica_is_replaced_and_the_job_finishes_correct(client: cr.Client, server: ServerProcess) -> None:
     """SIGKILL one replica's worker process mid-job: the step fails, the job goes back to its last
-    commit with fresh replicas, and ends with the parameters of a run never interrupted."""
+    commit with fresh replicas, and ends with the parameters of a run never interrupted (dropout
+    included: each replica's masks are keyed by the job's seed, step and replica)."""
     x, y = classes(105, seed=1)
     dataset = client.upload_dataset("classes-1", {"x": x, "y": y}, progress=False).dataset_id
     steps = 400
-    clean_graph, clean = start_job(client, dataset, 2, steps)
+    clean_graph, clean = start_job(client, dataset, 2, steps, dropout=0.3)
     finished(clean)
-    graph_id, job = start_job(client, dataset, 2, steps)
+    graph_id, job = start_job(client, dataset, 2, steps, dropout=0.3)
     wait_running(job, past_step=20)
     wait_for(lambda: worker_pids(server, job.job_id) != [], "the job's replicas to be logged")
     os.kill(worker_pids(server, job.job_id)[0][1], signal.SIGKILL)
