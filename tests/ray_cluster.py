@@ -9,6 +9,7 @@ ends, so later tests find a cluster there again.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import tempfile
@@ -73,3 +74,52 @@ def running_ray() -> Iterator[RayHeadFixture]:
     finally:
         cluster.stop()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def descendants(roots: list[int]) -> set[int]:
+    """The processes `roots` started, theirs, and so on, with the roots themselves."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, stack = set(roots), list(roots)
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address of /proc/net/tcp{,6}: hex words in the machine's (little-endian) order."""
+    raw = bytes.fromhex(text)
+    return ipaddress.ip_address(b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4)))
+
+
+def tcp_sockets(pids: set[int]) -> list[tuple[str, str, str]]:
+    """(state, local address, remote address) of every TCP socket the processes hold: LISTEN or
+    ESTABLISHED, addresses as text (an IPv4-mapped IPv6 address as its IPv4 address)."""
+    inodes: set[str] = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    states = {"0A": "LISTEN", "01": "ESTABLISHED"}
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes and fields[3] in states:
+                local, remote = (_address(field.split(":")[0]) for field in fields[1:3])
+                shown = [str(getattr(a, "ipv4_mapped", None) or a) for a in (local, remote)]
+                found.append((states[fields[3]], shown[0], shown[1]))
+    return found

@@ -30,7 +30,7 @@ from chainrule.server.jobs.replicas import Reduction, combine, compute_shard, lo
 from chainrule.server.ops import Mode
 from chainrule.server.plan import Plan
 from tests.postgres import PostgresServer
-from tests.ray_cluster import RayHeadFixture
+from tests.ray_cluster import RayHeadFixture, descendants, tcp_sockets
 from tests.server_process import ServerProcess
 from tests.test_jobs import Reference, assert_same_bits, wait_for, wait_running
 
@@ -329,3 +329,23 @@ def test_eight_jobs_across_two_servers_and_one_ray_cluster_finish_correct(
         for client, server in zip(clients, servers, strict=True):
             client.close()
             server.kill()
+
+
+def test_the_cluster_and_the_drivers_use_loopback_only(
+    client: cr.Client, server: ServerProcess, ray_cluster: RayHeadFixture
+) -> None:
+    """While a replicated job runs, every TCP socket of the Ray head's processes (its actors among
+    them) and of the server's (its job's driver among them) is on 127.0.0.1 at both ends."""
+    x, y = classes(105, seed=5)
+    dataset = client.upload_dataset("loopback", {"x": x, "y": y}, progress=False).dataset_id
+    _, job = start_job(client, dataset, 2, 10**6)
+    try:
+        wait_running(job, past_step=5)
+        assert server.process is not None and ray_cluster.head.process is not None
+        sockets = tcp_sockets(descendants([server.process.pid, ray_cluster.head.process.pid]))
+        assert {state for state, _, _ in sockets} == {"LISTEN", "ESTABLISHED"}
+        for state, local, remote in sockets:
+            assert local == "127.0.0.1" and (state == "LISTEN" or remote == "127.0.0.1"), (state, local, remote)
+    finally:
+        job.cancel()
+        wait_for(lambda: job.info().ended, "the job to end")
