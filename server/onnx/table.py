@@ -300,14 +300,19 @@ def _reduce(op: str, then: str | None = None) -> Callable[[Importer, NodeProto],
         known = ctx.value(axes) if axes else np.asarray(attributes.get("axes", []), np.int64)
         arguments = [ctx.arg(x)]
         attrs: dict[str, Any] = {"keepdims": keepdims}
+        if noop and known is None:  # whether axes fed at run time are empty, their static length tells
+            length = _static_length(ctx, axes)
+            if length is None:
+                raise ctx.refuse(
+                    f"noop_with_empty_axes with axes fed at run time needs the length of '{axes}' known at import time"
+                )
+            known = np.zeros(0, np.int64) if length == 0 else None
         if known is not None and known.size == 0:
             if noop:
                 _identity(ctx, node)
                 return
         elif known is not None:
             attrs["axes"] = known.reshape(-1)
-        elif noop:
-            raise ctx.refuse("noop_with_empty_axes with axes computed at run time is not supported")
         else:
             arguments.append(ctx.arg(axes))
         check_unused_outputs(ctx, node)
@@ -343,12 +348,14 @@ def _pad(ctx: Importer, node: NodeProto) -> None:
     known_pads, known_value = ctx.value(pads), ctx.value(value)
     if axes:
         known_axes, rank = ctx.value(axes), ctx.type_of(x).rank
-        if known_axes is None or rank is None:
-            raise ctx.refuse("axes need to be known at import time, and the input's rank too")
-        listed = [int(axis) % rank for axis in known_axes.reshape(-1)]
-        if known_pads is None:
-            pads = _pads_of_every_axis(ctx, out, pads, listed, rank)
+        if rank is None:
+            raise ctx.refuse(f"axes need the rank of '{x}' to be known at import time")
+        if known_axes is None:
+            pads, known_pads = _pads_of_axes_fed(ctx, out, pads, axes, rank), None
+        elif known_pads is None:
+            pads = _pads_of_every_axis(ctx, out, pads, [int(axis) % rank for axis in known_axes.reshape(-1)], rank)
         else:
+            listed = [int(axis) % rank for axis in known_axes.reshape(-1)]
             full = [0] * (2 * rank)
             for index, axis in enumerate(listed):
                 full[axis] = int(known_pads[index])
@@ -368,6 +375,33 @@ def _pad(ctx: Importer, node: NodeProto) -> None:
         if value:
             arguments.append(ctx.arg(value))
     ctx.emit(out, "pad", arguments, attrs)
+
+
+def _pads_of_axes_fed(ctx: Importer, out: str, pads: str, axes: str, rank: int) -> str:
+    """Pads (int64, as ONNX has them) for `axes` fed at run time, spread over every axis: each axis's
+    begin (end) pad is the sum over the listed axes of one_hot(axis, rank) times that axis's begin
+    (end) pad. The number of axes listed comes from onnx's shape inference, of `axes` or else of `pads`."""
+    count = _static_length(ctx, axes)
+    if count is None:
+        pads_length = _static_length(ctx, pads)
+        count = None if pads_length is None else pads_length // 2
+    if count is None:
+        raise ctx.refuse(f"axes fed at run time need the length of '{axes}' or '{pads}' known at import time")
+    chosen = ctx.emit(ctx.helper(out, "axes_one_hot"), "one_hot", [ctx.arg(axes)], {"depth": rank, "dtype": "int64"})
+    sides = []
+    for side, name in enumerate(("begin", "end")):
+        attrs = {"starts": [side * count], "ends": [(side + 1) * count]}
+        listed = ctx.emit(ctx.helper(out, f"{name}_listed"), "slice", [ctx.arg(pads)], attrs)
+        column = ctx.emit(ctx.helper(out, f"{name}_column"), "unsqueeze", [listed], {"axes": [1]})
+        spread = ctx.emit(ctx.helper(out, f"{name}_spread"), "mul", [chosen, column])
+        sides.append(ctx.emit(ctx.helper(out, f"{name}_pads"), "sum", [spread], {"axes": [0]}))
+    return ctx.emit(ctx.helper(out, "pads"), "concat", sides, {"axis": 0})
+
+
+def _static_length(ctx: Importer, name: str) -> int | None:
+    """The length of a 1-D value onnx's shape inference knows, else None."""
+    shape = ctx.type_of(name).shape
+    return shape[0] if shape is not None and len(shape) == 1 else None
 
 
 def _pads_of_every_axis(ctx: Importer, out: str, pads: str, axes: list[int], rank: int) -> str:
@@ -441,20 +475,21 @@ def _batch_norm(ctx: Importer, node: NodeProto) -> None:
 
 
 def _softmax_cross_entropy(ctx: Importer, node: NodeProto) -> None:
-    """Class scores on axis 1 as ONNX has them; chainrule's op takes them on the last axis, so
-    scores of rank > 2 are transposed first."""
+    """The mean without class weights is the native op, whose gradient is PyTorch's; the other
+    reductions and class weights are built from native ops as the ONNX spec defines them."""
     attributes = ctx.attributes(node)
     reduction = attributes.get("reduction", b"mean").decode()
-    if reduction != "mean":
-        raise ctx.refuse(f"reduction '{reduction}' is not supported (chainrule's loss is the mean)")
+    if reduction not in ("mean", "sum", "none"):
+        raise ctx.refuse(f"reduction '{reduction}' is not one of mean, sum, none")
     scores, labels, weights = _inputs(node, 3)
-    if weights:
-        raise ctx.refuse("class weights are not supported")
     out = node.output[0]
     rank = ctx.type_of(scores).rank
-    logits = ctx.arg(scores)
     if rank is None:
         raise ctx.refuse(f"the rank of '{scores}' is not known")
+    if reduction != "mean" or weights:
+        _weighted_cross_entropy(ctx, node, reduction)
+        return
+    logits = ctx.arg(scores)
     log_prob = _outputs(node, 2)[1]
     if ctx.is_used(log_prob):
         ctx.emit(log_prob, "log_softmax", [logits], {"axis": 1})
@@ -463,6 +498,46 @@ def _softmax_cross_entropy(ctx: Importer, node: NodeProto) -> None:
         logits = ctx.emit(ctx.helper(out, "classes_last"), "transpose", [logits], {"perm": perm})
     attrs = {"ignore_index": attributes["ignore_index"]} if "ignore_index" in attributes else {}
     ctx.emit(out, "softmax_cross_entropy", [logits, ctx.arg(labels)], attrs)
+
+
+def _weighted_cross_entropy(ctx: Importer, node: NodeProto, reduction: str) -> None:
+    """-log_softmax(scores)[label] per element (class scores on axis 1), times the label's class
+    weight, 0 where the label is ignore_index; then none, sum, or mean: the sum divided by the sum
+    of the weights (the count of labels not ignored, without class weights)."""
+    attributes = ctx.attributes(node)
+    scores, labels, weights = _inputs(node, 3)
+    out = node.output[0]
+    dtype = ctx.type_of(scores).dtype or np.dtype(np.float32)
+    label_dtype = ctx.type_of(labels).dtype or np.dtype(np.int64)
+    log_prob = _outputs(node, 2)[1]
+    log_prob = log_prob if ctx.is_used(log_prob) else ctx.helper(out, "log_prob")
+    log_p = ctx.emit(log_prob, "log_softmax", [ctx.arg(scores)], {"axis": 1})
+    label = ctx.arg(labels)
+    ignored = None
+    if "ignore_index" in attributes:
+        ignore = ctx.constant(out, "ignore_index", np.asarray(attributes["ignore_index"], label_dtype))
+        ignored = ctx.emit(ctx.helper(out, "ignored"), "equal", [label, ignore])
+        zero_label = ctx.constant(out, "zero_label", np.zeros((), label_dtype))
+        label = ctx.emit(ctx.helper(out, "label"), "where", [ignored, zero_label, label])
+    index = ctx.emit(ctx.helper(out, "index"), "unsqueeze", [label], {"axes": [1]})
+    picked = ctx.emit(ctx.helper(out, "picked"), "gather_elements", [log_p, index], {"axis": 1})
+    chosen = ctx.emit(ctx.helper(out, "chosen"), "squeeze", [picked], {"axes": [1]})
+    weight = ctx.emit(ctx.helper(out, "class_weight"), "gather", [ctx.arg(weights), label]) if weights else None
+    if ignored is not None:
+        zero = ctx.constant(out, "zero", np.zeros((), dtype))
+        kept = weight or ctx.constant(out, "one", np.ones((), dtype))
+        weight = ctx.emit(ctx.helper(out, "weight"), "where", [ignored, zero, kept])
+    unweighted = reduction == "none" and weight is None
+    loss = ctx.emit(out if unweighted else ctx.helper(out, "nll"), "neg", [chosen])
+    if weight is not None:
+        loss = ctx.emit(out if reduction == "none" else ctx.helper(out, "weighted"), "mul", [loss, weight])
+    if reduction == "sum":
+        ctx.emit(out, "sum", [loss])
+    elif reduction == "mean" and weight is None:
+        ctx.emit(out, "mean", [loss])
+    elif reduction == "mean":
+        total = ctx.emit(ctx.helper(out, "total"), "sum", [loss])
+        ctx.emit(out, "div", [total, ctx.emit(ctx.helper(out, "weight_sum"), "sum", [weight])])
 
 
 def _layer_norm(ctx: Importer, node: NodeProto) -> None:
@@ -596,7 +671,11 @@ FAMILIES: dict[str, dict[str, Rule]] = {
         "Expand": Native("expand", shaped={1: "shape"}),
         "Tile": Native("tile", shaped={1: "repeats"}),
         "Pad": Composite(
-            _pad, ("pad", "slice", "concat"), frozenset({1, 2, 3}), describe="`pad` (`slice`, `concat` for axes)"
+            _pad,
+            ("pad", "slice", "concat", "one_hot", "unsqueeze", "mul", "sum"),
+            frozenset({1, 2, 3}),
+            describe="`pad` (`slice`, `concat` for axes; `one_hot`, `unsqueeze`, `mul`, `sum` for axes fed at "
+            "run time)",
         ),
         "Shape": Native("shape"),
         "OneHot": Composite(
@@ -654,9 +733,25 @@ FAMILIES: dict[str, dict[str, Rule]] = {
         "LogSoftmax": Native("log_softmax"),
         "SoftmaxCrossEntropyLoss": Composite(
             _softmax_cross_entropy,
-            ("softmax_cross_entropy", "transpose", "log_softmax"),
-            describe="`softmax_cross_entropy` (integer labels; `transpose` for scores of rank > 2; log_prob: "
-            "`log_softmax`)",
+            (
+                "softmax_cross_entropy",
+                "transpose",
+                "log_softmax",
+                "equal",
+                "where",
+                "unsqueeze",
+                "gather_elements",
+                "squeeze",
+                "gather",
+                "neg",
+                "mul",
+                "sum",
+                "mean",
+                "div",
+            ),
+            describe="`softmax_cross_entropy` (the mean without class weights: `transpose` for scores of rank > 2, "
+            "log_prob `log_softmax`) or, with class weights or reduction none or sum, `log_softmax`, "
+            "`gather_elements`, `gather`, `where`, `neg`, `mul`, `sum`, `div`",
         ),
     },
 }
