@@ -25,12 +25,8 @@ KINDS = ("pytorch-converted", "pytorch-operator")
 RTOL, ATOL = 1e-3, 1e-7
 """onnx's own backend runner's defaults for these models."""
 
-EXCLUDED = {
-    "test_PReLU_1d_multiparam": "opset 6 PRelu broadcasts a per-channel slope, which onnx's version converter "
-    "leaves as is for opset 7's numpy broadcasting",
-    "test_PReLU_2d_multiparam": "as test_PReLU_1d_multiparam",
-    "test_PReLU_3d_multiparam": "as test_PReLU_1d_multiparam",
-}
+EXCLUDED: dict[str, str] = {}
+"""Model directory -> why it is expected to fail (none is now)."""
 
 
 def model_directories() -> Iterator[Path]:

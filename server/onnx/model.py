@@ -21,6 +21,8 @@ from chainrule.server.errors import InvalidArgument
 IMPORT_OPSET = 21
 """The opset the importer's table is written for; older models (opset 9 on) are converted to it first."""
 OLDEST_OPSET = 9
+BROADCASTING_PRELU_OPSET = 7
+"""The first opset whose PRelu broadcasts its slope as numpy does (see per_channel_prelu_slopes)."""
 ONNX_DOMAINS = ("", "ai.onnx")
 CONTROL_FLOW = ("If", "Loop", "Scan")
 SEQUENCE_OPS = (
@@ -101,6 +103,8 @@ def convert_opset(model: ModelProto) -> ModelProto:
     version = onnx_opset(model)
     if version >= IMPORT_OPSET:
         return model
+    if version < BROADCASTING_PRELU_OPSET:
+        model = per_channel_prelu_slopes(model)
     try:
         return onnx.version_converter.convert_version(model, IMPORT_OPSET)
     except Exception as error:  # the converter raises bare RuntimeErrors and C++ assertion texts
@@ -111,6 +115,46 @@ def convert_opset(model: ModelProto) -> ModelProto:
             reason="BAD_ONNX_MODEL",
             subject=MODEL_SUBJECT,
         ) from None
+
+
+def per_channel_prelu_slopes(model: ModelProto) -> ModelProto:
+    """Before opset 7, PRelu applied a 1-D slope of C values per channel (axis 1 of an NCHW input),
+    as the early PyTorch exporters wrote it; from opset 7 the slope broadcasts as numpy's does,
+    against the last axis, and onnx's version converter leaves it as it is. So each such slope
+    gets an Unsqueeze in front that shapes it (C, 1, ..., 1) before the model is converted; the
+    slope itself, a parameter, keeps its shape."""
+    shapes: dict[str, list[int | None]] = {}
+    inferred = infer_types(model).graph
+    for value in (*inferred.input, *inferred.value_info, *inferred.output):
+        tensor = value.type.tensor_type
+        if value.type.WhichOneof("value") == "tensor_type" and tensor.HasField("shape"):
+            shapes[value.name] = [dim.dim_value if dim.HasField("dim_value") else None for dim in tensor.shape.dim]
+    for initializer in model.graph.initializer:
+        shapes[initializer.name] = list(initializer.dims)
+    taken = set(shapes) | {name for node in model.graph.node for name in (*node.input, *node.output)}
+    nodes: list[NodeProto] = []
+    for node in model.graph.node:
+        if node.op_type == "PRelu" and node.domain in ONNX_DOMAINS and len(node.input) == 2:
+            data, slope = shapes.get(node.input[0]), shapes.get(node.input[1])
+            if (
+                data is not None
+                and len(data) > 2
+                and slope is not None
+                and len(slope) == 1
+                and slope[0] not in (None, 1)
+                and data[1] in (None, slope[0])
+            ):
+                shaped = f"{node.input[1]}#per_channel"
+                while shaped in taken:
+                    shaped += "_"
+                taken.add(shaped)
+                axes = list(range(1, len(data) - 1))
+                nodes.append(onnx.helper.make_node("Unsqueeze", [node.input[1]], [shaped], axes=axes))
+                node.input[1] = shaped
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
 
 
 def _first_line(error: Exception) -> str:
