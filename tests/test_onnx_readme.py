@@ -18,6 +18,20 @@ def covered_ops_table() -> str:
     return "\n".join(lines)
 
 
+def test_readme_gives_the_counts_of_onnx_cases_and_models_the_tests_run() -> None:
+    """test_onnx_node_cases prints how many node cases it runs, test_onnx_backend_models how many models;
+    both must pass for those counts to hold, and the README must give the same."""
+    from tests.test_onnx_backend_models import COVERED, EXCLUDED, model_directories
+    from tests.test_onnx_node_cases import case_counts
+
+    readme = " ".join(README.read_text(encoding="utf-8").split())
+    assert f"({case_counts()['run']} cases run, all passing;" in readme
+    every, compared = len(list(model_directories())), len(COVERED) - len(EXCLUDED)
+    assert f"against its {every} `pytorch-converted` and `pytorch-operator` models ({compared} run, all passing" in (
+        readme
+    )
+
+
 def test_readme_lists_every_covered_onnx_op() -> None:
     assert covered_ops_table() in README.read_text(encoding="utf-8"), (
         "README.md's ONNX table differs from server/onnx/table.py; print the table with "
