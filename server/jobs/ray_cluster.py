@@ -125,6 +125,8 @@ class LocalRayHead:
         self.directory = directory
         self.num_cpus = num_cpus
         self.port = port or free_port()
+        self.client_port = free_port()
+        """Where Ray Client (ray://) reaches the head."""
         self.owned_directory = owned_directory
         token_file = directory / "auth_token"
         if not token_file.exists():
@@ -150,7 +152,7 @@ class LocalRayHead:
             f"--port={self.port}",
             "--include-dashboard=false",
             "--disable-usage-stats",
-            f"--ray-client-server-port={free_port()}",
+            f"--ray-client-server-port={self.client_port}",
             f"--dashboard-agent-listen-port={free_port()}",
             f"--temp-dir={self.directory / 'ray'}",
         ]
