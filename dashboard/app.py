@@ -2,8 +2,9 @@
 
 Every call to the chainrule server goes through one `chainrule.client.Client`, whose token (if
 any) stays in this process: pages and answers never carry it. The client is synchronous, so
-handlers run it in Starlette's thread pool; a job's live stream gets a thread of its own that
-follows WatchJob and hands events to the response over an asyncio queue.
+handlers run it in Starlette's thread pool. A job's live stream is one WatchJob per job, whatever
+the number of browsers following it (feeds.py); the lists page through the server's pages rather
+than reading every graph or job (listing.py).
 
 Pages are templates that lay out empty tables and charts; their scripts fill them from the JSON
 endpoints with textContent, so no name a user chose (graph, node, dataset, column, metric) is
@@ -12,13 +13,12 @@ ever parsed as markup.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import grpc
 import jinja2
@@ -34,11 +34,12 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from chainrule.client import ChainruleError, Client, JobEvent
-from chainrule.client.jobs import JobState, JobWatch
+from chainrule.client import ChainruleError, Client
 
-from . import data
+from . import data, listing
 from .data import JSON, BadRequest
+from .feeds import JobFeeds
+from .listing import Cursor, JobIndex
 from .rendering import LayoutError, Pictures
 from .security import Protection
 
@@ -56,11 +57,6 @@ VENDOR_FILES = (
 DEFAULT_PAGE_SIZE = 25
 MAX_PAGE_SIZE = 500
 MAX_FEEDS_BYTES = 64 * 1024 * 1024
-EVENTS_PER_MESSAGE = 5000
-KEEPALIVE_SECONDS = 15.0
-COALESCE_SECONDS = 0.05
-"""A live stream waits this long after an event for more before sending, so a fast job's steps
-travel a few dozen per message instead of one, still far within a second of each step."""
 JOB_STATE_FILTERS = ("queued", "running", "succeeded", "failed", "cancelled")
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -85,24 +81,42 @@ def missing_assets() -> list[Path]:
 
 @dataclass
 class Dashboard:
-    """The state the handlers share: the server's client, the pictures made so far, step rates, graph names."""
+    """The state the handlers share: the server's client, the pictures made so far, step rates, the
+    jobs index, the jobs' live feeds, and graph and dataset names."""
 
     client: Client
     server_address: str
     pictures: Pictures = field(default_factory=Pictures)
     rates: data.StepRates = field(default_factory=data.StepRates)
     graph_names: dict[str, str] = field(default_factory=dict)
+    dataset_names: dict[str, str] = field(default_factory=dict)
+    jobs: JobIndex = field(init=False)
+    feeds: JobFeeds = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.jobs = JobIndex(self.client)
+        self.feeds = JobFeeds(self.client)
 
     def graph_name(self, graph_id: str) -> str:
         """The name of a job's graph, asked once per graph; a deleted graph has none."""
         if graph_id not in self.graph_names:
-            try:
-                self.graph_names[graph_id] = self.client.get_graph(graph_id, view="basic").name
-            except ChainruleError as error:
-                if error.code != grpc.StatusCode.NOT_FOUND:
-                    raise
-                self.graph_names[graph_id] = ""
+            self.graph_names[graph_id] = _name_or_nothing(lambda: self.client.get_graph(graph_id, view="basic").name)
         return self.graph_names[graph_id]
+
+    def dataset_name(self, dataset_id: str) -> str:
+        """The name of a job's dataset, asked once per dataset; a deleted dataset has none."""
+        if dataset_id not in self.dataset_names:
+            self.dataset_names[dataset_id] = _name_or_nothing(lambda: self.client.get_dataset(dataset_id).name)
+        return self.dataset_names[dataset_id]
+
+
+def _name_or_nothing(name: Callable[[], str]) -> str:
+    try:
+        return name()
+    except ChainruleError as error:
+        if error.code != grpc.StatusCode.NOT_FOUND:
+            raise
+        return ""
 
 
 def build_app(client: Client, server_address: str, allowed_hosts: list[str]) -> Starlette:
@@ -192,14 +206,18 @@ class Api:
         self.client = dashboard.client
 
     async def graphs(self, request: Request) -> Response:
+        """A page of the graphs, oldest first, whose name or id contains ?q= (all when empty), from
+        ?page_token= (the next_page_token of the page before; empty for the first)."""
+        query = request.query_params.get("q", "")
         try:
-            page = _integer(request, "page", 1, 1, 1 << 31)
             page_size = _integer(request, "page_size", DEFAULT_PAGE_SIZE, 1, MAX_PAGE_SIZE)
+            cursor = Cursor.decode(request.query_params.get("page_token", ""))
         except BadRequest as error:
             return _bad_request(str(error))
-        graphs = await run_in_threadpool(self.client.list_graphs, 1000)
-        self.dashboard.graph_names.update((info.graph_id, info.name) for info in graphs)
-        return JSONResponse(data.graph_page(graphs, request.query_params.get("q", ""), page, page_size))
+        page = await run_in_threadpool(listing.graph_page, self.client, query, cursor, page_size)
+        self.dashboard.graph_names.update((info.graph_id, info.name) for info in page.graphs)
+        next_token = "" if page.next_cursor is None else page.next_cursor.encode()
+        return JSONResponse(data.graph_page(page.graphs, query, page_size, next_token, page.scanned))
 
     async def graph(self, request: Request) -> Response:
         graph_id = request.path_params["graph_id"]
@@ -273,34 +291,63 @@ class Api:
         return JSONResponse({"datasets": [data.dataset_summary(info) for info in datasets]})
 
     async def jobs(self, request: Request) -> Response:
+        """A page of the jobs, newest first, in any of the ?state= given (all when none), of ?graph_id=
+        (any when empty), ?page= (from 1) of ?page_size=."""
         states = request.query_params.getlist("state")
         unknown = [state for state in states if state not in JOB_STATE_FILTERS]
         if unknown:
             return _bad_request(f"unknown state {unknown[0]!r}; one of {', '.join(JOB_STATE_FILTERS)}")
         graph_id = request.query_params.get("graph_id", "")
+        try:
+            page = _integer(request, "page", 1, 1, 1 << 31)
+            page_size = _integer(request, "page_size", DEFAULT_PAGE_SIZE, 1, MAX_PAGE_SIZE)
+        except BadRequest as error:
+            return _bad_request(str(error))
 
-        def summaries() -> list[JSON]:
-            jobs = self.client.list_jobs(states=cast(list[JobState], states), graph_id=graph_id, page_size=1000)
-            return [
-                data.job_summary(info, self.dashboard.rates.rate(info), self.dashboard.graph_name(info.graph_id))
-                for info in jobs
-            ]
+        def summaries() -> JSON:
+            jobs = self.dashboard.jobs.jobs()
+            shown, total, page_shown, pages = listing.job_page(jobs, states, graph_id, page, page_size)
+            return {
+                "jobs": [
+                    data.job_summary(info, self.dashboard.rates.rate(info), self.dashboard.graph_name(info.graph_id))
+                    for info in shown
+                ],
+                "total": total,
+                "page": page_shown,
+                "pages": pages,
+                "page_size": page_size,
+            }
 
-        return JSONResponse({"jobs": await run_in_threadpool(summaries)})
+        return JSONResponse(await run_in_threadpool(summaries))
 
     async def job(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
 
         def detail() -> JSON:
             info = self.client.get_job(job_id).info()
-            return data.job_detail(info, self.dashboard.rates.rate(info), self.dashboard.graph_name(info.graph_id))
+            spec = info.spec
+            datasets = {spec.dataset_id} | ({spec.evaluation.dataset_id} if spec.evaluation.dataset_id else set())
+            return data.job_detail(
+                info,
+                self.dashboard.rates.rate(info),
+                self.dashboard.graph_name(info.graph_id),
+                {dataset_id: self.dashboard.dataset_name(dataset_id) for dataset_id in sorted(datasets)},
+            )
 
         return JSONResponse(await run_in_threadpool(detail))
 
     async def history(self, request: Request) -> Response:
+        """Every step of the job so far, to download: ?format=csv (a row a step) or json (a column a series)."""
         job_id = request.path_params["job_id"]
+        kind = request.query_params.get("format", "json")
+        if kind not in ("csv", "json"):
+            return _bad_request(f"format must be csv or json, got {kind!r}")
         history = await run_in_threadpool(lambda: self.client.get_job(job_id).history())
-        return JSONResponse(data.history_columns(history))
+        filename = f"job-{re.sub(r'[^0-9A-Za-z_-]', '_', job_id)}-history.{kind}"
+        attachment = {"content-disposition": f'attachment; filename="{filename}"'}
+        if kind == "csv":
+            return Response(data.history_csv(history), media_type="text/csv; charset=utf-8", headers=attachment)
+        return JSONResponse(data.history_columns(history), headers=attachment)
 
     async def cancel(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
@@ -312,70 +359,16 @@ class Api:
         return JSONResponse(await run_in_threadpool(cancel))
 
     async def events(self, request: Request) -> Response:
-        """Server-Sent Events of WatchJob from ?from_step= (history first, then live): `data` messages
-        of {"events": [...]}, each event a step or a change of state; `end` when the job has ended
-        and every event was sent; `failure` with a message if the watch broke."""
+        """Server-Sent Events of the job's WatchJob from ?from_step= (history first, then live), one
+        stream per job shared by every browser (feeds.py)."""
         try:
             from_step = _integer(request, "from_step", 0, 0, 1 << 62)
         except BadRequest as error:
             return _bad_request(str(error))
         job_id = request.path_params["job_id"]
-        job = await run_in_threadpool(self.client.get_job, job_id)
-        watch = job.watch(from_step)
+        await run_in_threadpool(self.client.get_job, job_id)  # NOT_FOUND as a 404, before the stream starts
         return StreamingResponse(
-            _event_stream(watch), media_type="text/event-stream", headers={"x-accel-buffering": "no"}
+            self.dashboard.feeds.follow(job_id, from_step),
+            media_type="text/event-stream",
+            headers={"x-accel-buffering": "no"},
         )
-
-
-_END = object()
-
-
-async def _event_stream(watch: JobWatch) -> AsyncIterator[str]:
-    """The watch's events as SSE messages; the watch is cancelled when the browser goes away."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[object] = asyncio.Queue()
-
-    def pump() -> None:
-        def put(item: object) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the event loop closed: the dashboard is stopping
-                watch.cancel()
-
-        try:
-            for event in watch:
-                put(event)
-            put(_END)
-        except ChainruleError as error:
-            put(error)
-
-    threading.Thread(target=pump, name="watch-job", daemon=True).start()
-    try:
-        while True:
-            try:
-                first = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
-            except TimeoutError:
-                yield ": keep-alive\n\n"
-                continue
-            await asyncio.sleep(COALESCE_SECONDS)
-            items = [first]
-            while not queue.empty() and len(items) < EVENTS_PER_MESSAGE:
-                items.append(queue.get_nowait())
-            events = [item for item in items if isinstance(item, JobEvent)]
-            if events:
-                yield f"data: {data.dumps({'events': [_event(event) for event in events]})}\n\n"
-            for item in items:
-                if item is _END:
-                    yield "event: end\ndata: {}\n\n"
-                    return
-                if isinstance(item, ChainruleError):
-                    yield f"event: failure\ndata: {data.dumps({'error': str(item)})}\n\n"
-                    return
-    finally:
-        watch.cancel()
-
-
-def _event(event: JobEvent) -> JSON:
-    if event.state is not None:
-        return {"state": event.state}
-    return data.event_json(event.step, event.epoch, event.loss, event.learning_rate, event.metrics)

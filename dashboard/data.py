@@ -7,6 +7,7 @@ and a diverged loss arrives as null, a gap in its curve.
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import math
@@ -18,6 +19,8 @@ from typing import Any
 
 import numpy as np
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from chainrule.client import GraphInfo
 from chainrule.client.datasets import DatasetInfo
@@ -56,20 +59,15 @@ def graph_summary(info: GraphInfo) -> JSON:
     }
 
 
-def graph_page(graphs: Sequence[GraphInfo], query: str, page: int, page_size: int) -> JSON:
-    """One page of the graphs whose name or id contains `query` (any case), oldest first."""
-    needle = query.strip().casefold()
-    found = [info for info in graphs if needle in info.name.casefold() or needle in info.graph_id.casefold()]
-    pages = max(1, math.ceil(len(found) / page_size))
-    page = min(max(page, 1), pages)
-    start = (page - 1) * page_size
+def graph_page(graphs: Sequence[GraphInfo], query: str, page_size: int, next_page_token: str, scanned: int) -> JSON:
+    """A page of the graphs list: `next_page_token` is "" after the last page; `scanned` counts the
+    graphs a search read to find these."""
     return {
-        "graphs": [graph_summary(info) for info in found[start : start + page_size]],
-        "total": len(found),
-        "page": page,
-        "pages": pages,
+        "graphs": [graph_summary(info) for info in graphs],
+        "next_page_token": next_page_token,
         "page_size": page_size,
         "query": query,
+        "scanned": scanned,
     }
 
 
@@ -226,14 +224,67 @@ def job_summary(info: JobInfo, steps_per_second: float | None, graph_name: str) 
     }
 
 
-def job_detail(info: JobInfo, steps_per_second: float | None, graph_name: str) -> JSON:
+def job_detail(
+    info: JobInfo, steps_per_second: float | None, graph_name: str, dataset_names: Mapping[str, str]
+) -> JSON:
+    """The job with its spec, its datasets' names (by id, "" for one deleted) and its planned schedule."""
     spec = info.spec
     return {
         **job_summary(info, steps_per_second, graph_name),
         "loss_node": spec.loss,
-        "spec": json_format.MessageToDict(spec, preserving_proto_field_name=True),
+        "spec": message_json(spec),
+        "dataset_names": dict(dataset_names),
         "schedule": schedule_curve(spec, info.total_steps),
     }
+
+
+def message_json(message: Message) -> JSON:
+    """A message as protobuf's JSON mapping gives it (proto field names), but with 64-bit integers as
+    numbers where JSON's doubles hold them exactly: the mapping writes every int64 as a string."""
+    document = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    _int64_as_numbers(message, document)
+    return document
+
+
+INT64_TYPES = {
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED64,
+}
+EXACT_IN_JSON = 2**53 - 1
+"""The largest integer a browser's JSON.parse reads exactly; larger ones stay strings."""
+
+
+def _int64_as_numbers(message: Message, document: JSON) -> None:
+    def number(text: str) -> int | str:
+        value = int(text)
+        return value if abs(value) <= EXACT_IN_JSON else text
+
+    for field in message.DESCRIPTOR.fields:
+        if field.name not in document:
+            continue
+        value, entries = document[field.name], getattr(message, field.name)
+        kind = field.message_type
+        if kind is not None and kind.GetOptions().map_entry:
+            value_field = kind.fields_by_name["value"]
+            string_keys = kind.fields_by_name["key"].type == FieldDescriptor.TYPE_STRING
+            for key in value:
+                if value_field.message_type is not None:  # JSON map keys are strings, whatever the map's key type
+                    _int64_as_numbers(entries[key if string_keys else int(key)], value[key])
+                elif value_field.type in INT64_TYPES:
+                    value[key] = number(value[key])
+        elif kind is not None and kind.full_name.startswith("google.protobuf."):
+            continue  # well-known types have JSON forms of their own (a Timestamp is a string)
+        elif kind is not None:
+            if field.is_repeated:
+                for entry, item in zip(entries, value, strict=True):
+                    _int64_as_numbers(entry, item)
+            else:
+                _int64_as_numbers(entries, value)
+        elif field.type in INT64_TYPES:
+            document[field.name] = [number(item) for item in value] if field.is_repeated else number(value)
 
 
 def base_learning_rate(optimizer: graph_service_pb2.Optimizer) -> float:
@@ -273,6 +324,31 @@ def schedule_curve(spec: job_service_pb2.JobSpec, total_steps: int) -> JSON:
         "steps": [step + 1 for step in points],
         "learning_rates": [learning_rate(schedule, base, step) for step in points],
     }
+
+
+def history_csv(history: History) -> str:
+    """A job's history as CSV: step, loss, learning rate, then one column per metric, empty on the
+    steps it was not evaluated. Metric names are user data: one a spreadsheet would read as a
+    formula (=, +, -, @) is written after an apostrophe, which spreadsheets show as text."""
+    names = sorted(history.metrics)
+    values = {name: dict(points) for name, points in history.metrics.items()}
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["step", "loss", "learning_rate", *(_as_text(name) for name in names)])
+    for step, loss, rate in zip(history.steps, history.losses, history.learning_rates, strict=True):
+        writer.writerow(
+            [
+                step,
+                repr(loss),
+                repr(rate),
+                *(repr(values[name][step]) if step in values[name] else "" for name in names),
+            ]
+        )
+    return out.getvalue()
+
+
+def _as_text(cell: str) -> str:
+    return "'" + cell if cell[:1] in ("=", "+", "-", "@", "\t", "\r") else cell
 
 
 def history_columns(history: History) -> JSON:

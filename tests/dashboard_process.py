@@ -1,5 +1,6 @@
-"""A real `chainrule dashboard` process beside a real server, and what the dashboard tests (and
-tools/dashboard_screenshot.py) show in it: the lecture's graph, a digits dataset, training jobs."""
+"""A real `chainrule dashboard` process beside a real server, and what the dashboard tests show in
+it (the README's screenshot of a job page among them: see tests/test_dashboard_browser.py): the
+lecture's graph, a digits dataset, training jobs."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ TOKEN = "dashboard-secret-token-3b9f0c"
 TENANT = "lab"
 XSS_NAME = "<img src=x onerror=alert(1)>"
 URL_LINE = re.compile(r"chainrule dashboard on (http://\S+?)/? ")
+METRICS_LINE = re.compile(r"chainrule metrics on port (\d+)")
 WAIT_SECONDS = 60.0
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -39,10 +41,20 @@ CHROMIUM_ARGS = [
 
 
 def start_server(folder: Path) -> ServerProcess:
-    """A server that requires a bearer token, so the tests see the dashboard keep it to itself."""
+    """A server that requires a bearer token, so the tests see the dashboard keep it to itself, with
+    its Prometheus metrics on, so they can count the calls the dashboard makes (`rpc_count`)."""
     tokens = folder / "tokens.txt"
     tokens.write_text(f"{TOKEN} {TENANT}\n")
-    return ServerProcess(folder / "chainrule.db", ["--auth-tokens", str(tokens)]).start()
+    return ServerProcess(folder / "chainrule.db", ["--auth-tokens", str(tokens), "--metrics-port", "0"]).start()
+
+
+def rpc_count(server: ServerProcess, method: str) -> int:
+    """How many calls of `method` the server has answered (chainrule_rpcs_total, every status)."""
+    port = next(match.group(1) for line in server.log if (match := METRICS_LINE.search(line)))
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=WAIT_SECONDS) as response:
+        text = response.read().decode()
+    pattern = re.compile(rf'^chainrule_rpcs_total{{[^}}]*method="{method}"[^}}]*}} (\S+)$', re.MULTILINE)
+    return round(sum(float(value) for value in pattern.findall(text)))
 
 
 class DashboardProcess:

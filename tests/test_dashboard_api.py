@@ -3,21 +3,27 @@ front of a real server that requires a token."""
 
 from __future__ import annotations
 
+import csv
 import html
 import io
 import json
+import math
 import re
 import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 import chainrule.client as cr
 from chainrule.client.render import GRADIENT_COLOR, VALUE_COLOR
+from chainrule.client.training import History
+from chainrule.dashboard import data, listing
+from chainrule.v1 import job_service_pb2
 from tests.dashboard_process import (
     TOKEN,
     WAIT_SECONDS,
@@ -26,6 +32,7 @@ from tests.dashboard_process import (
     digits,
     digits_classifier,
     lecture_graph,
+    rpc_count,
     start_job,
     start_server,
     wait_for,
@@ -83,30 +90,77 @@ def finished_job(client: cr.Client, digits_data: tuple[cr.DatasetInfo, cr.Datase
     return job
 
 
-def test_the_graphs_list_is_searched_and_paged(client: cr.Client, browser: Browserless) -> None:
+def pages(browser: Browserless, path: str) -> list[dict[str, Any]]:
+    """Every page of a list from `path` on, following each answer's next_page_token."""
+    answers = [browser.get(path)]
+    while answers[-1]["next_page_token"]:
+        answers.append(browser.get(f"{path}&page_token={answers[-1]['next_page_token']}"))
+    return answers
+
+
+def test_the_graphs_list_pages_through_the_server_s_pages(
+    server: ServerProcess, client: cr.Client, browser: Browserless
+) -> None:
     made = [client.create_graph(lecture_graph(f"Paging graph {index:02d}")) for index in range(PAGED_GRAPHS)]
-    first = browser.get("/api/graphs?q=paging%20GRAPH&page_size=10")
-    assert (first["total"], first["pages"], first["page"]) == (PAGED_GRAPHS, 3, 1)
-    assert [graph["name"] for graph in first["graphs"]] == [f"Paging graph {index:02d}" for index in range(10)]
-    assert first["graphs"][0] == {
+    everything = client.list_graphs()
+    before = rpc_count(server, "ListGraphs")
+    answers = pages(browser, "/api/graphs?page_size=10")
+    assert rpc_count(server, "ListGraphs") - before == len(answers), "one ListGraphs call a page, not a read of all"
+    assert [graph["graph_id"] for answer in answers for graph in answer["graphs"]] == [
+        info.graph_id for info in everything
+    ]
+    assert [len(answer["graphs"]) for answer in answers[:-1]] == [10] * (len(answers) - 1)
+    shown = next(graph for answer in answers for graph in answer["graphs"] if graph["graph_id"] == made[0].graph_id)
+    assert shown == {
         "graph_id": made[0].graph_id,
         "name": "Paging graph 00",
         "node_count": 5,
         "parameter_count": 0,
         "step": 0,
-        "create_time": first["graphs"][0]["create_time"],
+        "create_time": shown["create_time"],
     }
-    last = browser.get("/api/graphs?q=paging%20graph&page_size=10&page=3")
-    assert [graph["name"] for graph in last["graphs"]] == [f"Paging graph {index:02d}" for index in range(20, 23)]
-    beyond = browser.get("/api/graphs?q=paging%20graph&page_size=10&page=9")
-    assert beyond["page"] == 3, "a page past the end shows the last one"
+
+
+def test_a_search_pages_through_the_graphs_whose_name_or_id_matches(client: cr.Client, browser: Browserless) -> None:
+    made = [client.create_graph(lecture_graph(f"Searched graph {index:02d}")) for index in range(PAGED_GRAPHS)]
+    answers = pages(browser, "/api/graphs?q=searched%20GRAPH&page_size=10")
+    assert [[graph["name"] for graph in answer["graphs"]] for answer in answers] == [
+        [f"Searched graph {index:02d}" for index in range(start, min(start + 10, PAGED_GRAPHS))]
+        for start in (0, 10, 20)
+    ]
     by_id = browser.get(f"/api/graphs?q={made[7].graph_id[:12]}")
-    assert [graph["graph_id"] for graph in by_id["graphs"]] == [made[7].graph_id]
-    assert browser.get("/api/graphs?q=no%20such%20graph")["total"] == 0
-    for query in ("page=0", "page_size=0", "page_size=ten", "page_size=501"):
+    assert [graph["graph_id"] for graph in by_id["graphs"]] == [made[7].graph_id] and by_id["next_page_token"] == ""
+    assert browser.get("/api/graphs?q=no%20such%20graph")["graphs"] == []
+    for query in ("page_size=0", "page_size=ten", "page_size=501", "page_token=not-ours"):
         status, _, body = browser.request("GET", f"/api/graphs?{query}")
         assert status == 400, query
         assert query.split("=")[0] in json.loads(body)["error"]
+
+
+def test_a_search_reads_at_most_its_scan_limit_and_goes_on_from_where_it_stopped(client: cr.Client) -> None:
+    """listing.graph_page itself, with small pages and bound: a search through a dozen graphs that do
+    not match answers short when it reaches its bound, and the cursors it gives, followed through
+    graphs of which one in three matches, find every match once, in order, including after server
+    pages cut in the middle (matches fill a page of two at every residue of five)."""
+    for _ in range(12):
+        client.create_graph(lecture_graph("chaff"))
+    needles = []
+    for index in range(14):
+        needles.append(client.create_graph(lecture_graph(f"needle {index:02d}")).graph_id)
+        client.create_graph(lecture_graph("hay"))
+        client.create_graph(lecture_graph("straw"))
+    found: list[str] = []
+    cursor: listing.Cursor | None = listing.Cursor()
+    answers = []
+    while cursor is not None:
+        page = listing.graph_page(client, "NEEDLE", cursor, 2, scan_limit=9, server_page_size=5)
+        assert page.scanned < 9 + 5, "a search stops within a server page of its bound"
+        answers.append(page)
+        found += [info.graph_id for info in page.graphs]
+        cursor = page.next_cursor
+    assert found == needles
+    assert any(len(page.graphs) < 2 and page.next_cursor is not None for page in answers), "a short answer goes on"
+    assert any(page.next_cursor is not None and page.next_cursor.skip > 0 for page in answers), "a cut server page"
 
 
 def test_a_graph_s_detail_names_its_inputs_and_offers_its_sinks_as_losses_first(
@@ -222,7 +276,9 @@ def test_jobs_list_detail_and_history_match_what_the_client_library_reports(
     client: cr.Client, finished_job: cr.Job, browser: Browserless
 ) -> None:
     info = finished_job.info()
-    listed = {job["job_id"]: job for job in browser.get("/api/jobs")["jobs"]}[finished_job.job_id]
+    listed = {job["job_id"]: job for job in browser.get(f"/api/jobs?graph_id={info.graph_id}")["jobs"]}[
+        finished_job.job_id
+    ]
     assert (listed["state"], listed["step"], listed["total_steps"]) == ("succeeded", 240, 240)
     assert listed["graph_name"] == "digits mlp 64-32-10"
     assert listed["loss"] == pytest.approx(info.loss)
@@ -234,7 +290,16 @@ def test_jobs_list_detail_and_history_match_what_the_client_library_reports(
 
     detail = browser.get(f"/api/jobs/{finished_job.job_id}")
     assert detail["spec"]["optimizer"] == {"sgd": {"learning_rate": 0.1, "momentum": 0.9}}
-    assert detail["spec"]["evaluation"]["metrics"] == ["accuracy"]
+    assert detail["spec"]["evaluation"] == {
+        "dataset_id": info.spec.evaluation.dataset_id,
+        "metrics": ["accuracy"],
+        "every_steps": 50,
+    }
+    assert (detail["spec"]["batch_size"], detail["spec"]["max_steps"]) == (32, 240), "64-bit integers as numbers"
+    assert detail["dataset_names"] == {
+        info.dataset_id: "digits train",
+        info.spec.evaluation.dataset_id: "digits held-out",
+    }
 
     expected = finished_job.history()
     history = browser.get(f"/api/jobs/{finished_job.job_id}/history")
@@ -244,6 +309,15 @@ def test_jobs_list_detail_and_history_match_what_the_client_library_reports(
     assert history["metrics"]["accuracy"]["steps"] == [50, 100, 150, 200, 240]
     assert history["metrics"]["accuracy"]["values"] == [value for _, value in expected.metrics["accuracy"]]
 
+    status, headers, body = browser.request("GET", f"/api/jobs/{finished_job.job_id}/history?format=csv")
+    assert status == 200 and headers["content-type"].startswith("text/csv")
+    assert headers["content-disposition"] == f'attachment; filename="job-{finished_job.job_id}-history.csv"'
+    rows = list(csv.reader(io.StringIO(body.decode())))
+    assert rows[0] == ["step", "loss", "learning_rate", "accuracy"] and len(rows) == 241
+    assert [float(row[1]) for row in rows[1:]] == expected.losses
+    assert {int(row[0]): float(row[3]) for row in rows[1:] if row[3]} == dict(expected.metrics["accuracy"])
+    assert browser.request("GET", f"/api/jobs/{finished_job.job_id}/history?format=xml")[0] == 400
+
     # The planned schedule the page draws is the rate the server applied, step by step.
     schedule = detail["schedule"]
     assert schedule["kind"] == "cosine" and schedule["base_learning_rate"] == 0.1
@@ -251,6 +325,92 @@ def test_jobs_list_detail_and_history_match_what_the_client_library_reports(
     for step, rate in zip(schedule["steps"], schedule["learning_rates"], strict=True):
         assert rate == pytest.approx(applied[step], rel=1e-9), step
     assert {1, 100, 240} <= set(schedule["steps"])
+
+
+def test_a_spec_shows_64_bit_integers_as_numbers_where_a_browser_reads_them_exactly() -> None:
+    spec = job_service_pb2.JobSpec(batch_size=32, max_steps=2**53 - 1, seed=2**53, feeds={"x": "pixels"})
+    spec.evaluation.every_steps = 250
+    spec.optimizer.sgd.learning_rate = 0.5
+    assert data.message_json(spec) == {
+        "batch_size": 32,
+        "max_steps": 2**53 - 1,
+        "seed": str(2**53),  # JSON.parse would read 2**53 + 1 as 2**53: kept a string, exact
+        "feeds": {"x": "pixels"},
+        "evaluation": {"every_steps": 250},
+        "optimizer": {"sgd": {"learning_rate": 0.5}},
+    }
+
+
+def test_history_csv_keeps_a_metric_name_from_being_read_as_a_formula() -> None:
+    history = History()
+    history.record_event(1, 0.5, 0.1, {'=HYPERLINK("http://x")': 1.0, "accuracy": 0.25})
+    history.record_event(2, float("nan"), 0.1, {})
+    rows = list(csv.reader(io.StringIO(data.history_csv(history))))
+    assert rows == [
+        ["step", "loss", "learning_rate", '\'=HYPERLINK("http://x")', "accuracy"],
+        ["1", "0.5", "0.1", "1.0", "0.25"],
+        ["2", "nan", "0.1", "", ""],
+    ]
+
+
+def test_the_jobs_list_is_paged_newest_first_and_filtered(
+    client: cr.Client, digits_data: tuple[cr.DatasetInfo, cr.DatasetInfo], browser: Browserless
+) -> None:
+    graph = client.create_graph(digits_classifier())
+    made = [start_job(client, graph.graph_id, digits_data[0].dataset_id, digits_data[1].dataset_id, max_steps=3)]
+    made += [start_job(client, graph.graph_id, digits_data[0].dataset_id, digits_data[1].dataset_id, max_steps=3)]
+    made += [start_job(client, graph.graph_id, digits_data[0].dataset_id, digits_data[1].dataset_id, max_steps=3)]
+    for job in made:
+        job.wait(progress=False)
+    newest = [info.job_id for info in reversed(client.list_jobs())]
+    of_graph = f"/api/jobs?graph_id={graph.graph_id}&state=succeeded&state=failed"
+    wait_for(  # the dashboard reads the jobs again at most once a second
+        lambda: [job["job_id"] for job in browser.get(of_graph)["jobs"]] == [job.job_id for job in reversed(made)],
+        "the jobs of the graph, newest first, as they ended",
+    )
+    first = browser.get("/api/jobs?page_size=2")
+    assert [job["job_id"] for job in first["jobs"]] == newest[:2]
+    assert (first["total"], first["page"], first["pages"]) == (len(newest), 1, math.ceil(len(newest) / 2))
+    beyond = browser.get("/api/jobs?page_size=2&page=1000")
+    assert (
+        beyond["page"] == beyond["pages"]
+        and [job["job_id"] for job in beyond["jobs"]] == newest[2 * (beyond["pages"] - 1) :]
+    )
+    assert browser.get(f"/api/jobs?graph_id={graph.graph_id}&state=running")["jobs"] == []
+    for query in ("page=0", "page_size=501", "page=two"):
+        status, _, body = browser.request("GET", f"/api/jobs?{query}")
+        assert status == 400 and query.split("=")[0] in json.loads(body)["error"], query
+
+
+def test_the_jobs_index_reads_again_only_the_new_and_the_active_jobs(
+    server: ServerProcess, client: cr.Client, digits_data: tuple[cr.DatasetInfo, cr.DatasetInfo]
+) -> None:
+    """The dashboard's index of jobs (listing.JobIndex) with pages of three: after its first read, a
+    read lists from its last full page on and the queued or running jobs, not every job again; a
+    job that ends meanwhile shows its end."""
+    graph = client.create_graph(digits_classifier())
+    for _ in range(9):
+        start_job(client, graph.graph_id, digits_data[0].dataset_id, digits_data[1].dataset_id, max_steps=2)
+    running = start_job(client, graph.graph_id, digits_data[0].dataset_id, digits_data[1].dataset_id)
+    wait_for(lambda: running.info().state == "running", "the last job to run")
+    index = listing.JobIndex(client, refresh_seconds=0, server_page_size=3)
+    before = rpc_count(server, "ListJobs")
+    first = index.jobs()
+    everything = client.list_jobs()
+    assert [info.job_id for info in first] == [info.job_id for info in reversed(everything)]
+    assert first[0].state == "running"
+    pages_of_all = rpc_count(server, "ListJobs") - before - 1  # (the last call was client.list_jobs)
+    assert pages_of_all >= 5
+
+    running.cancel()
+    wait_for(lambda: running.info().ended, "the job to end")
+    later = start_job(client, graph.graph_id, digits_data[0].dataset_id, digits_data[1].dataset_id, max_steps=2)
+    later.wait(progress=False)
+    before = rpc_count(server, "ListJobs")
+    second = index.jobs()
+    assert rpc_count(server, "ListJobs") - before <= 3, "the last page or two and the active jobs, not all"
+    assert [info.job_id for info in second] == [later.job_id] + [info.job_id for info in first]
+    assert second[1].state == "cancelled" and second[0].state == "succeeded"
 
 
 def read_events(url: str, cookie: str) -> tuple[list[dict[str, object]], list[str]]:

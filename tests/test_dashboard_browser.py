@@ -154,7 +154,9 @@ def test_the_job_page_s_curves_gain_points_while_the_job_runs(
     poll(page, lambda: points(page, "#metrics-chart") >= 2, "two evaluations")
     assert job.info().state == "running", "the points came while the job ran"
     expect(page.locator("#state")).to_have_text("running")
-    expect(page.locator("#spec")).to_contain_text('"every_steps": "250"')
+    expect(page.locator("#spec")).to_contain_text('"every_steps": 250')  # a number, as the spec gave it
+    expect(page.locator("#job-facts")).to_contain_text(f"digits train {job.info().dataset_id}")
+    assert page.get_attribute("#history-csv", "href") == f"/api/jobs/{job.job_id}/history?format=csv"
     expect(page.locator("#schedule-kind")).to_have_text("cosine, base 0.1")
     # Every point the page drew is a step the server reports, in order and without gaps.
     drawn = page.evaluate("document.querySelector('#points').textContent")
@@ -298,6 +300,27 @@ def test_the_jobs_list_refreshes_live_and_compares_runs(
     poll(page, lambda: points(page) > 300, "both jobs' curves")
     legend = page.locator("#loss-chart .u-legend .u-series .u-label").all_text_contents()
     assert legend == ["step", finished.job_id[:8], running.job_id[:8]]
+
+
+def test_the_graphs_list_searches_and_turns_pages_both_ways(client: cr.Client, watched: Watched) -> None:
+    for index in range(30):
+        client.create_graph(lecture_graph(f"pager {index:02d}"))
+    page = watched.page
+    page.goto("/graphs")
+    page.fill("#search", "PAGER")
+    names = page.locator("#graphs tbody a.name")
+    expect(names).to_have_count(25)
+    expect(names.first).to_have_text("pager 00")
+    expect(page.locator("#count")).to_have_text("graphs 1–25 matching “PAGER”")
+    page.click("#next")
+    expect(names).to_have_count(5)
+    expect(names.first).to_have_text("pager 25")
+    expect(page.locator("#page")).to_have_text("the last page")
+    expect(page.locator("#next")).to_be_disabled()
+    page.click("#previous")
+    expect(names).to_have_count(25)
+    expect(names.first).to_have_text("pager 00")
+    expect(page.locator("#previous")).to_be_disabled()
 
 
 def test_a_large_graph_is_drawn_when_asked_and_can_be_panned(client: cr.Client, watched: Watched) -> None:

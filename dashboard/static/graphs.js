@@ -1,39 +1,56 @@
-// The graphs list: searched and paged by the dashboard (GET /api/graphs?q=&page=).
+// The graphs list, a page at a time (GET /api/graphs?q=&page_token=): the dashboard reads the
+// server's pages as they are asked for, and a search reads on only until a page is found.
 "use strict";
 
 (() => {
   const search = document.getElementById("search");
   const body = document.querySelector("#graphs tbody");
   const params = new URLSearchParams(location.search);
-  let page = Number(params.get("page")) || 1;
   search.value = params.get("q") || "";
+  let token = params.get("page_token") || "";
+  let earlier = []; // the tokens of the pages before this one, for Previous
+  let next = "";
+  let shownBefore = 0; // graphs on the pages before this one
+
+  function row(graph) {
+    const tr = cr.el("tr");
+    const name = cr.el("td");
+    name.append(cr.link(`/graphs/${encodeURIComponent(graph.graph_id)}`, graph.name || "(unnamed)", "name"));
+    tr.append(
+      name,
+      cr.el("td", graph.graph_id, "id"),
+      cr.el("td", graph.node_count, "number"),
+      cr.el("td", graph.parameter_count, "number"),
+      cr.el("td", graph.step, "number"),
+      cr.el("td", cr.time(graph.create_time)),
+    );
+    return tr;
+  }
 
   async function load() {
-    const query = new URLSearchParams({ q: search.value, page: String(page) });
+    const query = new URLSearchParams({ q: search.value });
+    if (token) query.set("page_token", token);
     history.replaceState(null, "", `/graphs?${query}`);
     try {
       const answer = await cr.getJSON(`/api/graphs?${query}`);
-      page = answer.page;
-      body.replaceChildren(
-        ...answer.graphs.map((graph) => {
-          const row = cr.el("tr");
-          const name = cr.el("td");
-          name.append(cr.link(`/graphs/${encodeURIComponent(graph.graph_id)}`, graph.name || "(unnamed)", "name"));
-          row.append(
-            name,
-            cr.el("td", graph.graph_id, "id"),
-            cr.el("td", graph.node_count, "number"),
-            cr.el("td", graph.parameter_count, "number"),
-            cr.el("td", graph.step, "number"),
-            cr.el("td", cr.time(graph.create_time)),
-          );
-          return row;
-        }),
-      );
-      document.getElementById("count").textContent = `${answer.total} graph${answer.total === 1 ? "" : "s"}`;
-      document.getElementById("page").textContent = `page ${answer.page} of ${answer.pages}`;
-      document.getElementById("previous").disabled = answer.page <= 1;
-      document.getElementById("next").disabled = answer.page >= answer.pages;
+      body.replaceChildren(...answer.graphs.map(row));
+      if (!answer.graphs.length) {
+        const empty = cr.el("tr");
+        empty.append(cr.el("td", answer.query ? "No graph matches on this page." : "No graphs.", "muted"));
+        body.append(empty);
+      }
+      next = answer.next_page_token;
+      const first = shownBefore + (answer.graphs.length ? 1 : 0);
+      const range = `graphs ${first}–${shownBefore + answer.graphs.length}`;
+      document.getElementById("count").textContent = answer.query ? `${range} matching “${answer.query}”` : range;
+      let where = next ? "more after these" : "the last page";
+      if (answer.query && next && answer.graphs.length < answer.page_size) {
+        where = `${answer.scanned} graphs searched so far: Next searches on`;
+      }
+      document.getElementById("page").textContent = where;
+      document.getElementById("previous").disabled = earlier.length === 0;
+      document.getElementById("next").disabled = !next;
+      body.dataset.shown = String(answer.graphs.length);
       cr.showError("");
     } catch (error) {
       cr.showError(error.message);
@@ -43,9 +60,24 @@
   let typing = null;
   search.addEventListener("input", () => {
     clearTimeout(typing);
-    typing = setTimeout(() => { page = 1; load(); }, 200);
+    typing = setTimeout(() => {
+      token = "";
+      earlier = [];
+      shownBefore = 0;
+      load();
+    }, 300);
   });
-  document.getElementById("previous").addEventListener("click", () => { page -= 1; load(); });
-  document.getElementById("next").addEventListener("click", () => { page += 1; load(); });
+  document.getElementById("previous").addEventListener("click", () => {
+    const back = earlier.pop();
+    token = back.token;
+    shownBefore = back.shownBefore;
+    load();
+  });
+  document.getElementById("next").addEventListener("click", () => {
+    earlier.push({ token, shownBefore });
+    shownBefore += Number(body.dataset.shown || 0);
+    token = next;
+    load();
+  });
   load();
 })();

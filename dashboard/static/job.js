@@ -30,9 +30,11 @@
     document.getElementById("progress-text").textContent = `step ${job.step} of ${job.total_steps}`;
     document.getElementById("cancel").hidden = job.ended;
     const graph = cr.link(`/graphs/${encodeURIComponent(job.graph_id)}`, job.graph_name || job.graph_id, "name");
+    const evaluated = job.spec.evaluation && job.spec.evaluation.dataset_id;
     cr.facts(document.getElementById("job-facts"), [
       ["graph", graph],
-      ["dataset", job.dataset_id],
+      ["dataset", dataset(job, job.dataset_id)],
+      ...(evaluated && evaluated !== job.dataset_id ? [["evaluated on", dataset(job, evaluated)]] : []),
       ["epoch", String(job.epoch)],
       ["loss", cr.number(job.loss)],
       ["steps/s", job.steps_per_second === null ? "–" : job.steps_per_second.toFixed(1)],
@@ -44,6 +46,15 @@
     const error = document.getElementById("job-error");
     error.textContent = job.error;
     error.hidden = !job.error;
+  }
+
+  // A dataset's name (user data: text only) beside its id; a deleted dataset shows its id alone.
+  function dataset(job, datasetId) {
+    const cell = cr.el("span");
+    const name = job.dataset_names[datasetId];
+    if (name) cell.append(cr.el("span", name, "name"), " ");
+    cell.append(cr.el("span", datasetId, "id"));
+    return cell;
   }
 
   async function refresh() {
@@ -138,8 +149,9 @@
   document.getElementById("cancel").addEventListener("click", async () => {
     if (!window.confirm(`Cancel job ${jobId}? A running job stops after its current step.`)) return;
     try {
-      header(await cr.post(`${base}/cancel`));
+      await cr.post(`${base}/cancel`);
       cr.showError("");
+      await refresh();
     } catch (error) {
       cr.showError(error.message);
     }

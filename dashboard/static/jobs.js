@@ -1,4 +1,5 @@
-// The jobs list, refreshed every second; ticked jobs can be compared.
+// The jobs list, newest first, a page at a time (GET /api/jobs?state=&page=), refreshed every
+// second; ticked jobs can be compared.
 "use strict";
 
 (() => {
@@ -6,6 +7,7 @@
   const filter = document.getElementById("state-filter");
   const compare = document.getElementById("compare");
   const selected = new Set();
+  let page = Number(new URLSearchParams(location.search).get("page")) || 1;
 
   function row(job) {
     const tr = cr.el("tr");
@@ -46,16 +48,20 @@
   }
 
   async function refresh() {
-    const query = filter.value ? `?state=${encodeURIComponent(filter.value)}` : "";
+    const query = new URLSearchParams({ page: String(page) });
+    if (filter.value) query.set("state", filter.value);
     try {
-      const answer = await cr.getJSON(`/api/jobs${query}`);
-      const jobs = answer.jobs.slice().reverse();
-      body.replaceChildren(...jobs.map(row));
-      if (!jobs.length) {
+      const answer = await cr.getJSON(`/api/jobs?${query}`);
+      page = answer.page;
+      body.replaceChildren(...answer.jobs.map(row));
+      if (!answer.jobs.length) {
         const empty = cr.el("tr");
         empty.append(cr.el("td", "No jobs.", "muted"));
         body.append(empty);
       }
+      document.getElementById("page").textContent = `page ${answer.page} of ${answer.pages} (${answer.total} job${answer.total === 1 ? "" : "s"})`;
+      document.getElementById("previous").disabled = answer.page <= 1;
+      document.getElementById("next").disabled = answer.page >= answer.pages;
       document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
       cr.showError("");
     } catch (error) {
@@ -63,12 +69,20 @@
     }
   }
 
+  function turn(to) {
+    page = to;
+    history.replaceState(null, "", page > 1 ? `/jobs?page=${page}` : "/jobs");
+    refresh();
+  }
+
   async function loop() {
-    await refresh();
+    if (!document.hidden) await refresh(); // a tab in the background asks for nothing
     setTimeout(loop, 1000);
   }
 
-  filter.addEventListener("change", refresh);
+  filter.addEventListener("change", () => turn(1));
+  document.getElementById("previous").addEventListener("click", () => turn(page - 1));
+  document.getElementById("next").addEventListener("click", () => turn(page + 1));
   compare.addEventListener("click", () => {
     const query = new URLSearchParams();
     for (const id of selected) query.append("jobs", id);
