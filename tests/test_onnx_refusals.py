@@ -85,13 +85,34 @@ def test_every_unsupported_op_is_listed_with_its_first_node_in_one_answer(client
     error = refused(
         client,
         model,
-        "3 ONNX op(s)",
-        "Mod (first used by node 'first_mod')",
-        "Hardmax (first used by node 'first_hardmax')",
-        "TopK (first used by node 'first_topk')",
+        "3 ONNX op(s) chainrule does not cover: Mod, Hardmax, TopK;",
+        "Mod by node 'first_mod'",
+        "Hardmax by node 'first_hardmax'",
+        "TopK by node 'first_topk'",
     )
     assert error.reason == "UNSUPPORTED_ONNX_OP"
     assert "second_mod" not in error.message
+
+
+UNCOVERED_UNARY_OPS = (
+    *("Acos", "Asin", "Atan", "Tan", "Sinh", "Cosh"),
+    *("Asinh", "Acosh", "Atanh", "Mish", "Celu", "Hardmax"),
+)
+
+
+def test_twelve_unsupported_ops_with_long_node_names_are_all_listed(client: cr.Client) -> None:
+    """Node names of 250 four-byte characters: the op types come first and the quoted names are
+    shortened, so that all twelve types fit within what gRPC lets an error carry."""
+    nodes = []
+    for index, op in enumerate(UNCOVERED_UNARY_OPS):
+        name = f"{index:02d}" + "\U0001d52b" * 248  # 𝔫
+        nodes.append(helper.make_node(op, [f"v{index}" if index else "x"], [f"v{index + 1}"], name=name))
+    model = onnx_model(nodes, [tensor("x", [2, 3])], [tensor(f"v{len(nodes)}", [2, 3])])
+    error = refused(client, model, f"{len(UNCOVERED_UNARY_OPS)} ONNX op(s) chainrule does not cover: ")
+    assert error.reason == "UNSUPPORTED_ONNX_OP"
+    listed = error.message.split("does not cover: ", 1)[1].split(";", 1)[0]
+    assert listed.split(", ") == list(UNCOVERED_UNARY_OPS), error.message
+    assert "Acos by node '00" + "\U0001d52b" * 10 in error.message
 
 
 def test_external_data_is_refused_naming_the_file(client: cr.Client) -> None:

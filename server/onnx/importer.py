@@ -41,6 +41,8 @@ from chainrule.server.ops import OPS
 from chainrule.v1 import graph_pb2
 
 Dims = tuple[int | None, ...] | None
+NAME_SHOWN_CHARACTERS = 40
+"""How much of an ONNX node's name the list of unsupported ops quotes."""
 HELPER_MARK = "#"
 """Joins an ONNX value's name and a role into the name of a node the importer adds."""
 NEVER_FOLDED = frozenset(
@@ -399,9 +401,17 @@ def set_attr(attr: graph_pb2.AttrValue, kind: str, value: Any) -> None:
 
 
 def unsupported_ops(first_users: Mapping[str, str]) -> InvalidArgument:
-    listed = "; ".join(f"{op} (first used by node '{node}')" for op, node in first_users.items())
+    """Every op type first, then the node that first uses each, its name shortened: an error's
+    message is cut to what gRPC's trailers carry, and long node names must not push op types out."""
+    types = ", ".join(first_users)
+    users = ", ".join(f"{op} by node '{shortened(node)}'" for op, node in first_users.items())
     return InvalidArgument(
-        f"the model uses {len(first_users)} ONNX op(s) chainrule does not cover: {listed}",
+        f"the model uses {len(first_users)} ONNX op(s) chainrule does not cover: {types}; first used: {users}",
         reason="UNSUPPORTED_ONNX_OP",
         subject=next(iter(first_users.values())),
     )
+
+
+def shortened(name: str) -> str:
+    """A name as error messages quote it: at most NAME_SHOWN_CHARACTERS, the cut marked."""
+    return name if len(name) <= NAME_SHOWN_CHARACTERS else name[: NAME_SHOWN_CHARACTERS - 3] + "..."
