@@ -1,7 +1,8 @@
 """Graph pictures: DOT from the client library's drawing (`Client.render`), laid out by Graphviz.
 
-Laying out a graph of thousands of nodes takes Graphviz seconds (about 15 s for 4,000 nodes on
-the machines this was measured on), so pictures are made off the event loop, a few at a time,
+Laying out a graph of thousands of nodes takes Graphviz seconds (1.6 s for 2,000 nodes and 7 s
+for 4,000 with Graphviz 2.43 on a shared 2-core machine, `python -m bench.dashboard`; the time
+grows faster than the node count), so pictures are made off the event loop, a few at a time,
 each at most `timeout` seconds, and kept: a picture is a function of its DOT text, which holds
 every value drawn, so the same graph at the same step with the same feeds is laid out once.
 Browsers get the SVG compressed (the app's GZipMiddleware); its text is a tenth of that.
