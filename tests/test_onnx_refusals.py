@@ -277,6 +277,41 @@ def test_sources_inputs_parameters_and_configuration_constants(client: cr.Client
     np.testing.assert_allclose(y, np.full((5, 2, 2), 0.6), rtol=1e-6)
 
 
+def test_shape_computations_known_at_import_are_folded(client: cr.Client) -> None:
+    """Shape -> Gather -> Concat -> Reshape of a static input, and ConstantOfShape of a constant shape:
+    the imported definition (GetGraph, full view) keeps a reshape with a constant shape attr and a
+    constant, and no shape, gather or concat node; the folded values stay fetchable as constants."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["x_shape"]),
+        helper.make_node("Gather", ["x_shape", "first"], ["batch"], axis=0),
+        helper.make_node("Concat", ["batch", "rest"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["flat"]),
+        helper.make_node(
+            "ConstantOfShape", ["fill_shape"], ["filled"], value=numpy_helper.from_array(np.array([1.5], np.float32))
+        ),
+        helper.make_node("Add", ["flat", "filled"], ["y"]),
+    ]
+    initializers = [
+        numpy_helper.from_array(np.array([0], np.int64), "first"),
+        numpy_helper.from_array(np.array([-1], np.int64), "rest"),
+        numpy_helper.from_array(np.array([2, 12], np.int64), "fill_shape"),
+    ]
+    model = onnx_model(nodes, [tensor("x", [2, 3, 4])], [tensor("y", [2, 12])], initializers)
+    imported = client.import_onnx(model)
+    info = client.get_graph(imported.graph_id, include_definition=True, view="full")
+    assert info.definition is not None
+    ops = {node.name: node for node in info.definition.nodes}
+    assert not {"shape", "gather", "concat", "expand"} & {node.op for node in ops.values()}, ops
+    assert ops["flat"].op == "reshape" and list(ops["flat"].inputs) == ["x"]
+    assert list(ops["flat"].attrs["shape"].ints.values) == [2, -1]
+    assert ops["filled"].op == "constant"
+    assert {ops[name].op for name in ("x_shape", "batch", "target")} == {"constant"}
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    got = client.forward(imported.graph_id, {"x": x}, ["y", "target"])
+    np.testing.assert_array_equal(got["y"], x.reshape(2, 12) + 1.5)
+    np.testing.assert_array_equal(got["target"], [2, -1])
+
+
 def test_importer_names_never_clash_with_onnx_names(client: cr.Client) -> None:
     """A Gemm with transB becomes transpose, matmul and add; their names hold '#' and avoid any the model has."""
     weight = np.arange(6, dtype=np.float32).reshape(2, 3)
