@@ -393,14 +393,14 @@ class Engine:
         if version is None:
             self._forget(live)
             raise _not_found(graph_id)
-        if version == live.version or live.sessions or live.step != live.committed_step:
-            return
+        if live.sessions or (version == live.version and live.step == live.committed_step):
+            return  # steps not committed without a session are ones the store refused to keep: drop them
         saved = self.store.load_checkpoint(graph_id)
         if saved is None:
             self._forget(live)
             raise _not_found(graph_id)
         with live.lock:
-            if not live.sessions and live.step == live.committed_step and saved.version > live.version:
+            if not live.sessions and saved.version >= live.version:
                 _restore(live, saved)
 
     def _forget(self, live: LiveGraph) -> None:

@@ -220,3 +220,41 @@ def test_cancel_and_watch_from_the_server_that_does_not_run_the_job(pair: Server
         assert client.get_parameters_with_step(graph_id)[1] == info.step  # its end is committed
         ended = raw_job(other, job_id)
         assert ended.worker == runner.address and ended.resumes == 0
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL of the test's own, since the test stops it."""
+    cluster = PostgresServer()
+    try:
+        yield cluster.start()
+    finally:
+        cluster.close()
+
+
+def test_a_job_outlives_an_outage_of_the_database_and_ends_as_if_never_interrupted(
+    own_postgres: PostgresServer,
+) -> None:
+    """While PostgreSQL is down the job cannot commit: it stops at its last commit instead of failing,
+    and once the database is back a server takes it up again from there."""
+    (server,) = start_servers(own_postgres.database(), 1)
+    try:
+        with cr.Client(server.address, timeout=60) as client:
+            graph_id = client.create_graph(network()).graph_id
+            twin_id = client.create_graph(network()).graph_id
+            dataset_id = client.upload_dataset("outage", training_data(), progress=False).dataset_id
+            job = start_job(client, graph_id, dataset_id, max_steps=600)
+            wait_for(lambda: job.info().step >= 100, "the job to run")
+            own_postgres.stop()
+            wait_for(lambda: any("stops at its last commit" in line for line in server.log), "the job to stop")
+            own_postgres.start()
+            assert job.wait(progress=False).state == "succeeded"
+            assert raw_job(server, job.job_id).resumes >= 1
+            twin = start_job(client, twin_id, dataset_id, max_steps=600)
+            assert twin.wait(progress=False).state == "succeeded"
+            survived, uninterrupted = job.history(), twin.history()
+            assert survived.steps == uninterrupted.steps == list(range(1, 601))
+            assert survived.losses == uninterrupted.losses and survived.metrics == uninterrupted.metrics
+            assert_same_bits(client.get_parameters(graph_id), client.get_parameters(twin_id))
+    finally:
+        server.kill()

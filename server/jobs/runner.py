@@ -130,6 +130,24 @@ class JobRunner:
         if not resumed:
             self.store.save_job(record, claim=job.claim)
 
+    def _interrupted(self, error: ChainruleError) -> bool:
+        """Whether the error is a shared database out of reach: then the job is not failed but stopped
+        where its last commit left it, and any server takes it up again once the database answers."""
+        return self.store.shared and isinstance(error, Unavailable) and error.reason == "STORE_UNAVAILABLE"
+
+    def _interrupt(self, job: Job, error: ChainruleError) -> None:
+        with job.condition:
+            job.step = job.committed
+            job.tail = [event for event in job.tail if event.step <= job.committed]
+            job.lost = True
+            job.condition.notify_all()
+        log.warning(
+            "job %s stops at its last commit, step %d, until a server takes it up again: %s",
+            job.job_id,
+            job.step,
+            error.message,
+        )
+
     def _lose(self, job: Job) -> None:
         """The job's claim no longer holds it: stop, committing nothing more (the server that holds it
         now goes on from the last commit, and fences out this one's writes)."""
@@ -249,6 +267,9 @@ class JobRunner:
         except ExecutorLost:
             raise
         except ChainruleError as error:
+            if self._interrupted(error):
+                self._interrupt(job, error)
+                return
             with job.condition:
                 job.error = f"step {step + 1}: {error.message}"
             self.end(job, "FAILED", session)
@@ -336,6 +357,10 @@ class JobRunner:
             self.finished(job)
             return
         except ChainruleError as error:
+            if self._interrupted(error):
+                self._interrupt(job, error)
+                self.finished(job)
+                return
             log.error("job %s: could not commit its end (%s): %s", job.job_id, state, error.message)
             with job.condition:
                 if isinstance(error, Unavailable) and session is not None:
