@@ -5,7 +5,8 @@ says what to install before anything starts.
 Ray's own processes take the machine's interface address unless told, even when asked for
 127.0.0.1 (`ray start --node-ip-address 127.0.0.1` resolves it back to the interface). A head this
 module starts and every driver that joins a cluster on a loopback address therefore run with
-RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, Ray's switch for single-machine clusters, under which Ray's
+RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, Ray's switch for single-machine clusters (for `auto`, when the
+address it leads to is on loopback), under which Ray's
 servers bind to and advertise 127.0.0.1 only; usage statistics stay off and the dashboard is not
 started.
 
@@ -71,6 +72,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def auto_address() -> str | None:
+    """Where `auto` leads, as Ray finds it: RAY_ADDRESS, else the cluster `ray start` last started
+    on this machine (recorded in Ray's temporary directory); None when neither says."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    try:
+        return (Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster").read_text().strip() or None
+    except OSError:
+        return None
+
+
 def check_address(address: str) -> None:
     """Refuse what cannot be an address: `auto`, `local`, `host:port` or `ray://host:port`."""
     if address in (AUTO, LOCAL):
@@ -101,8 +113,9 @@ class RayCluster:
         if address == LOCAL:
             head = LocalRayHead(Path(tempfile.mkdtemp(prefix="chainrule-ray-")), owned_directory=True)
             return cls(head.address, {**LOOPBACK_ENVIRONMENT, **head.environment}, head)
-        host = address.removeprefix("ray://").rpartition(":")[0]
-        environment = dict(LOOPBACK_ENVIRONMENT) if address == AUTO or is_loopback(host) else {}
+        found = auto_address() if address == AUTO else address
+        host = (found or "").removeprefix("ray://").rpartition(":")[0]
+        environment = dict(LOOPBACK_ENVIRONMENT) if is_loopback(host) else {}
         return cls(address, environment)
 
     def start(self) -> None:

@@ -13,7 +13,8 @@ Ray ends its actors with it.
 
 Messages (pickled through multiprocessing's Connection): the server sends an `Opening`, then
 ("step", step, shards, updates) or ("close",). The driver answers the opening with ("joined",)
-once it is in the cluster, then ("ready", pids) once its replicas are; each step with ("result",
+once it is in the cluster, then ("ready", pids) once its replicas are (with ("waiting", why)
+between when they wait long for the cluster's CPUs); each step with ("result",
 loss, gradients, state_updates). Either may instead be ("lost", counts, message) when a replica
 or the cluster is gone, or ("error", kind, message, reason, subject) when the computation itself
 failed (the error a replica's graph raised).
@@ -43,6 +44,8 @@ from chainrule.v1 import graph_pb2
 Array = np.ndarray
 PARENT_POLL_SECONDS = 1.0
 JOIN_PROBE_SECONDS = 3.0
+WAITING_SECONDS = 10.0
+"""A driver whose replicas wait this long for the cluster's CPUs tells the server, which logs it."""
 """How often a waiting driver looks whether its server is still there."""
 CLUSTER_TIMEOUT_SECONDS = 15
 """How long a driver's connection to the head may stay broken before Ray ends the driver (Ray's
@@ -152,7 +155,7 @@ class Driver:
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
             group = placement_group([{"CPU": opening.replica_cpus}] * opening.replicas, strategy="SPREAD")
-            if not self._wait(group.ready()):
+            if not self._wait(group.ready(), f"{opening.replicas} replicas of {opening.replica_cpus:g} CPUs"):
                 return ("lost", False, "the server went away")
             strategies = [PlacementGroupSchedulingStrategy(group, index) for index in range(opening.replicas)]
         else:
@@ -176,14 +179,19 @@ class Driver:
         loss, gradients, state_updates = combine([r for r in results if r is not None], self.opening.reduction)
         return ("result", loss, gradients, state_updates)
 
-    def _wait(self, ref: Any) -> bool:
-        """Wait for `ref` while the server is there; False when it is gone."""
+    def _wait(self, ref: Any, what: str) -> bool:
+        """Wait for `ref` while the server is there, telling it once when the wait is long; False
+        when the server is gone."""
+        started, told = time.monotonic(), False
         while True:
             ready, _ = self.ray.wait([ref], timeout=PARENT_POLL_SECONDS)
             if ready:
                 return True
             if os.getppid() != self.parent:
                 return False
+            if not told and time.monotonic() - started > WAITING_SECONDS:
+                self.connection.send(("waiting", f"{what} wait for the cluster's free CPUs"))
+                told = True
 
     def _gather(self, refs: list[Any], answer: Any) -> tuple:
         ray = self.ray

@@ -22,12 +22,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import IO, Any
+from typing import IO
 
 import numpy as np
 
 from chainrule.server import errors
+from chainrule.server.engine import StepResult
 from chainrule.server.errors import ChainruleError, InvalidArgument
 from chainrule.server.graph import Limits
 from chainrule.server.jobs.executor import ExecutorContext, ExecutorLost
@@ -110,6 +112,9 @@ class RayExecutor:
             answer = self._receive(context.stopping, time.monotonic() + JOIN_SECONDS)
             if answer[0] == "joined":  # then the replicas, which may wait for the cluster's CPUs
                 answer = self._receive(context.stopping)
+            while answer[0] == "waiting":
+                log.warning("job %s: %s", context.job_id, answer[1])
+                answer = self._receive(context.stopping)
             if answer[0] != "ready":
                 raise self._failure(answer)
         except BaseException:
@@ -117,7 +122,7 @@ class RayExecutor:
             raise
         log.info("job %s: %d replicas on Ray (worker pids %s)", context.job_id, self.replicas, answer[1])
 
-    def step(self, rows: slice | np.ndarray, step: int, learning_rate: float) -> Any:
+    def step(self, rows: slice | np.ndarray, step: int, learning_rate: float) -> StepResult:
         self._send(("step", step, split_rows(rows, self.replicas), self.updates))
         answer = self._receive()
         if answer[0] != "result":
@@ -151,7 +156,7 @@ class RayExecutor:
                 f"the job's Ray driver ended: {self._output_tail()}", reason="RAY_UNAVAILABLE"
             ) from None
 
-    def _receive(self, stopping: Any = None, deadline: float = math.inf) -> tuple:
+    def _receive(self, stopping: Callable[[], bool] | None = None, deadline: float = math.inf) -> tuple:
         """The driver's next answer; RayClusterLost when the driver ends first, when `stopping`
         says to give up (a job waiting for the cluster is cancelled, or the server stops), or at
         `deadline`."""
