@@ -2,7 +2,8 @@
 authentication on) through real servers: data-parallel replicas agree with one replica and with the
 in-process engine; a replica killed mid-job is replaced and the job finishes correct; the head lost
 mid-job and a new one started on its address, the job resumes and ends bit-identical to a run that
-was never interrupted.
+was never interrupted; eight jobs on two servers sharing one PostgreSQL and the cluster all end
+correct; nothing the cluster or the servers' drivers open reaches beyond loopback.
 
 What CreateJob refuses about replicas, and how shards combine, is checked without Ray (no cluster
 needed), as is the server's answer to --ray-address without the extra.
