@@ -330,9 +330,7 @@ class JobRunner:
         if session.live.deleted:  # the job's row and history are all there is left to keep
             self.store.save_job(record, events, claim=job.claim)
         else:
-            session.commit(
-                lambda checkpoint, fence: self.store.save_job(record, events, checkpoint, fence, job.claim)
-            )
+            session.commit(lambda checkpoint, fence: self.store.save_job(record, events, checkpoint, fence, job.claim))
         with job.condition:
             job.tail = job.tail[bisect.bisect_right(job.tail, job.committed, key=event_step) :]
             job.committed = record.step

@@ -341,9 +341,7 @@ class Store(ABC):
         delete_dataset either sees the job or leaves it nothing to use."""
 
     @abstractmethod
-    def claim_job(
-        self, claim: str, worker: str, seconds: float | None, skip: Collection[str] = ()
-    ) -> StoredJob | None:
+    def claim_job(self, claim: str, worker: str, seconds: float | None, skip: Collection[str] = ()) -> StoredJob | None:
         """Claim the job to run next, if any: the oldest of the RUNNING jobs that no server holds (their
         claims released or lapsed), else of the QUEUED ones, whose graph's trainer lease it can take
         (or that lost its graph); skipping what other servers are claiming at the same moment. The

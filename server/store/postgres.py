@@ -484,9 +484,7 @@ class PostgresStore(Store):
             )
         return version
 
-    def claim_job(
-        self, claim: str, worker: str, seconds: float | None, skip: Collection[str] = ()
-    ) -> StoredJob | None:
+    def claim_job(self, claim: str, worker: str, seconds: float | None, skip: Collection[str] = ()) -> StoredJob | None:
         """FOR UPDATE SKIP LOCKED: servers claiming at the same moment each pass over the jobs the others
         are looking at, instead of waiting for them."""
         candidates = self._read(

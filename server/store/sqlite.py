@@ -399,9 +399,7 @@ class SqliteStore(Store):
             )
         return version
 
-    def claim_job(
-        self, claim: str, worker: str, seconds: float | None, skip: Collection[str] = ()
-    ) -> StoredJob | None:
+    def claim_job(self, claim: str, worker: str, seconds: float | None, skip: Collection[str] = ()) -> StoredJob | None:
         """Candidates are read first, outside a write transaction, so that idle servers looking at an
         empty queue every second take no write lock."""
         candidates = self._read(
