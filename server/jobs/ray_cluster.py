@@ -127,6 +127,17 @@ class RayCluster:
             self.head.stop()
 
 
+def _stop_with_parent() -> None:
+    """Linux: SIGTERM the head (which then stops its processes) when whoever started it dies, even
+    by SIGKILL, so a private head never outlives its server."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class LocalRayHead:
     """A Ray head on this machine, on 127.0.0.1 only, with token authentication and a directory of
     its own: `ray start --head --block`, whose process stops the head's processes when it gets
@@ -180,7 +191,12 @@ class LocalRayHead:
         environment.pop("RAY_ADDRESS", None)
         logs = (self.directory / "head.log").open("ab")
         self.process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=logs, stderr=subprocess.STDOUT, env=environment
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=logs,
+            stderr=subprocess.STDOUT,
+            env=environment,
+            preexec_fn=_stop_with_parent,
         )
         logs.close()
         deadline = time.monotonic() + timeout
