@@ -15,7 +15,6 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from chainrule.server.jobs.ray_cluster import LOOPBACK_ENVIRONMENT, LocalRayHead
 
@@ -46,22 +45,6 @@ class RayHeadFixture:
 
     def stop(self) -> None:
         self.head.stop()
-
-    def client(self) -> Any:
-        """This process as a Ray driver of the cluster (to kill actors), until `ray.shutdown()`."""
-        import ray
-
-        saved = {name: os.environ.get(name) for name in self.environment}
-        os.environ.update(self.environment)
-        try:
-            ray.init(address=self.address, logging_level="ERROR", log_to_driver=False)
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
-        return ray
 
 
 def running_ray() -> Iterator[RayHeadFixture]:
