@@ -33,6 +33,7 @@ from chainrule.server.plan import Plan
 from tests.postgres import PostgresServer
 from tests.ray_cluster import RayHeadFixture, descendants, tcp_sockets
 from tests.server_process import ServerProcess
+from tests.test_cluster import raw_job
 from tests.test_jobs import Reference, assert_same_bits, wait_for, wait_running
 
 WAIT_SECONDS = 180.0
@@ -270,6 +271,7 @@ def test_a_killed_replica_is_replaced_and_the_job_finishes_correct(client: cr.Cl
     os.kill(worker_pids(server, job.job_id)[0][1], signal.SIGKILL)
     finished(job)
     assert len(worker_pids(server, job.job_id)) == 2  # a second set of replicas finished it
+    assert raw_job(server, job.job_id).resumes == 1
     assert_same_bits(client.get_parameters(graph_id), client.get_parameters(clean_graph))
     assert any("a replica died" in line for line in server.log)
 

@@ -221,8 +221,7 @@ class JobRunner:
             job.tail = [event for event in job.tail if event.step <= job.committed]
             if job.tail and job.tail[-1].step == job.committed:
                 job.epoch, job.loss = job.tail[-1].epoch, job.tail[-1].loss
-            if hasattr(job, "resumes"):
-                job.resumes += 1
+            job.resumes += 1
             job.condition.notify_all()
 
     def _train(
