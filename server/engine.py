@@ -818,12 +818,14 @@ class TrainingSession:
                 _restore(live, saved)
             return live.step
 
-    def finish(self) -> None:
-        """Commit what the stream changed; the stream may report success only after this returns."""
+    def finish(self, commit: bool = True) -> None:
+        """Commit what the stream changed; the stream may report success only after this returns. A job
+        that no longer holds its graph passes `commit` False: its steps not committed are dropped (the
+        next use of the graph reads it back from the store)."""
         live = self.live
         try:
             with live.lock:
-                if not live.deleted and live.step != live.committed_step:
+                if commit and not live.deleted and live.step != live.committed_step:
                     self._commit()
         finally:
             if not self.finished:

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import grpc
 import numpy as np
 import pytest
 
@@ -222,6 +223,15 @@ def test_cancel_and_watch_from_the_server_that_does_not_run_the_job(pair: Server
         assert ended.worker == runner.address and ended.resumes == 0
 
 
+def answers(job: cr.Job) -> bool:
+    try:
+        job.info()
+    except cr.ChainruleError as error:
+        assert error.code == grpc.StatusCode.UNAVAILABLE, error
+        return False
+    return True
+
+
 @pytest.fixture
 def own_postgres() -> Iterator[PostgresServer]:
     """A PostgreSQL of the test's own, since the test stops it."""
@@ -248,6 +258,7 @@ def test_a_job_outlives_an_outage_of_the_database_and_ends_as_if_never_interrupt
             own_postgres.stop()
             wait_for(lambda: any("stops at its last commit" in line for line in server.log), "the job to stop")
             own_postgres.start()
+            wait_for(lambda: answers(job), "the server to reach PostgreSQL again")
             assert job.wait(progress=False).state == "succeeded"
             assert raw_job(server, job.job_id).resumes >= 1
             twin = start_job(client, twin_id, dataset_id, max_steps=600)

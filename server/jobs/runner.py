@@ -106,7 +106,7 @@ class JobRunner:
             self._lose(job)
         finally:
             try:
-                session.finish()
+                session.finish(commit=not job.lost)
             except ChainruleError as error:  # the job's end is settled; what the store refused is logged
                 log.error("job %s: %s", job.job_id, error.message)
 
