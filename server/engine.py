@@ -383,6 +383,14 @@ class Engine:
         live.last_used = time.monotonic()
         return live
 
+    def compile(self, graph_id: str, tenant: str = "", stop: StopFlag | None = None) -> None:
+        """Make the graph live before a call waits for a compute slot, so no slot is held while it compiles.
+        A graph already live is left as it is: the call's own `live` checks it against the store, so a
+        call reads the stored version once."""
+        live = self._live.get(graph_id)
+        if live is None or live.stored.tenant != tenant:
+            self.live(graph_id, tenant, stop)
+
     def _catch_up(self, live: LiveGraph, tenant: str) -> None:
         """On a store other servers share, what this server holds of a graph is a cache: one indexed read
         of the stored version tells whether another server committed since (then the committed

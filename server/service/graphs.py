@@ -141,7 +141,7 @@ class GraphService(Servicer, graph_service_pb2_grpc.GraphServiceServicer):
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext, call: Call) -> pb.ForwardResponse:
         feeds = self.decode_feeds(request.feeds)
         fetches = list(request.fetches)
-        self.engine.live(request.graph_id, call.tenant, call.stop)
+        self.engine.compile(request.graph_id, call.tenant, call.stop)
         with self.computing(call):
             values = self.engine.forward(
                 request.graph_id, feeds, fetches, call.tenant, call.stop, training=request.training, seed=request.seed
@@ -154,7 +154,7 @@ class GraphService(Servicer, graph_service_pb2_grpc.GraphServiceServicer):
         gradient that saves two full copies of it."""
         feeds = self.decode_feeds(request.feeds)
         loss_grad = decode_tensor(request.loss_grad, "loss_grad") if request.HasField("loss_grad") else None
-        self.engine.live(request.graph_id, call.tenant, call.stop)
+        self.engine.compile(request.graph_id, call.tenant, call.stop)
         with self.computing(call):
             loss, gradients = self.engine.backward(
                 request.graph_id,
