@@ -117,9 +117,9 @@ def _standardize(x: Array, axes: tuple[int, ...], epsilon: float) -> _Moments:
     """(x - mean) / sqrt(var + epsilon) over `axes` (kept as size 1), with the biased variance."""
     mean = x.mean(axis=axes, keepdims=True)
     centered = x - mean
-    variance = (centered * centered).mean(axis=axes, keepdims=True)
+    variance = np.square(centered).mean(axis=axes, keepdims=True)
     inv_std = 1 / np.sqrt(variance + epsilon)
-    return _Moments(centered * inv_std, mean, variance, inv_std)
+    return _Moments(np.multiply(centered, inv_std, out=centered), mean, variance, inv_std)
 
 
 def _standardize_vjp(g_xhat: Array, xhat: Array, inv_std: Array, axes: tuple[int, ...]) -> Array:
@@ -133,19 +133,42 @@ def _channel_sum(a: Array) -> Array:
     return a.sum(axis=_non_channel_axes(a.ndim))
 
 
-class _Normalized(NamedTuple):
-    """What a standardizing norm's VJPs need of its forward pass."""
+class _Normalized:
+    """What a standardizing norm's VJPs need of its forward pass: the standardized x, and the inverse
+    standard deviation per normalized group (size-1 axes, so it broadcasts against x).
 
-    xhat: Array
-    inv_std: Array
-    """Per normalized group, kept as size-1 axes so it broadcasts against x."""
-    through_statistics: bool
-    """Whether the statistics came from x (training batch norm, and every other norm) and pass gradient to it."""
+    Batch norm in inference computes its value as x * a + c without ever standardizing x, so it hands
+    over x and the mean instead, and the first VJP that wants the standardized x works it out."""
+
+    __slots__ = ("_xhat", "_x", "_mean", "inv_std", "through_statistics")
+
+    def __init__(
+        self,
+        xhat: Array | None,
+        inv_std: Array,
+        through_statistics: bool,
+        x: Array | None = None,
+        mean: Array | None = None,
+    ) -> None:
+        self._xhat, self._x, self._mean = xhat, x, mean
+        self.inv_std = inv_std
+        self.through_statistics = through_statistics
+        """Whether the statistics came from x (training batch norm, and every other norm) and pass gradient to it."""
+
+    @property
+    def xhat(self) -> Array:
+        if self._xhat is None:
+            self._xhat = (self._x - self._mean) * self.inv_std  # type: ignore[operator]
+            self._x = self._mean = None
+        return self._xhat
 
 
 def _per_channel_affine(xhat: Array, scale: Array, bias: Array) -> Array:
+    """xhat * scale + bias per channel, in xhat's memory layout (channels innermost after a wide conv)."""
     shape = _channel_shape(xhat)
-    return xhat * scale.reshape(shape) + bias.reshape(shape)
+    y = xhat * scale.reshape(shape)
+    y += bias.reshape(shape)
+    return y
 
 
 def _affine_x(g: Array, scale: Array) -> Array:
@@ -174,7 +197,8 @@ def batch_norm(
 ) -> tuple[Array, _Normalized]:
     """torch.nn.functional.batch_norm. Training: the batch's statistics over every axis but 1 normalize
     (biased variance), and the running statistics move towards them (unbiased variance), handed back
-    through `ctx.update_state`. Inference: `mean` and `var` normalize."""
+    through `ctx.update_state`. Inference: `mean` and `var` normalize, folded with scale and bias into
+    one factor and one offset per channel (x * a + c, two passes over x, as PyTorch's CPU kernel)."""
     _check_channels(x.shape, {"scale": scale.shape, "bias": bias.shape, "mean": mean.shape, "var": var.shape})
     x, scale, bias, computed_mean, computed_var = _as_dtype([x, scale, bias, mean, var])
     shape = _channel_shape(x)
@@ -191,10 +215,12 @@ def batch_norm(
         unbiased = batch_var * (count / (count - 1))
         ctx.update_state(4, ((1 - momentum) * computed_var + momentum * unbiased).astype(var.dtype, copy=False))
         xhat, inv_std = moments.xhat, moments.inv_std
-    else:
-        inv_std = (1 / np.sqrt(computed_var + epsilon)).reshape(shape)
-        xhat = (x - computed_mean.reshape(shape)) * inv_std
-    return _per_channel_affine(xhat, scale, bias), _Normalized(xhat, inv_std, ctx.training)
+        return _per_channel_affine(xhat, scale, bias), _Normalized(xhat, inv_std, True)
+    inv_std = 1 / np.sqrt(computed_var + epsilon)
+    factor = scale * inv_std
+    y = x * factor.reshape(shape)
+    y += (bias - computed_mean * factor).reshape(shape)
+    return y, _Normalized(None, inv_std.reshape(shape), False, x, computed_mean.reshape(shape))
 
 
 def _bn_x(g: Array, saved: _Normalized, x: Array, scale: Array, *rest: Array, **attrs: float) -> Array:
