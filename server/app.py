@@ -35,7 +35,13 @@ from chainrule.server.jobs.ray_cluster import RayCluster, RayUnavailable
 from chainrule.server.jobs.ray_executor import DEFAULT_REPLICA_CPUS, RayExecutors
 from chainrule.server.jobs.runner import DEFAULT_JOB_MAX_RESTARTS
 from chainrule.server.metrics import Metrics
-from chainrule.server.service.calls import DEFAULT_STREAM_IDLE_SECONDS, CallGate, add_to_server, default_compute_slots
+from chainrule.server.service.calls import (
+    DEFAULT_MAX_WATCHERS,
+    DEFAULT_STREAM_IDLE_SECONDS,
+    CallGate,
+    add_to_server,
+    default_compute_slots,
+)
 from chainrule.server.service.datasets import DatasetService
 from chainrule.server.service.graphs import GraphService
 from chainrule.server.service.jobs import JobService
@@ -57,6 +63,8 @@ GIL_SWITCH_SECONDS = 0.001
 takes the GIL about five times on its way through gRPC's threads, each time waiting up to this long
 behind busy compute threads: under heavy Forward load 1 ms instead of 5 took its p99 from about 300 ms
 to about 100 ms, for a few percent of the throughput of GIL-bound graphs."""
+WATCH_SPARE_THREADS = 4
+"""Threads of the watchers' pool beyond --max-watchers, which refuse the watchers over the limit."""
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 """mallopt's parameter numbers (glibc's malloc.h)."""
 MMAP_THRESHOLD_BYTES = 256 << 20
@@ -96,6 +104,10 @@ class ServerOptions:
     max_concurrent_compute: int | None = None
     """None: one per core this process may run on."""
     stream_idle_seconds: float = DEFAULT_STREAM_IDLE_SECONDS
+    max_watchers: int = DEFAULT_MAX_WATCHERS
+    """WatchJob streams open at once; they run on threads of their own, beyond --workers."""
+    max_watchers_per_tenant: int | None = None
+    """None: half of max_watchers."""
     dataset_cache: str | None = None
     """Where datasets jobs read are kept memory-mapped; None: `<db>.cache` beside the database."""
     max_dataset_bytes: int = DEFAULT_MAX_DATASET_MB << 20
@@ -225,6 +237,8 @@ class RunningServer:
             options.limits.max_name_length,
             options.max_concurrent_compute or default_compute_slots(),
             options.stream_idle_seconds,
+            options.max_watchers,
+            options.max_watchers_per_tenant or max(1, options.max_watchers // 2),
         )
         self.service = GraphService(self.engine, self.calls, options.max_request_message_bytes)
         cache = options.dataset_cache or default_dataset_cache(options.db)
@@ -260,6 +274,11 @@ class RunningServer:
         self.health = health.HealthServicer()
         self.store.on_lost = self._store_lost
         self.executor = futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="rpc")
+        # A watcher spends its life waiting for steps: on a pool of their own, watchers never take
+        # the threads calls and health checks need, however many there are.
+        self.watch_executor = futures.ThreadPoolExecutor(
+            max_workers=options.max_watchers + WATCH_SPARE_THREADS, thread_name_prefix="watch"
+        )
         self.server = grpc.server(
             self.executor,
             interceptors=[AuthInterceptor(self.tokens)] if self.tokens else [],
@@ -276,7 +295,7 @@ class RunningServer:
         )
         add_to_server(self.service, graph_service_pb2.DESCRIPTOR.services_by_name["GraphService"], self.server)
         add_to_server(self.dataset_service, DATASET_SERVICE, self.server)
-        add_to_server(self.job_service, JOB_SERVICE, self.server)
+        add_to_server(self.job_service, JOB_SERVICE, self.server, {"WatchJob": self.watch_executor})
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if options.reflection:
             names = (*SERVICE_NAMES, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
@@ -376,6 +395,7 @@ class RunningServer:
         self.health.enter_graceful_shutdown()
         self.server.stop(self.options.grace_seconds).wait()
         self.executor.shutdown(wait=True)
+        self.watch_executor.shutdown(wait=True)
         self.store.close()
         log.info("stopped")
         self._stopped.set()

@@ -22,7 +22,7 @@ from chainrule.server.jobs import DEFAULT_JOB_WORKERS
 from chainrule.server.jobs.ray_cluster import RAY_EXTRA
 from chainrule.server.jobs.ray_executor import DEFAULT_REPLICA_CPUS
 from chainrule.server.jobs.runner import DEFAULT_JOB_MAX_RESTARTS
-from chainrule.server.service.calls import DEFAULT_STREAM_IDLE_SECONDS
+from chainrule.server.service.calls import DEFAULT_MAX_WATCHERS, DEFAULT_STREAM_IDLE_SECONDS
 from chainrule.server.store import POSTGRES_EXTRA, location
 
 MIB = 1024 * 1024
@@ -109,6 +109,8 @@ def serve(args: argparse.Namespace) -> int:
         max_concurrent_rpcs_per_tenant=args.max_concurrent_rpcs_per_tenant,
         max_concurrent_compute=args.max_concurrent_compute,
         stream_idle_seconds=args.stream_idle_seconds,
+        max_watchers=args.max_watchers,
+        max_watchers_per_tenant=args.max_watchers_per_tenant,
         max_request_message_bytes=args.max_message_mb * MIB,
         checkpoint_every=args.checkpoint_every,
         grace_seconds=args.grace_seconds,
@@ -270,6 +272,18 @@ def add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
         type=POSITIVE,
         help="calls running graphs at once; the others admitted wait their turn, off the GIL "
         "(default: one per CPU core)",
+    )
+    limits.add_argument(
+        "--max-watchers",
+        type=POSITIVE,
+        default=DEFAULT_MAX_WATCHERS,
+        help="WatchJob streams served at once; not counted in --max-concurrent-rpcs, each has a thread of its "
+        "own beyond --workers",
+    )
+    limits.add_argument(
+        "--max-watchers-per-tenant",
+        type=POSITIVE,
+        help="WatchJob streams one tenant may have open at once (default: half of --max-watchers)",
     )
     limits.add_argument(
         "--stream-idle-seconds",

@@ -19,7 +19,8 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -68,6 +69,7 @@ ID_FIELDS_MIN_LENGTH = 64
 UNCHECKED_MESSAGES = frozenset({tensor_pb2.Tensor.DESCRIPTOR.full_name, graph_pb2.Graph.DESCRIPTOR.full_name})
 """Not walked by `check_names`: tensors carry data, and a graph's names are checked as it is built."""
 DEFAULT_STREAM_IDLE_SECONDS = 300.0
+DEFAULT_MAX_WATCHERS = 256
 COMPUTE_POLL_SECONDS = 0.1
 """How often a call waiting for a compute slot looks whether it was cancelled."""
 
@@ -84,6 +86,8 @@ class Call:
     bytes_out: int = 0
     detail: str = ""
     admitted: bool = False
+    watching: bool = False
+    """Admitted as a watcher (--max-watchers), not as a call."""
 
 
 def default_compute_slots() -> int:
@@ -95,7 +99,9 @@ def default_compute_slots() -> int:
 class CallGate:
     """What every servicer of one server shares: tokens, metrics, name and idle limits, the slots
     of --max-concurrent-rpcs and --max-concurrent-rpcs-per-tenant (health checks are not counted),
-    and the compute slots.
+    those of --max-watchers and --max-watchers-per-tenant (WatchJob streams, which spend their lives
+    waiting for steps: they have threads of their own and do not take calls' slots), and the
+    compute slots.
 
     Compute slots bound how many calls run graphs at once (`Servicer.computing`). The others wait
     blocked, off the GIL, so a health check or a cheap call competes for the GIL with a few busy
@@ -110,8 +116,11 @@ class CallGate:
     compute_slots: int | None = None
     stream_idle_seconds: float = DEFAULT_STREAM_IDLE_SECONDS
     """How long a client-streaming call may send nothing before it is ended."""
+    max_watchers: int | None = None
+    max_watchers_per_tenant: int | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _open: collections.Counter[str] = field(default_factory=collections.Counter, init=False, repr=False)
+    _watching: collections.Counter[str] = field(default_factory=collections.Counter, init=False, repr=False)
     _compute: FairSlots | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -139,9 +148,29 @@ class CallGate:
 
     def release(self, tenant: str) -> None:
         with self._lock:
-            self._open[tenant] -= 1
-            if not self._open[tenant]:
-                del self._open[tenant]
+            _uncount(self._open, tenant)
+
+    def admit_watcher(self, tenant: str) -> None:
+        """Count a WatchJob stream of `tenant`, or refuse it at once, as `admit` does calls."""
+        with self._lock:
+            if self.max_watchers is not None and self._watching.total() >= self.max_watchers:
+                raise ResourceExhausted(
+                    f"the server is already serving {self.max_watchers} WatchJob streams, its limit "
+                    "(--max-watchers); retry later",
+                    reason="TOO_MANY_WATCHERS",
+                )
+            limit = self.max_watchers_per_tenant
+            if limit is not None and self._watching[tenant] >= limit:
+                raise ResourceExhausted(
+                    f"this tenant already has {limit} WatchJob streams open, its limit "
+                    "(--max-watchers-per-tenant); retry later",
+                    reason="TOO_MANY_WATCHERS",
+                )
+            self._watching[tenant] += 1
+
+    def release_watcher(self, tenant: str) -> None:
+        with self._lock:
+            _uncount(self._watching, tenant)
 
     @contextlib.contextmanager
     def computing(self, stop: StopFlag) -> Iterator[None]:
@@ -154,6 +183,12 @@ class CallGate:
             yield
         finally:
             self._compute.release()
+
+
+def _uncount(counts: collections.Counter[str], tenant: str) -> None:
+    counts[tenant] -= 1
+    if not counts[tenant]:
+        del counts[tenant]
 
 
 class FairSlots:
@@ -228,6 +263,10 @@ class Servicer:
         self.calls.admit(call.tenant)
         call.admitted = True
 
+    def admit_watcher(self, call: Call) -> None:
+        self.calls.admit_watcher(call.tenant)
+        call.admitted = call.watching = True
+
     def checked(self, request: Any) -> Any:
         """The request, parsed, once every name it carries is within the limits."""
         request = parsed(request)
@@ -250,7 +289,10 @@ class Servicer:
 
     def end(self, call: Call, code: str) -> None:
         if call.admitted:
-            self.calls.release(call.tenant)
+            if call.watching:
+                self.calls.release_watcher(call.tenant)
+            else:
+                self.calls.release(call.tenant)
             call.admitted = False
         elapsed = time.perf_counter() - call.started
         self.calls.metrics.rpcs.labels(call.method, code).inc()
@@ -344,14 +386,25 @@ def unary(method: Handler) -> Handler:
 
 def streaming(method: Handler) -> Handler:
     """As `unary`, for methods that stream responses; a client that went away needs no answer."""
+    return _streaming(method, watcher=False)
 
+
+def watching(method: Handler) -> Handler:
+    """As `streaming`, for a stream admitted as a watcher (--max-watchers) rather than as a call."""
+    return _streaming(method, watcher=True)
+
+
+def _streaming(method: Handler, watcher: bool) -> Handler:
     @functools.wraps(method)
     def handler(self: Servicer, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         call = self.begin(method.__name__, context, request)
         code = "OK"
         try:
             self.authorize(call)
-            self.admit(call)
+            if watcher:
+                self.admit_watcher(call)
+            else:
+                self.admit(call)
             requests = (
                 (self.checked(item) for item in request) if isinstance(request, Iterator) else self.checked(request)
             )
@@ -433,8 +486,14 @@ def _serialize(response: Message | bytes) -> bytes:
     return response if isinstance(response, bytes) else response.SerializeToString()
 
 
-def add_to_server(service: Servicer, descriptor: ServiceDescriptor, server: grpc.Server) -> None:
-    """Register like the generated add_*Servicer_to_server, with lenient request parsing."""
+def add_to_server(
+    service: Servicer,
+    descriptor: ServiceDescriptor,
+    server: grpc.Server,
+    thread_pools: Mapping[str, futures.ThreadPoolExecutor] | None = None,
+) -> None:
+    """Register like the generated add_*Servicer_to_server, with lenient request parsing; the methods
+    `thread_pools` names run on that pool instead of the server's."""
     messages = message_factory.GetMessageClassesForFiles([descriptor.file.name], descriptor.file.pool)
     factories = {
         (False, False): grpc.unary_unary_rpc_method_handler,
@@ -444,13 +503,22 @@ def add_to_server(service: Servicer, descriptor: ServiceDescriptor, server: grpc
     }
     handlers = {
         method.name: factories[method.client_streaming, method.server_streaming](
-            getattr(service, method.name),
+            _on_pool(getattr(service, method.name), (thread_pools or {}).get(method.name)),
             request_deserializer=_lenient_parser(messages[method.input_type.full_name]),
             response_serializer=_serialize,
         )
         for method in descriptor.methods
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
+
+
+def _on_pool(behavior: Callable[..., Any], pool: futures.ThreadPoolExecutor | None) -> Callable[..., Any]:
+    """`behavior`, marked to run on `pool` (gRPC's per-method thread pool) when one is given."""
+    if pool is None:
+        return behavior
+    marked = functools.partial(behavior)
+    marked.experimental_thread_pool = pool  # type: ignore[attr-defined]
+    return marked
 
 
 def decode_tensor(tensor: tensor_pb2.Tensor, name: str, max_elements: int | None = None) -> np.ndarray:

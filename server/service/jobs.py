@@ -12,7 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from chainrule.server.errors import InvalidArgument
 from chainrule.server.jobs import JobManager, WatchItem
-from chainrule.server.service.calls import Call, CallGate, Servicer, streaming, unary
+from chainrule.server.service.calls import Call, CallGate, Servicer, unary, watching
 from chainrule.server.store.base import JOB_STATES, StoredJob
 from chainrule.v1 import job_service_pb2 as pb
 from chainrule.v1 import job_service_pb2_grpc
@@ -100,7 +100,7 @@ class JobService(Servicer, job_service_pb2_grpc.JobServiceServicer):
     def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext, call: Call) -> pb.Job:
         return job_message(self.jobs.cancel(request.job_id, call.tenant))
 
-    @streaming
+    @watching
     def WatchJob(self, request: pb.WatchJobRequest, context: grpc.ServicerContext, call: Call) -> Iterator[pb.JobEvent]:
         if request.from_step < 0:
             raise InvalidArgument(
