@@ -35,19 +35,27 @@ def load_torch() -> ModuleType | None:
     return torch
 
 
-def _blas_functions() -> tuple[Callable[[], int], Callable[[int], None]] | None:
-    """The loaded BLAS library's own thread-count functions, found through /proc/self/maps."""
+def _all_blas_functions() -> list[tuple[Callable[[], int], Callable[[int], None]]]:
+    """The thread-count functions of every loaded BLAS library, found through /proc/self/maps, by path
+    (numpy's wheel's before scipy's, which conv products also use: server/ops/conv.py)."""
     libraries = {
         line.split()[-1]
         for line in Path("/proc/self/maps").read_text().splitlines()
         if any(key in line.lower() for key in ("openblas", "mkl_rt", "blis"))
     }
+    found = []
     for path in sorted(libraries):
         library = ctypes.CDLL(path)
         for getter, setter in _THREAD_FUNCTIONS:
             if hasattr(library, getter) and hasattr(library, setter):
-                return getattr(library, getter), getattr(library, setter)
-    return None
+                found.append((getattr(library, getter), getattr(library, setter)))
+                break
+    return found
+
+
+def _blas_functions() -> tuple[Callable[[], int], Callable[[int], None]] | None:
+    """The thread-count functions of numpy's BLAS."""
+    return next(iter(_all_blas_functions()), None)
 
 
 def blas_threads() -> int | None:
@@ -66,9 +74,8 @@ def limit_threads(count: int) -> None:
     parallel op; fewer threads than cores makes runs steadier there, at the price of speed.
     """
     os.environ.update({variable: str(count) for variable in THREAD_VARIABLES})
-    functions = _blas_functions()
-    if functions is not None:
-        functions[1](count)
+    for _, setter in _all_blas_functions():
+        setter(count)
 
 
 def cpu_model() -> str:

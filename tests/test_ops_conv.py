@@ -2,8 +2,10 @@
 auto_pad against ONNX's reference evaluator, shape rules and refusals.
 
 A conv keeps wide channels innermost in memory and narrow ones first (conv.WIDE), with copies, products
-and col2im of their own for each; the table's few channels are all narrow, so the tests that check
-values and gradients run each row twice, once with every count taken as wide.
+and col2im of their own for each, and runs a large stride-1 conv of wide channels as shifted products
+(conv.SHIFTED_MIN_ROWS); the table's few channels are all narrow and its images small, so the tests that
+check values and gradients run each row three times: with every count taken as narrow, as wide, and as
+wide with every stride-1 conv shifted.
 
 PyTorch pads symmetrically, so asymmetric pads go through F.pad (-inf for max pools, zeros otherwise)
 and conv_transpose's through cropping its unpadded output; average pools that leave the padding out
@@ -51,14 +53,17 @@ from tests.op_tables.conv import CASES
 Shape = tuple[int, ...]
 
 
-LAYOUTS = {"channels-first": 1 << 62, "channels-last": 1}
-"""conv.WIDE for each layout: no channel count is wide, or every one is."""
+LAYOUTS = {"channels-first": (1 << 62, 1 << 62), "channels-last": (1, 1 << 62), "shifted": (1, 1)}
+"""conv.WIDE and conv.SHIFTED_MIN_ROWS for each layout: no channel count is wide; every one is, through
+im2col; every one is, and every stride-1 conv of one group runs as shifted products."""
 
 
 @pytest.fixture(params=list(LAYOUTS))
 def layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The test runs with every conv in one layout (see the module docstring)."""
-    monkeypatch.setattr(conv_module, "WIDE", LAYOUTS[request.param])
+    wide, shifted_rows = LAYOUTS[request.param]
+    monkeypatch.setattr(conv_module, "WIDE", wide)
+    monkeypatch.setattr(conv_module, "SHIFTED_MIN_ROWS", shifted_rows)
     return str(request.param)
 
 
@@ -319,6 +324,32 @@ def test_a_nan_weight_reaches_only_the_inputs_it_reads(weights: Shape, group: in
     finite = np.isfinite(expected)
     assert finite.any() and not finite.all()
     np.testing.assert_allclose(result.grads["x0"][finite], expected[finite], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("poison", ["none", "nan x", "inf x", "nan w", "inf w"])
+def test_a_large_stride_1_conv_runs_as_shifted_products_and_matches_pytorch(poison: str) -> None:
+    """At the default thresholds, 16 channels of 16x16 run as shifted products, whose garbage rows read the
+    padding and the neighbouring rows; a NaN or infinite input or weight still reaches exactly the values and
+    gradients PyTorch's does (the gradients it would spread through those rows take im2col's way)."""
+    rng = np.random.default_rng(11)
+    x, w, b = rng.standard_normal((2, 16, 16, 15)), rng.standard_normal((5, 16, 3, 3)), rng.standard_normal(5)
+    geometry, _ = conv_module.windows_of("conv", x.shape[2:], w.shape[2:], None, [1, 1, 1, 1], None, "NOTSET")
+    assert conv_module.shifted(16, (18, 17), geometry, 1, np.dtype(np.float64)) is not None
+    if poison != "none":
+        value = np.nan if poison.startswith("nan") else np.inf
+        if poison.endswith("x"):
+            x[1, 3, 0, 14] = value
+        else:
+            w[2, 7, 0, 2] = value
+    tensors = [torch.tensor(a, requires_grad=True) for a in (x, w, b)]
+    expected = F.conv2d(*tensors, padding=1)
+    cotangent = rng.standard_normal(tuple(expected.shape))
+    expected.backward(torch.from_numpy(cotangent))
+    result = run_op(OpCase(f"conv[{poison}]", "conv", (x, w, b), {"pads": [1, 1, 1, 1]}), cotangent)
+    np.testing.assert_allclose(result.loss, expected.detach().numpy(), rtol=1e-10, atol=1e-12, err_msg="value")
+    for i, tensor in enumerate(tensors):
+        assert tensor.grad is not None
+        np.testing.assert_allclose(result.grads[f"x{i}"], tensor.grad.numpy(), rtol=1e-10, atol=1e-12, err_msg=str(i))
 
 
 def test_a_network_mixing_wide_and_narrow_convs_matches_pytorch() -> None:
