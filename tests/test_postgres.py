@@ -1,9 +1,11 @@
 """`--db`: what `chainrule serve` says when it cannot use its database (PostgreSQL unreachable or
-refusing it, its driver missing, a schema newer than this server knows), that a URL's password is
-never shown, and servers starting at once on one new PostgreSQL database."""
+refusing it, its driver missing, a schema newer than this server knows, a role that may not upgrade
+it), that a URL's password is never shown, servers starting at once on one new PostgreSQL database,
+and a role with no more than row privileges serving an up-to-date one."""
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import subprocess
 import sys
@@ -14,10 +16,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
+import chainrule.client as cr
 from chainrule.server.store import DatabaseUnusable, location, open_store
-from chainrule.server.store.migrations import MIGRATIONS, SCHEMA_VERSION
+from chainrule.server.store.migrations import MIGRATIONS, SCHEMA_VERSION, migrate_postgres
 from tests.postgres import PostgresServer, free_port
 from tests.server_process import ServerProcess
+from tests.test_jobs import data, logistic_graph
 
 
 @pytest.mark.parametrize(
@@ -126,3 +130,79 @@ def test_serve_refuses_a_sqlite_file_a_newer_chainrule_migrated(tmp_path: Path) 
     connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     connection.close()
     assert_refused(serve(db), db, f"schema version {SCHEMA_VERSION + 1}, newer than version {SCHEMA_VERSION}")
+
+
+def test_serve_refuses_a_postgresql_database_a_newer_chainrule_migrated(postgres: PostgresServer) -> None:
+    url = postgres.database()
+    open_store(url).close()
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute("INSERT INTO schema_version VALUES (%s, 'from the future', 0)", (SCHEMA_VERSION + 1,))
+    assert_refused(serve(url), url, f"schema version {SCHEMA_VERSION + 1}, newer than version {SCHEMA_VERSION}")
+
+
+def row_privileges_only(postgres: PostgresServer, url: str, role: str, password: str) -> str:
+    """`url` for a new role that may read and write the rows of the tables the database has now, and use
+    their sequences, but not create anything; the schema stays the cluster's superuser's."""
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        connection.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        connection.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
+        connection.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}")
+    database = url.rsplit("/", 1)[1]
+    return f"postgresql://{role}:{password}@127.0.0.1:{postgres.port}/{database}"
+
+
+def test_a_role_with_row_privileges_serves_an_up_to_date_database_and_cannot_upgrade_one(
+    postgres: PostgresServer,
+) -> None:
+    password = secrets.token_hex(8)
+    current = postgres.database()
+    open_store(current).close()  # migrated by the superuser
+    behind = postgres.database()
+    with psycopg.connect(behind, autocommit=True) as connection:
+        migrate_postgres(connection, "test", MIGRATIONS[:-1])
+    suffix = secrets.token_hex(3)
+
+    refused = row_privileges_only(postgres, behind, f"behind_{suffix}", password)
+    line = assert_refused(
+        serve(refused),
+        refused,
+        f"schema version {SCHEMA_VERSION - 1} and chainrule",
+        f"needs version {SCHEMA_VERSION}, but role 'behind_{suffix}' may not change the schema",
+        "run this chainrule once as a role that may",
+    )
+    assert "permission denied" in line
+
+    url = row_privileges_only(postgres, current, f"rows_{suffix}", password)
+    server = ServerProcess(url).start()
+    try:
+        with cr.Client(server.address) as client:
+            graph_id = client.create_graph(logistic_graph(), request_id="once").graph_id
+            assert client.create_graph(logistic_graph(), request_id="once").graph_id == graph_id
+            x, y = data(20)
+            steps = list(client.train(graph_id, [{"x": x, "y": y}] * 3, loss="loss", optimizer=cr.Sgd(0.1)))
+            dataset = client.upload_dataset("twenty", {"x": x, "y": y}, progress=False)
+            job = client.create_job(
+                graph_id,
+                dataset.dataset_id,
+                loss="loss",
+                optimizer=cr.Sgd(0.1),
+                feeds={"x": "x", "y": "y"},
+                batch_size=5,
+                epochs=1,
+                checkpoint_every=2,
+            )
+            info = job.wait(progress=False)
+            assert (info.state, info.step) == ("succeeded", 4), info.error
+            assert client.get_parameters_with_step(graph_id)[1] == len(steps) + 4
+            client.delete_dataset(dataset.dataset_id)
+            client.delete_graph(graph_id)
+            assert client.list_graphs() == []
+    finally:
+        server.kill()
+    assert schema_version_rows(current) == list(range(1, SCHEMA_VERSION + 1))
+
+
+def schema_version_rows(url: str) -> list[int]:
+    with psycopg.connect(url) as connection:
+        return [version for (version,) in connection.execute("SELECT version FROM schema_version ORDER BY 1")]

@@ -345,22 +345,48 @@ def migrate_postgres(
     connection: psycopg.Connection[Any], where: str, migrations: Sequence[Migration] = MIGRATIONS
 ) -> tuple[int, int]:
     """Bring the database (a connection in autocommit mode) to the newest version in one transaction;
-    the versions before and after."""
-    with connection.transaction():
-        connection.execute("SELECT pg_advisory_xact_lock(%s::bigint)", (MIGRATION_LOCK,))
-        connection.execute(
-            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, description TEXT NOT NULL, "
-            "applied_at DOUBLE PRECISION NOT NULL)"
-        )
-        row = connection.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()
-        found = int(row[0]) if row is not None else 0
-        _check_known(found, len(migrations), where)
-        for version, migration in enumerate(migrations[found:], start=found + 1):
-            connection.execute(migration.postgres.encode())  # several statements and no parameters: one simple query
+    the versions before and after. The version is read first, and a database already at the newest
+    version is left untouched: no lock, no DDL, so a role that may only read and write rows (no CREATE
+    on the schema) runs servers on a database a role that may change it has upgraded."""
+    import psycopg
+
+    found = _postgres_version(connection)
+    _check_known(found, len(migrations), where)
+    if found == len(migrations):
+        return found, found
+    try:
+        with connection.transaction():
+            connection.execute("SELECT pg_advisory_xact_lock(%s::bigint)", (MIGRATION_LOCK,))
             connection.execute(
-                "INSERT INTO schema_version (version, description, applied_at) VALUES (%s, %s, %s)",
-                (version, migration.description, time.time()),
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, description TEXT NOT NULL, "
+                "applied_at DOUBLE PRECISION NOT NULL)"
             )
+            found = _postgres_version(connection)  # another server may have migrated it while this one waited
+            _check_known(found, len(migrations), where)
+            for version, migration in enumerate(migrations[found:], start=found + 1):
+                connection.execute(migration.postgres.encode())  # several statements, no parameters: one query
+                connection.execute(
+                    "INSERT INTO schema_version (version, description, applied_at) VALUES (%s, %s, %s)",
+                    (version, migration.description, time.time()),
+                )
+    except psycopg.errors.InsufficientPrivilege as error:
+        reason = " ".join(str(error).split())
+        raise DatabaseUnusable(
+            f"the database {where} has schema version {found} and chainrule {__version__} needs version "
+            f"{len(migrations)}, but role '{connection.info.user}' may not change the schema ({reason}): run this "
+            "chainrule once as a role that may (with CREATE on the schema and owning its tables, such as the "
+            "database's owner) to upgrade it, then start servers as this role again"
+        ) from None
     if 0 < found < len(migrations):
         log.info("upgraded the schema of %s from version %d to %d", where, found, len(migrations))
     return found, len(migrations)
+
+
+def _postgres_version(connection: psycopg.Connection[Any]) -> int:
+    """The migrations a database has had: 0 without a schema_version table (found by the search path,
+    as the migrations create it)."""
+    row = connection.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+    if row is None or not row[0]:
+        return 0
+    row = connection.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()
+    return int(row[0]) if row is not None else 0
