@@ -16,6 +16,7 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -130,6 +131,20 @@ class PostgresServer:
         """`fast` ends every session and shuts down cleanly; `immediate` kills PostgreSQL, as a crash would."""
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
 
+    def freeze(self) -> None:
+        """SIGSTOP the postmaster, then its children: PostgreSQL stops answering while its sockets stay up,
+        as when its host hangs. The postmaster first, so that it starts no child after the list is read."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        os.kill(postmaster, signal.SIGSTOP)
+        for child in _children(postmaster):
+            os.kill(child, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        for child in _children(postmaster):
+            os.kill(child, signal.SIGCONT)
+        os.kill(postmaster, signal.SIGCONT)
+
     def close(self) -> None:
         try:
             if (self.data / "postmaster.pid").exists():
@@ -151,6 +166,20 @@ class PostgresServer:
         with self.connect() as admin:
             admin.execute(f"CREATE DATABASE {name}")
         return self.url(name)
+
+
+def _children(parent: int) -> list[int]:
+    """The processes whose parent is `parent`, from /proc (the field after the name, which may hold spaces,
+    is the state, then the parent's pid)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+        except OSError:  # it ended meanwhile
+            continue
+        if stat and int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+            found.append(int(entry.name))
+    return found
 
 
 def _user_exists(name: str) -> bool:

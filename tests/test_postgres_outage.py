@@ -1,11 +1,14 @@
-"""PostgreSQL stopped while a server is busy, then started again, under the same server process.
+"""PostgreSQL stopped while a server is busy, then started again, under the same server process; and
+PostgreSQL frozen (its processes SIGSTOPped: its sockets stay up and nothing answers, as when its
+host hangs), then let go on (SIGCONT).
 
-While it is down, calls that need the store answer UNAVAILABLE with a message naming PostgreSQL
-(each call carries a deadline: an answer after it would be DEADLINE_EXCEEDED, so the status
-proves the answer came first), and nothing is half-written: every graph row has all its
-parameters, and the trained graph holds exactly a committed checkpoint. Once PostgreSQL is back,
-the same server answers again (retried until a deadline) with nothing committed lost. The cluster
-is the test's own, since it is stopped.
+While it is out, calls that need the store answer UNAVAILABLE with a message naming PostgreSQL
+(each call carries the issue's deadline of 10 s, and each answer of a Train stream is awaited as
+long: an answer after it would be DEADLINE_EXCEEDED, or fail the wait, so the status proves the
+answer came first), and nothing is half-written: every graph row has all its parameters, and the
+trained graph holds exactly a committed checkpoint. Once PostgreSQL is back, the same server
+answers again (retried until a deadline of 10 s) with nothing committed lost. The cluster is the
+test's own, since it is stopped.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -29,10 +33,15 @@ from tests.test_service import mlp_graph
 from tests.test_training import assert_same_bits, batches, config, parameters, replay, sgd
 
 CALL_SECONDS = 10
-"""The deadline of each call made while PostgreSQL is down: the issue's bound."""
+"""The deadline of each call made while PostgreSQL is down, and of each answer of the stream: the issue's bound."""
 STREAM_SECONDS = 60
 """The deadline of the whole training stream, which runs before, during and after the stop."""
-RECOVERY_SECONDS = 60
+RECOVERY_SECONDS = 10
+"""How long the same server may take to answer again once PostgreSQL is back: the issue's bound."""
+OUTAGES = {
+    "stopped": (lambda cluster: cluster.stop("fast"), lambda cluster: cluster.start()),
+    "frozen": (PostgresServer.freeze, PostgresServer.thaw),
+}
 
 
 @pytest.fixture
@@ -76,6 +85,30 @@ class GraphCreator:
             self.acknowledged.append(created.graph.graph_id)
 
 
+class Answers:
+    """A stream's answers, each awaited for at most CALL_SECONDS (the stream's own deadline spans it all)."""
+
+    def __init__(self, stream) -> None:  # type: ignore[no-untyped-def]
+        self.queue: queue.Queue[pb.TrainResponse | grpc.RpcError] = queue.Queue()
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream) -> None:  # type: ignore[no-untyped-def]
+        try:
+            for response in stream:
+                self.queue.put(response)
+        except grpc.RpcError as error:
+            self.queue.put(error)
+
+    def next(self) -> pb.TrainResponse:
+        try:
+            answer = self.queue.get(timeout=CALL_SECONDS)
+        except queue.Empty:
+            pytest.fail(f"the stream gave no answer within {CALL_SECONDS} s")
+        if isinstance(answer, grpc.RpcError):
+            raise answer
+        return answer
+
+
 def expect_unavailable(call, *fragments: str) -> str:  # type: ignore[no-untyped-def]
     with pytest.raises(grpc.RpcError) as raised:
         call()
@@ -87,9 +120,42 @@ def expect_unavailable(call, *fragments: str) -> str:  # type: ignore[no-untyped
     return details
 
 
-def test_postgresql_stopped_under_load_answers_unavailable_and_the_same_server_recovers(
-    cluster: PostgresServer,
+def out_of_reach(
+    stub: Any,
+    stream: Answers,
+    outbox: queue.Queue[pb.TrainRequest | None],
+    creator: GraphCreator,
+    graph_id: str,
+    where: str,
+) -> list[pb.TrainResponse]:
+    """What the server answers while PostgreSQL is out: the stream's one more step (step 5 needs no store)."""
+    creator.thread.join(CALL_SECONDS * 3)
+    assert creator.error is not None and creator.error.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"PostgreSQL at {where}" in creator.error.details()
+    expect_unavailable(
+        lambda: stub.CreateGraph(pb.CreateGraphRequest(graph=mlp_graph()), timeout=CALL_SECONDS),
+        "the graph store could not store graph",
+        f"PostgreSQL at {where}",
+        "nothing was written",
+    )
+    expect_unavailable(
+        lambda: stub.GetGraph(pb.GetGraphRequest(graph_id=graph_id), timeout=CALL_SECONDS), f"PostgreSQL at {where}"
+    )
+    expect_unavailable(lambda: stub.ListGraphs(pb.ListGraphsRequest(), timeout=CALL_SECONDS), f"PostgreSQL at {where}")
+    # Step 6's checkpoint is refused, and the stream says what is kept.
+    outbox.put(batches(1)[0])
+    step_5 = stream.next()
+    outbox.put(batches(1)[0])
+    details = expect_unavailable(stream.next, "could not save a checkpoint", f"PostgreSQL at {where}")
+    assert "the stored graph is at step 4" in details or "back at step 4" in details, details
+    return [step_5]
+
+
+@pytest.mark.parametrize("outage", OUTAGES)
+def test_postgresql_out_under_load_answers_unavailable_and_the_same_server_recovers(
+    cluster: PostgresServer, outage: str
 ) -> None:
+    begin, end = OUTAGES[outage]
     url = cluster.database()
     where = location.shown(url)
     server = ServerProcess(url).start()
@@ -99,40 +165,19 @@ def test_postgresql_stopped_under_load_answers_unavailable_and_the_same_server_r
         initial, _ = parameters(stub, graph_id)
         outbox: queue.Queue[pb.TrainRequest | None] = queue.Queue()
         outbox.put(config(graph_id, sgd(0.05, momentum=0.5), stream_updates=True, checkpoint_every=2))
-        stream = stub.Train(iter(outbox.get, None), timeout=STREAM_SECONDS)
+        stream = Answers(stub.Train(iter(outbox.get, None), timeout=STREAM_SECONDS))
         responses = []
         for _ in range(4):  # steps 2 and 4 are committed
             outbox.put(batches(1)[0])
-            responses.append(next(stream))
+            responses.append(stream.next())
         creator = GraphCreator(stub)  # creates graphs until a call fails
         time.sleep(0.3)
 
-        cluster.stop("fast")  # every session of the server is ended mid-whatever
-        creator.thread.join(CALL_SECONDS * 3)
-        assert creator.error is not None and creator.error.code() == grpc.StatusCode.UNAVAILABLE
-        assert f"PostgreSQL at {where}" in creator.error.details()
-        expect_unavailable(
-            lambda: stub.CreateGraph(pb.CreateGraphRequest(graph=mlp_graph()), timeout=CALL_SECONDS),
-            "the graph store could not store graph",
-            f"PostgreSQL at {where}",
-            "nothing was written",
-        )
-        expect_unavailable(
-            lambda: stub.GetGraph(pb.GetGraphRequest(graph_id=graph_id), timeout=CALL_SECONDS),
-            f"PostgreSQL at {where}",
-        )
-        expect_unavailable(
-            lambda: stub.ListGraphs(pb.ListGraphsRequest(), timeout=CALL_SECONDS), f"PostgreSQL at {where}"
-        )
-        # The stream's step 5 needs no store; step 6's checkpoint is refused, and the stream says what is kept.
-        outbox.put(batches(1)[0])
-        responses.append(next(stream))
-        outbox.put(batches(1)[0])
-        details = expect_unavailable(lambda: next(stream), "could not save a checkpoint", f"PostgreSQL at {where}")
-        assert "the stored graph is at step 4" in details or "back at step 4" in details, details
-        assert len(responses) == 5
-
-        cluster.start()
+        begin(cluster)  # stopped: every session of the server is ended mid-whatever; frozen: they all hang
+        try:
+            responses += out_of_reach(stub, stream, outbox, creator, graph_id, where)
+        finally:
+            end(cluster)
         deadline = time.monotonic() + RECOVERY_SECONDS
         while True:  # the same server, once PostgreSQL answers again
             try:

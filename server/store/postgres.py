@@ -10,6 +10,12 @@ between the server and its data, so this store also bounds how long anything wai
 * a call waits at most POOL_WAIT_SECONDS for a connection (UNREACHABLE_WAIT_SECONDS once the
   database is known to be down), and a connection attempt at most CONNECT_TIMEOUT_SECONDS: while
   PostgreSQL is down, calls get `Unavailable` within seconds, not after the pool's default 30;
+* a connection that hears nothing from PostgreSQL for SILENCE_SECONDS while it waits (for a query,
+  a commit, the pool's check) makes the store ask whether the database still answers a new
+  connection (within PROBE_SECONDS): a database that does not (its processes stopped, its host
+  gone from the network) gets that connection closed and the call Unavailable, where it would
+  otherwise wait forever, since the kernel of a stopped process's host keeps its sockets up; a
+  database that does answer is only slow, or holding a lock, and the wait goes on;
 * once PostgreSQL is back, the next call connects again (background attempts back off, but give
   up within RECONNECT_SECONDS, after which any call starts a fresh one), without a restart.
 
@@ -29,10 +35,11 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import psycopg
+from psycopg.abc import PQGen
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -75,6 +82,7 @@ from chainrule.server.store.sqlite import (
 )
 
 log = logging.getLogger("chainrule.server.store")
+RV = TypeVar("RV")
 
 CONNECT_TIMEOUT_SECONDS = 3
 """libpq's connect_timeout (whole seconds; it counts at least 2): a host that does not answer."""
@@ -90,8 +98,26 @@ up; a call then starts a new attempt at once. Bounds how long recovery takes onc
 POOL_MAX_CONNECTIONS = 10
 """Connections one server holds at most: calls are short, and several servers share PostgreSQL's
 max_connections (100 by default)."""
-KEEPALIVE = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3, "keepalives_count": 3}
-"""TCP keepalives, so that a connection to a host that vanished from the network is noticed."""
+SILENCE_SECONDS = 2.0
+"""How long a connection waits on PostgreSQL without receiving a byte before the store asks whether
+the database still answers (a statement may run longer: a database that answers is left to finish it)."""
+PROBE_SECONDS = 2
+"""How long that question (a new connection) waits for an answer; psycopg counts at least 2 s. With
+SILENCE_SECONDS, the longest a call waits on a database that stopped answering, about 4 s, so that it
+gets Unavailable within the 5 s it would wait for a connection, as when the database is stopped."""
+WAIT_INTERVAL = 0.1
+"""How often a waiting connection looks up (psycopg's own default)."""
+PROBE_REUSE_SECONDS = 1.0
+"""How long one answer serves the other connections asking at the same time."""
+KEEPALIVE = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 3,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+}
+"""TCP keepalives and a bound (milliseconds) on data left unacknowledged, so that the kernel drops a
+connection to a host that vanished from the network, whether it was idle or sending."""
 REQUEST_ID_LOCK = 0x63720002
 """The advisory lock space of CreateGraph request ids (see migrations.MIGRATION_LOCK for the first)."""
 ORDER_LOCKS = {"graphs": 0x63720003, "jobs": 0x63720004, "datasets": 0x63720005}
@@ -110,6 +136,11 @@ def graph_columns(with_order: bool) -> str:
     if not with_order:
         columns[4] = "summary - 'topological_order'"
     return ", ".join(columns)
+
+
+class Unanswered(psycopg.OperationalError):
+    """PostgreSQL sent nothing for SILENCE_SECONDS and answered no new connection: the store closed the
+    connection that waited."""
 
 
 class PostgresStore(Store):
@@ -132,8 +163,12 @@ class PostgresStore(Store):
         self._last_connect_error = ""
         self._unreachable = False
         self._state_lock = threading.Lock()
+        self._probe_lock = threading.Lock()
+        self._probed_at, self._probe_answered = -math.inf, True
+        self._pool: ConnectionPool[Any] | None = None
+        connection_class = self._connection_class()
         try:
-            with psycopg.connect(url, autocommit=True, **self._connect_options) as connection:
+            with connection_class.connect(url, autocommit=True, **self._connect_options) as connection:
                 migrate_postgres(connection, self.where)
         except psycopg.Error as error:
             raise DatabaseUnusable(f"cannot use the database {self.where}: {self._text(error)}") from None
@@ -143,7 +178,7 @@ class PostgresStore(Store):
             min_size=1,
             max_size=POOL_MAX_CONNECTIONS,
             kwargs={"autocommit": True, **self._connect_options},
-            connection_class=self._connection_class(),
+            connection_class=connection_class,
             check=ConnectionPool.check_connection,
             timeout=POOL_WAIT_SECONDS,
             reconnect_timeout=RECONNECT_SECONDS,
@@ -152,12 +187,15 @@ class PostgresStore(Store):
         )
 
     def close(self) -> None:
-        self._pool.close()
+        if self._pool is not None:
+            self._pool.close()
 
     # ------------------------------------------------------------ connections and errors
     def _connection_class(self) -> type[psycopg.Connection[Any]]:
         """Connections that tell the store why connecting failed, for the message of a call that then
-        times out waiting (the pool only says it waited)."""
+        times out waiting (the pool only says it waited), and that give up a wait on a database that
+        went silent (see _heard). Every wait of a psycopg connection (statements, commits, the pool's
+        check and reset) goes through its `wait`."""
         store = self
 
         class Connection(psycopg.Connection[Any]):
@@ -171,7 +209,59 @@ class PostgresStore(Store):
                 store._last_connect_error = ""
                 return connection
 
+            def wait(self, gen: PQGen[RV], interval: float = WAIT_INTERVAL, timeout: float | None = None) -> RV:
+                try:
+                    return super().wait(store._heard(gen), interval, timeout)
+                except Unanswered:
+                    self.pgconn.finish()  # given up mid-exchange: the connection can say nothing more
+                    raise
+
         return Connection
+
+    def _heard(self, gen: PQGen[RV]) -> PQGen[RV]:
+        """`gen`, the exchange a connection waits on, passed through, except that once it has waited
+        SILENCE_SECONDS without a byte, and the database answers no new connection either, it ends with
+        Unanswered. psycopg resumes the exchange every WAIT_INTERVAL, with nothing ready when nothing came."""
+        heard = time.monotonic()
+        try:
+            state = next(gen)
+            while True:
+                ready = yield state
+                if ready:
+                    heard = time.monotonic()
+                elif time.monotonic() - heard >= SILENCE_SECONDS:
+                    if not self._answers():
+                        raise Unanswered(
+                            f"PostgreSQL at {self.where} sent nothing for {SILENCE_SECONDS:g} s and answered no new "
+                            f"connection within {PROBE_SECONDS} s (stopped, or cut off): the connection was closed"
+                        )
+                    heard = time.monotonic()  # only slow: ask again after as long
+                state = gen.send(ready)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    def _answers(self) -> bool:
+        """Whether PostgreSQL answers a new connection within PROBE_SECONDS (one attempt at a time, its
+        answer shared for PROBE_REUSE_SECONDS). When it does not, the pool's idle connections, which
+        would each hang its next check as long, are closed, and the pool connects again in the background."""
+        with self._probe_lock:
+            if time.monotonic() - self._probed_at >= PROBE_REUSE_SECONDS:
+                try:
+                    psycopg.connect(self.url, **{**self._connect_options, "connect_timeout": PROBE_SECONDS}).close()
+                    answered = True
+                except psycopg.errors.ConnectionTimeout:
+                    answered = False
+                except psycopg.Error:
+                    answered = True  # it answered, if only to refuse: what the connection waits for may come
+                if not answered:
+                    self._last_connect_error = (
+                        f"it went silent: a connection heard nothing for {SILENCE_SECONDS:g} s, and a new one no "
+                        f"answer within {PROBE_SECONDS} s"
+                    )
+                    if self._pool is not None:
+                        self._pool.drain()
+                self._probed_at, self._probe_answered = time.monotonic(), answered
+            return self._probe_answered
 
     def _text(self, error: BaseException) -> str:
         """The error's message on one line, without the URL's password."""
@@ -182,6 +272,8 @@ class PostgresStore(Store):
         return UNREACHABLE_WAIT_SECONDS if self._unreachable else POOL_WAIT_SECONDS
 
     def _problem(self, error: BaseException, waited: float) -> str:
+        if isinstance(error, Unanswered):
+            return str(error)
         if isinstance(error, PoolTimeout):
             why = self._last_connect_error or "every connection stayed busy"
             return f"PostgreSQL at {self.where} gave no connection within {waited:g} s ({why})"
