@@ -45,7 +45,7 @@ from chainrule.server.service.calls import (
 from chainrule.server.service.datasets import DatasetService
 from chainrule.server.service.graphs import GraphService
 from chainrule.server.service.jobs import JobService
-from chainrule.server.store import DatabaseUnusable, location, open_store
+from chainrule.server.store import DatabaseUnusable, default_pool_size, location, open_store
 from chainrule.v1 import dataset_service_pb2, graph_service_pb2, job_service_pb2
 
 log = logging.getLogger("chainrule.server")
@@ -85,6 +85,8 @@ class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 50051
     db: str = "chainrule.db"
+    db_pool_size: int | None = None
+    """PostgreSQL connections at most; None: store.default_pool_size of the calls and jobs at once."""
     workers: int = 64
     max_concurrent_rpcs: int = 60
     max_request_message_bytes: int = 512 * 1024 * 1024
@@ -200,7 +202,8 @@ class RunningServer:
         check_address(options.host, options.port)
         self.tokens = TokenFile(options.auth_tokens) if options.auth_tokens else None
         try:
-            self.store = open_store(options.db)
+            pool_size = options.db_pool_size or default_pool_size(options.max_concurrent_rpcs, options.job_workers)
+            self.store = open_store(options.db, pool_size)
         except sqlite3.Error as error:
             raise database_trouble(options.db, error) from None
         except DatabaseUnusable as error:

@@ -23,7 +23,7 @@ from chainrule.server.jobs.ray_cluster import RAY_EXTRA
 from chainrule.server.jobs.ray_executor import DEFAULT_REPLICA_CPUS
 from chainrule.server.jobs.runner import DEFAULT_JOB_MAX_RESTARTS
 from chainrule.server.service.calls import DEFAULT_MAX_WATCHERS, DEFAULT_STREAM_IDLE_SECONDS
-from chainrule.server.store import POSTGRES_EXTRA, location
+from chainrule.server.store import POOL_SPARE_CONNECTIONS, POSTGRES_EXTRA, location
 
 MIB = 1024 * 1024
 MAX_PORT = 65535
@@ -104,6 +104,7 @@ def serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         db=args.db,
+        db_pool_size=args.db_pool_size,
         workers=args.workers,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         max_concurrent_rpcs_per_tenant=args.max_concurrent_rpcs_per_tenant,
@@ -174,6 +175,13 @@ def add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
         default="chainrule.db",
         help="SQLite database file, or a postgresql://USER@HOST:PORT/DATABASE URL shared by any number of servers "
         f"(needs {POSTGRES_EXTRA}; give the password through PGPASSWORD or ~/.pgpass rather than the URL)",
+    )
+    network.add_argument(
+        "--db-pool-size",
+        type=POSITIVE,
+        help="connections to PostgreSQL one server holds at most, opened as calls need them (default: "
+        f"--max-concurrent-rpcs + --job-workers + {POOL_SPARE_CONNECTIONS}, so no call waits for another's); "
+        "the servers on one database together need fewer than its max_connections",
     )
     network.add_argument(
         "--dataset-cache",

@@ -1,7 +1,8 @@
 """`--db`: what `chainrule serve` says when it cannot use its database (PostgreSQL unreachable or
 refusing it, its driver missing, a schema newer than this server knows, a role that may not upgrade
 it), that a URL's password is never shown, servers starting at once on one new PostgreSQL database,
-and a role with no more than row privileges serving an up-to-date one."""
+a role with no more than row privileges serving an up-to-date one, and a server's connections
+keeping up with as many calls as it admits."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 import urllib.parse
+from concurrent import futures
 from pathlib import Path
 
 import psycopg
@@ -19,9 +22,11 @@ import pytest
 import chainrule.client as cr
 from chainrule.server.store import DatabaseUnusable, location, open_store
 from chainrule.server.store.migrations import MIGRATIONS, SCHEMA_VERSION, migrate_postgres
+from chainrule.v1 import graph_service_pb2 as pb
 from tests.postgres import PostgresServer, free_port
 from tests.server_process import ServerProcess
 from tests.test_jobs import data, logistic_graph
+from tests.test_service import mlp_graph
 
 
 @pytest.mark.parametrize(
@@ -206,3 +211,48 @@ def test_a_role_with_row_privileges_serves_an_up_to_date_database_and_cannot_upg
 def schema_version_rows(url: str) -> list[int]:
     with psycopg.connect(url) as connection:
         return [version for (version,) in connection.execute("SELECT version FROM schema_version ORDER BY 1")]
+
+
+def test_a_server_has_a_connection_for_every_call_it_admits(postgres: PostgresServer) -> None:
+    """Calls waiting on PostgreSQL (deletes of graphs whose rows the test keeps locked) hold as many
+    connections as --max-concurrent-rpcs allows, and others still get connections of their own: none
+    waits for one until the pool's UNAVAILABLE. The lock is held longer than a connection may hear
+    nothing before the store asks whether PostgreSQL still answers: it does, and the deletes go on."""
+    calls = 30
+    url = postgres.database()
+    server = ServerProcess(url, ["--max-concurrent-rpcs", str(calls + 8), "--max-concurrent-rpcs-per-tenant", "40"])
+    server.start()
+    try:
+        stub = server.stub()
+        graph_ids = [stub.CreateGraph(pb.CreateGraphRequest(graph=mlp_graph())).graph.graph_id for _ in range(calls)]
+        with psycopg.connect(url) as locker, futures.ThreadPoolExecutor(calls + 8) as pool:
+            locker.execute("SELECT 1 FROM graphs WHERE graph_id = ANY(%s) FOR UPDATE", (graph_ids,))
+            deletes = [
+                pool.submit(stub.DeleteGraph, pb.DeleteGraphRequest(graph_id=graph_id), timeout=60)
+                for graph_id in graph_ids
+            ]
+            waiting = 0
+            for _ in range(600):  # until every delete waits on the lock, each on a connection of its own
+                with psycopg.connect(url, autocommit=True) as watcher:
+                    row = watcher.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'chainrule' "
+                        "AND wait_event_type = 'Lock'"
+                    ).fetchone()
+                waiting = row[0] if row else 0
+                if waiting == calls:
+                    break
+                time.sleep(0.05)
+            assert waiting == calls
+            reads = [
+                pool.submit(stub.ListGraphs, pb.ListGraphsRequest(), timeout=10),
+                *(pool.submit(stub.GetGraph, pb.GetGraphRequest(graph_id=g), timeout=10) for g in graph_ids[:7]),
+            ]
+            for read in reads:
+                read.result()
+            time.sleep(3)  # longer than the store lets a connection hear nothing (SILENCE_SECONDS)
+            locker.rollback()
+            for delete in deletes:
+                delete.result()
+        assert stub.ListGraphs(pb.ListGraphsRequest()).graphs == []
+    finally:
+        server.kill()

@@ -6,11 +6,20 @@ from chainrule.server.store.base import Checkpoint, DatabaseUnusable, OptimizerS
 from chainrule.server.store.sqlite import SqliteStore
 
 POSTGRES_EXTRA = "pip install 'chainrule[postgres]'"
+POOL_SPARE_CONNECTIONS = 4
+"""A server's PostgreSQL connections beyond one per call and one per job: its heartbeat, its claims
+of queued jobs, the polls of WatchJob streams (which are not counted as calls)."""
 
 
-def open_store(db: str) -> Store:
+def default_pool_size(max_concurrent_rpcs: int, job_workers: int) -> int:
+    """A connection for every call and job that may hold one at once (an upload holds one while its
+    stream runs), so that none waits for a connection another call holds."""
+    return max_concurrent_rpcs + job_workers + POOL_SPARE_CONNECTIONS
+
+
+def open_store(db: str, pool_size: int | None = None) -> Store:
     """The store that `--db` names: a `postgresql://` URL, or else a SQLite file path. PostgreSQL's
-    driver is an extra, imported only when a URL asks for it."""
+    driver is an extra, imported only when a URL asks for it; `pool_size` bounds its connections."""
     if not location.is_postgres_url(db):
         return SqliteStore(db)
     try:
@@ -20,7 +29,7 @@ def open_store(db: str) -> Store:
             f"--db {location.shown(db)} needs PostgreSQL support, which is not installed ({error.name or error}): "
             f"{POSTGRES_EXTRA}"
         ) from None
-    return PostgresStore(db)
+    return PostgresStore(db) if pool_size is None else PostgresStore(db, pool_size)
 
 
 __all__ = [
@@ -30,5 +39,6 @@ __all__ = [
     "SqliteStore",
     "Store",
     "StoredGraph",
+    "default_pool_size",
     "open_store",
 ]

@@ -95,9 +95,8 @@ also starts a new connection attempt, which succeeds at once when the database i
 RECONNECT_SECONDS = 4.0
 """How long the pool's background attempts to replace a lost connection back off before giving
 up; a call then starts a new attempt at once. Bounds how long recovery takes once the database is back."""
-POOL_MAX_CONNECTIONS = 10
-"""Connections one server holds at most: calls are short, and several servers share PostgreSQL's
-max_connections (100 by default)."""
+DEFAULT_POOL_SIZE = 10
+"""The connections of a store opened with no `pool_size`; a server sizes its own (--db-pool-size)."""
 SILENCE_SECONDS = 2.0
 """How long a connection waits on PostgreSQL without receiving a byte before the store asks whether
 the database still answers (a statement may run longer: a database that answers is left to finish it)."""
@@ -144,11 +143,12 @@ class Unanswered(psycopg.OperationalError):
 
 
 class PostgresStore(Store):
-    """A pool of connections to one PostgreSQL database, migrated to the newest schema when opened."""
+    """A pool of at most `pool_size` connections to one PostgreSQL database, migrated to the newest
+    schema when opened."""
 
     shared = True
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, pool_size: int = DEFAULT_POOL_SIZE) -> None:
         self.url = url
         self.where = location.shown(url)
         try:
@@ -176,7 +176,7 @@ class PostgresStore(Store):
         self._pool = ConnectionPool(
             url,
             min_size=1,
-            max_size=POOL_MAX_CONNECTIONS,
+            max_size=pool_size,
             kwargs={"autocommit": True, **self._connect_options},
             connection_class=connection_class,
             check=ConnectionPool.check_connection,
