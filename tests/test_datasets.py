@@ -1,14 +1,15 @@
-"""DatasetService end to end: real server processes over 127.0.0.1, their SQLite files and cache directories.
+"""DatasetService end to end: real server processes over 127.0.0.1, their databases and cache directories,
+on both backends (a SQLite file, then PostgreSQL).
 
-What a test checks on the server's side it reads from the server's own files: the chunk rows in its
-database (a read-only connection), the entries and leftovers in its cache directory, and the arrays a
-DatasetManager of the test's own maps after filling its cache from that database.
+What a test checks on the server's side it reads from the server's own database and files: the chunk
+rows in its database (a connection of the test's own), the entries and leftovers in its cache
+directory, and the arrays a DatasetManager of the test's own maps after filling its cache from that
+database.
 """
 
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -25,10 +26,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 import chainrule.client as cr
 from chainrule.client.errors import from_rpc_error
 from chainrule.server.datasets import DatasetManager
-from chainrule.server.store import SqliteStore
+from chainrule.server.store import open_store
 from chainrule.v1 import dataset_service_pb2 as pb
 from chainrule.v1 import dataset_service_pb2_grpc, tensor_pb2
+from tests.database import dataset_cache, query
 from tests.server_process import ServerProcess
+
+pytestmark = pytest.mark.both_backends
 
 MIB = 1 << 20
 ALICE, BOB, CAROL = "alice-dataset-token", "bob-dataset-token", "carol-dataset-token"
@@ -60,7 +64,7 @@ def refused(server: ServerProcess, messages: Messages) -> cr.ChainruleError:
 
 
 def cache_dir(server: ServerProcess) -> Path:
-    return Path(f"{server.db}.cache")
+    return dataset_cache(server.db)
 
 
 def partials(server: ServerProcess) -> list[Path]:
@@ -69,19 +73,19 @@ def partials(server: ServerProcess) -> list[Path]:
 
 def stored(server: ServerProcess) -> tuple[int, int]:
     """(datasets, chunk rows) in the server's database, read as another process would."""
-    with sqlite3.connect(f"file:{server.db}?mode=ro", uri=True) as db:
-        datasets = db.execute("SELECT COUNT(*) FROM datasets").fetchone()[0]
-        rows = db.execute("SELECT COUNT(*) FROM dataset_chunks").fetchone()[0]
+    [(datasets, rows)] = query(
+        server.db, "SELECT (SELECT COUNT(*) FROM datasets), (SELECT COUNT(*) FROM dataset_chunks)"
+    )
     return datasets, rows
 
 
 def stored_columns(server: ServerProcess, dataset_id: str) -> list[bytes]:
     """Each column's bytes, joined from the chunk rows in the server's database."""
-    with sqlite3.connect(f"file:{server.db}?mode=ro", uri=True) as db:
-        rows = db.execute(
-            "SELECT column_index, data FROM dataset_chunks WHERE dataset_id = ? ORDER BY column_index, chunk_index",
-            (dataset_id,),
-        ).fetchall()
+    rows = query(
+        server.db,
+        "SELECT column_index, data FROM dataset_chunks WHERE dataset_id = ? ORDER BY column_index, chunk_index",
+        dataset_id,
+    )
     columns: dict[int, list[bytes]] = {}
     for index, data in rows:
         columns.setdefault(index, []).append(data)
@@ -103,20 +107,19 @@ def assert_nothing_left(server: ServerProcess, before: tuple[int, int]) -> None:
 
 
 @pytest.fixture(scope="module")
-def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def limited(new_db: Callable[[], str]) -> Iterator[ServerProcess]:
     """2 MiB datasets and 1 MiB messages at most."""
     args = ["--max-dataset-mb", "2", "--max-message-mb", "1"]
-    process = ServerProcess(tmp_path_factory.mktemp("limited") / "chainrule.db", args).start()
+    process = ServerProcess(new_db(), args).start()
     yield process
     process.kill()
 
 
 @pytest.fixture(scope="module")
-def tenants(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    directory = tmp_path_factory.mktemp("tenants")
-    tokens = directory / "tokens"
+def tenants(new_db: Callable[[], str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    tokens = tmp_path_factory.mktemp("tenants") / "tokens"
     tokens.write_text(f"{ALICE} alice\n{BOB} bob\n{CAROL} carol\n")
-    process = ServerProcess(directory / "chainrule.db", ["--auth-tokens", str(tokens)]).start()
+    process = ServerProcess(new_db(), ["--auth-tokens", str(tokens)]).start()
     yield process
     process.kill()
 
@@ -146,7 +149,7 @@ def test_every_dtype_round_trips_through_the_store_cache_and_memory_map(server: 
 
     assert stored_columns(server, info.dataset_id) == [a.tobytes() for a in columns.values() if a.nbytes]
     assert (cache_dir(server) / f"{info.sha256}.data").read_bytes() == everything
-    store = SqliteStore(str(server.db))
+    store = open_store(str(server.db))
     local = DatasetManager(store, tmp_path / "cache").open(info.dataset_id)
     store.close()
     assert local.num_examples == 37 and local.sha256 == info.sha256
@@ -377,7 +380,7 @@ def test_a_dataset_is_durable_when_upload_returns(fresh_server: ServerProcess, t
     assert not leftover.exists()
     with cr.Client(fresh_server.address) as client:
         assert client.get_dataset(info.dataset_id) == info
-    store = SqliteStore(str(fresh_server.db))
+    store = open_store(str(fresh_server.db))
     local = DatasetManager(store, tmp_path / "cache").open(info.dataset_id)
     store.close()
     np.testing.assert_array_equal(local.columns["x"], x)

@@ -1,12 +1,12 @@
-"""The dataset manager in process, on real SQLite files: the in-use hook, the local cache, uploads whose
-store transaction starts during the stream, and what a restart cleans up."""
+"""The dataset manager in process, on both backends (a real SQLite file, then a real PostgreSQL, each
+opened with open_store as the server opens --db): the in-use hook, the local cache and its refill
+from the store, uploads whose store transaction starts during the stream, and what a restart cleans up."""
 
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,22 +15,30 @@ import pytest
 from chainrule import tensors
 from chainrule.server.datasets import STALL_SECONDS, DatasetManager, StoreWriteStopped
 from chainrule.server.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
-from chainrule.server.store import SqliteStore
+from chainrule.server.store import Store, open_store
 from chainrule.server.store.base import StoredDataset
 from chainrule.v1 import dataset_service_pb2 as pb
+from tests.database import query
 
 MIB = 1 << 20
 
+pytestmark = pytest.mark.both_backends
+
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteStore]:
-    opened = SqliteStore(str(tmp_path / "chainrule.db"))
+def db(new_db: Callable[[], str]) -> str:
+    return new_db()
+
+
+@pytest.fixture
+def store(db: str) -> Iterator[Store]:
+    opened = open_store(db)
     yield opened
     opened.close()
 
 
 @pytest.fixture
-def manager(store: SqliteStore, tmp_path: Path) -> DatasetManager:
+def manager(store: Store, tmp_path: Path) -> DatasetManager:
     return DatasetManager(store, tmp_path / "cache")
 
 
@@ -77,7 +85,7 @@ def test_delete_is_refused_while_the_in_use_hook_says_a_job_uses_the_dataset(man
 
 
 def test_open_fills_a_missing_cache_entry_from_the_store_and_maps_it_read_only(
-    store: SqliteStore, manager: DatasetManager, tmp_path: Path
+    store: Store, manager: DatasetManager, tmp_path: Path
 ) -> None:
     x = np.random.default_rng(0).standard_normal((3000, 7, 11)).astype(np.float32)  # 3 chunk rows of 4 MiB
     y = np.arange(3000, dtype=np.int64)
@@ -93,7 +101,7 @@ def test_open_fills_a_missing_cache_entry_from_the_store_and_maps_it_read_only(
 
 
 def test_a_torn_cache_entry_is_found_and_refilled_and_corrupt_stored_bytes_are_data_loss(
-    store: SqliteStore, manager: DatasetManager, tmp_path: Path
+    db: str, store: Store, manager: DatasetManager, tmp_path: Path
 ) -> None:
     x = np.arange(1000, dtype=np.float64).reshape(250, 4)
     dataset = put(manager, "torn", {"x": x})
@@ -103,10 +111,8 @@ def test_a_torn_cache_entry_is_found_and_refilled_and_corrupt_stored_bytes_are_d
     np.testing.assert_array_equal(restarted.open(dataset.dataset_id).columns["x"], x)
     assert entry.read_bytes() == x.tobytes()
 
-    with sqlite3.connect(store.path) as db:
-        db.execute(
-            "UPDATE dataset_chunks SET data = zeroblob(length(data)) WHERE dataset_id = ?", (dataset.dataset_id,)
-        )
+    zeros = bytes(x.nbytes)  # its one chunk row's length
+    query(db, "UPDATE dataset_chunks SET data = ? WHERE dataset_id = ?", zeros, dataset.dataset_id)
     entry.unlink()
     with pytest.raises(DataLoss) as lost:
         DatasetManager(store, tmp_path / "cache").open(dataset.dataset_id)
@@ -134,7 +140,7 @@ def test_chunks_of_later_columns_may_come_first(manager: DatasetManager) -> None
 
 
 def test_a_stream_that_stalls_mid_transaction_gives_the_store_back_and_is_stored_at_its_end(
-    store: SqliteStore, manager: DatasetManager
+    store: Store, manager: DatasetManager
 ) -> None:
     manager.store_bytes_per_second = 1.0  # so slow that the transaction starts as soon as it may
     x = np.random.default_rng(2).standard_normal(6 * MIB).astype(np.float32)  # 24 MiB
@@ -154,7 +160,7 @@ def test_a_stream_that_stalls_mid_transaction_gives_the_store_back_and_is_stored
 
 
 def test_a_transaction_started_during_the_stream_commits_with_it_or_rolls_back_with_it(
-    manager: DatasetManager, tmp_path: Path
+    db: str, manager: DatasetManager, tmp_path: Path
 ) -> None:
     manager.store_bytes_per_second = 1.0
     x = np.arange(5 * MIB, dtype=np.float64)  # 40 MiB
@@ -170,8 +176,7 @@ def test_a_transaction_started_during_the_stream_commits_with_it_or_rolls_back_w
     dataset = put(manager, "overlapped", {"x": x})
     assert dataset.sha256 == hashlib.sha256(raw).hexdigest() and dataset.size_bytes == x.nbytes
     assert [d.dataset_id for d in manager.store.list_datasets("", 0, 10)] == [dataset.dataset_id]
-    with sqlite3.connect(manager.store.path) as db:
-        rows = db.execute("SELECT length(data) FROM dataset_chunks ORDER BY chunk_index").fetchall()
+    rows = query(db, "SELECT length(data) FROM dataset_chunks ORDER BY chunk_index")
     assert [length for (length,) in rows] == [4 * MIB] * 10
 
 
@@ -186,7 +191,7 @@ def test_empty_datasets_and_columns(manager: DatasetManager) -> None:
 
 
 def test_a_restart_removes_leftovers_and_entries_of_deleted_datasets(
-    store: SqliteStore, manager: DatasetManager, tmp_path: Path
+    store: Store, manager: DatasetManager, tmp_path: Path
 ) -> None:
     kept = put(manager, "kept", {"x": np.ones((4, 4))})
     gone = put(manager, "gone", {"x": np.zeros((4, 4))})
