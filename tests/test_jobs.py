@@ -1,5 +1,6 @@
-"""Training jobs end to end against a real server: batch order, evaluation, cancel, failure,
-tenants, one trainer per graph, the refusals of CreateJob, and watchers.
+"""Training jobs end to end against a real server on each backend (a SQLite file, then PostgreSQL):
+batch order, evaluation, cancel, failure, tenants, one trainer per graph, the refusals of CreateJob,
+and watchers.
 
 The reference for a job's numbers is the engine itself, in-process, stepped over the batches the
 contract says the job takes (an independent writing of the order: a Philox permutation keyed by
@@ -31,6 +32,8 @@ from chainrule.v1 import graph_service_pb2 as gpb
 from chainrule.v1 import job_service_pb2 as pb
 from chainrule.v1 import job_service_pb2_grpc
 from tests.server_process import ServerProcess
+
+pytestmark = pytest.mark.both_backends
 
 WAIT_SECONDS = 60.0
 TRUE_W = np.array([[1.5], [-2.0], [0.5]])
@@ -122,8 +125,8 @@ def wait_running(job: cr.Job, past_step: int = 0) -> JobInfo:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    process = ServerProcess(tmp_path_factory.mktemp("jobs") / "chainrule.db", ["--job-workers", "2"]).start()
+def server(new_db: Callable[[], str]) -> Iterator[ServerProcess]:
+    process = ServerProcess(new_db(), ["--job-workers", "2"]).start()
     yield process
     process.kill()
 
@@ -604,10 +607,10 @@ def test_a_dataset_in_use_by_a_queued_or_running_job_cannot_be_deleted(
 
 
 # ---------------------------------------------------------------- tenants
-def test_tenants_own_their_jobs(tmp_path: Path) -> None:
+def test_tenants_own_their_jobs(new_db: Callable[[], str], tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("alice-token alice\nbob-token bob\n")
-    process = ServerProcess(tmp_path / "chainrule.db", ["--auth-tokens", str(tokens)]).start()
+    process = ServerProcess(new_db(), ["--auth-tokens", str(tokens)]).start()
     try:
         with (
             cr.Client(process.address, token="alice-token", timeout=WAIT_SECONDS) as alice,

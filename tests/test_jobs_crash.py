@@ -4,31 +4,41 @@ SIGTERM stops jobs after their step, to resume at the next start.
 
 The job exercises everything a step depends on: Adam's state, dropout (keyed by the seed and the
 job's step), a shuffled order (keyed by the seed and the epoch), a schedule (of the job's step)
-and evaluations. After each kill the database file, read on its own, must hold the job's row,
-its graph's checkpoint and its history at one and the same step: no committed step lost, no
-history ahead of the parameters.
+and evaluations. After each kill the database, read on its own, must hold the job's row, its
+graph's checkpoint and its history at one and the same step: no committed step lost, no history
+ahead of the parameters (and a SQLite file pass its integrity check).
+
+Both backends: a SQLite file, then PostgreSQL. There the killed server's claim on the job lapses
+before the next server takes the job up, so those servers run with a short --job-lease-seconds.
 """
 
 from __future__ import annotations
 
 import random
 import signal
-import sqlite3
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
 import chainrule.client as cr
+from chainrule.server.store.location import is_postgres_url
+from tests.database import query
 from tests.server_process import ServerProcess
+
+pytestmark = pytest.mark.both_backends
 
 SEED = 20261130
 ROUNDS = 6
 TOTAL_STEPS = 2500
 CHECKPOINT_EVERY = 23
+
+
+def lease(backend: str) -> list[str]:
+    """What a restarted server on PostgreSQL waits for before taking up the job its killed predecessor held."""
+    return ["--job-lease-seconds", "1"] if backend == "postgres" else []
 
 
 def network() -> cr.GraphBuilder:
@@ -63,30 +73,28 @@ def start_job(client: cr.Client, graph_id: str, dataset_id: str) -> cr.Job:
     )
 
 
-def committed(db: Path, job_id: str) -> tuple[str, int, int, int, int]:
-    """(state, job step, graph step - start_graph_step, events stored, highest stored step), read from the file."""
-    connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-        state, step, graph_id, start = connection.execute(
-            "SELECT state, step, graph_id, start_graph_step FROM jobs WHERE job_id = ?", (job_id,)
-        ).fetchone()
-        (graph_step,) = connection.execute("SELECT step FROM graphs WHERE graph_id = ?", (graph_id,)).fetchone()
-        count, highest = connection.execute(
-            "SELECT COUNT(*), COALESCE(MAX(step), 0) FROM job_events WHERE job_id = ?", (job_id,)
-        ).fetchone()
-    finally:
-        connection.close()
-    return state, step, graph_step - start, count, highest
+def committed(db: str, job_id: str) -> tuple[str, int, int, int, int]:
+    """(state, job step, graph step - start_graph_step, events stored, highest stored step), read from the database."""
+    if not is_postgres_url(db):
+        assert query(db, "PRAGMA integrity_check") == [("ok",)]
+    [(state, step, graph_step, count, highest)] = query(
+        db,
+        "SELECT jobs.state, jobs.step, graphs.step - jobs.start_graph_step,"
+        " (SELECT COUNT(*) FROM job_events WHERE job_id = jobs.job_id),"
+        " (SELECT COALESCE(MAX(step), 0) FROM job_events WHERE job_id = jobs.job_id)"
+        " FROM jobs JOIN graphs ON graphs.graph_id = jobs.graph_id WHERE jobs.job_id = ?",
+        job_id,
+    )
+    return state, step, graph_step, count, highest
 
 
-def test_a_job_killed_at_random_moments_ends_as_if_never_interrupted(tmp_path: Path) -> None:
+def test_a_job_killed_at_random_moments_ends_as_if_never_interrupted(backend: str, new_db: Callable[[], str]) -> None:
     rng = random.Random(SEED)
-    db = tmp_path / "chainrule.db"
+    db, args = new_db(), lease(backend)
     data = np.random.default_rng(1)
     x = data.normal(size=(200, 6))
     y = (np.sin(x[:, :1] * 2) + x[:, 1:2] > 0).astype(np.float64)
-    server = ServerProcess(db).start()
+    server = ServerProcess(db, args).start()
     try:
         with cr.Client(server.address, timeout=60) as client:
             graph_id = client.create_graph(network()).graph_id
@@ -111,13 +119,13 @@ def test_a_job_killed_at_random_moments_ends_as_if_never_interrupted(tmp_path: P
             assert step == graph_step == count == highest, (step, graph_step, count, highest)
             assert state == "RUNNING", f"the job ended ({state}) before the kills did"
             steps_at_kills.append(step)
-            server = ServerProcess(db).start()
+            server = ServerProcess(db, args).start()
             with cr.Client(server.address, timeout=60) as client:
                 reached = client.get_job(job_id).info().step
                 assert reached >= step  # resumed from its last commit, not from 0
         assert len(set(steps_at_kills)) >= ROUNDS - 1, f"the kills hit too few distinct steps: {steps_at_kills}"
         if server.process is None or server.process.poll() is not None:
-            server = ServerProcess(db).start()
+            server = ServerProcess(db, args).start()
         with cr.Client(server.address, timeout=60) as client:
             survivor = client.get_job(job_id)
             assert survivor.wait(progress=False).state == "succeeded"
@@ -157,13 +165,15 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.02)
 
 
-def test_sigterm_stops_running_jobs_after_their_step_and_they_resume_at_the_next_start(tmp_path: Path) -> None:
+def test_sigterm_stops_running_jobs_after_their_step_and_they_resume_at_the_next_start(
+    backend: str, new_db: Callable[[], str]
+) -> None:
     """Watchers get UNAVAILABLE and watch again; a restart with fewer workers than running jobs keeps
     each one's graph reserved until it resumes, and cancelling one that waits frees its graph."""
-    db = tmp_path / "chainrule.db"
+    db = new_db()
     x = np.random.default_rng(2).normal(size=(64, 6))
     y = (x[:, :1] > 0).astype(np.float64)
-    server = ServerProcess(db, ["--job-workers", "2"]).start()
+    server = ServerProcess(db, ["--job-workers", "2", *lease(backend)]).start()
     try:
         with cr.Client(server.address, timeout=60) as client:
             graphs = [client.create_graph(network()).graph_id for _ in range(2)]
@@ -178,11 +188,10 @@ def test_sigterm_stops_running_jobs_after_their_step_and_they_resume_at_the_next
                         server.signal(signal.SIGTERM)
             assert stopped.value.code == grpc.StatusCode.UNAVAILABLE and "watch it again" in stopped.value.message
         assert server.process is not None and server.process.wait(timeout=60) == 0
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as connection:
-            rows = connection.execute("SELECT state, step FROM jobs ORDER BY seq").fetchall()
+        rows = query(db, "SELECT state, step FROM jobs ORDER BY seq")
         assert [state for state, _ in rows] == ["RUNNING", "RUNNING"] and all(step > 3 for _, step in rows)
 
-        server = ServerProcess(db, ["--job-workers", "1"]).start()
+        server = ServerProcess(db, ["--job-workers", "1", *lease(backend)]).start()
         with cr.Client(server.address, timeout=60) as client:
             first, second = (client.get_job(job.job_id) for job in jobs)
             wait_until(lambda: first.info().step > rows[0][1], "the first job to resume")

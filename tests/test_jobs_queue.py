@@ -1,5 +1,6 @@
 """The job queue of a server started without --job-workers: one job runs at a time, and queued
-jobs start in creation order, whatever graph they train."""
+jobs start in creation order, whatever graph they train; on both backends (a SQLite file, then
+PostgreSQL, where the queue is claimed from the database)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 import chainrule.client as cr
 from tests.server_process import ServerProcess
 from tests.test_jobs import WAIT_SECONDS, data, logistic_graph, wait_running
+
+pytestmark = pytest.mark.both_backends
 
 
 def test_serve_help_gives_one_job_worker_by_default() -> None:

@@ -4,7 +4,7 @@ whole step: never some parameters of one step and the rest of the next.
 The graph makes every step's parameters predictable to the bit: with inputs of ones and SGD at
 0.25, `loss = mean(x1 * a) + 2 mean(x2 * b)` moves `a` by -0.25 and `b` by -0.5 each step, so
 after step k, a = -0.25 k and b = -0.5 k exactly. Each read is decoded to the k its parameters
-belong to: a read mixing steps has no such k.
+belong to: a read mixing steps has no such k. On both backends (a SQLite file, then PostgreSQL).
 """
 
 from __future__ import annotations
@@ -13,10 +13,13 @@ import threading
 from collections.abc import Callable
 
 import numpy as np
+import pytest
 
 import chainrule.client as cr
 from tests.server_process import ServerProcess
 from tests.test_jobs import WAIT_SECONDS, wait_for, wait_running
+
+pytestmark = pytest.mark.both_backends
 
 RATE = 0.25
 READS = 150
