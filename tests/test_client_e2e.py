@@ -1,4 +1,5 @@
-"""The Python client against a real server: numpy in and out, errors, chunked tensors, fit."""
+"""The Python client against a real server on each backend (a SQLite file, then PostgreSQL): numpy in
+and out, errors, chunked tensors, fit."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pytest
 
 import chainrule.client as cr
 from tests.server_process import ServerProcess
+
+pytestmark = pytest.mark.both_backends
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,10 @@
 gRPC clients refuse messages over 4 MiB unless told otherwise. Every test here talks to a real
 server process, and the ones about size use a raw stub on a channel with gRPC's defaults, or
 the clients and the CLI as they come, against graphs and tensors built to exceed that limit.
+
+The request_id tests that go through a server run on both backends too (a SQLite file, then
+PostgreSQL): the store is what finds a retried request's graph. The expiry of request ids and two
+inserts racing with one are the store's own, tested here on a SQLite file and in test_store on both.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -189,6 +193,7 @@ def test_a_view_the_server_does_not_know_is_refused(stub: graph_service_pb2_grpc
 
 
 # ---------------------------------------------------------------- request_id
+@pytest.mark.both_backends
 def test_a_retry_with_the_same_request_id_returns_the_first_graph(
     stub: graph_service_pb2_grpc.GraphServiceStub,
 ) -> None:
@@ -206,6 +211,7 @@ def test_a_retry_with_the_same_request_id_returns_the_first_graph(
     )
 
 
+@pytest.mark.both_backends
 def test_a_request_id_reused_for_another_graph_is_refused(stub: graph_service_pb2_grpc.GraphServiceStub) -> None:
     first = stub.CreateGraph(pb.CreateGraphRequest(graph=lecture(), request_id="reused-id")).graph
     before = count_graphs(stub)
@@ -236,11 +242,13 @@ def test_bad_request_ids_are_refused_naming_the_field(
     assert count_graphs(stub) == before
 
 
+@pytest.mark.both_backends
 def test_a_request_id_at_the_length_limit_is_accepted(stub: graph_service_pb2_grpc.GraphServiceStub) -> None:
     request = pb.CreateGraphRequest(graph=lecture(), request_id="𝔵" * 256)
     assert stub.CreateGraph(request).graph.graph_id == stub.CreateGraph(request).graph.graph_id
 
 
+@pytest.mark.both_backends
 def test_deleting_the_graph_frees_its_request_id(stub: graph_service_pb2_grpc.GraphServiceStub) -> None:
     request = pb.CreateGraphRequest(graph=lecture(), request_id="freed-by-delete")
     first = stub.CreateGraph(request).graph.graph_id
@@ -250,14 +258,15 @@ def test_deleting_the_graph_frees_its_request_id(stub: graph_service_pb2_grpc.Gr
 
 
 @pytest.fixture
-def tenants_server(tmp_path: Path) -> Iterator[ServerProcess]:
+def tenants_server(new_db: Callable[[], str], tmp_path: Path) -> Iterator[ServerProcess]:
     tokens = tmp_path / "tokens"
     tokens.write_text(f"{ALICE} alice\n{BOB} bob\n")
-    process = ServerProcess(tmp_path / "chainrule.db", ["--auth-tokens", str(tokens)]).start()
+    process = ServerProcess(new_db(), ["--auth-tokens", str(tokens)]).start()
     yield process
     process.kill()
 
 
+@pytest.mark.both_backends
 def test_request_ids_belong_to_a_tenant_and_survive_a_restart(tenants_server: ServerProcess) -> None:
     def create(address: str, token: str) -> str:
         with cr.Client(address, token=token) as client:

@@ -4,6 +4,10 @@ An error's message and google.rpc details travel in trailers, which a default cl
 beyond 8 KiB (it then reports RESOURCE_EXHAUSTED instead of the real error). Each call here is
 made from a default client with the largest inputs the limits allow: names at
 --max-name-length in 4-byte UTF-8 characters, and names far over it.
+
+On both backends (a SQLite file, then PostgreSQL): the graphs created here store names at the limit
+in PostgreSQL's text and JSONB columns too, and what PostgreSQL's text refuses where SQLite's takes
+it (a NUL character) must be refused before it reaches either.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from chainrule.v1 import graph_service_pb2 as pb
 from tests.server_process import ServerProcess
 from tests.test_service import lecture_graph, mlp_graph, node
 from tests.test_training import batches, config, sgd
+
+pytestmark = pytest.mark.both_backends
 
 GRPC_TRAILER_LIMIT = 8 * 1024
 """gRPC's default limit on received metadata; beyond it a client sees RESOURCE_EXHAUSTED."""
@@ -232,8 +238,8 @@ def test_train_names_are_bounded_too(stub, graph_id: str) -> None:  # type: igno
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and trailer_bytes(error) < GRPC_TRAILER_LIMIT, field
 
 
-def test_the_limit_is_the_flag(tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path / "db", ["--max-name-length", "8"]).start()
+def test_the_limit_is_the_flag(new_db: Callable[[], str]) -> None:
+    server = ServerProcess(new_db(), ["--max-name-length", "8"]).start()
     try:
         stub = server.stub()
         graph_id = stub.CreateGraph(pb.CreateGraphRequest(graph=lecture_graph())).graph.graph_id
@@ -317,10 +323,10 @@ TOKEN = "alice-secret-token-1"
 
 
 @pytest.fixture
-def secured(tmp_path: Path) -> Iterator[ServerProcess]:
+def secured(new_db: Callable[[], str], tmp_path: Path) -> Iterator[ServerProcess]:
     tokens = tmp_path / "tokens"
     tokens.write_text(f"{TOKEN} alice\n")
-    process = ServerProcess(tmp_path / "chainrule.db", ["--auth-tokens", str(tokens)]).start()
+    process = ServerProcess(new_db(), ["--auth-tokens", str(tokens)]).start()
     yield process
     process.kill()
 

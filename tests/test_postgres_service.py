@@ -1,48 +1,85 @@
-"""The main end-to-end paths of tests/test_service.py and tests/test_training.py, unchanged, against
-servers on PostgreSQL: this module's `server` and `fresh_server` fixtures take the place of
-conftest's SQLite ones for the test functions imported here (pytest resolves a test's fixtures in
-the module that collects it). Restarts (`ServerProcess(fresh_server.db)`) reopen the same database."""
+"""Which end-to-end tests of the services run on PostgreSQL as well as on SQLite, and why the others
+need not.
+
+A test marked `both_backends` (tests/conftest.py), or in a module whose `pytestmark` is, runs twice:
+its `server`, `fresh_server` and `new_db` are first a SQLite file's, then a new database's on the
+session's real PostgreSQL (tests/postgres.py). The parametrization is by module, so a module's
+servers start once per backend. The store's own suite (test_store, test_cluster_store) runs on both
+through `backend_db`.
+
+On both backends, whole modules (ON_BOTH_BACKENDS below):
+* test_service, test_training, test_client_e2e: GraphService end to end: create, get, list and page,
+  delete, forward and backward, Train streams, SetParameters, graphs and checkpoints after SIGKILL
+  and restart, a cancelled stream's commit, concurrent streams on one graph;
+* test_datasets, test_datasets_engine: DatasetService end to end and the dataset manager over a store:
+  uploads in chunk rows, refused and cancelled uploads leaving no row, paging, deletion and the cache
+  entry it frees, tenants, durability across a restart, the cache refilled from the store (whole or
+  torn, and corrupt stored bytes found), the store transaction overlapped with the stream;
+* test_jobs, test_jobs_queue, test_jobs_reads, test_jobs_crash: JobService end to end: batch order,
+  evaluation, cancel, failure, tenants, one trainer per graph, the queue in creation order, watchers
+  replaying a job's history, reads of one whole step while a job commits, a job SIGKILLed at random
+  moments resuming bit for bit, SIGTERM and resume;
+* test_limits_and_errors: names at their limits are stored; names PostgreSQL's text would refuse
+  (NUL) must be refused before any store sees them.
+
+On both backends, some tests of a module (the rest are backend-independent):
+* test_graph_views: CreateGraph's request_id through a server (a retry finds the first graph, reuse
+  for another graph is refused, the longest id, freed by delete, per tenant across a restart). The
+  rest is about the size of answers (graph views, StreamParameters, the CLI), which the store does not
+  shape; the expiry of ids and racing inserts are the store's own, in test_store on both backends.
+* test_security: tenant isolation. Tokens and their reload, TLS and the warning about binds beyond
+  loopback are decided before a call reaches the store.
+
+SQLite only, by what they test: SQLite's files themselves (test_crash_safety: integrity of the file
+after kills, writes the disk refuses, the file deleted or replaced; the legacy files of
+test_store_migrations). PostgreSQL only: the servers sharing one database (test_cluster,
+test_failover, test_version_reads) and PostgreSQL's outages (test_postgres_outage).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import importlib
 
 import pytest
 
-from tests.postgres import PostgresServer
-from tests.server_process import ServerProcess
-from tests.test_service import (  # noqa: F401 -- fixtures and tests collected here
-    lecture_id,
-    stub,
-    test_backward_streams_lecture_gradients_in_reverse_topological_order,
-    test_backward_with_empty_wrt_streams_every_parameter_and_loss_grad_seeds_vector_losses,
-    test_create_reports_topological_order_inputs_and_parameters,
-    test_forward_returns_fetches_in_order_including_intermediates,
-    test_graphs_survive_sigkill_and_restart,
-    test_list_pages_through_every_graph_and_delete_removes_one,
-    test_sigterm_shuts_down_gracefully,
-)
-from tests.test_training import (  # noqa: F401
-    test_a_bad_batch_ends_the_stream_and_keeps_the_last_good_step,
-    test_a_cancelled_stream_keeps_and_commits_its_completed_steps,
-    test_concurrent_streams_on_one_graph_apply_whole_steps,
-    test_finished_stream_survives_sigkill_exactly,
-    test_optimizers_follow_pytorch_formulas_over_several_steps,
-    test_parameters_after_a_stream_are_initial_plus_streamed_updates_bit_for_bit,
-    test_set_parameters_checks_shape_and_dtype_and_forward_uses_them,
-    test_sigkill_mid_stream_recovers_one_committed_checkpoint,
-)
+from tests.conftest import BOTH_BACKENDS
+
+ON_BOTH_BACKENDS: dict[str, tuple[str, ...]] = {
+    "test_service": (),
+    "test_training": (),
+    "test_client_e2e": (),
+    "test_datasets": (),
+    "test_datasets_engine": (),
+    "test_jobs": (),
+    "test_jobs_queue": (),
+    "test_jobs_reads": (),
+    "test_jobs_crash": (),
+    "test_limits_and_errors": (),
+    "test_graph_views": (
+        "test_a_retry_with_the_same_request_id_returns_the_first_graph",
+        "test_a_request_id_reused_for_another_graph_is_refused",
+        "test_a_request_id_at_the_length_limit_is_accepted",
+        "test_deleting_the_graph_frees_its_request_id",
+        "test_request_ids_belong_to_a_tenant_and_survive_a_restart",
+    ),
+    "test_security": ("test_tenants_see_only_their_own_graphs",),
+}
+"""Module -> the tests of it that run on both backends; () for the whole module."""
 
 
-@pytest.fixture(scope="module")
-def server(postgres: PostgresServer) -> Iterator[ServerProcess]:
-    process = ServerProcess(postgres.database()).start()
-    yield process
-    process.kill()
+def marked(item: object) -> bool:
+    marks = getattr(item, "pytestmark", [])
+    return any(mark.name == BOTH_BACKENDS for mark in (marks if isinstance(marks, list) else [marks]))
 
 
-@pytest.fixture
-def fresh_server(postgres: PostgresServer) -> Iterator[ServerProcess]:
-    process = ServerProcess(postgres.database()).start()
-    yield process
-    process.kill()
+@pytest.mark.parametrize("name", ON_BOTH_BACKENDS)
+def test_this_docstring_names_the_tests_that_run_on_both_backends(name: str) -> None:
+    module = importlib.import_module(f"tests.{name}")
+    tests = {attribute for attribute in vars(module) if attribute.startswith("test_")}
+    listed = set(ON_BOTH_BACKENDS[name])
+    assert listed <= tests, f"{name} has no {sorted(listed - tests)}"
+    if not listed:
+        assert marked(module), f"{name} is listed whole, but its pytestmark is not {BOTH_BACKENDS}"
+    else:
+        assert not marked(module), f"{name} is marked whole: list it as ()"
+        assert {test for test in tests if marked(getattr(module, test))} == listed

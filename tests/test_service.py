@@ -1,4 +1,5 @@
-"""The GraphService end to end: a real server process, real sockets, the raw generated stubs."""
+"""The GraphService end to end: a real server process, real sockets, the raw generated stubs; on both
+backends (a SQLite file, then PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from chainrule import tensors
 from chainrule.v1 import graph_pb2, tensor_pb2
 from chainrule.v1 import graph_service_pb2 as pb
 from tests.server_process import ServerProcess
+
+pytestmark = pytest.mark.both_backends
 
 
 def node(name: str, op: str, *inputs: str, value: np.ndarray | None = None, **attrs: object) -> graph_pb2.Node:

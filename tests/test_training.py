@@ -1,4 +1,5 @@
-"""The Train stream and the parameter RPCs end to end, against a real server process."""
+"""The Train stream and the parameter RPCs end to end, against a real server process on each backend
+(a SQLite file, then PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from chainrule.v1 import graph_pb2, tensor_pb2
 from chainrule.v1 import graph_service_pb2 as pb
 from tests.server_process import ServerProcess
 from tests.test_service import expect_error, feeds, mlp_graph, node
+
+pytestmark = pytest.mark.both_backends
 
 RNG = np.random.default_rng(7)
 X = RNG.normal(size=(8, 3))
