@@ -41,6 +41,9 @@ class Job:
         """The job's last committed step: its history up to here is in the store."""
         self.tail: list[JobEventRow] = []
         """Events after the commit before the last one, by step: the last commit's and those since."""
+        self.encoded: dict[int, tuple[JobEventRow, object]] = {}
+        """Events of the tail as WatchJob sends them, by step, each encoded once for all the job's
+        watchers (see JobManager.watch); filled and trimmed by the watchers, outside `condition`."""
         self.transitions = [Transition(stored.state, stored.step)]
         self.resumes = stored.resumes
         self.claim = stored.claim

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, replace
+from typing import TypeVar, cast
 
 from chainrule.server.datasets import DatasetManager
 from chainrule.server.engine import Engine
@@ -30,6 +31,7 @@ from chainrule.server.work import StopFlag
 from chainrule.v1 import job_service_pb2 as pb
 
 log = logging.getLogger("chainrule.server.jobs")
+Encoded = TypeVar("Encoded")
 DEFAULT_JOB_WORKERS = 1
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -41,6 +43,8 @@ WATCH_POLL_SECONDS = 0.5
 WATCH_BATCH_SECONDS = 0.02
 """A watcher that has sent what there was waits this long before looking again, so it takes a
 fast job's events in batches instead of waking at every step: watching stays cheap for the job."""
+ENCODED_SLACK = 256
+"""Encoded events a job keeps beyond its tail's before dropping those of steps the tail no longer holds."""
 STORED_EVENTS_PAGE = 1000
 WATCH_STORE_SECONDS = 0.25
 """How often a watcher of a job another server runs looks in the store for its new commits."""
@@ -215,24 +219,33 @@ class JobManager:
 
     # ------------------------------------------------------------ watching
     def watch(
-        self, job_id: str, tenant: str = "", from_step: int = 0, stop: StopFlag | None = None
-    ) -> Iterator[WatchItem]:
+        self,
+        job_id: str,
+        encode: Callable[[WatchItem], Encoded],
+        tenant: str = "",
+        from_step: int = 0,
+        stop: StopFlag | None = None,
+    ) -> Iterator[Encoded]:
         """The job's events from `from_step` on and its changes of state, ending after its final
-        state (see JobEvent in job_service.proto): from memory while this server runs the job, from
-        the store's commits while it does not, going from one to the other as the job moves."""
+        state (see JobEvent in job_service.proto), each as `encode` makes it: from memory while this
+        server runs the job, from the store's commits while it does not, going from one to the other
+        as the job moves. A step in memory is encoded once for all the job's watchers here, so a
+        watcher costs the server little more than sending (the same `encode` for every watch)."""
         stop = stop or StopFlag()
         position = WatchPosition(max(from_step, 1))
         while True:
             with self._lock:
                 job = self._live(job_id, tenant)
             if job is not None:
-                done = yield from self._watch_here(job, position, stop)
+                done = yield from self._watch_here(job, position, stop, encode)
             else:
-                done = yield from self._watch_store(job_id, tenant, position, stop)
+                done = yield from self._watch_store(job_id, tenant, position, stop, encode)
             if done:
                 return
 
-    def _watch_here(self, job: Job, position: WatchPosition, stop: StopFlag) -> Generator[WatchItem, None, bool]:
+    def _watch_here(
+        self, job: Job, position: WatchPosition, stop: StopFlag, encode: Callable[[WatchItem], Encoded]
+    ) -> Generator[Encoded, None, bool]:
         """Every step as this server takes it; True once the watch is over, False when the job is let go."""
         next_step = position.next_step
         with job.condition:
@@ -240,7 +253,7 @@ class JobManager:
             state = job.state
         if state not in ENDED_JOB_STATES:
             if state != position.reported:
-                yield state
+                yield encode(state)
                 position.reported = state
         else:
             seen -= 1  # the final state comes after the history
@@ -269,26 +282,32 @@ class JobManager:
                 )
             if not covered and next_step <= last_step:
                 events = self.store.job_events(job.job_id, next_step, STORED_EVENTS_PAGE)
+            shared = job.encoded if covered else {}
             for event in events:
                 while transitions and transitions[0].after_step < event.step:
                     position.reported = transitions.pop(0).state
-                    yield position.reported
+                    yield encode(position.reported)
                     seen += 1
-                yield event
+                entry = shared.get(event.step)
+                if entry is None or entry[0] is not event:  # a step taken again after a restart is new
+                    entry = shared[event.step] = (event, encode(event))
+                yield cast(Encoded, entry[1])
                 next_step = position.next_step = event.step + 1
             while transitions and transitions[0].after_step < next_step:
                 position.reported = transitions.pop(0).state
-                yield position.reported
+                yield encode(position.reported)
                 seen += 1
             if ended and not transitions and next_step > last_step:
                 return True
             if released and not ended and next_step > last_step:
                 return False
+            if covered and len(shared) > len(tail) + ENCODED_SLACK:
+                job.encoded = {step: entry for step, entry in list(shared.items()) if step >= tail[0].step}
             time.sleep(WATCH_BATCH_SECONDS)
 
     def _watch_store(
-        self, job_id: str, tenant: str, position: WatchPosition, stop: StopFlag
-    ) -> Generator[WatchItem, None, bool]:
+        self, job_id: str, tenant: str, position: WatchPosition, stop: StopFlag, encode: Callable[[WatchItem], Encoded]
+    ) -> Generator[Encoded, None, bool]:
         """Every commit of a job this server does not run, as the store shows it; True once the watch is
         over, False when this server takes the job up."""
         while True:
@@ -296,17 +315,17 @@ class JobManager:
             ended = stored.state in ENDED_JOB_STATES
             if not ended and stored.state != position.reported:
                 position.reported = stored.state
-                yield stored.state
+                yield encode(stored.state)
             elif ended and position.reported == "QUEUED" and stored.started_at is not None:
                 position.reported = "RUNNING"  # it ran between two looks
-                yield "RUNNING"
+                yield encode("RUNNING")
             for event in self._stored_events(job_id, position.next_step, stored.step, stop):
-                yield event
+                yield encode(event)
                 position.next_step = event.step + 1
             if stop.stopped:
                 return True
             if ended:
-                yield stored.state
+                yield encode(stored.state)
                 return True
             deadline = time.monotonic() + WATCH_STORE_SECONDS
             while time.monotonic() < deadline:

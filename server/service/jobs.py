@@ -13,7 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from chainrule.server.errors import InvalidArgument
 from chainrule.server.jobs import JobManager, WatchItem
 from chainrule.server.service.calls import Call, CallGate, Servicer, unary, watching
-from chainrule.server.store.base import JOB_STATES, StoredJob
+from chainrule.server.store.base import JOB_STATES, JobEventRow, StoredJob
 from chainrule.v1 import job_service_pb2 as pb
 from chainrule.v1 import job_service_pb2_grpc
 
@@ -59,6 +59,16 @@ def event_message(item: WatchItem) -> pb.JobEvent:
     )
 
 
+STATE_EVENTS = {state: event_message(state).SerializeToString() for state in JOB_STATES}
+
+
+def encoded_event(item: WatchItem) -> bytes:
+    """The JobEvent as WatchJob sends it: the job manager encodes each step once for all its watchers."""
+    if isinstance(item, JobEventRow):
+        return event_message(item).SerializeToString()
+    return STATE_EVENTS[item]
+
+
 def state_names(states: Iterator[int] | list[int]) -> tuple[str, ...]:
     names = []
     for index, state in enumerate(states):
@@ -101,10 +111,10 @@ class JobService(Servicer, job_service_pb2_grpc.JobServiceServicer):
         return job_message(self.jobs.cancel(request.job_id, call.tenant))
 
     @watching
-    def WatchJob(self, request: pb.WatchJobRequest, context: grpc.ServicerContext, call: Call) -> Iterator[pb.JobEvent]:
+    def WatchJob(self, request: pb.WatchJobRequest, context: grpc.ServicerContext, call: Call) -> Iterator[bytes]:
+        """Runs on the watchers' own thread pool (see RunningServer), its events serialized already."""
         if request.from_step < 0:
             raise InvalidArgument(
                 f"from_step is {request.from_step}; it must not be negative", reason="BAD_STEP", subject="from_step"
             )
-        for item in self.jobs.watch(request.job_id, call.tenant, request.from_step, call.stop):
-            yield event_message(item)
+        yield from self.jobs.watch(request.job_id, encoded_event, call.tenant, request.from_step, call.stop)
