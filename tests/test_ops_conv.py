@@ -334,7 +334,7 @@ def test_a_large_stride_1_conv_runs_as_shifted_products_and_matches_pytorch(pois
     rng = np.random.default_rng(11)
     x, w, b = rng.standard_normal((2, 16, 16, 15)), rng.standard_normal((5, 16, 3, 3)), rng.standard_normal(5)
     geometry, _ = conv_module.windows_of("conv", x.shape[2:], w.shape[2:], None, [1, 1, 1, 1], None, "NOTSET")
-    assert conv_module.shifted(16, (18, 17), geometry, 1, np.dtype(np.float64)) is not None
+    assert conv_module.shifted(16, 5, (18, 17), geometry, 1, np.dtype(np.float64)) is not None
     if poison != "none":
         value = np.nan if poison.startswith("nan") else np.inf
         if poison.endswith("x"):

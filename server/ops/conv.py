@@ -589,13 +589,16 @@ class Shifts:
         return extended
 
 
-def shifted(channels: int, lengths: Sequence[int], geometry: Windows, group: int, dtype: np.dtype) -> Shifts | None:
+def shifted(
+    channels: int, outputs: int, lengths: Sequence[int], geometry: Windows, group: int, dtype: np.dtype
+) -> Shifts | None:
     """The shifts of a conv that runs best as shifted products (see SHIFTED_MIN_ROWS), else None: stride 1,
-    one group of wide input channels (so its padded input keeps them innermost in memory), a kernel of more
-    than one offset, and a BLAS gemm for its dtype."""
+    one group of wide input channels (so its padded input keeps them innermost in memory), some output
+    channels, a kernel of more than one offset, and a BLAS gemm for its dtype."""
     if (
         group != 1
         or not wide(channels)
+        or outputs == 0
         or math.prod(geometry.kernel) == 1
         or any(stride != 1 for stride in geometry.strides)
         or _gemm(dtype) is None
@@ -613,7 +616,7 @@ def flat_rows(padded: Array) -> Array:
 def kernel_taps(w: Array) -> Array:
     """A weight (M, C, kernel...) as (kernel offsets, C, M), C-ordered: each offset's (C, M) matrix."""
     outputs, inputs = w.shape[:2]
-    return np.ascontiguousarray(w.reshape(outputs, inputs, -1).transpose(2, 1, 0))
+    return np.ascontiguousarray(w.reshape(outputs, inputs, math.prod(w.shape[2:])).transpose(2, 1, 0))
 
 
 def shifted_convolve(padded: Array, w: Array, shifts: Shifts) -> Array:
@@ -881,7 +884,7 @@ def conv(x: Array, w: Array, b: Array | None = None, **attrs: object) -> tuple[A
     geometry, group = setup.windows, setup.group
     dtype = np.result_type(x, w, *(() if b is None else (b,)))
     padded = pad_for_conv(x.astype(dtype, copy=False), geometry, setup.ends, group)
-    shifts = shifted(x.shape[1], padded.shape[2:], geometry, group, dtype)
+    shifts = shifted(x.shape[1], w.shape[0], padded.shape[2:], geometry, group, dtype)
     if is_depthwise(x.shape[1], group):
         y, cols = depthwise(padded, w.astype(dtype, copy=False), geometry), None
     elif shifts is not None:
@@ -900,7 +903,7 @@ def _conv_x(g: Array, cols: Array | None, x: Array, w: Array, b: Array | None = 
     lengths = padded_lengths(geometry, setup.ends)
     if is_depthwise(x.shape[1], setup.group):
         return unpad(depthwise_x(g, w, geometry, lengths, x.shape[1]), geometry)
-    shifts = shifted(x.shape[1], lengths, geometry, setup.group, np.result_type(g, w))
+    shifts = shifted(x.shape[1], w.shape[0], lengths, geometry, setup.group, np.result_type(g, w))
     if shifts is not None and finite(w):
         return unpad(shifted_input_gradient(g, w, shifts, x.shape[1]), geometry)
     return unpad(transposed_product(weight_rows(w, setup.group), g, geometry, lengths), geometry)
