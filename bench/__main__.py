@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if not arguments.quick:  # starting a Ray head and the first replicas' workers takes seconds
         measurements += run_both(
             f"13-14 jobs on Ray, 1 and 2 replicas, {settings.train_steps} steps x {settings.train_repeats}",
-            lambda: measure_ray_jobs(workload, settings.train_steps, settings.train_repeats)[:2],
+            lambda: measure_ray_jobs(workload, settings.train_steps, settings.train_repeats).rows,
         )
     elapsed, load_after = time.perf_counter() - started, os.getloadavg()
     print()

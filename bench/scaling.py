@@ -1,98 +1,152 @@
 """The scaling model of data-parallel jobs on Ray: predicted steps/s against replicas (1 to 64) and
 batch size (128 to 8,192), for the bench MLP and LeNet-5, from what is measured on this machine.
 
-`python -m bench.scaling [--chart docs/scaling.png] [--markdown]` measures its inputs (a few
-seconds each), prints the table and draws the chart. The inputs, all measured here:
+`python -m bench.scaling [--chart PATH] [--out PATH] [--steps N] [--repeats N]` runs rows 13 and 14
+(bench/ray_replicas.py) and, in the same interleaved rounds, times every input below; it prints them,
+checks the model against the steps/s measured at 1 and 2 replicas, prints the predicted table and the
+best replica count at each network rate (markdown), writes it all as JSON and draws the chart. Every
+process runs one BLAS thread, as a replica holding one CPU does. A step at N replicas on a batch of B
+examples takes
 
-- c0, c1: one replica's compute per step, `c0 + c1 * examples`: the forward and reverse pass of
-  the graph (Plan.backward, one BLAS thread, as a replica on one CPU runs it) timed at two batch
-  sizes.
+    T(N, B) = C(ceil(B / N)) + S + O + (N - 1) * e + 2 * (N - 1) * G / R
+
+and steps/s = 1 / T. The terms, medians over the rounds, all measured here but R:
+
+- C(n): one replica's forward and reverse pass (Plan.backward) on a shard of n examples, timed in
+  this process at every shard size from 2 to 2,048 the table needs, and beyond 2,048 extended at the
+  cost per example between 1,024 and 2,048 (c1). Its CPU time: a replica on a core of its own
+  computes for that long, where wall time here also counts the waits for a core others hold.
+- S: the server's own work per step, whatever computes the step: the in-process job's time per step
+  (row 13's baseline) minus its compute, C(128) in wall time. It is the job's batch, optimizer step,
+  event, history and its share of the commits every 100 steps. Measured on the MLP, and taken as the
+  same for LeNet-5, whose inputs are the same size and whose optimizer step moves a third of the bytes.
+- O: what one replica on Ray adds to a step, row 13's time per step minus its baseline's, made of
+  - H: the server's hop to the job's Ray driver, a process of its own: a step's message carrying
+    the parameters, pickled through a socket, and the answer carrying the gradients;
+  - E1: the driver's part with one replica: the parameters put in Ray's object store, an actor call
+    that reads them and returns gradients of the same size, its result gathered and combined;
+  - W: the rest, which H and E1 timed apart from the job do not account for (the server process's
+    own waits; the job's own driver, timed too, takes about H + E1 + C(128)). Both H and E1 are
+    measured for each graph's parameters; W is the MLP's, taken as the same for LeNet-5.
+- e: what each further replica adds to the driver's part: the driver process's own CPU time per
+  replica (the slope of its CPU time over 1, 2 and 4 replicas), since on a cluster the replicas' own
+  work runs elsewhere, in parallel, and their bytes are the network term's.
 - G: the gradient's bytes (= the parameters' bytes, float32).
-- O: chainrule's fixed cost per step on Ray, one replica on this machine: row 13's time per
-  step minus the in-process job's (server to driver and back, the object store, Ray's call,
-  combining, the optimizer step's share beyond the in-process one).
-- L, R_local: Ray's round trip with nothing to move, and the rate at which a replica's payload
-  moves through the object store on one machine.
 
-And assumed, since one machine cannot measure them:
+Assumed, since one machine cannot measure them:
 
-- Each replica has CPUs of its own (no sharing with other replicas, the server or the driver).
-- Replicas beyond one sit on other machines and exchange through the driver's network link at
-  R_net = 1.25 GB/s (10 Gb/s Ethernet): every step the driver's node sends the parameters to and
-  receives a gradient from each replica, 2 * N * G bytes through one link (a star, not the ring
-  all-reduce of DistributedDataParallel, whose traffic per node does not grow with N).
-- The shards are ceil(B / N) examples, the largest shard setting the pace.
+- Each replica has a core of its own, and the server and the driver have theirs.
+- Replica 0 runs on the driver's node and the others on other machines, which exchange through the
+  driver's network link at R: 10 Gb/s in the table, and 1 and 25 Gb/s to show what the link does.
+  Every step the driver sends the parameters to each of the others, then receives a gradient from
+  each: two phases of (N - 1) * G bytes through one link (a star, not the ring all-reduce of PyTorch's
+  DistributedDataParallel, whose traffic per node does not grow with N).
+- The shards are ceil(B / N) examples, the largest setting the pace.
 
-So the step time is T(N, B) = c0 + c1 * ceil(B / N) + O + 2 * N * G / R_net (the last term 0 at
-N = 1, whose exchange is in O), and steps/s = 1 / T. Compute falls as 1/N and traffic grows as
-N: the curve bends near N* = sqrt(c1 * B * R_net / (2 G)), past which replicas slow a step down.
+The check: on this machine nothing crosses a network, the replicas' work shares the two cores with
+the driver's, and the jobs compute in wall time; so with R infinite, C in wall time and e = E(2) - E(1)
+as timed here, T(2, 128) should be the time row 14's steps take (T(1, 128) is row 13's by the
+definition of W). The output gives the model's steps/s over the measured ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import math
+import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from bench.cnn import LENET_CLASSES, LenetWorkload, lenet_graph
-from bench.mlp import CLASSES, INPUTS, Workload, mlp_graph
+from bench.machine import describe, limit_threads
+from bench.mlp import BATCH, CLASSES, INPUTS, Workload, mlp_graph
+from bench.ray_replicas import RayMeasurements, measure_ray_jobs
 from chainrule.server.graph import build_graph
 from chainrule.server.plan import Plan
 
 REPLICAS = (1, 2, 4, 8, 16, 32, 64)
 BATCHES = (128, 512, 2048, 8192)
-NETWORK_BYTES_PER_SECOND = 1.25e9
-SMALL, LARGE = 64, 512
-"""The batch sizes compute is timed at."""
-REPEATS = 7
+GIGABIT = 1e9 / 8
+"""Bytes per second of 1 Gb/s."""
+RATES = {"1 Gb/s": 1 * GIGABIT, "10 Gb/s": 10 * GIGABIT, "25 Gb/s": 25 * GIGABIT}
+TABLE_RATE = "10 Gb/s"
+LARGEST_TIMED = 2048
+SHARD_SIZES = tuple(2**power for power in range(1, 12))
+"""Every shard size the table needs up to LARGEST_TIMED (B / N, both powers of two)."""
 
 
 @dataclass(frozen=True)
 class Model:
+    """One graph's terms of T(N, B), in seconds and bytes."""
+
     name: str
-    c0: float
-    """Seconds of a replica's step that do not grow with its examples."""
-    c1: float
-    """Seconds per example."""
+    compute: dict[int, float]
+    """C(n) at each timed shard size n."""
     gradient_bytes: int
+    server: float
+    """S"""
+    ray: float
+    """O = H + E1 + W"""
+    per_replica: float
+    """e"""
 
-    def step_seconds(self, replicas: int, batch: int, overhead: float, rate: float = NETWORK_BYTES_PER_SECOND) -> float:
-        traffic = 0.0 if replicas == 1 else 2 * replicas * self.gradient_bytes / rate
-        return self.c0 + self.c1 * math.ceil(batch / replicas) + overhead + traffic
+    @property
+    def per_example(self) -> float:
+        """c1: the cost of an example in large shards, which extends C beyond LARGEST_TIMED."""
+        return (self.compute[LARGEST_TIMED] - self.compute[LARGEST_TIMED // 2]) / (LARGEST_TIMED // 2)
 
-    def best_replicas(self, batch: int, rate: float = NETWORK_BYTES_PER_SECOND) -> float:
-        return math.sqrt(self.c1 * batch * rate / (2 * self.gradient_bytes))
+    def compute_seconds(self, examples: int) -> float:
+        if examples in self.compute:
+            return self.compute[examples]
+        assert examples > LARGEST_TIMED, f"shard size {examples} was not timed"
+        return self.compute[LARGEST_TIMED] + self.per_example * (examples - LARGEST_TIMED)
+
+    def step_seconds(self, replicas: int, batch: int, rate: float = RATES[TABLE_RATE]) -> float:
+        network = 2 * (replicas - 1) * self.gradient_bytes / rate
+        exchange = self.ray + (replicas - 1) * self.per_replica
+        return self.compute_seconds(math.ceil(batch / replicas)) + self.server + exchange + network
+
+    def best(self, batch: int, rate: float) -> tuple[int, float]:
+        """The replica count (of REPLICAS) with the most steps/s, and its steps/s."""
+        replicas = min(REPLICAS, key=lambda count: self.step_seconds(count, batch, rate))
+        return replicas, 1 / self.step_seconds(replicas, batch, rate)
 
 
-def _compute(name: str, graph: Plan, parameters: dict[str, np.ndarray], batch: Callable[[int], dict]) -> Model:
-    names = list(parameters)
+class Graph:
+    """A graph's plan, parameters and a batch of each shard size, for timing its compute."""
 
-    def seconds(size: int) -> float:
-        feeds = batch(size)
-        samples = []
-        for _ in range(REPEATS + 1):
-            start = time.perf_counter()
-            _, reverse = graph.backward(feeds, parameters, "loss", names)
+    def __init__(self, plan: Plan, parameters: dict[str, np.ndarray], batch: Callable[[int], dict]) -> None:
+        self.plan = plan
+        self.parameters = parameters
+        self.feeds = {size: batch(size) for size in SHARD_SIZES}
+        self.cpu: dict[int, list[float]] = {size: [] for size in SHARD_SIZES}
+        """The CPU time of each sample, beside the wall time `compute` returns."""
+
+    def compute(self, size: int) -> float:
+        """The median wall time of a few forward and reverse passes on a shard of `size` examples."""
+        names = list(self.parameters)
+        wall, cpu = [], []
+        for _ in range(3 if size >= 512 else 7):
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            _, reverse = self.plan.backward(self.feeds[size], self.parameters, "loss", names)
             for _ in reverse:
                 pass
-            samples.append(time.perf_counter() - start)
-        return statistics.median(samples[1:])
-
-    with threadpool_limits(1):
-        small, large = seconds(SMALL), seconds(LARGE)
-    c1 = max((large - small) / (LARGE - SMALL), 0.0)
-    return Model(name, max(small - c1 * SMALL, 0.0), c1, sum(value.nbytes for value in parameters.values()))
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.thread_time() - start_cpu)
+        self.cpu[size].append(statistics.median(cpu))
+        return statistics.median(wall)
 
 
-def measure_models() -> list[Model]:
+def graphs() -> dict[str, Graph]:
     rng = np.random.default_rng(0)
     mlp = Workload.synthetic()
     lenet = LenetWorkload.synthetic()
@@ -109,27 +163,62 @@ def measure_models() -> list[Model]:
             "y": np.eye(LENET_CLASSES, dtype=np.float32)[rng.integers(0, LENET_CLASSES, size)],
         }
 
-    return [
-        _compute("MLP 784-256-10", Plan(build_graph(mlp_graph(mlp.initial).to_proto())), mlp.initial, mlp_batch),
-        _compute("LeNet-5", Plan(build_graph(lenet_graph(lenet.initial).to_proto())), lenet.initial, lenet_batch),
-    ]
+    return {
+        "MLP": Graph(Plan(build_graph(mlp_graph(mlp.initial).to_proto())), mlp.initial, mlp_batch),
+        "LeNet-5": Graph(Plan(build_graph(lenet_graph(lenet.initial).to_proto())), lenet.initial, lenet_batch),
+    }
 
 
-def table(models: list[Model], overhead: float) -> str:
-    """Markdown: predicted steps/s, a row per replica count, a column per model and batch size."""
-    header = "| replicas | " + " | ".join(f"{m.name.split()[0]} B={b:,}" for m in models for b in BATCHES) + " |"
+def models(measured: RayMeasurements, timed: dict[str, Graph]) -> tuple[list[Model], Model]:
+    """Each graph's model with its compute in CPU time (a replica on a core of its own), and the MLP's
+    with its compute in wall time and e as a second replica costs here (the cores shared), for the check."""
+    wall = {name: {size: measured.alongside[f"compute {name} {size}"] for size in SHARD_SIZES} for name in timed}
+    server = measured.step[0] - wall["MLP"][BATCH]
+    rest = unexplained(measured)
+    found = []
+    for name, graph in timed.items():
+        exchange = measured.exchanges[name]
+        cpu = {size: statistics.median(samples[1:]) for size, samples in graph.cpu.items()}  # [0]: the warm-up
+        ray = exchange.hop + exchange.ray[1] + rest
+        found.append(Model(name, cpu, exchange.payload_bytes, server, ray, exchange.next_replica))
+    here = replace(found[0], compute=wall["MLP"], per_replica=measured.exchanges["MLP"].next_replica_here)
+    return found, here
+
+
+def unexplained(measured: RayMeasurements) -> float:
+    """W: what a step of the MLP's job on one replica costs over the in-process job's, beyond H and E1."""
+    mlp = measured.exchanges["MLP"]
+    return measured.step[1] - measured.step[0] - mlp.hop - mlp.ray[1]
+
+
+def table(models: list[Model]) -> str:
+    """Markdown: predicted steps/s at TABLE_RATE, a row per replica count, a column per model and batch size."""
+    header = "| replicas | " + " | ".join(f"{m.name} B={b:,}" for m in models for b in BATCHES) + " |"
     lines = [header, "|" + "---:|" * (1 + len(models) * len(BATCHES))]
     for replicas in REPLICAS:
-        cells = [f"{1 / m.step_seconds(replicas, b, overhead):,.1f}" for m in models for b in BATCHES]
+        cells = [f"{1 / m.step_seconds(replicas, b):,.1f}" for m in models for b in BATCHES]
         lines.append(f"| {replicas} | " + " | ".join(cells) + " |")
-    best = [f"{m.best_replicas(b):.1f}" for m in models for b in BATCHES]
-    lines.append("| N* (bend) | " + " | ".join(best) + " |")
     return "\n".join(lines)
 
 
-def chart(models: list[Model], overhead: float, path: Path, measured: dict[int, float] | None = None) -> str | None:
-    """Predicted steps/s against replicas, one panel per model, a line per batch size; the
-    measured MLP points (batch 128, this 2-core machine) as markers. None, or why it was skipped."""
+def sensitivity(models: list[Model]) -> str:
+    """Markdown: the best replica count and its steps/s at each network rate."""
+    header = "| link | " + " | ".join(f"{m.name} B={b:,}" for m in models for b in BATCHES) + " |"
+    lines = [header, "|---|" + "---:|" * (len(models) * len(BATCHES))]
+    for label, rate in RATES.items():
+        cells = []
+        for model in models:
+            for batch in BATCHES:
+                replicas, steps = model.best(batch, rate)
+                cells.append(f"{replicas}: {steps:,.1f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def chart(models: list[Model], path: Path, measured: dict[int, float], note: str) -> str | None:
+    """Predicted steps/s against replicas: a row of panels per model, a column per network rate, a line
+    per batch size; the MLP's measured points (batch 128, this 2-core machine, loopback) as markers.
+    None, or why it was skipped."""
     try:
         import matplotlib
 
@@ -137,25 +226,30 @@ def chart(models: list[Model], overhead: float, path: Path, measured: dict[int, 
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: no chart"
-    figure, axes = plt.subplots(1, len(models), figsize=(11, 4.2), sharey=False)
-    for axis, model in zip(axes, models, strict=True):
-        for batch in BATCHES:
-            rates = [1 / model.step_seconds(replicas, batch, overhead) for replicas in REPLICAS]
-            axis.plot(REPLICAS, rates, marker="o", markersize=3, label=f"batch {batch:,}")
-        if measured and model.name.startswith("MLP"):
-            axis.plot(list(measured), list(measured.values()), "kx", markersize=9, label="measured here, batch 128")
-        axis.set_xscale("log", base=2)
-        axis.set_yscale("log")
-        axis.set_xticks(REPLICAS, [str(r) for r in REPLICAS])
-        axis.set_xlabel("replicas")
-        axis.set_ylabel("predicted steps/s")
-        axis.set_title(f"{model.name}: {model.gradient_bytes / 1e6:.2f} MB of gradients")
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.suptitle("Data-parallel jobs on Ray: steps/s predicted from measured compute, overhead and 10 Gb/s links")
-    figure.tight_layout()
+    figure, axes = plt.subplots(len(models), len(RATES), figsize=(13, 8), sharey="row", squeeze=False)
+    for row, model in zip(axes, models, strict=True):
+        for axis, (link, rate) in zip(row, RATES.items(), strict=True):
+            for batch in BATCHES:
+                rates = [1 / model.step_seconds(replicas, batch, rate) for replicas in REPLICAS]
+                axis.plot(REPLICAS, rates, marker="o", markersize=3, label=f"batch {batch:,}")
+            if model.name == "MLP":
+                label = "measured here (one machine), 128"
+                axis.plot(list(measured), list(measured.values()), "kx", markersize=9, label=label)
+            axis.set_xscale("log", base=2)
+            axis.set_yscale("log")
+            axis.set_xticks(REPLICAS, [str(r) for r in REPLICAS])
+            axis.set_title(f"{model.name} ({model.gradient_bytes / 1e6:.2f} MB of gradients), {link} links")
+            axis.grid(True, which="both", alpha=0.3)
+            if axis is row[0]:
+                axis.set_ylabel("predicted steps/s")
+                axis.legend(fontsize=8)
+            if model is models[-1]:
+                axis.set_xlabel("replicas")
+    figure.suptitle("Data-parallel jobs on Ray: steps/s predicted from terms measured here (bench/scaling.py)")
+    figure.text(0.01, 0.005, note, fontsize=7, alpha=0.7)
+    figure.tight_layout(rect=(0, 0.02, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
     return None
 
@@ -163,28 +257,105 @@ def chart(models: list[Model], overhead: float, path: Path, measured: dict[int, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scaling", description=__doc__.splitlines()[0])
     parser.add_argument("--chart", type=Path, default=Path("bench/results/scaling.png"), help="PNG to draw")
-    parser.add_argument("--steps", type=int, default=200, help="steps of each Ray job timed (rows 13 and 14)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/scaling.json"), help="JSON results")
+    parser.add_argument("--steps", type=int, default=200, help="steps of each long job run (rows 13 and 14)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds, after one warm-up round")
     arguments = parser.parse_args(argv)
-    from bench.ray_replicas import measure_ray_jobs
+    limit_threads(1)
+    machine = describe(None)
+    started, load_before = datetime.datetime.now(datetime.UTC), os.getloadavg()
+    timed = graphs()
+    alongside = {
+        f"compute {name} {size}": (lambda graph=graph, size=size: graph.compute(size))
+        for name, graph in timed.items()
+        for size in SHARD_SIZES
+    }
+    payloads = {name: graph.parameters for name, graph in timed.items()}
+    measured = measure_ray_jobs(Workload.synthetic(), arguments.steps, arguments.repeats, payloads, alongside)
+    load_after = os.getloadavg()
+    found, here_model = models(measured, timed)
+    mlp, exchange, rest = found[0], measured.exchanges["MLP"], unexplained(measured)
+    here = {replicas: 1 / here_model.step_seconds(replicas, BATCH, math.inf) for replicas in (1, 2)}
+    rates = {replicas: 1 / measured.step[replicas] for replicas in (1, 2)}
+    ms = 1e3
 
-    one, two, round_trip = measure_ray_jobs(Workload.synthetic(), arguments.steps, 2)
-    overhead = one.details["per_step_overhead_ms"] / 1e3
-    models = measure_models()
-    local = one.baselines["in-process"]
-    print(f"steps/s: in the server {local:.1f}; on Ray 1 replica {one.chainrule:.1f}, 2 replicas {two.chainrule:.1f}")
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores; {started:%Y-%m-%d %H:%M} UTC")
+    print(f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
     print(
-        f"round trip: {round_trip.empty_ms:.2f} ms empty, {round_trip.payload_ms:.2f} ms with "
-        f"{round_trip.payload_bytes / 1e6:.2f} MB each way ({round_trip.bytes_per_second / 1e9:.2f} GB/s); "
-        f"chainrule's overhead per step on Ray O = {overhead * 1e3:.2f} ms"
+        f"MLP job, batch {BATCH}, steps/s: in the server {1 / measured.step[0]:.1f}; on Ray 1 replica "
+        f"{rates[1]:.1f}, 2 replicas {rates[2]:.1f} (a run's start beyond its steps: "
+        + ", ".join(f"{measured.start[replicas]:.2f} s" for replicas in (0, 1, 2))
+        + ")"
     )
-    for model in models:
+    print(
+        f"S {mlp.server * ms:.2f} ms: the in-process job's {measured.step[0] * ms:.2f} ms a step minus C(128) "
+        f"{here_model.compute[BATCH] * ms:.2f} ms in wall time"
+    )
+    print(
+        f"O {(measured.step[1] - measured.step[0]) * ms:.2f} ms: a step on one replica over the in-process one; "
+        f"H {exchange.hop * ms:.2f} + E1 {exchange.ray[1] * ms:.2f} + W {rest * ms:.2f} ms"
+    )
+    print(
+        "the job's own driver and replicas, a step as a server sends it: "
+        + ", ".join(f"{replicas} replica(s) {seconds * ms:.2f} ms" for replicas, seconds in measured.driver.items())
+        + f" (H + E1 + C(128) = {(exchange.hop + exchange.ray[1] + here_model.compute[BATCH]) * ms:.2f} ms)"
+    )
+    print(f"a Ray call with nothing to move: {exchange.empty * ms:.2f} ms")
+    for model in found:
+        parts = measured.exchanges[model.name]
         print(
-            f"{model.name}: c0 {model.c0 * 1e3:.3f} ms, c1 {model.c1 * 1e6:.2f} us/example, "
-            f"G {model.gradient_bytes / 1e6:.3f} MB"
+            f"{model.name}: G {model.gradient_bytes / 1e6:.3f} MB, C(128) {model.compute[BATCH] * ms:.2f} ms CPU, "
+            f"c1 {model.per_example * 1e6:.1f} us/example, H {parts.hop * ms:.2f} ms, E(1, 2, 4) "
+            + ", ".join(f"{seconds * ms:.2f}" for seconds in parts.ray.values())
+            + " ms, the driver's CPU in them "
+            + ", ".join(f"{seconds * ms:.2f}" for seconds in parts.ray_cpu.values())
+            + f" ms: O {model.ray * ms:.2f} ms, e {model.per_replica * ms:.2f} ms "
+            f"(on this machine, E(2) - E(1) = {parts.next_replica_here * ms:.2f} ms)"
         )
-    print(table(models, overhead))
-    skipped = chart(models, overhead, arguments.chart, {1: one.chainrule, 2: two.chainrule})
+    print(
+        f"check, this machine (R infinite, C in wall time, e = E(2) - E(1)): at 1 replica {here[1]:.1f} steps/s "
+        f"(W makes it the measured {rates[1]:.1f}); at 2 replicas {here[2]:.1f} against {rates[2]:.1f} measured "
+        f"({here[2] / rates[2]:.2f})"
+    )
+    print()
+    print(table(found))
+    print()
+    print(sensitivity(found))
+    note = (
+        f"{machine['cpu']}, {machine['cores']} cores, {started:%Y-%m-%d}, load average "
+        f"{load_before[0]:.1f} to {load_after[0]:.1f}; terms timed on one BLAS thread"
+    )
+    skipped = chart(found, arguments.chart, rates, note)
     print(skipped or f"chart: {arguments.chart}")
+    document: dict[str, Any] = {
+        "machine": machine,
+        "started": started.isoformat(),
+        "load_average": {"before": load_before, "after": load_after},
+        "measured": {
+            "steps_per_second": {str(replicas): 1 / seconds for replicas, seconds in measured.step.items()},
+            "start_seconds": {str(replicas): seconds for replicas, seconds in measured.start.items()},
+            "exchanges": {name: exchange.to_json() for name, exchange in measured.exchanges.items()},
+            "rows": [measurement.to_json() for measurement in measured.rows],
+        },
+        "models": [{**asdict(model), "per_example": model.per_example} for model in found],
+        "mlp_compute_wall": here_model.compute,
+        "server_ms": mlp.server * ms,
+        "unexplained_ms": rest * ms,
+        "driver_step_ms": {str(replicas): seconds * ms for replicas, seconds in measured.driver.items()},
+        "here": {str(replicas): {"model": here[replicas], "measured": rates[replicas]} for replicas in (1, 2)},
+        "predicted": {
+            label: {
+                model.name: {
+                    str(batch): {str(n): 1 / model.step_seconds(n, batch, rate) for n in REPLICAS} for batch in BATCHES
+                }
+                for model in found
+            }
+            for label, rate in RATES.items()
+        },
+    }
+    arguments.out.parent.mkdir(parents=True, exist_ok=True)
+    arguments.out.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"results: {arguments.out}")
     return 0
 
 
