@@ -26,6 +26,7 @@ from bench.memory import measure_memory
 from bench.mlp import Workload, measure_engine_step, measure_remote_training
 from bench.ray_replicas import measure_ray_jobs
 from bench.server import ChainruleServer
+from bench.store_forward import measure_store_forward, postgres_missing
 from bench.transfer import measure_large_gradient
 from bench.upload import measure_upload
 
@@ -207,11 +208,16 @@ def main(argv: list[str] | None = None) -> int:
 
     measurements = [per_node, training, engine, large, memory, graph_create, graph_memory, lenet, resnet, upload]
     measurements += [job_vs_engine, job_vs_torch, watched]
-    if not arguments.quick:  # starting a Ray head and the first replicas' workers takes seconds
+    if not arguments.quick:  # a Ray head and its first workers, a private PostgreSQL: seconds to start
         measurements += run_both(
             f"13-14 jobs on Ray, 1 and 2 replicas, {settings.train_steps} steps x {settings.train_repeats}",
             lambda: measure_ray_jobs(workload, settings.train_steps, settings.train_repeats).rows,
         )
+        missing = postgres_missing()
+        if missing is None:
+            measurements.append(run_one("15 Forward on PostgreSQL vs on SQLite", measure_store_forward))
+        else:
+            progress(f"15 skipped: {missing}")
     elapsed, load_after = time.perf_counter() - started, os.getloadavg()
     print()
     print(report.table(measurements))

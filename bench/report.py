@@ -17,6 +17,7 @@ BASELINE_LABELS = {
     "networkx": "NetworkX",
     "engine": "engine in-process",
     "unwatched": "no watchers",
+    "sqlite": "SQLite",
 }
 HEADERS = ("measurement", "unit", "chainrule", "baselines", "ratio", "target", "result")
 
