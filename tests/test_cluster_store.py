@@ -97,6 +97,27 @@ def test_jobs_are_claimed_in_creation_order_running_ones_first_one_per_graph(sto
     assert store.claim_job("c6", "server-a:1", 60) is None  # j4 waits for j5's graph
 
 
+def test_jobs_of_more_replicas_than_a_server_runs_wait_for_one_that_can(store: Store) -> None:
+    """A server without Ray (max_replicas 1) passes over replicated jobs, queued or left running, and
+    takes the next job it can run; a server with Ray takes them, their status message cleared."""
+    for graph_id in ("g", "h", "k"):
+        add_graph(store, graph_id)
+    store.insert_job(replace(new_job("left", "g", state="RUNNING"), replicas=2))  # its Ray server gone
+    store.insert_job(replace(new_job("queued", "h"), replicas=4))
+    store.insert_job(new_job("plain", "k"))
+    assert store.get_job("queued", "").replicas == 4  # type: ignore[union-attr]
+    assert store.claim_job("c1", "plain:1", 60, max_replicas=1).job_id == "plain"  # type: ignore[union-attr]
+    assert store.claim_job("c2", "plain:1", 60, max_replicas=1) is None
+    assert store.claim_job("c2", "small-ray:2", 60, max_replicas=2).job_id == "left"  # type: ignore[union-attr]
+    store.set_job_status("left", "c2", "waiting for the Ray cluster")
+    store.set_job_status("left", "other", "not its claim: nothing changes")
+    assert store.get_job("left", "").status_message == "waiting for the Ray cluster"  # type: ignore[union-attr]
+    store.release_claim("left", "c2")
+    resumed = store.claim_job("c3", "ray:3", 60)
+    assert resumed is not None and (resumed.job_id, resumed.status_message) == ("left", "")
+    assert store.claim_job("c4", "ray:3", 60, max_replicas=1024).job_id == "queued"  # type: ignore[union-attr]
+
+
 def test_a_lapsed_claim_is_taken_over_and_fences_out_its_old_holder(store: Store) -> None:
     add_graph(store, "g")
     job = store.insert_job(new_job("j1", "g"))

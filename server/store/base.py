@@ -121,6 +121,11 @@ class StoredJob:
     """When the claim lapses unless its server renews it (seconds since the epoch, the database's clock)."""
     cancel_requested: bool = False
     """CancelJob asked the server running the job to stop it."""
+    replicas: int = 1
+    """JobSpec.replicas (at least 1), kept beside the spec so that claim_job passes over the jobs a
+    server cannot run (replicas need a server started with --ray-address)."""
+    status_message: str = ""
+    """What the job waits for while it cannot go on (its Ray cluster, say), in words; empty otherwise."""
 
 
 @dataclass(frozen=True)
@@ -341,19 +346,32 @@ class Store(ABC):
         delete_dataset either sees the job or leaves it nothing to use."""
 
     @abstractmethod
-    def claim_job(self, claim: str, worker: str, seconds: float | None, skip: Collection[str] = ()) -> StoredJob | None:
+    def claim_job(
+        self,
+        claim: str,
+        worker: str,
+        seconds: float | None,
+        skip: Collection[str] = (),
+        max_replicas: int | None = None,
+    ) -> StoredJob | None:
         """Claim the job to run next, if any: the oldest of the RUNNING jobs that no server holds (their
         claims released or lapsed), else of the QUEUED ones, whose graph's trainer lease it can take
         (or that lost its graph); skipping what other servers are claiming at the same moment. The
         job is held under `claim` for `seconds` (renew_claims; None: until released or the job ends),
-        `worker` names the server, a RUNNING one counts a resume, and its graph's lease is the job's
-        (job_trainer) until the job ends. Jobs on the graphs in `skip` wait (graphs trained by streams
-        the store does not know of)."""
+        `worker` names the server, a RUNNING one counts a resume, its status message is cleared, and
+        its graph's lease is the job's (job_trainer) until the job ends. Jobs on the graphs in `skip`
+        wait (graphs trained by streams the store does not know of), and so do jobs of more than
+        `max_replicas` replicas (None: any number), for a server that can run them."""
 
     @abstractmethod
     def renew_claims(self, claims: Mapping[str, str], seconds: float) -> dict[str, bool]:
         """Extend these claims (job id -> claim) by `seconds` from now; for each job whose claim still
         holds it, whether a cancel was requested."""
+
+    @abstractmethod
+    def set_job_status(self, job_id: str, claim: str, message: str) -> None:
+        """Set the status message of a job `claim` holds (what it waits for; empty: nothing); nothing
+        if the claim no longer holds it."""
 
     @abstractmethod
     def release_claim(self, job_id: str, claim: str) -> None:

@@ -282,6 +282,18 @@ UPDATE graphs SET trainer = 'job/' || (
 ) || '/' WHERE EXISTS (SELECT 1 FROM jobs WHERE jobs.graph_id = graphs.graph_id AND jobs.state = 'RUNNING');
 """,
     ),
+    Migration(
+        # Jobs stored before hold 1: JobSpec.replicas came with migration 5, in the same release.
+        "jobs' replicas, which servers without Ray pass over, and what a job waits for",
+        sqlite="""
+ALTER TABLE jobs ADD COLUMN replicas INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE jobs ADD COLUMN status_message TEXT NOT NULL DEFAULT '';
+""",
+        postgres="""
+ALTER TABLE jobs ADD COLUMN replicas INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE jobs ADD COLUMN status_message TEXT NOT NULL DEFAULT '';
+""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 """The schema version this code reads and writes."""

@@ -576,13 +576,21 @@ class PostgresStore(Store):
             )
         return version
 
-    def claim_job(self, claim: str, worker: str, seconds: float | None, skip: Collection[str] = ()) -> StoredJob | None:
+    def claim_job(
+        self,
+        claim: str,
+        worker: str,
+        seconds: float | None,
+        skip: Collection[str] = (),
+        max_replicas: int | None = None,
+    ) -> StoredJob | None:
         """FOR UPDATE SKIP LOCKED: servers claiming at the same moment each pass over the jobs the others
         are looking at, instead of waiting for them."""
         candidates = self._read(
             "SELECT job_id, graph_id FROM jobs WHERE state IN ('QUEUED', 'RUNNING') "
-            f"AND (claim = '' OR lease_until < {NOW}) ORDER BY state = 'QUEUED', seq",
-            (),
+            f"AND (claim = '' OR lease_until < {NOW}) AND (%s::integer IS NULL OR replicas <= %s::integer) "
+            "ORDER BY state = 'QUEUED', seq",
+            (max_replicas, max_replicas),
         )
         candidates = [(job_id, graph_id) for job_id, graph_id in candidates if graph_id not in skip]
         if not candidates:
@@ -602,7 +610,7 @@ class PostgresStore(Store):
                     db.cursor(binary=True)
                     .execute(
                         f"UPDATE jobs SET claim = %s, worker = %s, lease_until = {NOW} + %s::double precision, "
-                        "resumes = resumes + CASE WHEN state = 'RUNNING' THEN 1 ELSE 0 END "
+                        "resumes = resumes + CASE WHEN state = 'RUNNING' THEN 1 ELSE 0 END, status_message = '' "
                         f"WHERE job_id = %s RETURNING {JOB_COLUMNS}",
                         (claim, worker, seconds, job_id),
                     )
@@ -624,6 +632,10 @@ class PostgresStore(Store):
                 (seconds, list(claims), list(claims.values())),
             ).fetchall()
         return {job_id: bool(cancel) for job_id, cancel in rows}
+
+    def set_job_status(self, job_id: str, claim: str, message: str) -> None:
+        with self._transaction(f"set the status of job '{job_id}'") as db:
+            db.execute("UPDATE jobs SET status_message = %s WHERE job_id = %s AND claim = %s", (message, job_id, claim))
 
     def release_claim(self, job_id: str, claim: str) -> None:
         with self._transaction(f"release job '{job_id}'") as db:

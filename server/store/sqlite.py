@@ -49,10 +49,10 @@ from chainrule.server.store.migrations import migrate_sqlite
 GRAPH_COLUMNS = "seq, graph_id, tenant, name, summary, created_at, step, version"
 NEW_JOB_COLUMNS = (
     "job_id, tenant, graph_id, spec, state, total_steps, created_at, step, epoch, loss, metrics, error, "
-    "started_at, ended_at, start_graph_step"
+    "started_at, ended_at, start_graph_step, replicas"
 )
 """What insert_job writes."""
-JOB_COLUMNS = f"{NEW_JOB_COLUMNS}, seq, worker, resumes, claim, lease_until, cancel_requested"
+JOB_COLUMNS = f"{NEW_JOB_COLUMNS}, seq, worker, resumes, claim, lease_until, cancel_requested, status_message"
 DATASET_COLUMNS = "seq, dataset_id, tenant, name, columns, num_examples, size_bytes, sha256, created_at"
 IN_USE = "SELECT 1 FROM jobs WHERE state IN ('QUEUED', 'RUNNING') AND instr(spec, ?) > 0 LIMIT 1"
 """Whether an unfinished job uses a dataset: its id (the parameter, as bytes) appears in the job's serialized
@@ -399,13 +399,20 @@ class SqliteStore(Store):
             )
         return version
 
-    def claim_job(self, claim: str, worker: str, seconds: float | None, skip: Collection[str] = ()) -> StoredJob | None:
+    def claim_job(
+        self,
+        claim: str,
+        worker: str,
+        seconds: float | None,
+        skip: Collection[str] = (),
+        max_replicas: int | None = None,
+    ) -> StoredJob | None:
         """Candidates are read first, outside a write transaction, so that idle servers looking at an
         empty queue every second take no write lock."""
         candidates = self._read(
             "SELECT job_id, graph_id FROM jobs WHERE state IN ('QUEUED', 'RUNNING') "
-            "AND (claim = '' OR lease_until < ?) ORDER BY state = 'QUEUED', seq",
-            (time.time(),),
+            "AND (claim = '' OR lease_until < ?) AND (? IS NULL OR replicas <= ?) ORDER BY state = 'QUEUED', seq",
+            (time.time(), max_replicas, max_replicas),
         )
         candidates = [(job_id, graph_id) for job_id, graph_id in candidates if graph_id not in skip]
         if not candidates:
@@ -423,8 +430,8 @@ class SqliteStore(Store):
                 if still is None or (lease is not None and not lease.granted):
                     continue
                 db.execute(
-                    "UPDATE jobs SET claim = ?, worker = ?, lease_until = ?, resumes = resumes + (state = 'RUNNING') "
-                    "WHERE job_id = ?",
+                    "UPDATE jobs SET claim = ?, worker = ?, lease_until = ?, resumes = resumes + (state = 'RUNNING'), "
+                    "status_message = '' WHERE job_id = ?",
                     (claim, worker, None if seconds is None else now + seconds, job_id),
                 )
                 row = db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
@@ -443,6 +450,10 @@ class SqliteStore(Store):
                 if row:
                     held[job_id] = bool(row[0][0])
         return held
+
+    def set_job_status(self, job_id: str, claim: str, message: str) -> None:
+        with self._transaction(f"set the status of job '{job_id}'") as db:
+            db.execute("UPDATE jobs SET status_message = ? WHERE job_id = ? AND claim = ?", (message, job_id, claim))
 
     def release_claim(self, job_id: str, claim: str) -> None:
         with self._transaction(f"release job '{job_id}'") as db:
@@ -728,12 +739,14 @@ def _job_row(job: StoredJob) -> tuple:
         job.started_at,
         job.ended_at,
         job.start_graph_step,
+        job.replicas,
     )
 
 
 def _job_from_row(row: tuple) -> StoredJob:
     """A NaN loss comes back from SQLite as NULL."""
-    *head, loss, metrics, error, started, ended, start_graph_step, seq, worker, resumes, claim, until, cancel = row
+    *head, loss, metrics, error, started, ended, start_graph_step, replicas, seq, worker = row[:-5]
+    resumes, claim, until, cancel, status_message = row[-5:]
     return StoredJob(
         *head,
         loss=math.nan if loss is None else loss,
@@ -748,4 +761,6 @@ def _job_from_row(row: tuple) -> StoredJob:
         claim=claim,
         lease_until=until,
         cancel_requested=bool(cancel),
+        replicas=replicas,
+        status_message=status_message,
     )
