@@ -324,12 +324,15 @@ def show_job(args: argparse.Namespace) -> int:
         print(f"  {name} = {value:.6g}")
     if info.error:
         print(f"error: {info.error}")
+    if info.status_message:
+        print(f"waiting: {info.status_message}")
     times = [("created", info.create_time), ("started", info.start_time), ("ended", info.end_time)]
     print(", ".join(f"{label} {_timestamp(moment)}" for label, moment in times if moment is not None))
+    print(f"worker {info.worker or '-'}, resumes {info.resumes}")
     print(f"\ngraph {spec.graph_id}, loss '{spec.loss}', optimizer {spec.optimizer.WhichOneof('kind') or '-'}")
     feeds = ", ".join(f"{name} <- {column}" for name, column in sorted(spec.feeds.items()))
     print(f"dataset {spec.dataset_id}: {feeds}")
-    settings = [f"batch_size {spec.batch_size}"]
+    settings = [f"batch_size {spec.batch_size}", f"replicas {info.replicas}"]
     settings += [f"{field} {getattr(spec, field)}" for field in ("epochs", "max_steps") if getattr(spec, field)]
     settings += [f"seed {spec.seed}", "shuffled" if spec.shuffle else "in order"]
     settings += ["drop_last"] if spec.drop_last else []

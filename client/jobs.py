@@ -116,10 +116,22 @@ class JobInfo:
     start_time: datetime | None
     end_time: datetime | None
     spec: pb.JobSpec = field(repr=False)
+    worker: str = ""
+    """The server running the job (host:port of its gRPC address), or that ran it last; empty before any has."""
+    resumes: int = 0
+    """How many times the job was taken up again from its last commit (a server restarted or died, replicas lost)."""
+    status_message: str = ""
+    """What keeps the job from going on while it has not ended (a server with Ray, its cluster's
+    CPUs); empty otherwise."""
 
     @property
     def ended(self) -> bool:
         return self.state in ENDED
+
+    @property
+    def replicas(self) -> int:
+        """Data-parallel replicas computing each step (spec.replicas; unset means 1)."""
+        return self.spec.replicas or 1
 
     @classmethod
     def from_proto(cls, message: pb.Job) -> JobInfo:
@@ -141,6 +153,9 @@ class JobInfo:
             start_time=moment("start_time"),
             end_time=moment("end_time"),
             spec=message.spec,
+            worker=message.worker,
+            resumes=message.resumes,
+            status_message=message.status_message,
         )
 
 

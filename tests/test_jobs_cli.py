@@ -56,6 +56,9 @@ def test_the_job_commands_list_show_follow_and_cancel_jobs(server: ServerProcess
         assert shown.returncode == 0, shown.stderr
         assert f"job {done.job_id}  succeeded" in shown.stdout and "step 10 of 10, epoch 2" in shown.stdout
         assert "accuracy = " in shown.stdout and "evaluation of accuracy every 5 steps and at the end" in shown.stdout
+        info = done.info()
+        assert info.worker and f"worker {info.worker}, resumes 0" in shown.stdout and info.replicas == 1
+        assert "batch_size 8, replicas 1, epochs 2" in shown.stdout and "waiting:" not in shown.stdout
 
         watched = chainrule(server, "watch", done.job_id, "--from-step", "8")
         assert watched.returncode == 0, watched.stderr

@@ -26,7 +26,7 @@ from chainrule.v1 import graph_service_pb2 as chainrule_dot_v1_dot_graph__servic
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63hainrule/v1/job_service.proto\x12\x0c\x63hainrule.v1\x1a chainrule/v1/graph_service.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"7\n\x10\x43reateJobRequest\x12#\n\x04spec\x18\x01 \x01(\x0b\x32\x15.chainrule.v1.JobSpec\"\xf6\x03\n\x07JobSpec\x12\x10\n\x08graph_id\x18\x01 \x01(\t\x12\x0c\n\x04loss\x18\x02 \x01(\t\x12*\n\toptimizer\x18\x03 \x01(\x0b\x32\x17.chainrule.v1.Optimizer\x12\x12\n\nparameters\x18\x04 \x03(\t\x12\x12\n\ndataset_id\x18\x05 \x01(\t\x12/\n\x05\x66\x65\x65\x64s\x18\x06 \x03(\x0b\x32 .chainrule.v1.JobSpec.FeedsEntry\x12\x12\n\nbatch_size\x18\x07 \x01(\x03\x12\x0e\n\x06\x65pochs\x18\x08 \x01(\x03\x12\x11\n\tmax_steps\x18\t \x01(\x03\x12\x0c\n\x04seed\x18\n \x01(\x04\x12\x0f\n\x07shuffle\x18\x0b \x01(\x08\x12\x11\n\tdrop_last\x18\x0c \x01(\x08\x12,\n\nevaluation\x18\r \x01(\x0b\x32\x18.chainrule.v1.Evaluation\x12\x18\n\x10\x63heckpoint_every\x18\x0e \x01(\x03\x12\x1f\n\x17stop_on_non_finite_loss\x18\x0f \x01(\x08\x12\x34\n\x08schedule\x18\x10 \x01(\x0b\x32\".chainrule.v1.LearningRateSchedule\x12\x10\n\x08replicas\x18\x11 \x01(\x05\x1a,\n\nFeedsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbc\x01\n\nEvaluation\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x32\n\x05\x66\x65\x65\x64s\x18\x02 \x03(\x0b\x32#.chainrule.v1.Evaluation.FeedsEntry\x12\x0f\n\x07metrics\x18\x03 \x03(\t\x12\x13\n\x0b\x65very_steps\x18\x04 \x01(\x03\x12\x12\n\nbatch_size\x18\x05 \x01(\x03\x1a,\n\nFeedsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc1\x03\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.chainrule.v1.JobSpec\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.chainrule.v1.JobState\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x03\x12\r\n\x05\x65poch\x18\x06 \x01(\x03\x12\x0c\n\x04loss\x18\x07 \x01(\x01\x12/\n\x07metrics\x18\x08 \x03(\x0b\x32\x1e.chainrule.v1.Job.MetricsEntry\x12\r\n\x05\x65rror\x18\t \x01(\t\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06worker\x18\x11 \x01(\t\x12\x0f\n\x07resumes\x18\x12 \x01(\x05\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"r\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12&\n\x06states\x18\x03 \x03(\x0e\x32\x16.chainrule.v1.JobState\x12\x10\n\x08graph_id\x18\x04 \x01(\t\"L\n\x10ListJobsResponse\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.chainrule.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"4\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tfrom_step\x18\x02 \x01(\x03\"\xd9\x01\n\x08JobEvent\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x34\n\x07metrics\x18\x04 \x03(\x0b\x32#.chainrule.v1.JobEvent.MetricsEntry\x12%\n\x05state\x18\x05 \x01(\x0e\x32\x16.chainrule.v1.JobState\x12\x15\n\rlearning_rate\x18\x06 \x01(\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xd6\x02\n\nJobService\x12>\n\tCreateJob\x12\x1e.chainrule.v1.CreateJobRequest\x1a\x11.chainrule.v1.Job\x12\x38\n\x06GetJob\x12\x1b.chainrule.v1.GetJobRequest\x1a\x11.chainrule.v1.Job\x12I\n\x08ListJobs\x12\x1d.chainrule.v1.ListJobsRequest\x1a\x1e.chainrule.v1.ListJobsResponse\x12>\n\tCancelJob\x12\x1e.chainrule.v1.CancelJobRequest\x1a\x11.chainrule.v1.Job\x12\x43\n\x08WatchJob\x12\x1d.chainrule.v1.WatchJobRequest\x1a\x16.chainrule.v1.JobEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63hainrule/v1/job_service.proto\x12\x0c\x63hainrule.v1\x1a chainrule/v1/graph_service.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"7\n\x10\x43reateJobRequest\x12#\n\x04spec\x18\x01 \x01(\x0b\x32\x15.chainrule.v1.JobSpec\"\xf6\x03\n\x07JobSpec\x12\x10\n\x08graph_id\x18\x01 \x01(\t\x12\x0c\n\x04loss\x18\x02 \x01(\t\x12*\n\toptimizer\x18\x03 \x01(\x0b\x32\x17.chainrule.v1.Optimizer\x12\x12\n\nparameters\x18\x04 \x03(\t\x12\x12\n\ndataset_id\x18\x05 \x01(\t\x12/\n\x05\x66\x65\x65\x64s\x18\x06 \x03(\x0b\x32 .chainrule.v1.JobSpec.FeedsEntry\x12\x12\n\nbatch_size\x18\x07 \x01(\x03\x12\x0e\n\x06\x65pochs\x18\x08 \x01(\x03\x12\x11\n\tmax_steps\x18\t \x01(\x03\x12\x0c\n\x04seed\x18\n \x01(\x04\x12\x0f\n\x07shuffle\x18\x0b \x01(\x08\x12\x11\n\tdrop_last\x18\x0c \x01(\x08\x12,\n\nevaluation\x18\r \x01(\x0b\x32\x18.chainrule.v1.Evaluation\x12\x18\n\x10\x63heckpoint_every\x18\x0e \x01(\x03\x12\x1f\n\x17stop_on_non_finite_loss\x18\x0f \x01(\x08\x12\x34\n\x08schedule\x18\x10 \x01(\x0b\x32\".chainrule.v1.LearningRateSchedule\x12\x10\n\x08replicas\x18\x11 \x01(\x05\x1a,\n\nFeedsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbc\x01\n\nEvaluation\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x32\n\x05\x66\x65\x65\x64s\x18\x02 \x03(\x0b\x32#.chainrule.v1.Evaluation.FeedsEntry\x12\x0f\n\x07metrics\x18\x03 \x03(\t\x12\x13\n\x0b\x65very_steps\x18\x04 \x01(\x03\x12\x12\n\nbatch_size\x18\x05 \x01(\x03\x1a,\n\nFeedsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd9\x03\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.chainrule.v1.JobSpec\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.chainrule.v1.JobState\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x03\x12\r\n\x05\x65poch\x18\x06 \x01(\x03\x12\x0c\n\x04loss\x18\x07 \x01(\x01\x12/\n\x07metrics\x18\x08 \x03(\x0b\x32\x1e.chainrule.v1.Job.MetricsEntry\x12\r\n\x05\x65rror\x18\t \x01(\t\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06worker\x18\x11 \x01(\t\x12\x0f\n\x07resumes\x18\x12 \x01(\x05\x12\x16\n\x0estatus_message\x18\x13 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"r\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12&\n\x06states\x18\x03 \x03(\x0e\x32\x16.chainrule.v1.JobState\x12\x10\n\x08graph_id\x18\x04 \x01(\t\"L\n\x10ListJobsResponse\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.chainrule.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"4\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tfrom_step\x18\x02 \x01(\x03\"\xd9\x01\n\x08JobEvent\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x34\n\x07metrics\x18\x04 \x03(\x0b\x32#.chainrule.v1.JobEvent.MetricsEntry\x12%\n\x05state\x18\x05 \x01(\x0e\x32\x16.chainrule.v1.JobState\x12\x15\n\rlearning_rate\x18\x06 \x01(\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xd6\x02\n\nJobService\x12>\n\tCreateJob\x12\x1e.chainrule.v1.CreateJobRequest\x1a\x11.chainrule.v1.Job\x12\x38\n\x06GetJob\x12\x1b.chainrule.v1.GetJobRequest\x1a\x11.chainrule.v1.Job\x12I\n\x08ListJobs\x12\x1d.chainrule.v1.ListJobsRequest\x1a\x1e.chainrule.v1.ListJobsResponse\x12>\n\tCancelJob\x12\x1e.chainrule.v1.CancelJobRequest\x1a\x11.chainrule.v1.Job\x12\x43\n\x08WatchJob\x12\x1d.chainrule.v1.WatchJobRequest\x1a\x16.chainrule.v1.JobEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,8 +41,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOB_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_JOBEVENT_METRICSENTRY']._loaded_options = None
   _globals['_JOBEVENT_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=1858
-  _globals['_JOBSTATE']._serialized_end=2012
+  _globals['_JOBSTATE']._serialized_start=1882
+  _globals['_JOBSTATE']._serialized_end=2036
   _globals['_CREATEJOBREQUEST']._serialized_start=115
   _globals['_CREATEJOBREQUEST']._serialized_end=170
   _globals['_JOBSPEC']._serialized_start=173
@@ -54,23 +54,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVALUATION_FEEDSENTRY']._serialized_start=631
   _globals['_EVALUATION_FEEDSENTRY']._serialized_end=675
   _globals['_JOB']._serialized_start=869
-  _globals['_JOB']._serialized_end=1318
-  _globals['_JOB_METRICSENTRY']._serialized_start=1272
-  _globals['_JOB_METRICSENTRY']._serialized_end=1318
-  _globals['_GETJOBREQUEST']._serialized_start=1320
-  _globals['_GETJOBREQUEST']._serialized_end=1351
-  _globals['_LISTJOBSREQUEST']._serialized_start=1353
-  _globals['_LISTJOBSREQUEST']._serialized_end=1467
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1469
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1545
-  _globals['_CANCELJOBREQUEST']._serialized_start=1547
-  _globals['_CANCELJOBREQUEST']._serialized_end=1581
-  _globals['_WATCHJOBREQUEST']._serialized_start=1583
-  _globals['_WATCHJOBREQUEST']._serialized_end=1635
-  _globals['_JOBEVENT']._serialized_start=1638
-  _globals['_JOBEVENT']._serialized_end=1855
-  _globals['_JOBEVENT_METRICSENTRY']._serialized_start=1272
-  _globals['_JOBEVENT_METRICSENTRY']._serialized_end=1318
-  _globals['_JOBSERVICE']._serialized_start=2015
-  _globals['_JOBSERVICE']._serialized_end=2357
+  _globals['_JOB']._serialized_end=1342
+  _globals['_JOB_METRICSENTRY']._serialized_start=1296
+  _globals['_JOB_METRICSENTRY']._serialized_end=1342
+  _globals['_GETJOBREQUEST']._serialized_start=1344
+  _globals['_GETJOBREQUEST']._serialized_end=1375
+  _globals['_LISTJOBSREQUEST']._serialized_start=1377
+  _globals['_LISTJOBSREQUEST']._serialized_end=1491
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1493
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1569
+  _globals['_CANCELJOBREQUEST']._serialized_start=1571
+  _globals['_CANCELJOBREQUEST']._serialized_end=1605
+  _globals['_WATCHJOBREQUEST']._serialized_start=1607
+  _globals['_WATCHJOBREQUEST']._serialized_end=1659
+  _globals['_JOBEVENT']._serialized_start=1662
+  _globals['_JOBEVENT']._serialized_end=1879
+  _globals['_JOBEVENT_METRICSENTRY']._serialized_start=1296
+  _globals['_JOBEVENT_METRICSENTRY']._serialized_end=1342
+  _globals['_JOBSERVICE']._serialized_start=2039
+  _globals['_JOBSERVICE']._serialized_end=2381
 # @@protoc_insertion_point(module_scope)

@@ -313,6 +313,7 @@ class Job(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     WORKER_FIELD_NUMBER: _builtins.int
     RESUMES_FIELD_NUMBER: _builtins.int
+    STATUS_MESSAGE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: Global___JobState.ValueType
     step: _builtins.int
@@ -336,6 +337,11 @@ class Job(_message.Message):
     """How many times the job was taken up again from its last commit after its run stopped short of
     its end: a server restarted, or died and another took the job over once its lease lapsed
     (--job-lease-seconds), or its Ray replicas were lost.
+    """
+    status_message: _builtins.str
+    """What keeps the job from going on, in words, while it has not ended: a server that can run its
+    replicas (one started with --ray-address), its Ray cluster out of reach, or the cluster's CPUs
+    its replicas wait for. Empty when it waits for nothing but its turn.
     """
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
@@ -370,10 +376,11 @@ class Job(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         worker: _builtins.str = ...,
         resumes: _builtins.int = ...,
+        status_message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "spec", b"spec", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "epoch", b"epoch", "error", b"error", "job_id", b"job_id", "loss", b"loss", "metrics", b"metrics", "resumes", b"resumes", "spec", b"spec", "start_time", b"start_time", "state", b"state", "step", b"step", "total_steps", b"total_steps", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "epoch", b"epoch", "error", b"error", "job_id", b"job_id", "loss", b"loss", "metrics", b"metrics", "resumes", b"resumes", "spec", b"spec", "start_time", b"start_time", "state", b"state", "status_message", b"status_message", "step", b"step", "total_steps", b"total_steps", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -13,7 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from chainrule.server.errors import InvalidArgument
 from chainrule.server.jobs import JobManager, WatchItem
 from chainrule.server.service.calls import Call, CallGate, Servicer, unary, watching
-from chainrule.server.store.base import JOB_STATES, JobEventRow, StoredJob
+from chainrule.server.store.base import ENDED_JOB_STATES, JOB_STATES, JobEventRow, StoredJob
 from chainrule.v1 import job_service_pb2 as pb
 from chainrule.v1 import job_service_pb2_grpc
 
@@ -48,6 +48,7 @@ def job_message(job: StoredJob) -> pb.Job:
         end_time=_timestamp(job.ended_at),
         worker=job.worker,
         resumes=job.resumes,
+        status_message="" if job.state in ENDED_JOB_STATES else job.status_message,
     )
 
 
