@@ -20,6 +20,8 @@ from chainrule.v1 import job_service_pb2 as pb
 
 MAX_TOTAL_STEPS = 2**62
 """Beyond this a job's step count would not fit the store's and the wire's 64-bit integers."""
+MAX_REPLICAS = 1024
+"""The most replicas a job may have: each is an actor and a shard of every step, gathered by one driver."""
 
 
 @dataclass(frozen=True)
@@ -97,14 +99,21 @@ def plan_job(spec: pb.JobSpec, train: StoredDataset, evaluation: StoredDataset |
         raise invalid("spec.batch_size is 0; batches need at least one example", "spec.batch_size")
     if not spec.feeds:
         raise invalid("spec.feeds is empty; map the graph's inputs to columns of the dataset", "spec.feeds")
+    count, size = train.num_examples, spec.batch_size
     replicas = spec.replicas or 1
-    if replicas < 0 or replicas > spec.batch_size:
+    most = min(size, count or size, MAX_REPLICAS)  # no examples at all is refused below, as such
+    if not 1 <= replicas <= most:
+        if most == MAX_REPLICAS:
+            why = "the most a job may have"
+        elif most == size:
+            why = "batch_size"
+        else:
+            why = f"the examples of dataset '{shown(train.dataset_id)}', its whole batch"
         raise invalid(
-            f"spec.replicas is {spec.replicas}; it must be from 1 to batch_size ({spec.batch_size}): each replica "
-            "computes a shard of every batch",
+            f"spec.replicas is {spec.replicas}; it must be from 1 to {most} ({why}): each replica computes a shard "
+            "of every batch",
             "spec.replicas",
         )
-    count, size = train.num_examples, spec.batch_size
     batches = count // size if spec.drop_last else -(-count // size)
     if batches == 0:
         why = f"fewer than batch_size {size} with drop_last" if count else "none"
