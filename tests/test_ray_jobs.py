@@ -1,12 +1,17 @@
 """Jobs on a real Ray cluster (tests/ray_cluster.py: one head for the session, 127.0.0.1 only, token
 authentication on) through real servers: data-parallel replicas agree with one replica and with the
 in-process engine; a replica killed mid-job is replaced and the job finishes correct; the head lost
-mid-job and a new one started on its address, the job resumes and ends bit-identical to a run that
-was never interrupted; eight jobs on two servers sharing one PostgreSQL and the cluster all end
-correct; nothing the cluster or the servers' drivers open reaches beyond loopback.
+mid-job and a new one started on its address, the job resumes (counted once) and ends bit-identical
+to a run that was never interrupted; replicas beyond the cluster's CPUs are refused, and a job
+waiting for free CPUs says so and is cancelled at once; past --job-max-restarts a job fails naming
+the flag, and a replicated job left by a Ray server is never run by a server without Ray;
+batch_norm keeps replica 0's running statistics; eight jobs on two servers sharing one PostgreSQL
+and the cluster all end correct; nothing the cluster or the servers' drivers open reaches beyond
+loopback.
 
-What CreateJob refuses about replicas, and how shards combine, is checked without Ray (no cluster
-needed), as is the server's answer to --ray-address without the extra.
+What CreateJob refuses about replicas (without Ray, beyond the batch's examples or MAX_REPLICAS,
+losses replicas cannot combine) and how shards combine is checked without Ray (no cluster needed),
+as is the server's answer to a bogus --ray-address and to --ray-address without the extra.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -26,10 +31,15 @@ import pytest
 
 import chainrule.client as cr
 from chainrule.server import optim
+from chainrule.server.errors import InvalidArgument
 from chainrule.server.graph import build_graph
+from chainrule.server.jobs.planning import MAX_REPLICAS, plan_job
 from chainrule.server.jobs.replicas import Reduction, combine, compute_shard, loss_reduction, split_rows
 from chainrule.server.ops import Mode
 from chainrule.server.plan import Plan
+from chainrule.server.store.base import ColumnSpec, StoredDataset
+from chainrule.v1 import graph_service_pb2 as gpb
+from chainrule.v1 import job_service_pb2 as jpb
 from tests.postgres import PostgresServer
 from tests.ray_cluster import RayHeadFixture, descendants, tcp_sockets
 from tests.server_process import ServerProcess
@@ -124,6 +134,14 @@ def start_job(
     return graph_id, job
 
 
+def until(condition: Callable[[], bool], what: str) -> None:
+    """As tests.test_jobs.wait_for, with the time a Ray driver may take to join on a loaded machine."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.1)
+
+
 def finished(job: cr.Job) -> None:
     info = job.wait(progress=False)
     assert info.state == "succeeded", info.error
@@ -204,7 +222,7 @@ def test_create_job_refuses_what_replicas_cannot_do(fresh_server: ServerProcess)
                     loss=str(options.pop("loss", "loss")),
                     optimizer=cr.Sgd(0.1),
                     feeds={"x": "x", "y": "y"},
-                    batch_size=8,
+                    batch_size=int(options.pop("batch_size", 8)),  # type: ignore[call-overload]
                     max_steps=3,
                     **options,  # type: ignore[arg-type]
                 )
@@ -212,12 +230,44 @@ def test_create_job_refuses_what_replicas_cannot_do(fresh_server: ServerProcess)
             return caught.value.message
 
         assert "--ray-address" in refusal(graph_id, replicas=2)
-        assert "spec.replicas is 9" in refusal(graph_id, replicas=9)
+        assert "spec.replicas is 9; it must be from 1 to 8 (batch_size)" in refusal(graph_id, replicas=9)
+        assert "spec.replicas is 31; it must be from 1 to 30 (the examples of dataset" in refusal(
+            graph_id, replicas=31, batch_size=64
+        )
         assert "spec.replicas is -1" in refusal(graph_id, replicas=-1)
         other = connected.create_graph(classifier(penalized=True)).graph_id
         message = refusal(other, replicas=2, loss="total")
         assert "'total' is a add node" in message and "softmax_cross_entropy" in message
         assert connected.list_jobs() == []
+
+
+def test_replicas_are_capped_by_the_examples_of_a_batch_and_by_max_replicas() -> None:
+    """A batch of more examples than the dataset holds gives no more shards than it has examples,
+    and no job has more than MAX_REPLICAS, however large its batches."""
+    spec = jpb.JobSpec(loss="loss", optimizer=gpb.Optimizer(sgd=gpb.Sgd(learning_rate=0.1)), feeds={"x": "x"})
+    spec.batch_size, spec.replicas = 8192, MAX_REPLICAS
+    assert plan_job(spec, dataset_of(5000), None, 10).replicas == MAX_REPLICAS
+    for replicas, examples, message in [
+        (MAX_REPLICAS + 1, 5000, f"must be from 1 to {MAX_REPLICAS} (the most a job may have)"),
+        (7, 6, "must be from 1 to 6 (the examples of dataset 'd', its whole batch)"),
+    ]:
+        spec.replicas = replicas
+        with pytest.raises(InvalidArgument, match=re.escape(message)) as refused:
+            plan_job(spec, dataset_of(examples), None, 10)
+        assert refused.value.subject == "spec.replicas"
+
+
+def dataset_of(examples: int) -> StoredDataset:
+    return StoredDataset(1, "d", "", "d", (ColumnSpec("x", "float64", (4,)),), examples, 32 * examples, "", 0.0)
+
+
+def test_a_bogus_ray_address_exits_2_with_one_line(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "chainrule.server.cli", "serve", "--port", "0", "--db", str(tmp_path / "c.db")]
+    done = subprocess.run([*command, "--ray-address", "bogus"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "chainrule: --ray-address 'bogus' is not auto, local, HOST:PORT of a Ray head or ray://HOST:PORT"
+    ]
 
 
 def test_ray_address_without_the_extra_exits_with_one_line(tmp_path: Path) -> None:
@@ -294,7 +344,123 @@ def test_a_job_outlives_the_ray_head(client: cr.Client, server: ServerProcess, r
         ray_cluster.restart()
     finished(job)
     assert len(worker_pids(server, job.job_id)) >= 2
+    assert raw_job(server, job.job_id).resumes == 1, "one loss, however many attempts to rejoin it took"
     assert_same_bits(client.get_parameters(graph_id), client.get_parameters(clean_graph))
+
+
+def test_replicas_beyond_the_cluster_are_refused_and_one_waiting_for_cpus_says_so_and_cancels_at_once(
+    client: cr.Client, server: ServerProcess, ray_cluster: RayHeadFixture
+) -> None:
+    """Five replicas of half a CPU ask for more than the 2-CPU cluster has: FAILED_PRECONDITION naming
+    spec.replicas. Four fit, but wait while another job holds one CPU: the job says so, and a cancel
+    ends the wait (the driver stops when asked, not killed after CLOSE_SECONDS)."""
+    x, y = classes(105, seed=7)
+    dataset = client.upload_dataset("cpus", {"x": x, "y": y}, progress=False).dataset_id
+    server.wait_for_line(f"the Ray cluster at {ray_cluster.address} has 2 CPUs on its nodes", WAIT_SECONDS)
+    with pytest.raises(cr.ChainruleError) as refused:
+        start_job(client, dataset, 5, 10)
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "spec.replicas is 5" in refused.value.message and "has 2 on all its nodes" in refused.value.message
+    _, holder = start_job(client, dataset, 2, 10**6)
+    try:
+        until(lambda: holder.info().step > 0, "the job to run")
+        _, waiting = start_job(client, dataset, 4, 10**6)
+        until(lambda: "wait for the Ray cluster's free CPUs" in waiting.info().status_message, "the wait to show")
+        assert waiting.info().step == 0
+        waiting.cancel()
+        assert waiting.wait(progress=False, raise_on_failure=False).state == "cancelled"
+    finally:
+        holder.cancel()
+        wait_for(lambda: holder.info().ended, "the job to end")
+    assert not [line for line in server.log if f"job {waiting.job_id}: its Ray driver did not end" in line]
+
+
+def test_past_its_restarts_a_job_fails_naming_the_flag_and_without_ray_replicas_are_never_run(
+    ray_cluster: RayHeadFixture, ray_environment: None, tmp_path: Path
+) -> None:
+    """With --job-max-restarts 0 a killed replica fails the job, naming the flag. A replicated job
+    left running by a Ray server restarted without --ray-address is not run as one replica: the
+    server says at start that it waits for a server with Ray, GetJob says so too, and a job created
+    after it runs and ends while it stays where it was."""
+    db = tmp_path / "chainrule.db"
+    server = ray_server(db, ray_cluster, "--job-max-restarts", "0")
+    try:
+        with cr.Client(server.address, timeout=WAIT_SECONDS) as client:
+            x, y = classes(105, seed=8)
+            dataset = client.upload_dataset("restarts", {"x": x, "y": y}, progress=False).dataset_id
+            _, doomed = start_job(client, dataset, 2, 10**6)
+            server.wait_for_line(f"job {doomed.job_id}: 2 replicas on Ray", WAIT_SECONDS)
+            os.kill(worker_pids(server, doomed.job_id)[0][1], signal.SIGKILL)
+            info = doomed.wait(progress=False, raise_on_failure=False)
+            assert info.state == "failed" and "a replica died" in info.error, info.error
+            assert "given up after 0 restarts (--job-max-restarts)" in info.error
+            _, left = start_job(client, dataset, 2, 5000)
+            until(lambda: left.info().step > 5, "the job to commit a step")
+        assert server.stop() == 0  # the job commits and stays RUNNING, for the next start
+    finally:
+        server.kill()
+    plain = ServerProcess(db).start()
+    try:
+        plain.wait_for_line(f"job {left.job_id} (RUNNING) has 2 replicas, which run on a Ray cluster")
+        with cr.Client(plain.address, timeout=WAIT_SECONDS) as client:
+            before = client.get_job(left.job_id).info()
+            graph_id = client.create_graph(classifier()).graph_id
+            dataset = client.list_datasets()[0].dataset_id
+            plain_job = client.create_job(
+                graph_id,
+                dataset,
+                loss="loss",
+                optimizer=cr.Sgd(0.1),
+                feeds={"x": "x", "y": "y"},
+                batch_size=21,
+                max_steps=3,
+            )
+            finished(plain_job)  # claimed after `left` would have been, had this server taken it
+            after = client.get_job(left.job_id).info()
+        assert (after.state, after.step, after.resumes) == ("running", before.step, before.resumes)
+        assert before.step >= 5 and "spec.replicas is 2" in after.status_message
+        assert "waits for a server started with --ray-address" in after.status_message
+    finally:
+        plain.kill()
+
+
+def test_batch_norm_keeps_the_running_statistics_of_replica_0(client: cr.Client) -> None:
+    """batch_norm on the inputs: after a 2-replica job its running mean and variance are those of the
+    first shard of each batch (rows 0-10 of 21), as the README says, not of the whole batch."""
+    g = cr.GraphBuilder("normed", default_dtype="float64")
+    x = g.input("x", dtype="float64", shape=[-1, 4])
+    y = g.input("y", dtype="int64", shape=[-1])
+    normed = cr.batch_norm(
+        x,
+        g.parameter("scale", np.ones(4)),
+        g.parameter("bias", np.zeros(4)),
+        g.state("mean", np.zeros(4)),
+        g.state("var", np.ones(4)),
+    )
+    cr.softmax_cross_entropy(normed @ g.parameter("w", np.full((4, CLASSES), 0.1)), y, name="loss")
+    inputs, labels = classes(63, seed=9)
+    dataset = client.upload_dataset("normed", {"x": inputs, "y": labels}, progress=False).dataset_id
+    graph_id = client.create_graph(g).graph_id
+    job = client.create_job(
+        graph_id,
+        dataset,
+        loss="loss",
+        optimizer=cr.Sgd(0.1),
+        feeds={"x": "x", "y": "y"},
+        batch_size=21,
+        max_steps=3,
+        shuffle=False,
+        replicas=2,
+    )
+    finished(job)
+    state = client.get_parameters(graph_id, ["mean", "var"])
+    mean, var = np.zeros(4), np.ones(4)
+    for step in range(3):
+        shard = inputs[21 * step : 21 * step + 11]
+        mean = 0.9 * mean + 0.1 * shard.mean(axis=0)
+        var = 0.9 * var + 0.1 * shard.var(axis=0, ddof=1)
+    np.testing.assert_allclose(state["mean"], mean, rtol=1e-12)
+    np.testing.assert_allclose(state["var"], var, rtol=1e-12)
 
 
 def test_replica_errors_fail_the_job_with_the_graph_s_message(client: cr.Client) -> None:

@@ -48,6 +48,10 @@ def never() -> bool:
     return False
 
 
+def unheard(message: str) -> None:
+    pass
+
+
 @dataclass(frozen=True)
 class ExecutorContext:
     """What an executor is made from: the job, its training session and its training set."""
@@ -62,6 +66,8 @@ class ExecutorContext:
     stopping: Callable[[], bool] = never
     """Whether to give up starting (the job is cancelled or the server stops): an executor that waits
     for its cluster looks at it."""
+    waiting: Callable[[str], None] = unheard
+    """Told what an executor starting waits for (the cluster's CPUs, say), as the job's status message."""
 
 
 class StepExecutor(Protocol):

@@ -46,6 +46,7 @@ class Job:
         watchers (see JobManager.watch); filled and trimmed by the watchers, outside `condition`."""
         self.transitions = [Transition(stored.state, stored.step)]
         self.resumes = stored.resumes
+        self.status_message = stored.status_message
         self.claim = stored.claim
         """What holds the job for this server (see Store.claim_job), and fences its writes."""
         self.cancelling = stored.cancel_requested
@@ -78,6 +79,7 @@ class Job:
             ended_at=self.ended_at,
             start_graph_step=self.start_graph_step,
             resumes=self.resumes,
+            status_message=self.status_message,
         )
 
     def change_state(self, state: str) -> None:

@@ -17,18 +17,21 @@ import time
 import uuid
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, replace
-from typing import TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from chainrule.server.datasets import DatasetManager
 from chainrule.server.engine import Engine
 from chainrule.server.errors import ChainruleError, InvalidArgument, NotFound, Unavailable, shown
 from chainrule.server.jobs.executor import Computing, ExecutorFactory, InProcessExecutor, not_computing
 from chainrule.server.jobs.job import Job, WatchItem, event_step
-from chainrule.server.jobs.planning import JobPlan, check_against_graph, invalid, plan_job
+from chainrule.server.jobs.planning import MAX_REPLICAS, JobPlan, check_against_graph, invalid, plan_job
 from chainrule.server.jobs.runner import JobRunner
 from chainrule.server.store.base import ENDED_JOB_STATES, ClaimLost, JobEventRow, StoredJob
 from chainrule.server.work import StopFlag
 from chainrule.v1 import job_service_pb2 as pb
+
+if TYPE_CHECKING:
+    from chainrule.server.jobs.ray_executor import RayExecutors
 
 log = logging.getLogger("chainrule.server.jobs")
 Encoded = TypeVar("Encoded")
@@ -103,6 +106,9 @@ class JobManager:
         once; on a shared one they lapse (--job-lease-seconds) and any server takes the jobs up."""
         if not self.store.shared:
             self.store.release_all_leases()
+        self._tell_of_waiting_jobs()
+        if self._ray is not None:
+            self._ray.start()
         for index in range(self.workers):
             thread = threading.Thread(target=self._work, name=f"job-worker-{index}", daemon=True)
             thread.start()
@@ -126,6 +132,45 @@ class JobManager:
         if self._heartbeat is not None:
             self._heartbeat.join()
 
+    @property
+    def _ray(self) -> RayExecutors | None:
+        """The Ray executors, when this server runs jobs on Ray."""
+        # Imported here: a job's Ray driver runs as `python -m chainrule.server.jobs.ray_driver`, and
+        # the package's import must not import that module before it runs.
+        from chainrule.server.jobs.ray_executor import RayExecutors
+
+        executors = self.runner.executors
+        return executors if isinstance(executors, RayExecutors) else None
+
+    @property
+    def max_replicas(self) -> int:
+        """The replicas this server's jobs may have: 1 in-process, more on Ray (--ray-address)."""
+        return 1 if self.runner.executors is InProcessExecutor else MAX_REPLICAS
+
+    def _tell_of_waiting_jobs(self) -> None:
+        """Log the unfinished jobs this server cannot run (replicas without Ray), which wait for one that can."""
+        try:
+            waiting = [job for job in self.store.unfinished_jobs() if job.replicas > self.max_replicas]
+        except ChainruleError as error:
+            log.warning("could not look for jobs this server cannot run: %s", error.message)
+            return
+        for job in waiting:
+            log.warning(
+                "job %s (%s) has %d replicas, which run on a Ray cluster: it waits for a server started with "
+                "--ray-address%s",
+                job.job_id,
+                job.state,
+                job.replicas,
+                "" if self.store.shared else "; restart this one with it to run the job",
+            )
+
+    def _explained(self, stored: StoredJob) -> StoredJob:
+        """The job with what it waits for when no server holds it and this one cannot run it."""
+        held = stored.claim and (stored.lease_until is None or stored.lease_until >= time.time())
+        if stored.replicas > self.max_replicas and stored.state not in ENDED_JOB_STATES and not held:
+            return replace(stored, status_message=waiting_for_ray(stored.replicas))
+        return stored
+
     def _wake(self) -> None:
         with self._wakeup:
             self._generation += 1
@@ -137,19 +182,22 @@ class JobManager:
             if not getattr(spec, field):
                 raise invalid(f"spec.{field} is empty", f"spec.{field}")
         graph = self.engine.live(spec.graph_id, tenant)
-        with self.datasets.usage_lock:  # no delete of the datasets between this check and the queueing
+        with self.datasets.usage_lock:
             train = self.datasets.get_dataset(spec.dataset_id, tenant)
             evaluation = None
             if spec.HasField("evaluation"):
                 evaluation = self.datasets.get_dataset(spec.evaluation.dataset_id or spec.dataset_id, tenant)
             plan = plan_job(spec, train, evaluation, self.engine.checkpoint_every)
             check_against_graph(plan, graph.plan, train, evaluation, spec.graph_id)
-            if plan.replicas > 1 and self.runner.executors is InProcessExecutor:
+            if plan.replicas > self.max_replicas:
                 raise invalid(
                     f"spec.replicas is {plan.replicas}; replicas run on a Ray cluster, and this server runs jobs "
                     "in its own process: start it with --ray-address",
                     "spec.replicas",
                 )
+        if self._ray is not None:  # may look at the cluster: not under the lock
+            self._ray.check_fits(plan.replicas)
+        with self.datasets.usage_lock:  # insert_job finds the datasets still there, in its transaction
             stored = StoredJob(
                 job_id=uuid.uuid4().hex,
                 tenant=tenant,
@@ -158,6 +206,7 @@ class JobManager:
                 state="QUEUED",
                 total_steps=plan.total_steps,
                 created_at=time.time(),
+                replicas=plan.replicas,
             )
             stored = self.store.insert_job(stored, sorted(plan.datasets))
         self._wake()
@@ -177,7 +226,9 @@ class JobManager:
             raise InvalidArgument(f"page_size is {page_size}; it must not be negative", subject="page_size")
         limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         rows = self.store.list_jobs(tenant, _decode_page_token(page_token), limit + 1, states, graph_id)
-        page = [self.get(row.job_id, tenant) if row.job_id in self._jobs else row for row in rows[:limit]]
+        page = [
+            self.get(row.job_id, tenant) if row.job_id in self._jobs else self._explained(row) for row in rows[:limit]
+        ]
         return page, _encode_page_token(rows[limit - 1].seq) if len(rows) > limit else ""
 
     def cancel(self, job_id: str, tenant: str = "") -> StoredJob:
@@ -208,7 +259,7 @@ class JobManager:
         stored = self.store.get_job(job_id, tenant) if job_id else None
         if stored is None:
             raise NotFound(f"job '{shown(job_id)}' not found", reason="JOB_NOT_FOUND", subject=job_id)
-        return stored
+        return self._explained(stored)
 
     def _plan(self, spec: pb.JobSpec, tenant: str) -> JobPlan:
         train = self.datasets.get_dataset(spec.dataset_id, tenant)
@@ -376,17 +427,22 @@ class JobManager:
         while not self.draining:
             try:
                 with self.engine.claiming() as streamed:
-                    stored = self.store.claim_job(uuid.uuid4().hex, self.engine.worker, self._claim_seconds, streamed)
+                    stored = self.store.claim_job(
+                        uuid.uuid4().hex, self.engine.worker, self._claim_seconds, streamed, self.max_replicas
+                    )
             except ChainruleError as error:  # the store is out of reach: look again later
                 log.warning("could not look for jobs to run: %s", error.message)
                 return None
             if stored is None:
                 return None
+            start = "resumed" if stored.state == "RUNNING" else "started"
             try:
                 plan = self._plan(pb.JobSpec.FromString(stored.spec), stored.tenant)
             except ChainruleError as error:
-                start = "resumed" if stored.state == "RUNNING" else "started"
                 self._end_unstarted(stored, "FAILED", f"could not be {start}: {error.message}")
+                continue
+            if plan.replicas > self.max_replicas:  # its row says fewer: never run it as fewer replicas
+                self._end_unstarted(stored, "FAILED", f"could not be {start}: {waiting_for_ray(plan.replicas)}")
                 continue
             job = Job(stored, plan)
             with self._lock:
@@ -453,6 +509,13 @@ class JobManager:
                     elif held[job.job_id]:
                         job.cancelling = True
                     job.condition.notify_all()
+
+
+def waiting_for_ray(replicas: int) -> str:
+    return (
+        f"spec.replicas is {replicas}: replicas run on a Ray cluster, and the job waits for a server started "
+        "with --ray-address"
+    )
 
 
 def _encode_page_token(seq: int) -> str:

@@ -12,16 +12,17 @@ sends back one loss, one set of gradients and replica 0's state updates. When th
 Ray ends its actors with it.
 
 Messages (pickled through multiprocessing's Connection): the server sends an `Opening`, then
-("step", step, shards, updates) or ("close",). The driver answers the opening with ("joined",)
-once it is in the cluster, then ("ready", pids) once its replicas are (with ("waiting", why)
-between when they wait long for the cluster's CPUs); each step with ("result",
-loss, gradients, state_updates). Either may instead be ("lost", counts, message) when a replica
-or the cluster is gone, or ("error", kind, message, reason, subject) when the computation itself
-failed (the error a replica's graph raised).
+("step", step, shards, updates) or ("close",). The driver answers the opening with ("joined",
+ClusterSize) once it is in the cluster, then ("ready", pids) once its replicas are (with
+("waiting", why) between when they wait long for the cluster's CPUs; a ("close",) then ends the
+wait); each step with ("result", loss, gradients, state_updates). Either may instead be ("lost",
+counts, message) when a replica or the cluster is gone, or ("error", kind, message, reason,
+subject) when the computation itself failed (the error a replica's graph raised).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -43,10 +44,17 @@ from chainrule.v1 import graph_pb2
 
 Array = np.ndarray
 PARENT_POLL_SECONDS = 1.0
-JOIN_PROBE_SECONDS = 3.0
-WAITING_SECONDS = 10.0
-"""A driver whose replicas wait this long for the cluster's CPUs tells the server, which logs it."""
 """How often a waiting driver looks whether its server is still there."""
+JOIN_PROBE_SECONDS = 3.0
+WAITING_SECONDS = 5.0
+"""A driver whose replicas wait this long for the cluster's CPUs tells the server, which says so on
+the job (its status message) and in its log."""
+AUTOSCALING_STATUS = b"__autoscaling_status"
+"""Where Ray's autoscaler monitor (v1) reports, in the cluster's key-value store (ray_constants)."""
+READONLY_NODE_TYPE = "node_"
+"""How the monitor of a cluster with no autoscaler (ray start) names each node's type: after the node."""
+STATUS_WAIT_SECONDS = 20.0
+"""How long a probe waits for the monitor's first report (a head just started has none yet)."""
 CLUSTER_TIMEOUT_SECONDS = 15
 """How long a driver's connection to the head may stay broken before Ray ends the driver (Ray's
 default is 60 s); the server then reconnects when the cluster is back."""
@@ -60,6 +68,15 @@ class MappedColumn:
     offset: int
     dtype: str
     shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ClusterSize:
+    """The CPUs of the cluster's nodes, and whether an autoscaler may add nodes (then the CPUs are no
+    bound on what a job may ask; None: not known)."""
+
+    cpus: float
+    autoscaling: bool | None
 
 
 @dataclass(frozen=True)
@@ -142,7 +159,7 @@ class Driver:
             )
         except Exception as error:  # noqa: BLE001 - whatever Ray raises, the cluster cannot be joined now
             return ("lost", False, f"the Ray cluster at {opening.address} cannot be joined: {_first_line(error)}")
-        self.connection.send(("joined",))
+        self.connection.send(("joined", cluster_size(ray)))
         columns = {name: _mapped(column) for name, column in opening.columns.items()}
         data = ray.put(columns)
         del columns
@@ -156,7 +173,7 @@ class Driver:
 
             group = placement_group([{"CPU": opening.replica_cpus}] * opening.replicas, strategy="SPREAD")
             if not self._wait(group.ready(), f"{opening.replicas} replicas of {opening.replica_cpus:g} CPUs"):
-                return ("lost", False, "the server went away")
+                return ("lost", False, "the server went away, or stopped the job")
             strategies = [PlacementGroupSchedulingStrategy(group, index) for index in range(opening.replicas)]
         else:
             strategies = [None] * opening.replicas
@@ -181,16 +198,20 @@ class Driver:
 
     def _wait(self, ref: Any, what: str) -> bool:
         """Wait for `ref` while the server is there, telling it once when the wait is long; False
-        when the server is gone."""
+        when the server is gone, or says to stop (its ("close",), as the job is cancelled)."""
         started, told = time.monotonic(), False
         while True:
             ready, _ = self.ray.wait([ref], timeout=PARENT_POLL_SECONDS)
             if ready:
                 return True
-            if os.getppid() != self.parent:
+            if os.getppid() != self.parent or self.connection.poll():
                 return False
             if not told and time.monotonic() - started > WAITING_SECONDS:
-                self.connection.send(("waiting", f"{what} wait for the cluster's free CPUs"))
+                free = self.ray.available_resources().get("CPU", 0.0)
+                total = self.ray.cluster_resources().get("CPU", 0.0)
+                self.connection.send(
+                    ("waiting", f"{what} wait for the Ray cluster's free CPUs ({free:g} of its {total:g} are free)")
+                )
                 told = True
 
     def _gather(self, refs: list[Any], answer: Any) -> tuple:
@@ -199,8 +220,8 @@ class Driver:
             pending = list(refs)
             while pending:
                 _, pending = ray.wait(pending, num_returns=len(pending), timeout=PARENT_POLL_SECONDS)
-                if pending and os.getppid() != self.parent:
-                    return ("lost", False, "the server went away")
+                if pending and (os.getppid() != self.parent or self.connection.poll()):
+                    return ("lost", False, "the server went away, or stopped the job")
             return answer(ray.get(refs))
         except ray.exceptions.ActorUnavailableError as error:
             return ("lost", False, f"a replica cannot be reached: {_first_line(error)}")
@@ -228,6 +249,49 @@ def _mapped(column: MappedColumn | Array) -> Array:
     if isinstance(column, MappedColumn):
         return np.asarray(np.memmap(column.path, np.dtype(column.dtype), "r", column.offset, column.shape))
     return column
+
+
+def cluster_size(ray: Any, status_wait: float = 0.0) -> ClusterSize:
+    return ClusterSize(float(ray.cluster_resources().get("CPU", 0.0)), _autoscaling(status_wait))
+
+
+def _autoscaling(status_wait: float) -> bool | None:
+    """Whether an autoscaler may add nodes to the cluster: Ray's v2 autoscaler, or a v1 monitor whose
+    node types come from an autoscaling config (`ray up`, KubeRay) rather than from the nodes
+    themselves (`ray start`). None when Ray does not say (within `status_wait` seconds): then
+    nothing is refused for want of CPUs."""
+    try:
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        if is_autoscaler_v2(fetch_from_server=True):
+            return True
+        deadline = time.monotonic() + status_wait
+        while (status := _internal_kv_get(AUTOSCALING_STATUS)) is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if status is None:
+            return None
+        types = json.loads(status)["autoscaler_report"]["node_type_mapping"].values()
+        return any(not str(kind).startswith(READONLY_NODE_TYPE) for kind in types)
+    except Exception:  # noqa: BLE001 - an internal of Ray's that moved: not known
+        return None
+
+
+def probe(address: str) -> int:
+    """`--probe ADDRESS`: join the cluster, print its ClusterSize as JSON, leave."""
+    import ray
+
+    silent = _silent(address)
+    if silent is not None:
+        print(silent, file=sys.stderr)
+        return 1
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=True)
+    try:
+        size = cluster_size(ray, STATUS_WAIT_SECONDS)
+    finally:
+        ray.shutdown()
+    print(json.dumps({"cpus": size.cpus, "autoscaling": size.autoscaling}))
+    return 0
 
 
 def _silent(address: str) -> str | None:
@@ -259,6 +323,8 @@ def _die_with_parent() -> None:
 
 def main(argv: list[str]) -> int:
     _die_with_parent()
+    if argv[1] == "--probe":
+        return probe(argv[2])
     os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", str(CLUSTER_TIMEOUT_SECONDS))
     connection = Connection(int(argv[1]))
     opening: Opening = connection.recv()

@@ -30,11 +30,11 @@ from chainrule.server.work import StopFlag
 
 log = logging.getLogger("chainrule.server.jobs")
 NO_AUTOMATIC_COMMITS = sys.maxsize
+"""A job's session commits only when the job says so, with the job's row and history."""
 DEFAULT_JOB_MAX_RESTARTS = 3
 RETRY_FIRST_SECONDS = 1.0
 RETRY_MAX_SECONDS = 10.0
 """A job waiting for its cluster tries again after 1 s, then twice as long each time, up to this."""
-"""A job's session commits only when the job says so, with the job's row and history."""
 
 
 class JobRunner:
@@ -164,9 +164,13 @@ class JobRunner:
         goes on with a fresh executor, redoing the same steps: a lost replica counts against
         `max_restarts`, a cluster out of reach is waited for as long as it takes."""
         stopping = lambda: job.cancelling or job.lost or self.draining()  # noqa: E731
-        context = ExecutorContext(job.job_id, job.stored.spec, job.plan, session, train, self.computing, stopping)
+        waiting = lambda message: self._status(job, message)  # noqa: E731
+        context = ExecutorContext(
+            job.job_id, job.stored.spec, job.plan, session, train, self.computing, stopping, waiting
+        )
         restarts, pause = 0, RETRY_FIRST_SECONDS
         while True:
+            started = False
             try:
                 try:
                     executor = self.executors(context)
@@ -177,6 +181,8 @@ class JobRunner:
                         job.error = f"the job could not start: {error.message}"
                     self.end(job, "FAILED")
                     return
+                started = True
+                self._status(job, "")
                 try:
                     self._train(job, session, executor, evaluation)
                     return
@@ -185,7 +191,7 @@ class JobRunner:
             except ExecutorLost as lost:
                 restarts += lost.counts
                 try:
-                    self._go_back(job, session)
+                    self._go_back(job, session, resumes=started)
                 except ChainruleError as error:
                     with job.condition:
                         job.error = f"step {job.step + 1}: {lost.message}; then: {error.message}"
@@ -203,6 +209,8 @@ class JobRunner:
                 if lost.counts:
                     pause = RETRY_FIRST_SECONDS
                 else:
+                    if not stopping():
+                        self._status(job, f"waiting for the Ray cluster: {lost.message}")
                     deadline = time.monotonic() + pause
                     while time.monotonic() < deadline and not stopping():
                         time.sleep(0.1)
@@ -213,15 +221,27 @@ class JobRunner:
                 if self.draining():
                     return
 
-    def _go_back(self, job: Job, session: TrainingSession) -> None:
-        """Put the job and its graph back to the job's last commit, to redo the steps since."""
+    def _status(self, job: Job, message: str) -> None:
+        """Say what the job waits for (empty: nothing), here and in the store for other servers' calls."""
+        with job.condition:
+            if job.status_message == message:
+                return
+            job.status_message = message
+        try:
+            self.store.set_job_status(job.job_id, job.claim, message)
+        except ChainruleError as error:  # the server running the job still says it
+            log.warning("job %s: could not store its status (%s): %s", job.job_id, message, error.message)
+
+    def _go_back(self, job: Job, session: TrainingSession, resumes: bool) -> None:
+        """Put the job and its graph back to the job's last commit, to redo the steps since; `resumes`
+        when a run was lost (a failed attempt to start one again is no new resume)."""
         session.roll_back()
         with job.condition:
             job.step = job.committed
             job.tail = [event for event in job.tail if event.step <= job.committed]
             if job.tail and job.tail[-1].step == job.committed:
                 job.epoch, job.loss = job.tail[-1].epoch, job.tail[-1].loss
-            job.resumes += 1
+            job.resumes += resumes
             job.condition.notify_all()
 
     def _train(
