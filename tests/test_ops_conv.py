@@ -3,7 +3,7 @@ auto_pad against ONNX's reference evaluator, shape rules and refusals.
 
 A conv keeps wide channels innermost in memory and narrow ones first (conv.WIDE), with copies, products
 and col2im of their own for each, and runs a large stride-1 conv of wide channels as shifted products
-(conv.SHIFTED_MIN_ROWS); the table's few channels are all narrow and its images small, so the tests that
+(conv.SHIFTED_MAX_WASTE); the table's few channels are all narrow and its images small, so the tests that
 check values and gradients run each row three times: with every count taken as narrow, as wide, and as
 wide with every stride-1 conv shifted.
 
@@ -53,17 +53,17 @@ from tests.op_tables.conv import CASES
 Shape = tuple[int, ...]
 
 
-LAYOUTS = {"channels-first": (1 << 62, 1 << 62), "channels-last": (1, 1 << 62), "shifted": (1, 1)}
-"""conv.WIDE and conv.SHIFTED_MIN_ROWS for each layout: no channel count is wide; every one is, through
+LAYOUTS = {"channels-first": (1 << 62, 0.0), "channels-last": (1, 0.0), "shifted": (1, float("inf"))}
+"""conv.WIDE and conv.SHIFTED_MAX_WASTE for each layout: no channel count is wide; every one is, through
 im2col; every one is, and every stride-1 conv of one group runs as shifted products."""
 
 
 @pytest.fixture(params=list(LAYOUTS))
 def layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The test runs with every conv in one layout (see the module docstring)."""
-    wide, shifted_rows = LAYOUTS[request.param]
+    wide, waste = LAYOUTS[request.param]
     monkeypatch.setattr(conv_module, "WIDE", wide)
-    monkeypatch.setattr(conv_module, "SHIFTED_MIN_ROWS", shifted_rows)
+    monkeypatch.setattr(conv_module, "SHIFTED_MAX_WASTE", waste)
     return str(request.param)
 
 

@@ -18,12 +18,12 @@ convs (the first layer of an image network, LeNet's) keep channels first: im2col
 image rows into contiguous columns, the product runs per sample, and col2im puts the batch
 innermost so its adds run along an output row of samples.
 
-A large stride-1 conv of wide channels (ResNet's 3x3 convs at 28x28 and more) skips im2col for its
-value and its input's gradient: seen as one (positions, C) matrix per sample, its padded input holds
-every kernel offset's rows as a shifted row range, so the conv is one BLAS product per offset, each adding
-onto the output in place (Shifts). Output rows that run past an image row are computed and never read,
-and col2im runs the same way backwards; it multiplies zero output gradients onto positions a weight
-never reads, so a NaN or infinite weight takes the im2col way.
+A stride-1 conv of wide channels whose padding is small beside its image (ResNet's 3x3 convs at 14x14
+and more) skips im2col for its value and its input's gradient: seen as one (N * positions, C) matrix,
+its padded input holds every kernel offset's rows as a shifted row range, so the conv is one BLAS product
+per offset over the whole batch, each adding onto the output in place (Shifts). Output rows that run
+past an image row are computed and never read, and col2im runs the same way backwards; it multiplies zero
+output gradients onto positions a weight never reads, so a NaN or infinite weight takes the im2col way.
 
 Depthwise convs (a group per input channel, MobileNet's) skip im2col, whose products would each
 have one column: one einsum over the strided windows view with wide channels, elementwise sums
@@ -67,13 +67,15 @@ MAX_WINDOW_ELEMENTS = 1 << 31
 """The most elements a padded input or an im2col matrix may hold (a conv or pool beyond it is refused
 as out of memory): the request's memory estimate counts values, not these intermediates, and
 absurd pads or dilations would otherwise ask for terabytes."""
-SHIFTED_MIN_ROWS = 256
+SHIFTED_MAX_WASTE = 1.4
 """A stride-1 conv of one group and wide input channels runs as one product per kernel offset over shifted
-views of its padded input (see Shifts) when a sample's extended output has at least this many rows, and
-through im2col otherwise. On a 2-core Xeon with OpenBLAS, one thread, ResNet-18's 3x3 convs at batch 8 took
-21% less CPU that way at 56x56 (3,246 rows) and 20% less at 28x28 (838), for the value and for the input's
-gradient alike; at 14x14 (222 rows) the same or more, at 7x7 (61) twice as much. The weight's gradient stays
-an im2col product: per kernel offset, a (M, rows) by (rows, C) product ran slower than the one product."""
+views of its padded input (see Shifts) when that computes at most this many extended rows per real output
+position (3x3 with pads of 1: 1.07 at 56x56, 1.15 at 28x28, 1.31 at 14x14, 1.65 at 7x7), and through
+im2col otherwise. On a 2-core Xeon with OpenBLAS, one thread, ResNet-18's 3x3 convs at batch 8 took a third
+less CPU that way at 56x56 (value and input gradient), a quarter and a seventh less at 28x28, about the
+same at 14x14 and 70% more at 7x7. The weight's gradient stays one im2col product: a product per kernel
+offset ran slower there. One product per offset over every sample, not per sample: with two BLAS threads
+on a busy machine, 72 products per conv instead of 9 doubled the CPU time of ResNet-18's forward pass."""
 Ints = Sequence[int] | None
 
 
@@ -548,19 +550,20 @@ def _gemm(dtype: np.dtype) -> Callable[..., Array] | None:
 
 @dataclass(frozen=True)
 class Shifts:
-    """A stride-1 conv over a channels-last padded input seen as one matrix per sample: (positions, C), the
-    padded spatial axes flattened. Output position o reads input row o + offset(k) for kernel offset k, when
-    o runs over an extended grid as wide as the padded input along every axis but the first; the positions
-    past each axis's outputs are garbage, computed and never read. So the conv is one product per kernel
-    offset over a shifted row range of that matrix, no im2col, at the price of those extra rows.
+    """A stride-1 conv over a channels-last padded input seen as one matrix: (N * positions, C), the batch and
+    the padded spatial axes flattened. Output position o reads input row o + offset(k) for kernel offset k,
+    when o runs over an extended grid of the padded input's own shape; the positions past each axis's
+    outputs (and so between one sample's last output and the next sample's first) are garbage, computed
+    and never read. So the conv is one product per kernel offset over a shifted row range of that matrix,
+    no im2col, at the price of those extra rows.
     """
 
     lengths: tuple[int, ...]
     outs: tuple[int, ...]
     offsets: tuple[int, ...]
     """The row each kernel offset (in np.ndindex order) adds to an output position's."""
-    rows: int
-    """The extended rows of one sample up to its last real output position: every offset's rows stay inside."""
+    last: int
+    """The extended row of a sample's last real output position."""
 
     @classmethod
     def of(cls, geometry: Windows, lengths: Sequence[int]) -> Shifts:
@@ -569,22 +572,26 @@ class Shifts:
             sum(k * d * step for k, d, step in zip(ks, geometry.dilations, steps, strict=True))
             for ks in np.ndindex(*geometry.kernel)
         )
-        rows = sum((out - 1) * step for out, step in zip(geometry.outs, steps, strict=True)) + 1
-        return cls(tuple(lengths), geometry.outs, offsets, rows)
+        last = sum((out - 1) * step for out, step in zip(geometry.outs, steps, strict=True))
+        return cls(tuple(lengths), geometry.outs, offsets, last)
 
     @property
-    def extended(self) -> int:
-        """The rows of one sample's extended output: the first axis's outputs times the padded rest."""
-        return self.outs[0] * math.prod(self.lengths[1:])
+    def waste(self) -> float:
+        """Extended rows per real output position."""
+        return math.prod(self.lengths) / math.prod(self.outs)
+
+    def rows(self, batch: int) -> int:
+        """The extended rows up to the last sample's last real output position: every offset's rows stay inside."""
+        return (batch - 1) * math.prod(self.lengths) + self.last + 1
 
     def real(self, extended: Array) -> Array:
-        """The real output positions of extended outputs (N, extended, M), as (N, *outs, M): a view."""
-        grid = extended.reshape(extended.shape[0], self.outs[0], *self.lengths[1:], extended.shape[-1])
-        return grid[(slice(None), slice(None), *(slice(0, out) for out in self.outs[1:]))]
+        """The real output positions of extended outputs (N, positions, M), as (N, *outs, M): a view."""
+        grid = extended.reshape(extended.shape[0], *self.lengths, extended.shape[-1])
+        return grid[(slice(None), *(slice(0, out) for out in self.outs))]
 
     def extend(self, g: Array) -> Array:
-        """An output gradient g (N, M, *outs) on the extended grid, (N, extended, M), zero on the garbage rows."""
-        extended = np.zeros((g.shape[0], self.extended, g.shape[1]), dtype=g.dtype)
+        """An output gradient g (N, M, *outs) on the extended grid, (N, positions, M), zero on the garbage rows."""
+        extended = np.zeros((g.shape[0], math.prod(self.lengths), g.shape[1]), dtype=g.dtype)
         self.real(extended)[...] = np.moveaxis(g, 1, -1)
         return extended
 
@@ -592,7 +599,7 @@ class Shifts:
 def shifted(
     channels: int, outputs: int, lengths: Sequence[int], geometry: Windows, group: int, dtype: np.dtype
 ) -> Shifts | None:
-    """The shifts of a conv that runs best as shifted products (see SHIFTED_MIN_ROWS), else None: stride 1,
+    """The shifts of a conv that runs best as shifted products (see SHIFTED_MAX_WASTE), else None: stride 1,
     one group of wide input channels (so its padded input keeps them innermost in memory), some output
     channels, a kernel of more than one offset, and a BLAS gemm for its dtype."""
     if (
@@ -605,12 +612,7 @@ def shifted(
     ):
         return None
     shifts = Shifts.of(geometry, lengths)
-    return shifts if shifts.rows >= SHIFTED_MIN_ROWS else None
-
-
-def flat_rows(padded: Array) -> Array:
-    """A channels-last padded input (N, C, spatial...) as (N, positions, C): a view."""
-    return channels_last(padded).reshape(padded.shape[0], math.prod(padded.shape[2:]), padded.shape[1])
+    return shifts if shifts.waste <= SHIFTED_MAX_WASTE else None
 
 
 def kernel_taps(w: Array) -> Array:
@@ -620,42 +622,37 @@ def kernel_taps(w: Array) -> Array:
 
 
 def shifted_convolve(padded: Array, w: Array, shifts: Shifts) -> Array:
-    """The conv of a channels-last padded input (N, C, ...) with w (M, C, kernel...): per sample, the output's
-    extended rows (rows, M) = sum over kernel offsets of the input's rows shifted by the offset (rows, C) times
+    """The conv of a channels-last padded input (N, C, ...) with w (M, C, kernel...): the output's extended
+    rows (N * positions, M) = sum over kernel offsets of the input's rows shifted by the offset (.., C) times
     the offset's (C, M) weights, each product adding onto the output in place. Returns (N, M, *outs), the
     channels innermost in memory (a view that skips the garbage rows)."""
-    batch, dtype = padded.shape[0], padded.dtype
+    batch, channels, dtype = padded.shape[0], padded.shape[1], padded.dtype
     gemm = _gemm(dtype)
     assert gemm is not None
-    flat, taps, rows = flat_rows(padded), kernel_taps(w.astype(dtype, copy=False)), shifts.rows
-    extended = np.empty((batch, shifts.extended, w.shape[0]), dtype=dtype)
-    for n in range(batch):
-        out = extended[n, :rows].T  # (M, rows), Fortran-ordered: BLAS writes it in place
-        for index, offset in enumerate(shifts.offsets):
-            gemm(1.0, taps[index].T, flat[n, offset : offset + rows].T, beta=float(index > 0), c=out, overwrite_c=1)
+    flat = channels_last(padded).reshape(batch * math.prod(shifts.lengths), channels)
+    taps, rows = kernel_taps(w.astype(dtype, copy=False)), shifts.rows(batch)
+    extended = np.empty((batch, math.prod(shifts.lengths), w.shape[0]), dtype=dtype)
+    out = extended.reshape(-1, w.shape[0])[:rows].T  # (M, rows), Fortran-ordered: BLAS writes it in place
+    for index, offset in enumerate(shifts.offsets if batch else ()):
+        gemm(1.0, taps[index].T, flat[offset : offset + rows].T, beta=float(index > 0), c=out, overwrite_c=1)
     return channels_first(shifts.real(extended))
 
 
 def shifted_input_gradient(g: Array, w: Array, shifts: Shifts, channels: int) -> Array:
-    """col2im of g w for a conv run as shifted products: per sample and kernel offset, g's extended rows times
-    the offset's weights (M, C), added onto the padded input's rows the offset reads. Returns the padded
-    input's gradient (N, C, *lengths), channels innermost in memory. The garbage rows of g are zeros, which
-    a weight multiplies onto positions it never reads: only finite weights may take this way."""
+    """col2im of g w for a conv run as shifted products: per kernel offset, g's extended rows times the
+    offset's weights (M, C), added onto the padded input's rows the offset reads. Returns the padded input's
+    gradient (N, C, *lengths), channels innermost in memory. The garbage rows of g are zeros, which a weight
+    multiplies onto positions it never reads: only finite weights may take this way."""
     batch, dtype = g.shape[0], np.result_type(g, w)
     gemm = _gemm(dtype)
     assert gemm is not None
-    grads, taps, rows = (
-        shifts.extend(g.astype(dtype, copy=False)),
-        kernel_taps(w.astype(dtype, copy=False)),
-        shifts.rows,
-    )
+    grads = shifts.extend(g.astype(dtype, copy=False)).reshape(-1, g.shape[1])
+    taps, rows = kernel_taps(w.astype(dtype, copy=False)), shifts.rows(batch)
     out = np.zeros((batch, *shifts.lengths, channels), dtype=dtype)
-    flat = out.reshape(batch, math.prod(shifts.lengths), channels)
-    for n in range(batch):
-        source = grads[n, :rows].T  # (M, rows)
-        for index, offset in enumerate(shifts.offsets):
-            target = flat[n, offset : offset + rows].T  # (C, rows)
-            gemm(1.0, taps[index].T, source, beta=1.0, c=target, trans_a=1, overwrite_c=1)
+    flat = out.reshape(batch * math.prod(shifts.lengths), channels)
+    source = grads[:rows].T  # (M, rows)
+    for index, offset in enumerate(shifts.offsets if batch else ()):
+        gemm(1.0, taps[index].T, source, beta=1.0, c=flat[offset : offset + rows].T, trans_a=1, overwrite_c=1)
     return channels_first(out)
 
 
