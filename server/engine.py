@@ -730,6 +730,8 @@ class TrainingSession:
         self.live = live
         self.loss = loss
         self.optimizer = optimizer
+        self._scheduled = optimizer
+        """The optimizer at the rate of the last step that gave one (see _at_rate)."""
         self.kind = type(optimizer).__name__.lower()
         self.names = names
         self.checkpoint_every = checkpoint_every
@@ -753,7 +755,7 @@ class TrainingSession:
         replaces the graph's step in dropout's key (a job keys it by its own step)."""
         live = self.live
         live.plan.check_feeds(feeds)
-        optimizer = self.optimizer if learning_rate is None else replace(self.optimizer, learning_rate=learning_rate)
+        optimizer = self._at_rate(learning_rate)
         with live.lock:
             _check_not_deleted(live)
             parameters = live.parameters
@@ -775,10 +777,19 @@ class TrainingSession:
     ) -> StepResult:
         """One optimizer step from a loss, gradients and state updates computed elsewhere on the
         parameters the live graph holds now (a job's replicas): the same update `step` applies."""
-        optimizer = self.optimizer if learning_rate is None else replace(self.optimizer, learning_rate=learning_rate)
+        optimizer = self._at_rate(learning_rate)
         with self.live.lock:
             _check_not_deleted(self.live)
             return self._update(loss, gradients, state_updates, optimizer)
+
+    def _at_rate(self, learning_rate: float | None) -> optim.Optimizer:
+        """The optimizer with `learning_rate` (None: its own), made anew only when the rate changes: a
+        job gives every step its rate, most often the same as the step before."""
+        if learning_rate is None or learning_rate == self.optimizer.learning_rate:
+            return self.optimizer
+        if self._scheduled.learning_rate != learning_rate:
+            self._scheduled = replace(self.optimizer, learning_rate=learning_rate)
+        return self._scheduled
 
     def _update(
         self, loss: float, gradients: dict[str, Array], state_updates: dict[str, Array], optimizer: optim.Optimizer
