@@ -42,7 +42,8 @@ def table(measurements: Sequence[Measurement]) -> str:
         baselines = ", ".join(
             f"{BASELINE_LABELS.get(name, name)} {number(value)}" for name, value in measurement.baselines.items()
         )
-        ratio_label = f"{number(measurement.ratio)} (vs {BASELINE_LABELS.get(measurement.ratio_baseline)})"
+        main = measurement.ratio_baseline
+        ratio_label = f"{number(measurement.ratio)} (vs {BASELINE_LABELS.get(main, main)})"
         rows.append(
             (
                 measurement.title,
