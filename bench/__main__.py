@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         watched = run_one(
             f"12 a job and {WATCHERS} watchers, {settings.train_steps} steps x {settings.train_repeats}",
-            lambda: measure_watchers(client, workload, settings.train_steps, settings.train_repeats),
+            lambda: measure_watchers(
+                client, workload, settings.train_steps, settings.train_repeats, Path(f"/proc/{server.pid}")
+            ),
         )
     memory = run_one(
         f"5/5 memory, chain {settings.memory_length:,} x {settings.memory_width:,}, fresh processes",

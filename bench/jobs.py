@@ -6,7 +6,9 @@ step the others take. Its rate comes from the server's own clock (the job's star
 so the client's polling is not part of it. The baselines are the same steps in-process through
 the engine (a TrainingSession committing to a SQLite file at the server's default interval, as
 the job does) and PyTorch's in-process loop. With watchers, eight WatchJob streams follow the
-job live, each read to the end by a thread of the bench; without, the bench polls GetJob.
+job live, each read to the end by a thread of the bench; without, the bench polls GetJob. The
+watched row also reports what a watcher costs per event in CPU, the server's (from /proc) and the
+bench's (whose threads read the watches), as the watched runs' CPU time less the unwatched runs'.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from types import ModuleType
 import numpy as np
 
 import chainrule.client as cr
+from bench.graph_cost import cpu_seconds
 from bench.measure import Measurement, Target, interleaved
 from bench.mlp import LEARNING_RATE, SETTLE_SECONDS, TorchTrainer, Workload, mlp_graph
 from chainrule.server import optim
@@ -166,13 +169,35 @@ def measure_job_throughput(
     return against_engine, against_torch
 
 
-def measure_watchers(client: cr.Client, workload: Workload, steps: int, repeats: int) -> Measurement:
-    """A job's steps/s with eight watchers attached, against the same job with none."""
+def measure_watchers(client: cr.Client, workload: Workload, steps: int, repeats: int, server: Path) -> Measurement:
+    """A job's steps/s with eight watchers attached, against the same job with none; `server` is the
+    server's /proc directory."""
     job = JobRunner(client, workload, steps)
-    runs: dict[str, Callable[[], float] | None] = {"watched": lambda: job.run(WATCHERS), "unwatched": job.run}
+    cpu: dict[str, list[tuple[float, float]]] = {"watched": [], "unwatched": []}
+
+    def run(name: str, watchers: int) -> float:
+        before = cpu_seconds(server), cpu_seconds(Path("/proc/self"))
+        seconds = job.run(watchers)
+        cpu[name].append((cpu_seconds(server) - before[0], cpu_seconds(Path("/proc/self")) - before[1]))
+        return seconds
+
+    runs: dict[str, Callable[[], float] | None] = {
+        "watched": lambda: run("watched", WATCHERS),
+        "unwatched": lambda: run("unwatched", 0),
+    }
     interleaved(runs, 1)
+    for warm_up in cpu.values():
+        warm_up.clear()
     samples = interleaved(runs, repeats)
     job.close()
+    events = steps * WATCHERS
+
+    def per_event(side: int) -> float:
+        """Microseconds of CPU per event and watcher, the median watched run's less the median unwatched's."""
+        watched = statistics.median(sample[side] for sample in cpu["watched"])
+        unwatched = statistics.median(sample[side] for sample in cpu["unwatched"])
+        return (watched - unwatched) / events * 1e6
+
     return Measurement(
         key="job_watchers",
         title=f"12 job steps/s with {WATCHERS} watchers vs none, MLP, {steps} steps",
@@ -181,5 +206,11 @@ def measure_watchers(client: cr.Client, workload: Workload, steps: int, repeats:
         baselines={"unwatched": 1 / statistics.median(samples["unwatched"])},
         ratio_baseline="unwatched",
         target=Target(">=", 0.95),
-        details={"steps": steps, "repeats": repeats, "watchers": WATCHERS},
+        details={
+            "steps": steps,
+            "repeats": repeats,
+            "watchers": WATCHERS,
+            "server_cpu_us_per_event_per_watcher": per_event(0),
+            "bench_cpu_us_per_event_per_watcher": per_event(1),
+        },
     )
