@@ -23,6 +23,7 @@ pytestmark = pytest.mark.both_backends
 
 RATE = 0.25
 READS = 150
+MAX_READS = 100 * READS
 
 
 def two_counters() -> cr.GraphBuilder:
@@ -87,14 +88,16 @@ def test_forward_backward_and_get_parameters_read_one_whole_step_of_a_running_jo
                 assert step_of(values["a"], values["b"]) == step  # the step it names is the one it holds
                 seen["get_parameters"].append(step)
 
-            def repeat(read: Callable[[], None]) -> None:
+            def repeat(read: Callable[[], None], steps: list[int]) -> None:
+                """At least READS reads, and on until they span more than 10 steps (a loaded machine steps slowly)."""
                 try:
-                    for _ in range(READS):
+                    while len(steps) < READS or (len(set(steps)) <= 10 and len(steps) < MAX_READS):
                         read()
                 except BaseException as error:  # reported by the test's thread
                     failures.append(error)
 
-            threads = [threading.Thread(target=repeat, args=(read,)) for read in (forward, backward, get_parameters)]
+            reads = {"forward": forward, "backward": backward, "get_parameters": get_parameters}
+            threads = [threading.Thread(target=repeat, args=(read, seen[name])) for name, read in reads.items()]
             for thread in threads:
                 thread.start()
             for thread in threads:
@@ -103,7 +106,7 @@ def test_forward_backward_and_get_parameters_read_one_whole_step_of_a_running_jo
                 raise failures[0]
             assert job.info().state == "running", "the reads overlapped the job's steps"
             for name, steps in seen.items():
-                assert len(steps) == READS and len(set(steps)) > 10, (name, steps)  # read across many steps
+                assert len(steps) >= READS and len(set(steps)) > 10, (name, steps)  # read across many steps
         finally:
             job.cancel()
             wait_for(lambda: job.info().ended, "the job to end")
