@@ -74,7 +74,7 @@ class JobManager:
         datasets: DatasetManager,
         workers: int = DEFAULT_JOB_WORKERS,
         computing: Computing = not_computing,
-        on_step: Callable[[], None] | None = None,
+        on_step: Callable[[int], None] | None = None,
         executors: ExecutorFactory = InProcessExecutor,
     ) -> None:
         self.engine = engine

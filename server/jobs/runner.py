@@ -35,6 +35,9 @@ DEFAULT_JOB_MAX_RESTARTS = 3
 RETRY_FIRST_SECONDS = 1.0
 RETRY_MAX_SECONDS = 10.0
 """A job waiting for its cluster tries again after 1 s, then twice as long each time, up to this."""
+STEPS_TOLD_SECONDS = 0.05
+"""How often at most a job tells the server's step counter (on_step) its steps since, and once more as
+its loop ends: told each step, the counter cost about 3 µs of a step of 1 ms."""
 
 
 class JobRunner:
@@ -45,7 +48,7 @@ class JobRunner:
         engine: Engine,
         datasets: DatasetManager,
         computing: Computing,
-        on_step: Callable[[], None] | None,
+        on_step: Callable[[int], None] | None,
         draining: Callable[[], bool],
         finished: Callable[[Job], None],
         executors: ExecutorFactory = InProcessExecutor,
@@ -56,6 +59,7 @@ class JobRunner:
         self.computing = computing
         """Held around each step and each evaluation, as calls hold a compute slot."""
         self.on_step = on_step
+        """Told how many steps the job has applied since it last told (see STEPS_TOLD_SECONDS)."""
         self.draining = draining
         """Whether the server is stopping: running jobs commit after their step, to resume at the next start."""
         self.finished = finished
@@ -252,6 +256,7 @@ class JobRunner:
         step = job.step
         epoch, order = -1, None
         flag = StopFlag()  # never raised: a job waits for its compute slot whatever happens
+        untold, tell_at = 0, time.monotonic() + STEPS_TOLD_SECONDS
         try:
             while step < plan.total_steps:
                 if job.cancelling or job.lost or self.draining():
@@ -262,8 +267,10 @@ class JobRunner:
                 rate = plan.optimizer.learning_rate if schedule is None else schedule.rate(step)
                 result = executor.step(plan.batch_rows(step, order), step, rate)
                 step += 1
-                if self.on_step is not None:
-                    self.on_step()
+                untold += 1
+                if self.on_step is not None and time.monotonic() >= tell_at:
+                    self.on_step(untold)
+                    untold, tell_at = 0, time.monotonic() + STEPS_TOLD_SECONDS
                 metrics: dict[str, float] = {}
                 failure = None
                 if evaluation is not None and self._evaluates_after(plan, step):
@@ -293,6 +300,9 @@ class JobRunner:
                 job.error = f"step {step + 1}: {error.message}"
             self.end(job, "FAILED", session)
             return
+        finally:
+            if untold and self.on_step is not None:
+                self.on_step(untold)
         if job.lost:
             return
         if step >= plan.total_steps:
