@@ -364,6 +364,22 @@ def test_cancel_ends_a_queued_job_at_once_and_a_running_one_after_its_step(
     assert step == info.step  # the last step is committed with the job's end
 
 
+def test_a_cancel_right_after_create_ends_the_job_however_it_meets_the_worker_taking_it_up(
+    client: cr.Client, endless: Callable[..., cr.Job]
+) -> None:
+    """A cancel stored just after a worker claimed the job, before the job was registered in memory, was
+    once lost on SQLite (no heartbeat carries it there) and the endless job ran on: cancelling at once,
+    many times, lands in that moment now and then."""
+    x, y = data(8)
+    graph_id = client.create_graph(logistic_graph()).graph_id
+    dataset = client.upload_dataset("cancel at once", {"x": x, "y": y}, progress=False)
+    for _ in range(25):
+        job = endless(graph_id, dataset.dataset_id)
+        job.cancel()
+        wait_for(lambda job=job: job.info().ended, "the job cancelled at once to end")  # type: ignore[misc]
+        assert job.info().state == "cancelled"
+
+
 def test_a_non_finite_loss_fails_the_job_naming_the_step_and_keeps_the_last_good_step(client: cr.Client) -> None:
     x, y = data(24)
     y[13] = np.nan  # in the 4th batch of 4, in order

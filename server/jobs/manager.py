@@ -235,17 +235,26 @@ class JobManager:
         """A job no server runs (queued, or waiting to resume) ends CANCELLED now; a running one after its
         current step: at once when it runs here, else once its server sees the request in the store
         (at its next heartbeat)."""
+        job = self._heard_cancel(job_id, tenant)
+        stored = self.store.cancel_job(job_id, tenant, time.time()) if job_id else None
+        if stored is None:
+            raise NotFound(f"job '{shown(job_id)}' not found", reason="JOB_NOT_FOUND", subject=job_id)
+        if job is None and stored.cancel_requested:
+            job = self._heard_cancel(job_id, tenant)  # a worker here may have claimed it meanwhile
+        self._wake()  # its graph may be free
+        return self.get(job_id, tenant) if job is not None else stored
+
+    def _heard_cancel(self, job_id: str, tenant: str) -> Job | None:
+        """Tell the job, if it runs here, that a cancel was asked for. A worker that claimed the job just
+        before the request was stored registers it and then reads the request back (see `_claim`), so
+        one of the two always sees the other: on SQLite no heartbeat would bring the request later."""
         with self._lock:
             job = self._live(job_id, tenant)
         if job is not None:
             with job.condition:
                 job.cancelling = True
                 job.condition.notify_all()
-        stored = self.store.cancel_job(job_id, tenant, time.time()) if job_id else None
-        if stored is None:
-            raise NotFound(f"job '{shown(job_id)}' not found", reason="JOB_NOT_FOUND", subject=job_id)
-        self._wake()  # its graph may be free
-        return self.get(job_id, tenant) if job is not None else stored
+        return job
 
     def uses_dataset(self, dataset_id: str) -> bool:
         """Whether a queued or running job, on any server, trains on the dataset or evaluates on it."""
@@ -447,6 +456,15 @@ class JobManager:
             job = Job(stored, plan)
             with self._lock:
                 self._jobs[job.job_id] = job
+            if not job.cancelling:  # a cancel stored after the claim, before the job was registered here
+                try:
+                    current = self.store.get_job(job.job_id, stored.tenant)
+                except ChainruleError as error:  # on a shared store the heartbeat brings it instead
+                    log.warning("job %s: could not read back whether a cancel was asked for: %s", job.job_id, error)
+                else:
+                    if current is not None and current.cancel_requested:
+                        with job.condition:
+                            job.cancelling = True
             if stored.state == "RUNNING":
                 log.info(
                     "job %s resumes at step %d of %d (resume %d)",
