@@ -158,10 +158,13 @@ def test_a_job_whose_server_is_killed_is_taken_over_and_ends_as_if_never_interru
             job_id = start_job(client, graph_id, dataset_id).job_id
         follower = Follower(servers, job_id)
         reached = 0
+        spacing = TOTAL_STEPS // (ROUNDS + 1)
         for round_index in range(ROUNDS):
-            # Somewhere in the next share of the steps left, at least a checkpoint on, and a moment later.
-            share = (TOTAL_STEPS - reached) // (ROUNDS - round_index + 1)
-            target = reached + rng.randint(CHECKPOINT_EVERY, max(CHECKPOINT_EVERY, share))
+            # Somewhere around the next of evenly spaced marks (a taken-over job may already have run past
+            # it on a loaded machine: then a checkpoint on), and a moment later: mid-step, mid-commit or
+            # mid-evaluation. The marks leave the job steps to run after the last kill.
+            mark = (round_index + 1) * spacing + rng.randint(-spacing // 4, spacing // 4)
+            target = max(mark, reached + CHECKPOINT_EVERY)
             reached = kill_the_runner(servers, job_id, target, rng.uniform(0, 0.02), url)
         with cr.Client(servers.alive()[0].address, timeout=120) as client:
             survivor_job = client.get_job(job_id)
