@@ -13,6 +13,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -242,6 +243,18 @@ def tensor_row(array: np.ndarray) -> tuple[str, str, bytes]:
 
 def tensor_from_row(dtype: str, shape: str, data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(json.loads(shape))
+
+
+def checkpoint_from_rows(
+    step: int, version: int, parameter_rows: Iterable[Sequence[Any]], state_rows: Iterable[Sequence[Any]]
+) -> Checkpoint:
+    """A checkpoint from its rows as both backends select them: parameters (name, dtype, shape, data),
+    optimizer state (name, optimizer, slot, dtype, shape, data)."""
+    parameters = {name: tensor_from_row(dtype, shape, data) for name, dtype, shape, data in parameter_rows}
+    state: OptimizerState = {}
+    for name, optimizer, slot, dtype, shape, data in state_rows:
+        state.setdefault(name, (optimizer, {}))[1][slot] = tensor_from_row(dtype, shape, data)
+    return Checkpoint(step, parameters, state, version)
 
 
 class Store(ABC):

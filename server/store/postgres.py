@@ -55,18 +55,17 @@ from chainrule.server.store.base import (
     DatabaseUnusable,
     Fence,
     JobEventRow,
-    OptimizerState,
     RequestIdTaken,
     Store,
     StoredDataset,
     StoredGraph,
     StoredJob,
     TrainerLease,
+    checkpoint_from_rows,
     dataset_busy,
     job_trainer,
     job_trainers,
     missing_dataset,
-    tensor_from_row,
     tensor_row,
 )
 from chainrule.server.store.migrations import migrate_postgres
@@ -443,11 +442,7 @@ class PostgresStore(Store):
                 "SELECT name, optimizer, slot, dtype, shape, data FROM optimizer_state WHERE graph_id = %s",
                 (graph_id,),
             ).fetchall()
-        parameters = {name: tensor_from_row(dtype, shape, data) for name, dtype, shape, data in parameter_rows}
-        state: OptimizerState = {}
-        for name, optimizer, slot, dtype, shape, data in state_rows:
-            state.setdefault(name, (optimizer, {}))[1][slot] = tensor_from_row(dtype, shape, data)
-        return Checkpoint(step, parameters, state, version)
+        return checkpoint_from_rows(step, version, parameter_rows, state_rows)
 
     def save_checkpoint(self, graph_id: str, checkpoint: Checkpoint, fence: Fence | None = None) -> int:
         with self._transaction(f"save a checkpoint of graph '{graph_id}'") as db:

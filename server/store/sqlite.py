@@ -27,7 +27,6 @@ from chainrule.server.store.base import (
     CreateRequest,
     Fence,
     JobEventRow,
-    OptimizerState,
     RequestIdTaken,
     Store,
     StoredDataset,
@@ -36,12 +35,12 @@ from chainrule.server.store.base import (
     TrainerBusy,
     TrainerLease,
     VersionMoved,
+    checkpoint_from_rows,
     dataset_busy,
     deleted_graph,
     job_trainer,
     job_trainers,
     missing_dataset,
-    tensor_from_row,
     tensor_row,
 )
 from chainrule.server.store.migrations import migrate_sqlite
@@ -264,11 +263,7 @@ class SqliteStore(Store):
                     self._db.execute("COMMIT")
             except sqlite3.Error as error:
                 raise Unavailable(f"the graph store could not be read: {error}", reason="STORE_UNAVAILABLE") from None
-        parameters = {name: tensor_from_row(dtype, shape, data) for name, dtype, shape, data in parameter_rows}
-        state: OptimizerState = {}
-        for name, optimizer, slot, dtype, shape, data in state_rows:
-            state.setdefault(name, (optimizer, {}))[1][slot] = tensor_from_row(dtype, shape, data)
-        return Checkpoint(step, parameters, state, version)
+        return checkpoint_from_rows(step, version, parameter_rows, state_rows)
 
     def save_checkpoint(self, graph_id: str, checkpoint: Checkpoint, fence: Fence | None = None) -> int:
         with self._transaction(f"save a checkpoint of graph '{graph_id}'") as db:
