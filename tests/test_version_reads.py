@@ -4,7 +4,7 @@ version once per call (README, Scaling out): that read is the price of any call 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -30,9 +30,8 @@ class VersionReads:
 
         server.store.graph_version = counted  # type: ignore[method-assign]
 
-    def during(self, call: object) -> int:
+    def during(self, call: Callable[[], object]) -> int:
         before = self.count
-        assert callable(call)
         call()
         return self.count - before
 
