@@ -9,12 +9,15 @@ a SQLite file where the job commits, at the server's default interval) and PyTor
 loop. With watchers, eight WatchJob streams follow the job live, each read to the end by a thread
 of the bench; without, the bench polls GetJob. The watched row also reports what a watcher costs
 per event in CPU, the server's (from /proc) and the bench's (whose threads read the watches), as
-the watched runs' CPU time less the unwatched runs'.
+the watched runs' CPU time less the unwatched runs', and the floor under it: what the same events
+cost both sides with a bare gRPC server at the job's pace (bench.raw_watch).
 """
 
 from __future__ import annotations
 
+import itertools
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -22,19 +25,26 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+import grpc
 import numpy as np
 
 import chainrule.client as cr
+from bench import raw_watch
 from bench.graph_cost import cpu_seconds
 from bench.measure import Measurement, Target, interleaved
 from bench.mlp import LEARNING_RATE, SETTLE_SECONDS, TorchTrainer, Workload, mlp_graph
+from bench.server import ChildServer
 from chainrule.server import optim
 from chainrule.server.engine import DEFAULT_CHECKPOINT_EVERY, Engine
 from chainrule.server.jobs.runner import NO_AUTOMATIC_COMMITS
 from chainrule.server.store import SqliteStore
 
 WATCHERS = 8
-POLL_SECONDS = 0.05
+POLL_SECONDS = 0.5
+"""How often the bench asks whether the job ended. The rate comes from the server's clock, so a slow
+poll costs the figure nothing, where a fast one would: a GetJob takes about 1 ms of the server's
+CPU here, and at 20 polls a second that was 2% of the job's time, which its baselines do not pay."""
+FLOOR_REPEATS = 3
 
 
 def workload_columns(workload: Workload) -> dict[str, np.ndarray]:
@@ -195,6 +205,8 @@ def measure_watchers(client: cr.Client, workload: Workload, steps: int, repeats:
     samples = interleaved(runs, repeats)
     job.close()
     events = steps * WATCHERS
+    unwatched_rate = 1 / statistics.median(samples["unwatched"])
+    floor_server, floor_client = watch_floor(unwatched_rate, steps)
 
     def per_event(side: int) -> float:
         """Microseconds of CPU per event and watcher, the median watched run's less the median unwatched's."""
@@ -207,14 +219,45 @@ def measure_watchers(client: cr.Client, workload: Workload, steps: int, repeats:
         title=f"12 job steps/s with {WATCHERS} watchers vs none, MLP, {steps} steps",
         unit="steps/s",
         chainrule=1 / statistics.median(samples["watched"]),
-        baselines={"unwatched": 1 / statistics.median(samples["unwatched"])},
+        baselines={"unwatched": unwatched_rate},
         ratio_baseline="unwatched",
         target=Target(">=", 0.95),
         details={
             "steps": steps,
             "repeats": repeats,
             "watchers": WATCHERS,
+            "poll_seconds": POLL_SECONDS,
             "server_cpu_us_per_event_per_watcher": per_event(0),
             "bench_cpu_us_per_event_per_watcher": per_event(1),
+            "raw_grpc_server_cpu_us_per_event": floor_server,
+            "raw_grpc_client_cpu_us_per_event": floor_client,
+            "raw_grpc_watchers_cores": (floor_server + floor_client) * WATCHERS * unwatched_rate / 1e6,
         },
     )
+
+
+def watch_floor(rate: float, steps: int) -> tuple[float, float]:
+    """Microseconds of CPU per event, the server's and the watching threads', of WATCHERS watches of
+    a bare gRPC server sending `steps` events at `rate` a second (medians of FLOOR_REPEATS runs)."""
+    server_samples, client_samples = [], []
+    runs = itertools.count(1)
+    with (
+        ChildServer([sys.executable, "-m", "bench.raw_watch"]).start() as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
+        raw_watch.watch(channel, next(runs), rate, 10)  # warm-up
+        server_stat = Path(f"/proc/{server.pid}")
+        for _ in range(FLOOR_REPEATS):
+            run_id = next(runs)
+            threads = [
+                threading.Thread(target=raw_watch.watch, args=(channel, run_id, rate, steps)) for _ in range(WATCHERS)
+            ]
+            before = cpu_seconds(server_stat), cpu_seconds(Path("/proc/self"))
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            server_samples.append(cpu_seconds(server_stat) - before[0])
+            client_samples.append(cpu_seconds(Path("/proc/self")) - before[1])
+    events = steps * WATCHERS
+    return statistics.median(server_samples) / events * 1e6, statistics.median(client_samples) / events * 1e6

@@ -52,5 +52,9 @@ def test_quick_bench_reports_every_measurement(tmp_path: Path) -> None:
             # PyTorch is an optional extra: without it its baselines are null, never missing.
             assert value is None or is_number(value), (key, name, value)
         assert measurement["ratio"] is None or is_number(measurement["ratio"]), (key, measurement)
+    # Row 12's floor: the same watches of a bare gRPC server, measured beside it.
+    floor = results["measurements"]["job_watchers"]["details"]
+    for key in ("raw_grpc_server_cpu_us_per_event", "raw_grpc_client_cpu_us_per_event", "raw_grpc_watchers_cores"):
+        assert is_number(floor[key]) and floor[key] >= 0, (key, floor)
     # The chart needs matplotlib (the `bench` extra); without it the bench says so and goes on.
     assert chart.exists() == (importlib.util.find_spec("matplotlib") is not None), finished.stdout
