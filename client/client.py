@@ -435,13 +435,17 @@ class Client:
         datasets: list[DatasetInfo] = []
         token = ""
         while True:
-            request = dataset_service_pb2.ListDatasetsRequest(page_size=page_size, page_token=token)
-            with rpc_errors():
-                response = self._datasets.ListDatasets(request, timeout=self.timeout)
-            datasets.extend(DatasetInfo.from_proto(message) for message in response.datasets)
-            token = response.next_page_token
+            page, token = self.list_datasets_page(page_size, token)
+            datasets.extend(page)
             if not token:
                 return datasets
+
+    def list_datasets_page(self, page_size: int = 100, page_token: str = "") -> tuple[list[DatasetInfo], str]:
+        """One page of the stored datasets, oldest first, and the token of the next page ("" after the last)."""
+        request = dataset_service_pb2.ListDatasetsRequest(page_size=page_size, page_token=page_token)
+        with rpc_errors():
+            response = self._datasets.ListDatasets(request, timeout=self.timeout)
+        return [DatasetInfo.from_proto(message) for message in response.datasets], response.next_page_token
 
     def delete_dataset(self, dataset_id: str) -> None:
         """Delete a dataset; refused (FAILED_PRECONDITION) while a queued or running job uses it."""

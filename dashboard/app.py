@@ -287,8 +287,16 @@ class Api:
         return JSONResponse(await run_in_threadpool(summarize))
 
     async def datasets(self, request: Request) -> Response:
-        datasets = await run_in_threadpool(self.client.list_datasets, 1000)
-        return JSONResponse({"datasets": [data.dataset_summary(info) for info in datasets]})
+        """A page of the datasets, oldest first, from ?page_token= (the next_page_token of the page
+        before; empty for the first): one ListDatasets call, whose token passes through as it is."""
+        try:
+            page_size = _integer(request, "page_size", DEFAULT_PAGE_SIZE, 1, MAX_PAGE_SIZE)
+        except BadRequest as error:
+            return _bad_request(str(error))
+        token = request.query_params.get("page_token", "")
+        datasets, next_token = await run_in_threadpool(self.client.list_datasets_page, page_size, token)
+        self.dashboard.dataset_names.update((info.dataset_id, info.name) for info in datasets)
+        return JSONResponse(data.dataset_page(datasets, page_size, next_token))
 
     async def jobs(self, request: Request) -> Response:
         """A page of the jobs, newest first, in any of the ?state= given (all when none), of ?graph_id=

@@ -172,6 +172,15 @@ def dataset_summary(info: DatasetInfo) -> JSON:
     }
 
 
+def dataset_page(datasets: Sequence[DatasetInfo], page_size: int, next_page_token: str) -> JSON:
+    """A page of the datasets list: `next_page_token` is "" after the last page."""
+    return {
+        "datasets": [dataset_summary(info) for info in datasets],
+        "next_page_token": next_page_token,
+        "page_size": page_size,
+    }
+
+
 class StepRates:
     """Steps per second of each running job, from the steps the dashboard saw over the last
     RATE_WINDOW_SECONDS; a job seen once gets its average since it started, and an ended job its

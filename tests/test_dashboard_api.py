@@ -41,6 +41,7 @@ from tests.server_process import ServerProcess
 
 LECTURE_FEEDS = {"x": -2, "y": 5, "z": -4}
 PAGED_GRAPHS = 23
+PAGED_DATASETS = 27
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +262,11 @@ def test_parameters_come_with_shape_dtype_norm_and_a_histogram(client: cr.Client
 def test_datasets_are_listed_with_their_columns_and_size(
     digits_data: tuple[cr.DatasetInfo, cr.DatasetInfo], browser: Browserless
 ) -> None:
-    listed = {item["dataset_id"]: item for item in browser.get("/api/datasets")["datasets"]}
+    listed = {
+        item["dataset_id"]: item
+        for answer in pages(browser, "/api/datasets?page_size=500")
+        for item in answer["datasets"]
+    }
     train = listed[digits_data[0].dataset_id]
     assert train["name"] == "digits train"
     assert train["columns"] == [
@@ -270,6 +275,29 @@ def test_datasets_are_listed_with_their_columns_and_size(
     ]
     assert (train["num_examples"], train["size_bytes"]) == (1500, 1500 * (64 + 10) * 4)
     assert train["sha256"] == digits_data[0].sha256
+
+
+def test_the_datasets_list_pages_through_the_server_s_pages(
+    server: ServerProcess, client: cr.Client, browser: Browserless
+) -> None:
+    for index in range(PAGED_DATASETS):
+        client.upload_dataset(f"Paging dataset {index:02d}", {"x": np.full((2, 1), index, np.float32)})
+    everything = client.list_datasets()
+    first = browser.get("/api/datasets")
+    assert len(first["datasets"]) == first["page_size"] == 25 < len(everything), "a bounded page by default"
+    assert first["next_page_token"]
+    before = rpc_count(server, "ListDatasets")
+    answers = pages(browser, "/api/datasets?page_size=10")
+    assert rpc_count(server, "ListDatasets") - before == len(answers), "one ListDatasets call a page, not a read of all"
+    assert [dataset["dataset_id"] for answer in answers for dataset in answer["datasets"]] == [
+        info.dataset_id for info in everything
+    ]
+    assert [len(answer["datasets"]) for answer in answers[:-1]] == [10] * (len(answers) - 1)
+    assert 0 < len(answers[-1]["datasets"]) <= 10
+    for query in ("page_size=0", "page_size=ten", "page_size=501", "page_token=not-ours"):
+        status, _, body = browser.request("GET", f"/api/datasets?{query}")
+        assert status == 400, query
+        assert query.split("=")[0] in json.loads(body)["error"]
 
 
 def test_jobs_list_detail_and_history_match_what_the_client_library_reports(

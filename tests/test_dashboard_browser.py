@@ -323,6 +323,29 @@ def test_the_graphs_list_searches_and_turns_pages_both_ways(client: cr.Client, w
     expect(page.locator("#previous")).to_be_disabled()
 
 
+def test_the_datasets_list_shows_a_page_and_turns_to_the_next_and_back(client: cr.Client, watched: Watched) -> None:
+    for index in range(30):
+        client.upload_dataset(f"dataset pager {index:02d}", {"x": np.full((2, 1), index, np.float32)})
+    everything = [info.name for info in client.list_datasets()]
+    assert 25 < len(everything) <= 50
+    page = watched.page
+    page.goto("/datasets")
+    names = page.locator("#datasets tbody td.name")
+    expect(names).to_have_text(everything[:25])
+    expect(page.locator("#count")).to_have_text("datasets 1–25")
+    expect(page.locator("#page")).to_have_text("more after these")
+    expect(page.locator("#previous")).to_be_disabled()
+    page.click("#next")
+    expect(names).to_have_text(everything[25:])
+    expect(page.locator("#count")).to_have_text(f"datasets 26–{len(everything)}")
+    expect(page.locator("#page")).to_have_text("the last page")
+    expect(page.locator("#next")).to_be_disabled()
+    assert "page_token=" in page.url
+    page.click("#previous")
+    expect(names).to_have_text(everything[:25])
+    expect(page.locator("#previous")).to_be_disabled()
+
+
 def test_a_large_graph_is_drawn_when_asked_and_can_be_panned(client: cr.Client, watched: Watched) -> None:
     """Past 2,000 nodes the page waits for a click before laying the graph out (Graphviz takes seconds)."""
     builder = cr.GraphBuilder("a long chain")

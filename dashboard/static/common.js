@@ -96,6 +96,44 @@ const cr = (() => {
     }
   }
 
+  // Previous and Next (the buttons #previous and #next) over a list the server pages by tokens.
+  // `load(token, shownBefore)` shows the page at `token`, which follows `shownBefore` items, and
+  // answers { next: its next_page_token, shown: how many items it showed }, or null when it failed.
+  // Returns show(), which loads the current page again, and restart(), which goes to the first.
+  function tokenPager(firstToken, load) {
+    const previousButton = document.getElementById("previous");
+    const nextButton = document.getElementById("next");
+    let token = firstToken;
+    let earlier = []; // { token, shownBefore } of the pages before this one, for Previous
+    let shownBefore = 0;
+    let shown = 0;
+    let next = "";
+    async function show() {
+      previousButton.disabled = nextButton.disabled = true; // no second turn before this page is in
+      const page = await load(token, shownBefore);
+      ({ next, shown } = page || { next: "", shown: 0 });
+      previousButton.disabled = earlier.length === 0;
+      nextButton.disabled = !next;
+    }
+    function restart() {
+      token = "";
+      earlier = [];
+      shownBefore = 0;
+      return show();
+    }
+    previousButton.addEventListener("click", () => {
+      ({ token, shownBefore } = earlier.pop());
+      show();
+    });
+    nextButton.addEventListener("click", () => {
+      earlier.push({ token, shownBefore });
+      shownBefore += shown;
+      token = next;
+      show();
+    });
+    return { show, restart };
+  }
+
   // Follow a job's WatchJob stream (Server-Sent Events) from step `fromStep`, calling onEvents with
   // each batch; after a dropped connection it starts again after the last step it saw, so no step
   // arrives twice. Returns a function that stops following.
@@ -163,5 +201,5 @@ const cr = (() => {
     return { label, stroke: palette[index % palette.length], width: 1.5, spanGaps: true, points: { show: false }, ...extra };
   }
 
-  return { el, link, showError, getJSON, post, number, bytes, time, stateBadge, progressCell, metricsText, facts, follow, lineChart, series, palette };
+  return { el, link, showError, getJSON, post, number, bytes, time, stateBadge, progressCell, metricsText, facts, tokenPager, follow, lineChart, series, palette };
 })();

@@ -7,10 +7,6 @@
   const body = document.querySelector("#graphs tbody");
   const params = new URLSearchParams(location.search);
   search.value = params.get("q") || "";
-  let token = params.get("page_token") || "";
-  let earlier = []; // the tokens of the pages before this one, for Previous
-  let next = "";
-  let shownBefore = 0; // graphs on the pages before this one
 
   function row(graph) {
     const tr = cr.el("tr");
@@ -27,7 +23,7 @@
     return tr;
   }
 
-  async function load() {
+  async function load(token, shownBefore) {
     const query = new URLSearchParams({ q: search.value });
     if (token) query.set("page_token", token);
     history.replaceState(null, "", `/graphs?${query}`);
@@ -39,7 +35,7 @@
         empty.append(cr.el("td", answer.query ? "No graph matches on this page." : "No graphs.", "muted"));
         body.append(empty);
       }
-      next = answer.next_page_token;
+      const next = answer.next_page_token;
       const first = shownBefore + (answer.graphs.length ? 1 : 0);
       const range = `graphs ${first}–${shownBefore + answer.graphs.length}`;
       document.getElementById("count").textContent = answer.query ? `${range} matching “${answer.query}”` : range;
@@ -48,36 +44,19 @@
         where = `${answer.scanned} graphs searched so far: Next searches on`;
       }
       document.getElementById("page").textContent = where;
-      document.getElementById("previous").disabled = earlier.length === 0;
-      document.getElementById("next").disabled = !next;
-      body.dataset.shown = String(answer.graphs.length);
       cr.showError("");
+      return { next, shown: answer.graphs.length };
     } catch (error) {
       cr.showError(error.message);
+      return null;
     }
   }
 
+  const pager = cr.tokenPager(params.get("page_token") || "", load);
   let typing = null;
   search.addEventListener("input", () => {
     clearTimeout(typing);
-    typing = setTimeout(() => {
-      token = "";
-      earlier = [];
-      shownBefore = 0;
-      load();
-    }, 300);
+    typing = setTimeout(pager.restart, 300);
   });
-  document.getElementById("previous").addEventListener("click", () => {
-    const back = earlier.pop();
-    token = back.token;
-    shownBefore = back.shownBefore;
-    load();
-  });
-  document.getElementById("next").addEventListener("click", () => {
-    earlier.push({ token, shownBefore });
-    shownBefore += Number(body.dataset.shown || 0);
-    token = next;
-    load();
-  });
-  load();
+  pager.show();
 })();
