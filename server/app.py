@@ -86,7 +86,7 @@ class ServerOptions:
     port: int = 50051
     db: str = "chainrule.db"
     db_pool_size: int | None = None
-    """PostgreSQL connections at most; None: store.default_pool_size of the calls and jobs at once."""
+    """PostgreSQL connections at most; None: store.default_pool_size of the calls, jobs and watchers at once."""
     workers: int = 64
     max_concurrent_rpcs: int = 60
     max_request_message_bytes: int = 512 * 1024 * 1024

@@ -23,7 +23,7 @@ from chainrule.server.jobs.ray_cluster import RAY_EXTRA
 from chainrule.server.jobs.ray_executor import DEFAULT_REPLICA_CPUS
 from chainrule.server.jobs.runner import DEFAULT_JOB_MAX_RESTARTS
 from chainrule.server.service.calls import DEFAULT_MAX_WATCHERS, DEFAULT_STREAM_IDLE_SECONDS
-from chainrule.server.store import POOL_SPARE_CONNECTIONS, POSTGRES_EXTRA, location
+from chainrule.server.store import POOL_SPARE_CONNECTIONS, POSTGRES_EXTRA, WATCHER_CONNECTIONS, location
 
 MIB = 1024 * 1024
 MAX_PORT = 65535
@@ -180,8 +180,10 @@ def add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
         "--db-pool-size",
         type=POSITIVE,
         help="connections to PostgreSQL one server holds at most, opened as calls need them (default: "
-        f"--max-concurrent-rpcs + --job-workers + {POOL_SPARE_CONNECTIONS}, so no call waits for another's); "
-        "the servers on one database together need fewer than its max_connections",
+        f"--max-concurrent-rpcs + --job-workers + {WATCHER_CONNECTIONS + POOL_SPARE_CONNECTIONS}: one per call "
+        f"and per job, so no call waits for another's, {WATCHER_CONNECTIONS} that all WatchJob streams share for "
+        f"their reads of the store, however many watch, and {POOL_SPARE_CONNECTIONS} for the server's heartbeat "
+        "and claims); the servers on one database together need fewer than its max_connections",
     )
     network.add_argument(
         "--dataset-cache",

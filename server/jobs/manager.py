@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, TypeVar, cast
 
 from chainrule.server.datasets import DatasetManager
@@ -26,6 +27,7 @@ from chainrule.server.jobs.executor import Computing, ExecutorFactory, InProcess
 from chainrule.server.jobs.job import Job, WatchItem, event_step
 from chainrule.server.jobs.planning import MAX_REPLICAS, JobPlan, check_against_graph, invalid, plan_job
 from chainrule.server.jobs.runner import JobRunner
+from chainrule.server.store import WATCHER_CONNECTIONS
 from chainrule.server.store.base import ENDED_JOB_STATES, ClaimLost, JobEventRow, StoredJob
 from chainrule.server.work import StopFlag
 from chainrule.v1 import job_service_pb2 as pb
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("chainrule.server.jobs")
 Encoded = TypeVar("Encoded")
+Read = TypeVar("Read")
 DEFAULT_JOB_WORKERS = 1
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -93,6 +96,8 @@ class JobManager:
         self._threads: list[threading.Thread] = []
         self._heartbeat: threading.Thread | None = None
         self._stopped = threading.Event()
+        self._watch_reads = threading.BoundedSemaphore(WATCHER_CONNECTIONS)
+        """Held by each read of the store a watch makes in _watch_store (see _watch_read)."""
         self.draining = False
         self.runner = JobRunner(engine, datasets, computing, on_step, lambda: self.draining, self._finished, executors)
         datasets.in_use = self.uses_dataset
@@ -371,7 +376,9 @@ class JobManager:
         """Every commit of a job this server does not run, as the store shows it; True once the watch is
         over, False when this server takes the job up."""
         while True:
-            stored = self._stored(job_id, tenant)
+            stored = self._watch_read(partial(self._stored, job_id, tenant), position.next_step, stop)
+            if stored is None:
+                return True
             ended = stored.state in ENDED_JOB_STATES
             if not ended and stored.state != position.reported:
                 position.reported = stored.state
@@ -392,10 +399,7 @@ class JobManager:
                 if stop.stopped:
                     return True
                 if self.draining:
-                    raise Unavailable(
-                        f"the server is shutting down: watch the job again from step {position.next_step}",
-                        reason="SHUTTING_DOWN",
-                    )
+                    raise watch_again_later(position.next_step)
                 with self._lock:
                     if self._live(job_id, tenant) is not None:
                         return False
@@ -403,11 +407,27 @@ class JobManager:
 
     def _stored_events(self, job_id: str, next_step: int, last_step: int, stop: StopFlag) -> Iterator[JobEventRow]:
         while next_step <= last_step and not stop.stopped:
-            events = self.store.job_events(job_id, next_step, STORED_EVENTS_PAGE)
+            events = self._watch_read(
+                partial(self.store.job_events, job_id, next_step, STORED_EVENTS_PAGE), next_step, stop
+            )
             if not events:
                 return
             yield from events
             next_step = events[-1].step + 1
+
+    def _watch_read(self, read: Callable[[], Read], next_step: int, stop: StopFlag) -> Read | None:
+        """`read` of the store for a watch, made once the watchers' reads in flight are fewer than
+        WATCHER_CONNECTIONS, so that however many watch (and however slow the store), calls and jobs
+        find their connections free; None when the watch ended while it waited its turn."""
+        while not self._watch_reads.acquire(timeout=WATCH_POLL_SECONDS):
+            if stop.stopped:
+                return None
+            if self.draining:
+                raise watch_again_later(next_step)
+        try:
+            return read()
+        finally:
+            self._watch_reads.release()
 
     # ------------------------------------------------------------ the workers
     def _work(self) -> None:
@@ -533,6 +553,12 @@ def waiting_for_ray(replicas: int) -> str:
     return (
         f"spec.replicas is {replicas}: replicas run on a Ray cluster, and the job waits for a server started "
         "with --ray-address"
+    )
+
+
+def watch_again_later(next_step: int) -> Unavailable:
+    return Unavailable(
+        f"the server is shutting down: watch the job again from step {next_step}", reason="SHUTTING_DOWN"
     )
 
 

@@ -6,15 +6,19 @@ from chainrule.server.store.base import Checkpoint, DatabaseUnusable, OptimizerS
 from chainrule.server.store.sqlite import SqliteStore
 
 POSTGRES_EXTRA = "pip install 'chainrule[postgres]'"
+WATCHER_CONNECTIONS = 2
+"""How many reads of the store a server's WatchJob streams make at once, however many watch (see
+JobManager._watch_read): a watch of a job another server runs polls the store, and a watch that
+replays history reads it, and without a bound enough of them would hold every connection calls need."""
 POOL_SPARE_CONNECTIONS = 4
-"""A server's PostgreSQL connections beyond one per call and one per job: its heartbeat, its claims
-of queued jobs, the polls of WatchJob streams (which are not counted as calls)."""
+"""A server's PostgreSQL connections beyond those of its calls, jobs and watchers: its heartbeat,
+its claims of queued jobs."""
 
 
 def default_pool_size(max_concurrent_rpcs: int, job_workers: int) -> int:
     """A connection for every call and job that may hold one at once (an upload holds one while its
-    stream runs), so that none waits for a connection another call holds."""
-    return max_concurrent_rpcs + job_workers + POOL_SPARE_CONNECTIONS
+    stream runs), and the watchers' share, so that none waits for a connection another holds."""
+    return max_concurrent_rpcs + job_workers + WATCHER_CONNECTIONS + POOL_SPARE_CONNECTIONS
 
 
 def open_store(db: str, pool_size: int | None = None) -> Store:
