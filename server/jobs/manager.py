@@ -97,7 +97,7 @@ class JobManager:
         self._heartbeat: threading.Thread | None = None
         self._stopped = threading.Event()
         self._watch_reads = threading.BoundedSemaphore(WATCHER_CONNECTIONS)
-        """Held by each read of the store a watch makes in _watch_store (see _watch_read)."""
+        """Held by each read of the store a watch makes (see _watch_read)."""
         self.draining = False
         self.runner = JobRunner(engine, datasets, computing, on_step, lambda: self.draining, self._finished, executors)
         datasets.in_use = self.uses_dataset
@@ -345,8 +345,12 @@ class JobManager:
                     f"step {next_step}",
                     reason="SHUTTING_DOWN",
                 )
-            if not covered and next_step <= last_step:
-                events = self.store.job_events(job.job_id, next_step, STORED_EVENTS_PAGE)
+            if not covered and next_step <= last_step:  # a watcher behind the job's tail in memory
+                read = partial(self.store.job_events, job.job_id, next_step, STORED_EVENTS_PAGE)
+                stored = self._watch_read(read, next_step, stop)
+                if stored is None:
+                    return True
+                events = stored
             shared = job.encoded if covered else {}
             for event in events:
                 while transitions and transitions[0].after_step < event.step:
