@@ -352,6 +352,31 @@ def test_a_large_stride_1_conv_runs_as_shifted_products_and_matches_pytorch(pois
         np.testing.assert_allclose(result.grads[f"x{i}"], tensor.grad.numpy(), rtol=1e-10, atol=1e-12, err_msg=str(i))
 
 
+@pytest.mark.parametrize("spatial", [(40,), (16, 15), (20, 20, 20)], ids=["1d", "2d", "3d"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no bias", "bias"])
+def test_a_shifted_conv_value_keeps_only_its_own_bytes_alive(spatial: Shape, bias: bool) -> None:
+    """Shifted products compute garbage rows beside the output's; the value, which the plan keeps for the
+    backward pass and the request's memory estimate counts at its own size, must not be a view keeping them
+    alive (it was: up to 1.4 times its bytes), and stays channels-last, equal to PyTorch's."""
+    rng = np.random.default_rng(5)
+    rank = len(spatial)
+    x, w = rng.standard_normal((2, 16, *spatial)), rng.standard_normal((5, 16, *(3,) * rank))
+    b = rng.standard_normal(5) if bias else None
+    pads = [1] * 2 * rank
+    geometry, ends = conv_module.windows_of("conv", spatial, w.shape[2:], None, pads, None, "NOTSET")
+    lengths = conv_module.padded_lengths(geometry, ends)
+    assert conv_module.shifted(16, 5, lengths, geometry, 1, np.dtype(np.float64)) is not None
+    y, _ = conv_module.conv(x, w, b, pads=pads)
+    held = y if y.base is None else y.base
+    assert held.nbytes == y.nbytes
+    assert conv_module.is_channels_last(y)
+    torch_conv = (F.conv1d, F.conv2d, F.conv3d)[rank - 1]
+    expected = torch_conv(
+        torch.from_numpy(x), torch.from_numpy(w), None if b is None else torch.from_numpy(b), padding=1
+    )
+    np.testing.assert_allclose(y, expected.numpy(), rtol=1e-10, atol=1e-12)
+
+
 def test_a_network_mixing_wide_and_narrow_convs_matches_pytorch() -> None:
     """Channel counts on both sides of conv.WIDE, as they come: arrays in both layouts meet in relus, pools,
     adds, a depthwise conv, a 1x1 conv and a conv_transpose, and values and every gradient still equal
