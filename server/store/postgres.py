@@ -5,8 +5,9 @@ whole or not at all; a dataset's bytes go in chunk rows in the transaction that 
 tensors are raw little-endian bytes with their dtype and shape. What PostgreSQL adds is a network
 between the server and its data, so this store also bounds how long anything waits for it:
 
-* connections come from a psycopg_pool ConnectionPool, checked before each use, so a connection
-  the database dropped (a restart) is replaced instead of failing a call;
+* connections come from a psycopg_pool ConnectionPool, checked before use when they may have gone
+  bad (see PostgresStore._check), so a connection the database dropped (a restart) is replaced
+  instead of failing a call;
 * a call waits at most POOL_WAIT_SECONDS for a connection (UNREACHABLE_WAIT_SECONDS once the
   database is known to be down), and a connection attempt at most CONNECT_TIMEOUT_SECONDS: while
   PostgreSQL is down, calls get `Unavailable` within seconds, not after the pool's default 30;
@@ -30,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import select
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -107,6 +109,9 @@ WAIT_INTERVAL = 0.1
 """How often a waiting connection looks up (psycopg's own default)."""
 PROBE_REUSE_SECONDS = 1.0
 """How long one answer serves the other connections asking at the same time."""
+FRESH_SECONDS = 1.0
+"""How long after a connection last heard from PostgreSQL the pool lends it without a round trip to
+check it, if nothing has arrived on its socket since (see PostgresStore._check)."""
 KEEPALIVE = {
     "keepalives": 1,
     "keepalives_idle": 10,
@@ -178,7 +183,7 @@ class PostgresStore(Store):
             max_size=pool_size,
             kwargs={"autocommit": True, **self._connect_options},
             connection_class=connection_class,
-            check=ConnectionPool.check_connection,
+            check=self._check,
             timeout=POOL_WAIT_SECONDS,
             reconnect_timeout=RECONNECT_SECONDS,
             name="chainrule-store",
@@ -190,14 +195,36 @@ class PostgresStore(Store):
             self._pool.close()
 
     # ------------------------------------------------------------ connections and errors
+    @staticmethod
+    def _check(connection: psycopg.Connection[Any]) -> None:
+        """The pool's check of a connection before it lends it. psycopg_pool's own check
+        (ConnectionPool.check_connection, an empty query) costs a round trip to PostgreSQL on every
+        checkout, which on a busy server is one more round trip per call than its queries need. A
+        connection goes bad in one of two ways, and neither needs that round trip to be seen:
+
+        * PostgreSQL ended its session (a restart, a crash, a terminated backend): its socket then holds
+          the server's goodbye or end of file, which a zero-timeout poll sees without sending anything;
+        * PostgreSQL went away without a word (its host gone, frozen): nothing can show that locally, but
+          a connection that heard from it less than FRESH_SECONDS ago, back to back calls, is as good as
+          the round trip would have found it; one that sat idle longer may have sat through such an
+          outage, and is checked with psycopg_pool's query as before.
+
+        Checked or not, a connection that breaks during a call is closed by psycopg and replaced by the
+        pool, and a database that goes silent mid-call is caught by _heard."""
+        heard_at = getattr(connection, "heard_at", -math.inf)
+        if time.monotonic() - heard_at >= FRESH_SECONDS or _has_input(connection):
+            ConnectionPool.check_connection(connection)
+
     def _connection_class(self) -> type[psycopg.Connection[Any]]:
         """Connections that tell the store why connecting failed, for the message of a call that then
-        times out waiting (the pool only says it waited), and that give up a wait on a database that
-        went silent (see _heard). Every wait of a psycopg connection (statements, commits, the pool's
-        check and reset) goes through its `wait`."""
+        times out waiting (the pool only says it waited), that give up a wait on a database that went
+        silent (see _heard), and that note when they last heard from PostgreSQL (`heard_at`, for _check).
+        Every wait of a psycopg connection (statements, commits, the pool's check) goes through its `wait`."""
         store = self
 
         class Connection(psycopg.Connection[Any]):
+            heard_at = -math.inf
+
             @classmethod
             def connect(cls, *args: Any, **kwargs: Any) -> Connection:  # type: ignore[override]
                 try:
@@ -206,14 +233,17 @@ class PostgresStore(Store):
                     store._last_connect_error = store._text(error)
                     raise
                 store._last_connect_error = ""
+                connection.heard_at = time.monotonic()
                 return connection
 
             def wait(self, gen: PQGen[RV], interval: float = WAIT_INTERVAL, timeout: float | None = None) -> RV:
                 try:
-                    return super().wait(store._heard(gen), interval, timeout)
+                    done = super().wait(store._heard(gen), interval, timeout)
                 except Unanswered:
                     self.pgconn.finish()  # given up mid-exchange: the connection can say nothing more
                     raise
+                self.heard_at = time.monotonic()
+                return done
 
         return Connection
 
@@ -753,6 +783,18 @@ class PostgresStore(Store):
 
     def dataset_hashes(self) -> set[str]:
         return {sha256 for (sha256,) in self._read("SELECT DISTINCT sha256 FROM datasets", ())}
+
+
+def _has_input(connection: psycopg.Connection[Any]) -> bool:
+    """Whether anything arrived on an idle connection's socket (what PostgreSQL sends a session unasked
+    is mostly that it is over; anything at all earns the round trip), or the connection is closed."""
+    try:
+        socket = connection.fileno()
+    except psycopg.OperationalError:
+        return True
+    poll = select.poll()
+    poll.register(socket, select.POLLIN)
+    return bool(poll.poll(0))
 
 
 def _graph_from_row(row: tuple) -> StoredGraph:
