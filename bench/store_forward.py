@@ -6,8 +6,9 @@ On a shared database every call that names a graph first reads the graph's versi
 another server's commits. `Forward` and `Backward` read it once per call. A server on SQLite owns its
 file and reads nothing. So what separates the two servers is that read, a round trip to PostgreSQL,
 which the details also time on their own from this process: through the server's store
-(`graph_version`, on a connection its pool lends, which the pool checks first) and as a bare query on
-a connection of its own.
+(`graph_version`, on a connection its pool lends, checked first with an empty query only when it sat
+idle over a second or its socket has news: see PostgresStore._check) and as a bare query on a
+connection of its own.
 
 The PostgreSQL is the bench's own: initdb and pg_ctl in a temporary directory, listening on a free port
 of 127.0.0.1 only with a password (scram-sha-256, as a deployment would), stopped and removed at the
