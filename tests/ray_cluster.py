@@ -12,7 +12,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +32,18 @@ class RayHeadFixture:
     @property
     def address(self) -> str:
         return self.head.address
+
+    def client_address(self, timeout: float = 120.0) -> str:
+        """Where Ray Client reaches the head: its client server, on 127.0.0.1 and a free port, which
+        answers some seconds after the head does; waits until it answers."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.head.client_port), timeout=1):
+                    return f"ray://127.0.0.1:{self.head.client_port}"
+            except OSError:
+                assert time.monotonic() < deadline, "the Ray head's client server did not answer"
+                time.sleep(0.2)
 
     def start(self) -> None:
         self.head.start()

@@ -1,13 +1,13 @@
 """Jobs on a real Ray cluster (tests/ray_cluster.py: one head for the session, 127.0.0.1 only, token
 authentication on) through real servers: data-parallel replicas agree with one replica and with the
-in-process engine; a replica killed mid-job is replaced and the job finishes correct; the head lost
-mid-job and a new one started on its address, the job resumes (counted once) and ends bit-identical
-to a run that was never interrupted; replicas beyond the cluster's CPUs are refused, and a job
-waiting for free CPUs says so and is cancelled at once; past --job-max-restarts a job fails naming
-the flag, and a replicated job left by a Ray server is never run by a server without Ray;
-batch_norm keeps replica 0's running statistics; eight jobs on two servers sharing one PostgreSQL
-and the cluster all end correct; nothing the cluster or the servers' drivers open reaches beyond
-loopback.
+in-process engine, also through Ray Client (ray://); a replica killed mid-job is replaced and the
+job finishes correct; the head lost mid-job and a new one started on its address, the job resumes
+(counted once) and ends bit-identical to a run that was never interrupted; replicas beyond the
+cluster's CPUs are refused, and a job waiting for free CPUs says so and is cancelled at once; past
+--job-max-restarts a job fails naming the flag, and a replicated job left by a Ray server is never
+run by a server without Ray; batch_norm keeps replica 0's running statistics; eight jobs on two
+servers sharing one PostgreSQL and the cluster all end correct; nothing the cluster or the servers'
+drivers open reaches beyond loopback.
 
 What CreateJob refuses about replicas (without Ray, beyond the batch's examples or MAX_REPLICAS,
 losses replicas cannot combine) and how shards combine is checked without Ray (no cluster needed),
@@ -94,9 +94,11 @@ def ray_environment(ray_cluster: RayHeadFixture) -> Iterator[None]:
             os.environ[name] = value
 
 
-def ray_server(db: Path | str, cluster: RayHeadFixture, *extra: str) -> ServerProcess:
+def ray_server(db: Path | str, cluster: RayHeadFixture, *extra: str, address: str = "") -> ServerProcess:
+    """A server on the cluster, joining it at its head's GCS address unless given another."""
     # Half a CPU per replica: the session's 2-CPU cluster holds two 2-replica jobs at once.
-    arguments = ["--ray-address", cluster.address, "--ray-replica-cpus", "0.5", "--checkpoint-every", "5", *extra]
+    arguments = ["--ray-address", address or cluster.address, "--ray-replica-cpus", "0.5", "--checkpoint-every", "5"]
+    arguments += extra
     return ServerProcess(db, arguments).start(timeout=60)
 
 
@@ -304,6 +306,49 @@ def test_replicas_agree_with_one_replica_and_with_the_engine(client: cr.Client) 
     assert runs[1][1].history().losses == engine.losses
     for replicas in (2, 3):
         assert relative_difference(parameters[replicas], parameters[1]) < 1e-12, replicas
+
+
+def test_a_server_joins_through_ray_client(ray_cluster: RayHeadFixture, ray_environment: None, tmp_path: Path) -> None:
+    """--ray-address ray://127.0.0.1:PORT, the head's Ray Client server: the server sees the
+    cluster's CPUs and that no autoscaler adds more (so refuses replicas beyond them); one replica
+    computes the in-process engine's steps bit for bit, two give its parameters within 1e-12
+    relative; and while the jobs run, every TCP socket of the server (its drivers among them) and of
+    the head (the Ray Client servers it starts for the drivers among them) is on 127.0.0.1."""
+    address = ray_cluster.client_address()
+    server = ray_server(tmp_path / "chainrule.db", ray_cluster, "--job-workers", "3", address=address)
+    try:
+        with cr.Client(server.address, timeout=WAIT_SECONDS) as client:
+            x, y = classes(105, seed=6)
+            dataset = client.upload_dataset("ray-client", {"x": x, "y": y}, progress=False).dataset_id
+            server.wait_for_line(
+                f"the Ray cluster at {address} has 2 CPUs on its nodes, and no autoscaler", WAIT_SECONDS
+            )
+            with pytest.raises(cr.ChainruleError) as refused:
+                start_job(client, dataset, 5, 10)
+            assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION, refused.value.message
+            steps = 20
+            runs = {replicas: start_job(client, dataset, replicas, steps) for replicas in (1, 2)}
+            _, endless = start_job(client, dataset, 1, 10**6)  # the three fill the cluster's 2 CPUs
+            try:
+                wait_running(endless, past_step=5)
+                assert server.process is not None and ray_cluster.head.process is not None
+                sockets = tcp_sockets(descendants([server.process.pid, ray_cluster.head.process.pid]))
+                assert {state for state, _, _ in sockets} == {"LISTEN", "ESTABLISHED"}
+                for state, local, remote in sockets:
+                    assert local == "127.0.0.1" and (state == "LISTEN" or remote == "127.0.0.1"), (state, local, remote)
+                for _, job in runs.values():
+                    finished(job)
+            finally:
+                endless.cancel()
+                wait_for(lambda: endless.info().ended, "the job to end")
+            parameters = {replicas: client.get_parameters(graph_id) for replicas, (graph_id, _) in runs.items()}
+            losses = runs[1][1].history().losses
+        engine = reference(x, y, steps)
+        assert_same_bits(parameters[1], engine.parameters[-1])
+        assert losses == engine.losses
+        assert relative_difference(parameters[2], engine.parameters[-1]) < 1e-12
+    finally:
+        server.kill()
 
 
 def test_a_killed_replica_is_replaced_and_the_job_finishes_correct(client: cr.Client, server: ServerProcess) -> None:

@@ -187,6 +187,11 @@ class LocalRayHead:
             **LOOPBACK_ENVIRONMENT,
             **self.environment,
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+            # The head's Ray Client server starts a server of its own for each ray:// client, by fork and
+            # exec from a process where gRPC's threads run; with gRPC's fork handlers on (they serve a fork
+            # without exec, which Ray's processes do not do) that child sometimes died at once, and the
+            # client's join failed after 30-40 s (4 of 18 first joins of a new head here; none of 32 with them off).
+            "GRPC_ENABLE_FORK_SUPPORT": "0",
         }
         environment.pop("RAY_ADDRESS", None)
         logs = (self.directory / "head.log").open("ab")

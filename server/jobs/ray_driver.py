@@ -259,22 +259,36 @@ def _autoscaling(status_wait: float) -> bool | None:
     """Whether an autoscaler may add nodes to the cluster: Ray's v2 autoscaler, or a v1 monitor whose
     node types come from an autoscaling config (`ray up`, KubeRay) rather than from the nodes
     themselves (`ray start`). None when Ray does not say (within `status_wait` seconds): then
-    nothing is refused for want of CPUs."""
+    nothing is refused for want of CPUs.
+
+    Both are read from the cluster's key-value store, which a driver joined through Ray Client
+    (ray://) reads too; Ray's own ray.autoscaler.v2.utils.is_autoscaler_v2 reads the v2 switch
+    through a GCS client, which such a driver has not (it raises there)."""
     try:
-        from ray.autoscaler.v2.utils import is_autoscaler_v2
+        from ray._raylet import GCS_AUTOSCALER_STATE_NAMESPACE, GCS_AUTOSCALER_V2_ENABLED_KEY
         from ray.experimental.internal_kv import _internal_kv_get
 
-        if is_autoscaler_v2(fetch_from_server=True):
+        if _internal_kv_get(GCS_AUTOSCALER_V2_ENABLED_KEY, namespace=GCS_AUTOSCALER_STATE_NAMESPACE) == b"1":
             return True
         deadline = time.monotonic() + status_wait
-        while (status := _internal_kv_get(AUTOSCALING_STATUS)) is None and time.monotonic() < deadline:
+        while (report := _autoscaler_report()) is None and time.monotonic() < deadline:
             time.sleep(0.5)
-        if status is None:
+        if report is None:
             return None
-        types = json.loads(status)["autoscaler_report"]["node_type_mapping"].values()
+        types = report["node_type_mapping"].values()
         return any(not str(kind).startswith(READONLY_NODE_TYPE) for kind in types)
     except Exception:  # noqa: BLE001 - an internal of Ray's that moved: not known
         return None
+
+
+def _autoscaler_report() -> dict[str, Any] | None:
+    """The monitor's last report on the autoscaler, if any: its first reports, in a head's first
+    seconds, carry the load of the nodes but no such report yet."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    status = _internal_kv_get(AUTOSCALING_STATUS)
+    report = json.loads(status).get("autoscaler_report") if status is not None else None
+    return report if isinstance(report, dict) else None
 
 
 def probe(address: str) -> int:
