@@ -84,6 +84,7 @@ def test_the_servers_run_real_flags_against_the_database_and_the_ray_head_of_the
         ray_arguments(services[name]["healthcheck"]["test"][1:])
         environment = services[name]["environment"]
         assert environment["RAY_AUTH_MODE"] == "token" and environment["RAY_AUTH_TOKEN"].startswith("${")
+    assert services["ray-head"]["environment"]["GRPC_ENABLE_FORK_SUPPORT"] == "0"  # it serves the ray:// clients
     ports = set()
     for name in SERVERS:
         service = services[name]
