@@ -67,6 +67,7 @@ def test_back_to_back_calls_pay_only_their_own_round_trips(
     store: PostgresStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     trips = RoundTrips(store, monkeypatch)
+    monkeypatch.setattr(store_module, "FRESH_SECONDS", 60.0)  # back to back however long a loaded machine stalls
     store.count_graphs()
     for _ in range(20):
         assert trips.during(store.count_graphs) == (1, 0)
@@ -81,6 +82,7 @@ def test_a_connection_idle_past_the_fresh_interval_is_checked_first(
     store.count_graphs()
     time.sleep(0.1)
     assert trips.during(store.count_graphs) == (2, 1)
+    monkeypatch.setattr(store_module, "FRESH_SECONDS", 60.0)  # the next call is within it, however loaded the machine
     assert trips.during(store.count_graphs) == (1, 0)
 
 
