@@ -94,6 +94,16 @@ def ray_environment(ray_cluster: RayHeadFixture) -> Iterator[None]:
             os.environ[name] = value
 
 
+def assert_loopback_only(server: ServerProcess, cluster: RayHeadFixture) -> None:
+    """Every TCP socket of the server's processes (its jobs' drivers among them) and of the Ray head's
+    (its actors and Ray Client servers among them) is on 127.0.0.1 at both ends."""
+    assert server.process is not None and cluster.head.process is not None
+    sockets = tcp_sockets(descendants([server.process.pid, cluster.head.process.pid]))
+    assert {state for state, _, _ in sockets} == {"LISTEN", "ESTABLISHED"}
+    for state, local, remote in sockets:
+        assert local == "127.0.0.1" and (state == "LISTEN" or remote == "127.0.0.1"), (state, local, remote)
+
+
 def ray_server(db: Path | str, cluster: RayHeadFixture, *extra: str, address: str = "") -> ServerProcess:
     """A server on the cluster, joining it at its head's GCS address unless given another."""
     # Half a CPU per replica: the session's 2-CPU cluster holds two 2-replica jobs at once.
@@ -331,11 +341,7 @@ def test_a_server_joins_through_ray_client(ray_cluster: RayHeadFixture, ray_envi
             _, endless = start_job(client, dataset, 1, 10**6)  # the three fill the cluster's 2 CPUs
             try:
                 wait_running(endless, past_step=5)
-                assert server.process is not None and ray_cluster.head.process is not None
-                sockets = tcp_sockets(descendants([server.process.pid, ray_cluster.head.process.pid]))
-                assert {state for state, _, _ in sockets} == {"LISTEN", "ESTABLISHED"}
-                for state, local, remote in sockets:
-                    assert local == "127.0.0.1" and (state == "LISTEN" or remote == "127.0.0.1"), (state, local, remote)
+                assert_loopback_only(server, ray_cluster)
                 for _, job in runs.values():
                     finished(job)
             finally:
@@ -555,11 +561,7 @@ def test_the_cluster_and_the_drivers_use_loopback_only(
     _, job = start_job(client, dataset, 2, 10**6)
     try:
         wait_running(job, past_step=5)
-        assert server.process is not None and ray_cluster.head.process is not None
-        sockets = tcp_sockets(descendants([server.process.pid, ray_cluster.head.process.pid]))
-        assert {state for state, _, _ in sockets} == {"LISTEN", "ESTABLISHED"}
-        for state, local, remote in sockets:
-            assert local == "127.0.0.1" and (state == "LISTEN" or remote == "127.0.0.1"), (state, local, remote)
+        assert_loopback_only(server, ray_cluster)
     finally:
         job.cancel()
         wait_for(lambda: job.info().ended, "the job to end")
